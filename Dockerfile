@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+#
+# dotproxy container image: a DNS (UDP+TCP) to DNS-over-TLS proxy.
+#
+#   docker build -t dotproxy:0.1.0 --build-arg VERSION=0.1.0 .
+#   docker run --rm -p 127.0.0.1:53:5300/udp -p 127.0.0.1:53:5300/tcp \
+#     -p 127.0.0.1:5380:5380 dotproxy:0.1.0
+#
+# Stage 1 compiles the proxy into one self-contained executable with the official Deno image.
+# Stage 2 copies only that executable onto distroless (glibc + libgcc, no shell, no package
+# manager) and runs it as the unprivileged user 65532.
+#
+# The base images are pinned by tag. For release builds pin them by digest as well
+# (e.g. `FROM denoland/deno:2.9.6@sha256:...`), so that a rebuild uses byte-identical bases.
+# deno compile builds for the platform of the build stage, so `docker buildx build
+# --platform linux/amd64,linux/arm64` produces a native binary for each platform.
+
+FROM denoland/deno:2.9.6 AS build
+WORKDIR /app
+# Only what `deno compile` needs; .dockerignore keeps everything else out of the context.
+COPY deno.json deno.lock main.ts ./
+COPY src/ ./src/
+# The same permissions as `deno task compile`: network (listen + dial upstreams) and
+# environment (configuration). Nothing else: the proxy reads no files.
+RUN deno compile --allow-net --allow-env --unstable-net --output /out/dotproxy main.ts
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="dotproxy" \
+      org.opencontainers.image.description="DNS to DNS-over-TLS proxy (UDP and TCP in, TLS out)" \
+      org.opencontainers.image.source="https://github.com/dotproxy/dotproxy" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.version="${VERSION}"
+COPY --from=build /out/dotproxy /dotproxy
+# Container conventions: listen on all interfaces on the unprivileged port 5300 (UDP and TCP),
+# serve /metrics, /healthz and /readyz on 5380, log JSON lines to stdout.
+ENV DOTPROXY_LISTEN=0.0.0.0:5300 \
+    DOTPROXY_HTTP=0.0.0.0:5380 \
+    DOTPROXY_LOG_FORMAT=json
+# nonroot:nonroot is 65532:65532 in the distroless image.
+USER nonroot:nonroot
+EXPOSE 5300/udp 5300/tcp 5380/tcp
+# Exec form: there is no shell. `dotproxy healthcheck` reads the same env as the server
+# (GET /readyz on DOTPROXY_HTTP, 0.0.0.0 mapped to 127.0.0.1) and exits 0 or 1.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+  CMD ["/dotproxy", "healthcheck"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/dotproxy"]

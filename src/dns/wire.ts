@@ -1,0 +1,263 @@
+/**
+ * DNS wire-format primitives (RFC 1035 section 4): header fields, names and resource
+ * records, as pure functions over `Uint8Array`. Nothing here allocates on the hot path.
+ *
+ * @module
+ */
+
+/** Size of the fixed DNS header. */
+export const HEADER_SIZE = 12;
+
+/** Largest DNS message a two-byte length prefix can carry. */
+export const MAX_MESSAGE_SIZE = 65535;
+
+/** Largest UDP answer for a client that sent no EDNS (RFC 1035 section 4.2.1). */
+export const CLASSIC_UDP_SIZE = 512;
+
+/** Response codes (RFC 1035, RFC 6895). */
+export const Rcode = {
+  NOERROR: 0,
+  FORMERR: 1,
+  SERVFAIL: 2,
+  NXDOMAIN: 3,
+  NOTIMP: 4,
+  REFUSED: 5,
+} as const;
+
+/** Opcodes (RFC 1035, RFC 6895). */
+export const Opcode = { QUERY: 0 } as const;
+
+/** Record types the proxy looks at. */
+export const RRType = { OPT: 41, IXFR: 251, AXFR: 252 } as const;
+
+const RCODE_NAMES = [
+  "NOERROR",
+  "FORMERR",
+  "SERVFAIL",
+  "NXDOMAIN",
+  "NOTIMP",
+  "REFUSED",
+  "YXDOMAIN",
+  "YXRRSET",
+  "NXRRSET",
+  "NOTAUTH",
+  "NOTZONE",
+  "DSOTYPENI",
+  "RCODE12",
+  "RCODE13",
+  "RCODE14",
+  "RCODE15",
+];
+
+/**
+ * The mnemonic of a 4-bit header rcode, for logs and metric labels.
+ *
+ * @example
+ * ```ts
+ * import { rcodeName } from "./wire.ts";
+ * rcodeName(3); // "NXDOMAIN"
+ * ```
+ */
+export function rcodeName(rcode: number): string {
+  return RCODE_NAMES[rcode & 0xf];
+}
+
+/** The message ID (bytes 0-1). */
+export function getId(msg: Uint8Array): number {
+  return (msg[0] << 8) | msg[1];
+}
+
+/** Writes the message ID in place. */
+export function setId(msg: Uint8Array, id: number): void {
+  msg[0] = id >> 8;
+  msg[1] = id & 0xff;
+}
+
+/** True when the QR bit marks the message as a response. */
+export function isResponse(msg: Uint8Array): boolean {
+  return (msg[2] & 0x80) !== 0;
+}
+
+/** The 4-bit opcode. */
+export function getOpcode(msg: Uint8Array): number {
+  return (msg[2] >> 3) & 0xf;
+}
+
+/** True when the TC (truncated) bit is set. */
+export function isTruncated(msg: Uint8Array): boolean {
+  return (msg[2] & 0x02) !== 0;
+}
+
+/** The 4-bit header rcode (without any EDNS extension bits). */
+export function getRcode(msg: Uint8Array): number {
+  return msg[3] & 0x0f;
+}
+
+/** QDCOUNT, the number of questions. */
+export function getQdcount(msg: Uint8Array): number {
+  return (msg[4] << 8) | msg[5];
+}
+
+/** ANCOUNT, the number of answer records. */
+export function getAncount(msg: Uint8Array): number {
+  return (msg[6] << 8) | msg[7];
+}
+
+/** NSCOUNT, the number of authority records. */
+export function getNscount(msg: Uint8Array): number {
+  return (msg[8] << 8) | msg[9];
+}
+
+/** ARCOUNT, the number of additional records. */
+export function getArcount(msg: Uint8Array): number {
+  return (msg[10] << 8) | msg[11];
+}
+
+/** Reads a big-endian 16-bit integer. */
+export function readU16(msg: Uint8Array, offset: number): number {
+  return (msg[offset] << 8) | msg[offset + 1];
+}
+
+/** Writes a big-endian 16-bit integer. */
+export function writeU16(msg: Uint8Array, offset: number, value: number): void {
+  msg[offset] = (value >> 8) & 0xff;
+  msg[offset + 1] = value & 0xff;
+}
+
+/**
+ * Skips an uncompressed name starting at `offset` and returns the offset just past it, or
+ * -1 when the name is malformed: a compression pointer, a reserved label type, a label
+ * running past `end`, or a name longer than 255 octets. Queries never need compression,
+ * so a pointer in a question is malformed.
+ *
+ * @example
+ * ```ts
+ * import { skipUncompressedName } from "./wire.ts";
+ * const name = new Uint8Array([3, 0x77, 0x77, 0x77, 0]);
+ * skipUncompressedName(name, 0, name.length); // 5
+ * ```
+ */
+export function skipUncompressedName(msg: Uint8Array, offset: number, end: number): number {
+  let length = 0;
+  for (;;) {
+    if (offset >= end) return -1;
+    const labelLength = msg[offset];
+    if (labelLength === 0) return length + 1 > 255 ? -1 : offset + 1;
+    if (labelLength > 63) return -1;
+    length += labelLength + 1;
+    offset += labelLength + 1;
+    if (length > 255) return -1;
+  }
+}
+
+/**
+ * Skips a possibly compressed name (as found in responses) and returns the offset just past
+ * it in the record, or -1 when malformed. Pointers are not followed: their target was
+ * already checked or does not matter for walking records.
+ */
+export function skipName(msg: Uint8Array, offset: number, end: number): number {
+  let length = 0;
+  for (;;) {
+    if (offset >= end) return -1;
+    const labelLength = msg[offset];
+    if (labelLength === 0) return offset + 1;
+    const kind = labelLength & 0xc0;
+    if (kind === 0xc0) return offset + 2 <= end ? offset + 2 : -1;
+    if (kind !== 0) return -1;
+    length += labelLength + 1;
+    offset += labelLength + 1;
+    if (length > 255) return -1;
+  }
+}
+
+/**
+ * Skips one resource record at `offset`, returning the offset past it or -1 when it runs
+ * past `end`. `compressed` says whether the owner name may use compression pointers.
+ */
+export function skipRecord(
+  msg: Uint8Array,
+  offset: number,
+  end: number,
+  compressed: boolean,
+): number {
+  const afterName = compressed
+    ? skipName(msg, offset, end)
+    : skipUncompressedName(msg, offset, end);
+  if (afterName < 0 || afterName + 10 > end) return -1;
+  const next = afterName + 10 + readU16(msg, afterName + 8);
+  return next > end ? -1 : next;
+}
+
+/**
+ * Compares two uncompressed wire names (already validated) ignoring ASCII case, as DNS
+ * requires (RFC 4343).
+ */
+export function namesEqual(
+  a: Uint8Array,
+  aOffset: number,
+  b: Uint8Array,
+  bOffset: number,
+  length: number,
+): boolean {
+  for (let i = 0; i < length; i++) {
+    let x = a[aOffset + i];
+    let y = b[bOffset + i];
+    if (x === y) continue;
+    if (x >= 0x41 && x <= 0x5a) x |= 0x20;
+    if (y >= 0x41 && y <= 0x5a) y |= 0x20;
+    if (x !== y) return false;
+  }
+  return true;
+}
+
+/**
+ * Renders an uncompressed wire name as presentation text (`www.example.com.`), escaping
+ * dots and non-printable bytes as RFC 1035 section 5.1 does. For logs only.
+ */
+export function nameToString(msg: Uint8Array, offset: number, end: number): string {
+  let out = "";
+  while (offset < end) {
+    const labelLength = msg[offset++];
+    if (labelLength === 0 || labelLength > 63) break;
+    for (let i = 0; i < labelLength && offset < end; i++) {
+      const c = msg[offset++];
+      if (c === 0x2e || c === 0x5c) out += "\\" + String.fromCharCode(c);
+      else if (c > 0x20 && c < 0x7f) out += String.fromCharCode(c);
+      else out += "\\" + String(c).padStart(3, "0");
+    }
+    out += ".";
+  }
+  return out === "" ? "." : out;
+}
+
+const TYPE_NAMES: Record<number, string> = {
+  1: "A",
+  2: "NS",
+  5: "CNAME",
+  6: "SOA",
+  12: "PTR",
+  15: "MX",
+  16: "TXT",
+  28: "AAAA",
+  33: "SRV",
+  35: "NAPTR",
+  41: "OPT",
+  43: "DS",
+  46: "RRSIG",
+  47: "NSEC",
+  48: "DNSKEY",
+  50: "NSEC3",
+  52: "TLSA",
+  64: "SVCB",
+  65: "HTTPS",
+  99: "SPF",
+  251: "IXFR",
+  252: "AXFR",
+  255: "ANY",
+  257: "CAA",
+};
+
+/** The mnemonic of a record type (`TYPE1234` when unknown, as RFC 3597 writes it). */
+export function typeName(type: number): string {
+  return TYPE_NAMES[type] ?? `TYPE${type}`;
+}

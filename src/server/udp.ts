@@ -1,0 +1,105 @@
+/**
+ * The UDP listener: receives datagrams, hands each to the resolver concurrently, and sends
+ * back what it returns. Owns the socket and nothing else.
+ *
+ * @module
+ */
+
+import type { ListenAddress } from "../config.ts";
+import type { Logger } from "../log.ts";
+import { formatAddr, type Resolver } from "../resolver.ts";
+
+/** Largest datagram read; anything longer is cut by the kernel and fails validation. */
+const RECEIVE_BUFFER_SIZE = 65535;
+
+/**
+ * Serves DNS over UDP on one address.
+ *
+ * @example
+ * ```ts ignore
+ * const server = UdpServer.listen({ hostname: "127.0.0.1", port: 5300 }, resolver, log);
+ * // ... later
+ * await server.close();
+ * ```
+ */
+export class UdpServer {
+  readonly #socket: Deno.DatagramConn;
+  readonly #resolver: Resolver;
+  readonly #log: Logger;
+  readonly #done: Promise<void>;
+  #inflight = 0;
+  #drained: (() => void) | undefined;
+  #closing = false;
+  #socketClosed = false;
+
+  /** Starts serving on an already bound socket. */
+  constructor(socket: Deno.DatagramConn, resolver: Resolver, log: Logger) {
+    this.#socket = socket;
+    this.#resolver = resolver;
+    this.#log = log;
+    this.#done = this.#serve();
+  }
+
+  /** Binds `address` and starts serving; throws the OS error when it cannot bind. */
+  static listen(address: ListenAddress, resolver: Resolver, log: Logger): UdpServer {
+    const socket = Deno.listenDatagram({
+      transport: "udp",
+      hostname: address.hostname,
+      port: address.port,
+    });
+    return new UdpServer(socket, resolver, log);
+  }
+
+  /** The bound address (useful with port 0). */
+  get addr(): Deno.NetAddr {
+    return this.#socket.addr as Deno.NetAddr;
+  }
+
+  async #serve(): Promise<void> {
+    const buffer = new Uint8Array(RECEIVE_BUFFER_SIZE);
+    for (;;) {
+      let received: [Uint8Array, Deno.Addr];
+      try {
+        received = await this.#socket.receive(buffer);
+      } catch (error) {
+        if (
+          this.#socketClosed || error instanceof Deno.errors.BadResource ||
+          error instanceof Deno.errors.Interrupted
+        ) break;
+        // ICMP errors and the like surface here; they concern one peer, not the socket.
+        this.#log.debug("udp receive error", { error: String(error) });
+        continue;
+      }
+      const [data, addr] = received;
+      if (this.#closing) continue;
+      // The receive buffer is reused, so the query needs its own bytes while in flight.
+      this.#handle(data.slice(), addr);
+    }
+  }
+
+  async #handle(query: Uint8Array, addr: Deno.Addr): Promise<void> {
+    this.#inflight++;
+    try {
+      const response = await this.#resolver.resolve(query, "udp", addr);
+      if (response !== null && !this.#socketClosed) await this.#socket.send(response, addr);
+    } catch (error) {
+      if (!this.#socketClosed) {
+        this.#log.debug("udp send failed", { client: formatAddr(addr), error: String(error) });
+      }
+    } finally {
+      if (--this.#inflight === 0) this.#drained?.();
+    }
+  }
+
+  /** Stops taking queries, lets in-flight answers go out, and closes the socket. */
+  async close(): Promise<void> {
+    if (this.#closing) return;
+    this.#closing = true;
+    if (this.#inflight > 0) {
+      await new Promise<void>((resolve) => this.#drained = resolve);
+    }
+    this.#socketClosed = true;
+    this.#socket.close();
+    await this.#done;
+  }
+}

@@ -1,0 +1,389 @@
+/**
+ * One long-lived DNS-over-TLS connection (RFC 7858) carrying many queries at once
+ * (RFC 7766 pipelining), each under an ID chosen here and unique on the connection.
+ *
+ * Writes are coalesced: every query queued in the same turn of the event loop goes out in
+ * one TLS write. Reads land in one reusable buffer and are split into frames in place.
+ *
+ * @module
+ */
+
+import type { UpstreamSpec } from "../config.ts";
+import { answersQuestion } from "../dns/response.ts";
+import { HEADER_SIZE, readU16, setId, writeU16 } from "../dns/wire.ts";
+import type { Logger } from "../log.ts";
+import type { PendingQuery, QueryCarrier } from "./pending_query.ts";
+import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./types.ts";
+
+/** Most queries in flight on one connection (IDs are 16 bits; keep plenty free). */
+export const MAX_QUERIES_PER_CONNECTION = 16384;
+
+const READ_BUFFER_SIZE = 256 * 1024;
+const MAX_FRAME = 2 + 65535;
+
+/** What a connection needs from the upstream that owns it. */
+export interface ConnectionOwner {
+  /** The upstream's address and TLS name. */
+  readonly spec: UpstreamSpec;
+  /** Extra trusted CA certificates (PEM). */
+  readonly caCerts: string[];
+  /** Logger. */
+  readonly log: Logger;
+  /** Statistics hooks. */
+  readonly stats: UpstreamStats;
+  /** Deadline for TCP connect plus TLS handshake. */
+  readonly connectTimeoutMs: number;
+  /** The handshake completed. */
+  onOpen(connection: DotConnection): void;
+  /** `query` was answered with `response` (client ID restored) after `seconds`. */
+  onAnswer(
+    connection: DotConnection,
+    query: PendingQuery,
+    response: Uint8Array,
+    seconds: number,
+  ): void;
+  /**
+   * The connection is gone. `orphans` were in flight and unanswered; `failure` is set when
+   * it broke rather than closed normally.
+   */
+  onClosed(
+    connection: DotConnection,
+    orphans: PendingQuery[],
+    failure: UpstreamError | null,
+  ): void;
+}
+
+/** Connection lifecycle states. */
+export type ConnectionState = "connecting" | "open" | "closed";
+
+const randomIds = new Uint16Array(2048);
+let randomIndex = randomIds.length;
+
+function nextRandomId(): number {
+  if (randomIndex === randomIds.length) {
+    crypto.getRandomValues(randomIds);
+    randomIndex = 0;
+  }
+  return randomIds[randomIndex++];
+}
+
+/** Classifies a connect, handshake or I/O error into a metrics reason. */
+export function classifyError(error: unknown): UpstreamErrorReason {
+  if (error instanceof UpstreamError) return error.reason;
+  if (error instanceof Deno.errors.ConnectionRefused) return "refused";
+  if (error instanceof Deno.errors.TimedOut) return "timeout";
+  if (
+    error instanceof Deno.errors.ConnectionReset ||
+    error instanceof Deno.errors.ConnectionAborted ||
+    error instanceof Deno.errors.BrokenPipe ||
+    error instanceof Deno.errors.UnexpectedEof ||
+    error instanceof Deno.errors.NotConnected
+  ) return "reset";
+  const message = error instanceof Error ? error.message : String(error);
+  if (/certificate|tls|handshake|CertNotValid|UnknownIssuer|NotValidForName/i.test(message)) {
+    return "tls";
+  }
+  if (/refused/i.test(message)) return "refused";
+  return "reset";
+}
+
+/**
+ * A pipelined DoT connection. Created by an upstream, which hands it queries with
+ * {@linkcode DotConnection.send} and hears back through its {@linkcode ConnectionOwner}.
+ *
+ * @example
+ * ```ts ignore
+ * const connection = new DotConnection(owner);
+ * connection.start();
+ * connection.send(pendingQuery);
+ * ```
+ */
+export class DotConnection implements QueryCarrier {
+  /** Lifecycle state. */
+  state: ConnectionState = "connecting";
+  /** Queries in flight by wire ID. */
+  readonly inflight = new Map<number, PendingQuery>();
+  /** Answers delivered on this connection. */
+  answered = 0;
+  /** True once the TLS handshake completed. */
+  opened = false;
+  /** `performance.now()` of the last send or answer. */
+  lastActive = performance.now();
+  readonly #owner: ConnectionOwner;
+  #conn: Deno.TlsConn | null = null;
+  #tcp: Deno.TcpConn | null = null;
+  #out = new Uint8Array(16 * 1024);
+  #outLength = 0;
+  #spare = new Uint8Array(16 * 1024);
+  #flushScheduled = false;
+  #writing = false;
+  #closeRequested = false;
+  #done: Promise<void> = Promise.resolve();
+  readonly #flush = () => this.#flushLoop();
+
+  /** Creates an unconnected connection; call {@linkcode start}. */
+  constructor(owner: ConnectionOwner) {
+    this.#owner = owner;
+  }
+
+  /** Connects, handshakes and serves until closed. */
+  start(): void {
+    this.#done = this.#run();
+  }
+
+  /** Resolves once the connection is fully closed and its read loop has ended. */
+  get finished(): Promise<void> {
+    return this.#done;
+  }
+
+  /** Number of queries in flight. */
+  get load(): number {
+    return this.inflight.size;
+  }
+
+  /** Puts `query` on the wire under a fresh ID (queued until the handshake completes). */
+  send(query: PendingQuery): void {
+    let id = nextRandomId();
+    while (this.inflight.has(id)) id = nextRandomId();
+    query.wireId = id;
+    query.carrier = this;
+    query.attempts++;
+    this.inflight.set(id, query);
+    const length = query.query.length;
+    this.#reserve(2 + length);
+    const out = this.#out;
+    const at = this.#outLength;
+    writeU16(out, at, length);
+    out.set(query.query, at + 2);
+    setId(out.subarray(at + 2), id);
+    this.#outLength = at + 2 + length;
+    const now = performance.now();
+    query.sentAt = now;
+    this.lastActive = now;
+    if (this.state === "open" && !this.#flushScheduled && !this.#writing) {
+      this.#flushScheduled = true;
+      queueMicrotask(this.#flush);
+    }
+  }
+
+  /** Forgets `query` (its deadline passed), freeing its ID. */
+  detach(query: PendingQuery): void {
+    if (this.inflight.get(query.wireId) === query) this.inflight.delete(query.wireId);
+  }
+
+  /** Closes the connection; queries still in flight are handed back as orphans. */
+  close(): void {
+    this.#closeRequested = true;
+    this.#shutdown(null);
+  }
+
+  #reserve(extra: number): void {
+    const needed = this.#outLength + extra;
+    if (needed <= this.#out.length) return;
+    let size = this.#out.length * 2;
+    while (size < needed) size *= 2;
+    const bigger = new Uint8Array(size);
+    bigger.set(this.#out.subarray(0, this.#outLength));
+    this.#out = bigger;
+  }
+
+  async #run(): Promise<void> {
+    const { spec, caCerts, log, stats, connectTimeoutMs } = this.#owner;
+    const controller = new AbortController();
+    const timer = setTimeout(() => {
+      controller.abort();
+      this.#tcp?.close();
+      this.#conn?.close();
+    }, connectTimeoutMs);
+    try {
+      this.#tcp = await Deno.connect({
+        hostname: spec.address,
+        port: spec.port,
+        transport: "tcp",
+        signal: controller.signal,
+      });
+      this.#tcp.setNoDelay(true);
+      this.#tcp.setKeepAlive(true);
+      const tcp = this.#tcp;
+      this.#tcp = null;
+      this.#conn = await Deno.startTls(tcp, { hostname: spec.tlsName, caCerts });
+      await this.#conn.handshake();
+    } catch (error) {
+      clearTimeout(timer);
+      const reason = controller.signal.aborted ? "timeout" : classifyError(error);
+      stats.handshake(false);
+      stats.error(reason);
+      const detail = error instanceof Error ? error.message : String(error);
+      const failure = new UpstreamError(
+        reason,
+        `connecting to ${spec.label} failed: ${controller.signal.aborted ? "timed out" : detail}`,
+        spec.label,
+      );
+      if (!this.#closeRequested) {
+        log.error("upstream connection failed", {
+          upstream: spec.label,
+          reason,
+          error: controller.signal.aborted ? `no handshake within ${connectTimeoutMs} ms` : detail,
+        });
+      }
+      this.#shutdown(failure);
+      return;
+    }
+    clearTimeout(timer);
+    if (this.#closeRequested) {
+      this.#shutdown(null);
+      return;
+    }
+    stats.handshake(true);
+    this.state = "open";
+    this.opened = true;
+    log.debug("upstream connection open", { upstream: spec.label });
+    this.#owner.onOpen(this);
+    if (this.#outLength > 0) this.#flushLoop();
+    await this.#readLoop(this.#conn);
+  }
+
+  async #flushLoop(): Promise<void> {
+    this.#flushScheduled = false;
+    const conn = this.#conn;
+    if (this.#writing || this.state !== "open" || conn === null) return;
+    this.#writing = true;
+    try {
+      while (this.#outLength > 0 && this.state === "open") {
+        const buffer = this.#out;
+        const length = this.#outLength;
+        // Swap buffers so queries queued during the write land in the other one.
+        this.#out = this.#spare.length >= length ? this.#spare : new Uint8Array(buffer.length);
+        this.#outLength = 0;
+        this.#spare = buffer;
+        let offset = 0;
+        while (offset < length) offset += await conn.write(buffer.subarray(offset, length));
+      }
+    } catch (error) {
+      if (this.state === "open") {
+        const reason = classifyError(error);
+        this.#shutdown(
+          new UpstreamError(
+            reason,
+            `writing to ${this.#owner.spec.label} failed`,
+            this.#owner.spec.label,
+          ),
+        );
+      }
+    } finally {
+      this.#writing = false;
+    }
+  }
+
+  async #readLoop(conn: Deno.TlsConn): Promise<void> {
+    const buffer = new Uint8Array(READ_BUFFER_SIZE);
+    let start = 0;
+    let end = 0;
+    let failure: UpstreamError | null = null;
+    const label = this.#owner.spec.label;
+    try {
+      for (;;) {
+        if (buffer.length - end < MAX_FRAME && start > 0) {
+          buffer.copyWithin(0, start, end);
+          end -= start;
+          start = 0;
+        }
+        const n = await conn.read(buffer.subarray(end));
+        if (n === null) {
+          if (end > start) {
+            failure = new UpstreamError("reset", `${label} closed mid-message`, label);
+          }
+          break;
+        }
+        end += n;
+        while (end - start >= 2) {
+          const length = readU16(buffer, start);
+          if (end - start < 2 + length) break;
+          if (!this.#onMessage(buffer, start + 2, start + 2 + length)) {
+            failure = new UpstreamError("bad_response", `${label} sent a malformed frame`, label);
+            break;
+          }
+          start += 2 + length;
+        }
+        if (failure) break;
+        if (start === end) start = end = 0;
+      }
+    } catch (error) {
+      if (this.state === "open" && !this.#closeRequested) {
+        const reason = classifyError(error);
+        const detail = error instanceof Error ? error.message : String(error);
+        failure = new UpstreamError(reason, `reading from ${label} failed: ${detail}`, label);
+      }
+    }
+    if (failure && !this.#closeRequested) {
+      this.#owner.stats.error(failure.reason);
+      this.#owner.log.warn("upstream connection broke", {
+        upstream: label,
+        reason: failure.reason,
+        error: failure.message,
+        inflight: this.inflight.size,
+      });
+    } else if (this.inflight.size > 0 && !this.#closeRequested) {
+      this.#owner.log.debug("upstream closed the connection with queries in flight", {
+        upstream: label,
+        inflight: this.inflight.size,
+        answered: this.answered,
+      });
+    }
+    this.#shutdown(failure);
+  }
+
+  /** Handles one response frame; false when the frame is not even a DNS header. */
+  #onMessage(buffer: Uint8Array, start: number, end: number): boolean {
+    if (end - start < HEADER_SIZE) return false;
+    const id = readU16(buffer, start);
+    const query = this.inflight.get(id);
+    if (query === undefined) {
+      // A late answer to a query whose deadline passed: harmless.
+      this.#owner.log.debug("upstream answer for no query in flight", {
+        upstream: this.#owner.spec.label,
+        id,
+      });
+      return true;
+    }
+    const response = buffer.slice(start, end);
+    if (!answersQuestion(response, query.query, query.questionEnd)) {
+      this.#owner.stats.error("bad_response");
+      this.#owner.log.warn("upstream answer does not match the question; ignored", {
+        upstream: this.#owner.spec.label,
+        id,
+      });
+      return true;
+    }
+    this.inflight.delete(id);
+    response[0] = query.query[0];
+    response[1] = query.query[1];
+    const now = performance.now();
+    this.answered++;
+    this.lastActive = now;
+    this.#owner.onAnswer(this, query, response, (now - query.sentAt) / 1000);
+    return true;
+  }
+
+  #shutdown(failure: UpstreamError | null): void {
+    if (this.state === "closed") return;
+    this.state = "closed";
+    try {
+      this.#conn?.close();
+    } catch {
+      // Already closed by the peer.
+    }
+    try {
+      this.#tcp?.close();
+    } catch {
+      // Already consumed or closed.
+    }
+    this.#conn = null;
+    this.#tcp = null;
+    this.#outLength = 0;
+    const orphans = [...this.inflight.values()];
+    this.inflight.clear();
+    for (const query of orphans) query.carrier = null;
+    this.#owner.onClosed(this, orphans, failure);
+  }
+}

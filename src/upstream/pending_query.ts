@@ -1,0 +1,79 @@
+/**
+ * One client query on its way through the upstream layer: its bytes, its deadline, where
+ * it is in flight, and the promise the resolver waits on.
+ *
+ * @module
+ */
+
+import type { Answer, UpstreamError } from "./types.ts";
+
+const EMPTY = new Uint8Array(0);
+
+/** Where a query is in flight; implemented by a DoT connection. */
+export interface QueryCarrier {
+  /** Forgets the query (its deadline passed), freeing its ID. */
+  detach(query: PendingQuery): void;
+}
+
+/**
+ * A query waiting for its answer. Settles exactly once: with itself as the
+ * {@linkcode Answer}, or with an error.
+ */
+export class PendingQuery implements Answer {
+  /** The client's query, unmodified (client's ID inside). */
+  readonly query: Uint8Array;
+  /** Offset just past the question in `query`. */
+  readonly questionEnd: number;
+  /** `performance.now()` time after which the query fails with a timeout. */
+  readonly deadline: number;
+  /** Settles when the query is answered or fails. */
+  readonly promise: Promise<Answer>;
+  /** The answer, once complete. */
+  response: Uint8Array = EMPTY;
+  /** The upstream it was last sent to; once complete, the one that answered. */
+  upstream = "";
+  /** True once settled. */
+  done = false;
+  /** How many times it was (re)sent. */
+  attempts = 0;
+  /** Where it is in flight now, if anywhere. */
+  carrier: QueryCarrier | null = null;
+  /** The ID it carries on its current connection. */
+  wireId = -1;
+  /** When it was last written, for upstream latency. */
+  sentAt = 0;
+  /** The most recent failure, reported if the deadline passes. */
+  lastError: UpstreamError | null = null;
+  #resolve!: (answer: Answer) => void;
+  #reject!: (error: UpstreamError) => void;
+
+  /** Creates a pending query with its promise. */
+  constructor(query: Uint8Array, questionEnd: number, deadline: number) {
+    this.query = query;
+    this.questionEnd = questionEnd;
+    this.deadline = deadline;
+    this.promise = new Promise<Answer>((resolve, reject) => {
+      this.#resolve = resolve;
+      this.#reject = reject;
+    });
+  }
+
+  /** Settles with `response` from `upstream`. Ignored when already settled. */
+  complete(response: Uint8Array, upstream: string): void {
+    if (this.done) return;
+    this.done = true;
+    this.carrier = null;
+    this.response = response;
+    this.upstream = upstream;
+    this.#resolve(this);
+  }
+
+  /** Settles with `error`. Ignored when already settled. */
+  fail(error: UpstreamError): void {
+    if (this.done) return;
+    this.done = true;
+    this.carrier?.detach(this);
+    this.carrier = null;
+    this.#reject(error);
+  }
+}

@@ -1,0 +1,499 @@
+/**
+ * Integration tests over real sockets: clients on UDP and TCP, the proxy in-process, and
+ * an in-process DoT upstream. Every test runs with network and environment permission
+ * only, which proves the proxy needs nothing else.
+ */
+import assert from "node:assert/strict";
+import { WRONG_KEY, WRONG_PEM } from "./fixtures/certs.ts";
+import { DotServer } from "./support/dot_server.ts";
+import {
+  addressFor,
+  answerFor,
+  buildQuery,
+  formatA,
+  type ParsedMessage,
+  parseMessage,
+} from "./support/dns.ts";
+import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+
+const NET_AND_ENV_ONLY: Deno.PermissionOptions = {
+  net: true,
+  env: true,
+  read: false,
+  write: false,
+  run: false,
+  ffi: false,
+  sys: false,
+  import: false,
+};
+
+function netTest(name: string, fn: () => Promise<void>): void {
+  Deno.test({ name, permissions: NET_AND_ENV_ONLY, fn });
+}
+
+async function withUpstream(
+  options: Parameters<typeof DotServer.start>[0],
+  fn: (server: DotServer) => Promise<void>,
+): Promise<void> {
+  const server = DotServer.start(options);
+  try {
+    await fn(server);
+  } finally {
+    await server.close();
+  }
+}
+
+function nameOf(query: Uint8Array): string {
+  return parseMessage(query).question?.name ?? "";
+}
+
+function expectAnswer(reply: Uint8Array | null, id: number, name: string): ParsedMessage {
+  assert.ok(reply, `no reply for ${name}`);
+  const parsed = parseMessage(reply);
+  assert.equal(parsed.id, id, `id for ${name}`);
+  assert.equal(parsed.rcode, 0, `rcode for ${name}`);
+  assert.equal(parsed.question?.name.toLowerCase(), name.toLowerCase() + ".");
+  assert.equal(formatA(parsed.answers[0].data), addressFor(name), `address for ${name}`);
+  return parsed;
+}
+
+netTest("udp: answer passes through byte for byte apart from the ID", async () => {
+  await withUpstream({}, async (upstream) => {
+    await withProxy(testConfig([upstream.upstream()]), async ({ port }) => {
+      for (const name of ["Example.COM", "a.b.c.test", "nx.missing.test"]) {
+        const query = buildQuery(name, { id: 0xabcd, ednsUdpSize: 1232 });
+        const reply = await udpExchange(port, query);
+        assert.ok(reply);
+        assert.deepEqual(reply, answerFor(query), name);
+      }
+      const upstreamIds = upstream.idsPerConnection.flat();
+      assert.equal(upstreamIds.length, 3);
+    });
+  });
+});
+
+netTest("tcp: answer passes through byte for byte apart from the ID", async () => {
+  await withUpstream({}, async (upstream) => {
+    await withProxy(testConfig([upstream.upstream()]), async ({ port }) => {
+      const client = await TcpDnsClient.connect(port);
+      try {
+        const query = buildQuery("big3000.example", { id: 99, type: 16 });
+        await client.send(query);
+        const reply = await client.receive();
+        assert.ok(reply);
+        assert.deepEqual(reply, answerFor(query));
+        assert.ok(reply.length > 3000, "TCP answers are never truncated");
+      } finally {
+        client.close();
+      }
+    });
+  });
+});
+
+netTest("udp: a slow answer does not hold up others", async () => {
+  const slow = DotServer.start({
+    delayMs: (q) => nameOf(q).startsWith("slow") ? 800 : 0,
+  });
+  try {
+    await withProxy(testConfig([slow.upstream()]), async ({ port }) => {
+      const order: string[] = [];
+      const slowReply = udpExchange(port, buildQuery("slow.test", { id: 1 })).then((r) => {
+        order.push("slow");
+        return r;
+      });
+      const fastReply = udpExchange(port, buildQuery("fast.test", { id: 2 })).then((r) => {
+        order.push("fast");
+        return r;
+      });
+      expectAnswer(await fastReply, 2, "fast.test");
+      expectAnswer(await slowReply, 1, "slow.test");
+      assert.deepEqual(order, ["fast", "slow"]);
+    });
+  } finally {
+    await slow.close();
+  }
+});
+
+netTest("tcp: pipelined queries are answered as they complete, out of order", async () => {
+  // The upstream answers later queries sooner.
+  const names = Array.from({ length: 8 }, (_, i) => `q${i}.pipeline.test`);
+  await withUpstream({
+    delayMs: (q) => (8 - Number(nameOf(q).slice(1, 2))) * 60,
+  }, async (upstream) => {
+    await withProxy(testConfig([upstream.upstream()]), async ({ port }) => {
+      const client = await TcpDnsClient.connect(port);
+      try {
+        // All queries in one write: the proxy must read them all before answering any.
+        const frames = names.map((name, i) => {
+          const query = buildQuery(name, { id: 100 + i });
+          return new Uint8Array([query.length >> 8, query.length & 0xff, ...query]);
+        });
+        await client.writeRaw(new Uint8Array(frames.flatMap((f) => [...f])));
+        const seen: number[] = [];
+        for (let i = 0; i < names.length; i++) {
+          const reply = await client.receive();
+          const id = parseMessage(reply as Uint8Array).id;
+          expectAnswer(reply, id, names[id - 100]);
+          seen.push(id);
+        }
+        assert.deepEqual(seen, [107, 106, 105, 104, 103, 102, 101, 100]);
+        assert.equal(upstream.connections, 1, "one upstream connection carries them all");
+      } finally {
+        client.close();
+      }
+    });
+  });
+});
+
+netTest("clients using the same ID at the same time each get their own answer", async () => {
+  await withUpstream({ delayMs: () => 20 }, async (upstream) => {
+    await withProxy(testConfig([upstream.upstream()]), async ({ port }) => {
+      const names = Array.from({ length: 60 }, (_, i) => `client${i}.collide.test`);
+      const replies = await Promise.all(
+        names.map((name) => udpExchange(port, buildQuery(name, { id: 0x1234 }))),
+      );
+      replies.forEach((reply, i) => expectAnswer(reply, 0x1234, names[i]));
+      // On the upstream side, the IDs in flight together were all different.
+      for (const ids of upstream.idsPerConnection) {
+        assert.equal(new Set(ids).size, ids.length, "upstream IDs unique per connection");
+      }
+      // And two queries with the same ID on one TCP connection are both answered.
+      const client = await TcpDnsClient.connect(port);
+      try {
+        await client.send(buildQuery("first.same-id.test", { id: 7 }));
+        await client.send(buildQuery("second.same-id.test", { id: 7 }));
+        const got = [await client.receive(), await client.receive()].map((r) =>
+          parseMessage(r as Uint8Array).question?.name
+        ).sort();
+        assert.deepEqual(got, ["first.same-id.test.", "second.same-id.test."]);
+      } finally {
+        client.close();
+      }
+    });
+  });
+});
+
+netTest("udp truncation: 512 without EDNS, advertised size with it, capped", async () => {
+  await withUpstream({}, async (upstream) => {
+    await withProxy(testConfig([upstream.upstream()]), async ({ port }) => {
+      // 700 bytes of TXT: too big for 512, fits 1232.
+      const plain = parseMessage(
+        (await udpExchange(port, buildQuery("big700.test", { type: 16, id: 5 })))!,
+      );
+      assert.equal(plain.tc, true);
+      assert.equal(plain.answers.length, 0);
+      assert.equal(plain.question?.name, "big700.test.");
+      assert.equal(plain.id, 5);
+
+      const withEdns = parseMessage(
+        (await udpExchange(port, buildQuery("big700.test", { type: 16, ednsUdpSize: 1232 })))!,
+      );
+      assert.equal(withEdns.tc, false);
+      assert.equal(withEdns.answers.length, 1);
+
+      // A client advertising 4096 still gets at most the cap (1232).
+      const capped = await udpExchange(
+        port,
+        buildQuery("big2000.test", { type: 16, ednsUdpSize: 4096 }),
+      );
+      const cappedParsed = parseMessage(capped!);
+      assert.equal(cappedParsed.tc, true);
+      assert.ok(cappedParsed.opt, "the OPT record survives truncation");
+      assert.ok(capped!.length <= 1232);
+
+      // A small advertised size is raised to 512.
+      const tiny = parseMessage(
+        (await udpExchange(port, buildQuery("big300.test", { type: 16, ednsUdpSize: 100 })))!,
+      );
+      assert.equal(tiny.tc, false);
+    });
+  });
+});
+
+netTest("a query whose deadline passes gets SERVFAIL with an Extended DNS Error", async () => {
+  await withUpstream({ answer: () => null }, async (upstream) => {
+    await withProxy(testConfig([upstream.upstream()], { timeoutMs: 300 }), async ({ port }) => {
+      const reply = await udpExchange(port, buildQuery("never.test", { id: 3, ednsUdpSize: 1232 }));
+      const parsed = parseMessage(reply!);
+      assert.equal(parsed.id, 3);
+      assert.equal(parsed.rcode, 2);
+      assert.equal(parsed.question?.name, "never.test.");
+      const ede = parsed.opt?.options.find((o) => o.code === 15);
+      assert.ok(ede, "EDE attached");
+      assert.equal((ede.data[0] << 8) | ede.data[1], 22);
+      const client = await TcpDnsClient.connect(port);
+      try {
+        await client.send(buildQuery("never-tcp.test", { id: 4 }));
+        const tcpReply = parseMessage((await client.receive())!);
+        assert.equal(tcpReply.rcode, 2);
+        assert.equal(tcpReply.id, 4);
+      } finally {
+        client.close();
+      }
+    });
+  });
+});
+
+netTest("queries in flight on a connection that breaks are re-sent and answered", async () => {
+  let swallow = true;
+  const upstream = DotServer.start({ answer: (q) => swallow ? null : answerFor(q) });
+  try {
+    await withProxy(testConfig([upstream.upstream()], { timeoutMs: 3000 }), async ({ port }) => {
+      const names = Array.from({ length: 10 }, (_, i) => `retry${i}.test`);
+      const replies = Promise.all(
+        names.map((name, i) => udpExchange(port, buildQuery(name, { id: i }))),
+      );
+      for (let i = 0; i < 100 && upstream.queries < names.length; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      assert.equal(upstream.queries, names.length, "all queries reached the upstream");
+      swallow = false;
+      upstream.dropConnections();
+      (await replies).forEach((reply, i) => expectAnswer(reply, i, names[i]));
+      assert.ok(upstream.connections >= 2, "a fresh connection was opened");
+    });
+  } finally {
+    await upstream.close();
+  }
+});
+
+netTest(
+  "an upstream closing after every 3 answers still answers 200 queries in flight",
+  async () => {
+    await withUpstream({ closeAfterAnswers: 3 }, async (upstream) => {
+      await withProxy(testConfig([upstream.upstream()], { timeoutMs: 4000 }), async ({ port }) => {
+        const names = Array.from({ length: 200 }, (_, i) => `n${i}.closing.test`);
+        const client = await TcpDnsClient.connect(port);
+        try {
+          for (let i = 0; i < names.length; i++) await client.send(buildQuery(names[i], { id: i }));
+          let answered = 0;
+          for (let i = 0; i < names.length; i++) {
+            const reply = parseMessage((await client.receive(5000))!);
+            assert.equal(reply.rcode, 0, `query ${reply.id} answered ${reply.rcode}`);
+            expectAnswer(
+              answerFor(buildQuery(names[reply.id], { id: reply.id })),
+              reply.id,
+              names[reply.id],
+            );
+            answered++;
+          }
+          assert.equal(answered, 200);
+          assert.ok(upstream.connections >= 200 / 3, `connections: ${upstream.connections}`);
+        } finally {
+          client.close();
+        }
+      });
+    });
+  },
+);
+
+netTest("a certificate for the wrong name is refused: SERVFAIL and an error log", async () => {
+  await withUpstream({}, async (upstream) => {
+    const config = testConfig([upstream.upstream("not-the-server.test")]);
+    await withProxy(config, async ({ port, logs }) => {
+      const reply = parseMessage((await udpExchange(port, buildQuery("a.test", { id: 11 })))!);
+      assert.equal(reply.rcode, 2);
+      assert.equal(reply.answers.length, 0);
+      const errors = logs.find("upstream connection failed");
+      assert.ok(errors.length >= 1);
+      assert.equal(errors[0].level, "error");
+      assert.equal(errors[0].reason, "tls");
+      assert.equal(upstream.queries, 0, "no query was sent over an unverified connection");
+    });
+  });
+});
+
+netTest("a certificate from an untrusted CA is refused", async () => {
+  await withUpstream({ cert: WRONG_PEM, key: WRONG_KEY }, async (upstream) => {
+    // The test CA is not trusted here, and the name matches the certificate.
+    const config = testConfig([upstream.upstream("wrong.test")], { caCerts: [] });
+    await withProxy(config, async ({ port }) => {
+      const reply = parseMessage((await udpExchange(port, buildQuery("a.test")))!);
+      assert.equal(reply.rcode, 2);
+      assert.equal(upstream.queries, 0);
+    });
+  });
+});
+
+netTest("an upstream that fails the handshake is not hammered", async () => {
+  await withUpstream({}, async (upstream) => {
+    const config = testConfig([upstream.upstream("wrong.name.test")], { timeoutMs: 500 });
+    await withProxy(config, async ({ port }) => {
+      const replies = [];
+      for (let i = 0; i < 30; i++) {
+        replies.push(udpExchange(port, buildQuery(`q${i}.test`)));
+        await new Promise((resolve) => setTimeout(resolve, 5));
+      }
+      for (const reply of await Promise.all(replies)) assert.equal(parseMessage(reply!).rcode, 2);
+      assert.ok(upstream.connections <= 3, `${upstream.connections} handshakes for 30 queries`);
+    });
+  });
+});
+
+netTest("failover: a refusing upstream is skipped for a working one", async () => {
+  const dead = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const deadPort = dead.addr.port;
+  dead.close();
+  await withUpstream({}, async (upstream) => {
+    const config = testConfig([`127.0.0.1:${deadPort}#dns.test`, upstream.upstream()]);
+    await withProxy(config, async ({ port }) => {
+      for (let i = 0; i < 5; i++) {
+        expectAnswer(
+          await udpExchange(port, buildQuery(`fo${i}.test`, { id: i })),
+          i,
+          `fo${i}.test`,
+        );
+      }
+    });
+  });
+});
+
+netTest("malformed udp input: FORMERR when the header is readable, dropped otherwise", async () => {
+  await withUpstream({}, async (upstream) => {
+    await withProxy(testConfig([upstream.upstream()]), async ({ port }) => {
+      assert.equal(await udpExchange(port, new Uint8Array([1, 2, 3]), 300), null);
+      assert.equal(await udpExchange(port, new Uint8Array(0), 300), null);
+      const response = answerFor(buildQuery("reflect.test"));
+      assert.equal(await udpExchange(port, response, 300), null, "responses are dropped");
+      const garbage = new Uint8Array([0x55, 0x66, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+      const formerr = parseMessage((await udpExchange(port, garbage))!);
+      assert.equal(formerr.id, 0x5566);
+      assert.equal(formerr.rcode, 1);
+      const notify = buildQuery("zone.test", { id: 8 });
+      notify[2] = 4 << 3;
+      const notimp = parseMessage((await udpExchange(port, notify))!);
+      assert.equal(notimp.rcode, 4);
+      assert.equal(notimp.id, 8);
+      const random = crypto.getRandomValues(new Uint8Array(300));
+      random[2] &= 0x7f;
+      random[5] = 1; // one question; the rest is noise
+      const reply = await udpExchange(port, random, 500);
+      if (reply !== null) assert.notEqual(parseMessage(reply).rcode, 0);
+      assert.equal(upstream.queries, 0, "nothing malformed reached the upstream");
+      expectAnswer(await udpExchange(port, buildQuery("still.ok", { id: 1 })), 1, "still.ok");
+    });
+  });
+});
+
+netTest("tcp abuse costs only that connection", async () => {
+  await withUpstream({}, async (upstream) => {
+    const config = testConfig([upstream.upstream()], { tcpIdleTimeoutMs: 300 });
+    await withProxy(config, async ({ port }) => {
+      // A zero length prefix closes the connection.
+      const zero = await TcpDnsClient.connect(port);
+      await zero.writeRaw(new Uint8Array([0, 0]));
+      assert.equal(await zero.closedByPeer(2000), true);
+      zero.close();
+      // A frame cut short, then the client vanishes.
+      const cut = await TcpDnsClient.connect(port);
+      const query = buildQuery("cut.test");
+      await cut.writeRaw(new Uint8Array([0, query.length, ...query.slice(0, 5)]));
+      cut.close();
+      // A client that trickles half a frame is closed when idle.
+      const slow = await TcpDnsClient.connect(port);
+      await slow.writeRaw(new Uint8Array([0, query.length, ...query.slice(0, 3)]));
+      assert.equal(await slow.closedByPeer(3000), true);
+      slow.close();
+      // An oversized length prefix with a short body is just an incomplete frame.
+      const huge = await TcpDnsClient.connect(port);
+      await huge.writeRaw(new Uint8Array([0xff, 0xff, 1, 2, 3]));
+      assert.equal(await huge.closedByPeer(3000), true);
+      huge.close();
+      // A malformed but framed query gets FORMERR and the connection stays usable.
+      const framed = await TcpDnsClient.connect(port);
+      try {
+        await framed.send(new Uint8Array([0, 9, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 7]));
+        assert.equal(parseMessage((await framed.receive())!).rcode, 1);
+        await framed.send(buildQuery("after.formerr", { id: 2 }));
+        expectAnswer(await framed.receive(), 2, "after.formerr");
+      } finally {
+        framed.close();
+      }
+      expectAnswer(await udpExchange(port, buildQuery("alive.test", { id: 1 })), 1, "alive.test");
+    });
+  });
+});
+
+netTest("tcp connection limit closes connections beyond it", async () => {
+  await withUpstream({}, async (upstream) => {
+    const config = testConfig([upstream.upstream()], { maxTcpConnections: 2 });
+    await withProxy(config, async ({ port, proxy }) => {
+      const a = await TcpDnsClient.connect(port);
+      const b = await TcpDnsClient.connect(port);
+      try {
+        await a.send(buildQuery("a.limit", { id: 1 }));
+        expectAnswer(await a.receive(), 1, "a.limit");
+        await b.send(buildQuery("b.limit", { id: 2 }));
+        expectAnswer(await b.receive(), 2, "b.limit");
+        const c = await TcpDnsClient.connect(port);
+        assert.equal(await c.closedByPeer(2000), true);
+        c.close();
+        assert.equal(proxy.metrics.tcpRejected.get(), 1);
+      } finally {
+        a.close();
+        b.close();
+      }
+    });
+  });
+});
+
+netTest("per-connection in-flight limit pauses reading but loses nothing", async () => {
+  await withUpstream({ delayMs: () => 30 }, async (upstream) => {
+    const config = testConfig([upstream.upstream()], { maxTcpQueriesPerConnection: 4 });
+    await withProxy(config, async ({ port }) => {
+      const client = await TcpDnsClient.connect(port);
+      try {
+        const names = Array.from({ length: 40 }, (_, i) => `p${i}.limit.test`);
+        for (let i = 0; i < names.length; i++) await client.send(buildQuery(names[i], { id: i }));
+        const ids = new Set<number>();
+        for (let i = 0; i < names.length; i++) {
+          const reply = parseMessage((await client.receive())!);
+          ids.add(reply.id);
+          assert.equal(reply.question?.name, names[reply.id] + ".");
+        }
+        assert.equal(ids.size, 40);
+      } finally {
+        client.close();
+      }
+    });
+  });
+});
+
+netTest(
+  "global in-flight limit drops excess queries instead of queueing without bound",
+  async () => {
+    await withUpstream({ delayMs: () => 300 }, async (upstream) => {
+      const config = testConfig([upstream.upstream()], { maxInflight: 5 });
+      await withProxy(config, async ({ port, proxy }) => {
+        const replies = await Promise.all(
+          Array.from({ length: 12 }, (_, i) => udpExchange(port, buildQuery(`o${i}.test`), 1500)),
+        );
+        const answered = replies.filter((r) => r !== null).length;
+        assert.equal(answered, 5);
+        assert.equal(proxy.metrics.dropped.get("udp", "overload"), 7);
+      });
+    });
+  },
+);
+
+netTest("listens on IPv6 loopback too", async () => {
+  await withUpstream({}, async (upstream) => {
+    const config = testConfig([upstream.upstream()], {
+      listen: [{ hostname: "::1", port: 0 }],
+    });
+    await withProxy(config, async ({ port }) => {
+      expectAnswer(
+        await udpExchange(port, buildQuery("v6.test", { id: 6 }), 3000, "::1"),
+        6,
+        "v6.test",
+      );
+      const client = await TcpDnsClient.connect(port, "::1");
+      try {
+        await client.send(buildQuery("v6tcp.test", { id: 7 }));
+        expectAnswer(await client.receive(), 7, "v6tcp.test");
+      } finally {
+        client.close();
+      }
+    });
+  });
+});

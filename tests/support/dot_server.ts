@@ -1,0 +1,184 @@
+/**
+ * An in-process DNS-over-TLS upstream for tests (`Deno.listenTls` with the test CA's
+ * certificate), with knobs for the misbehaviour a proxy must survive: slow and out-of-order
+ * answers, closing after a few answers, wrong answers, silence.
+ *
+ * @module
+ */
+
+import { SERVER_KEY, SERVER_PEM } from "../fixtures/certs.ts";
+import { answerFor } from "./dns.ts";
+
+/** Options of {@linkcode DotServer}. */
+export interface DotServerOptions {
+  /** Certificate chain (PEM); defaults to the test server certificate for `dns.test`. */
+  cert?: string;
+  /** Private key (PEM). */
+  key?: string;
+  /** Builds the answer; `null` means never answer. Defaults to {@linkcode answerFor}. */
+  answer?: (query: Uint8Array) => Uint8Array | null;
+  /** Milliseconds to hold each answer back (answers go out as their delays end). */
+  delayMs?: (query: Uint8Array) => number;
+  /** Close each connection after writing this many answers. */
+  closeAfterAnswers?: number;
+  /** Address to listen on (default 127.0.0.1). */
+  hostname?: string;
+  /** Port to listen on (default 0: any). */
+  port?: number;
+}
+
+/** A DoT server for tests. Close it at the end of the test. */
+export class DotServer {
+  readonly #listener: Deno.TlsListener;
+  readonly #options: DotServerOptions;
+  readonly #conns = new Set<Deno.TlsConn>();
+  readonly #timers = new Set<ReturnType<typeof setTimeout>>();
+  readonly #loops = new Set<Promise<void>>();
+  readonly #accepting: Promise<void>;
+  /** Queries received, over all connections. */
+  queries = 0;
+  /** Answers written. */
+  answers = 0;
+  /** Connections accepted (handshake completed or not). */
+  connections = 0;
+  /** Query IDs seen, per connection, in arrival order. */
+  readonly idsPerConnection: number[][] = [];
+
+  private constructor(listener: Deno.TlsListener, options: DotServerOptions) {
+    this.#listener = listener;
+    this.#options = options;
+    this.#accepting = this.#accept();
+  }
+
+  /** Starts a server. */
+  static start(options: DotServerOptions = {}): DotServer {
+    const listener = Deno.listenTls({
+      hostname: options.hostname ?? "127.0.0.1",
+      port: options.port ?? 0,
+      cert: options.cert ?? SERVER_PEM,
+      key: options.key ?? SERVER_KEY,
+    });
+    return new DotServer(listener, options);
+  }
+
+  /** The port it listens on. */
+  get port(): number {
+    return this.#listener.addr.port;
+  }
+
+  /** `--upstream` text for this server, verified against `tlsName`. */
+  upstream(tlsName = "dns.test"): string {
+    return `127.0.0.1:${this.port}#${tlsName}`;
+  }
+
+  async #accept(): Promise<void> {
+    for (;;) {
+      let conn: Deno.TlsConn;
+      try {
+        conn = await this.#listener.accept();
+      } catch {
+        return;
+      }
+      this.connections++;
+      this.#conns.add(conn);
+      const ids: number[] = [];
+      this.idsPerConnection.push(ids);
+      const loop = this.#serve(conn, ids).finally(() => {
+        this.#conns.delete(conn);
+        this.#loops.delete(loop);
+      });
+      this.#loops.add(loop);
+    }
+  }
+
+  async #serve(conn: Deno.TlsConn, ids: number[]): Promise<void> {
+    let buffer = new Uint8Array(0);
+    let answered = 0;
+    let closed = false;
+    let writing = Promise.resolve();
+    const close = () => {
+      if (closed) return;
+      closed = true;
+      try {
+        conn.close();
+      } catch {
+        // already closed
+      }
+    };
+    const send = (response: Uint8Array) => {
+      if (closed) return;
+      const frame = new Uint8Array(2 + response.length);
+      frame[0] = response.length >> 8;
+      frame[1] = response.length & 0xff;
+      frame.set(response, 2);
+      writing = writing.then(async () => {
+        if (closed) return;
+        try {
+          for (let off = 0; off < frame.length;) off += await conn.write(frame.subarray(off));
+          this.answers++;
+          answered++;
+          const limit = this.#options.closeAfterAnswers;
+          if (limit !== undefined && answered >= limit) close();
+        } catch {
+          close();
+        }
+      });
+    };
+    try {
+      const chunk = new Uint8Array(65536);
+      while (!closed) {
+        const n = await conn.read(chunk);
+        if (n === null) break;
+        const joined = new Uint8Array(buffer.length + n);
+        joined.set(buffer);
+        joined.set(chunk.subarray(0, n), buffer.length);
+        buffer = joined;
+        while (buffer.length >= 2) {
+          const length = (buffer[0] << 8) | buffer[1];
+          if (buffer.length < 2 + length) break;
+          const query = buffer.slice(2, 2 + length);
+          buffer = buffer.slice(2 + length);
+          this.queries++;
+          ids.push((query[0] << 8) | query[1]);
+          const response = (this.#options.answer ?? answerFor)(query);
+          if (response === null) continue;
+          const delay = this.#options.delayMs?.(query) ?? 0;
+          if (delay > 0) {
+            const timer = setTimeout(() => {
+              this.#timers.delete(timer);
+              send(response);
+            }, delay);
+            this.#timers.add(timer);
+          } else {
+            send(response);
+          }
+        }
+      }
+    } catch {
+      // A client that breaks the connection is part of what we test.
+    }
+    await writing;
+    close();
+  }
+
+  /** Closes every connection now (the proxy sees them break). */
+  dropConnections(): void {
+    for (const conn of this.#conns) {
+      try {
+        conn.close();
+      } catch {
+        // already closed
+      }
+    }
+  }
+
+  /** Stops the server and waits for its loops to end. */
+  async close(): Promise<void> {
+    for (const timer of this.#timers) clearTimeout(timer);
+    this.#timers.clear();
+    this.#listener.close();
+    this.dropConnections();
+    await this.#accepting;
+    await Promise.all([...this.#loops]);
+  }
+}

@@ -1,0 +1,184 @@
+/**
+ * Helpers to run the proxy in-process on ephemeral loopback ports and to talk to it over
+ * real UDP and TCP sockets.
+ *
+ * @module
+ */
+
+import { type RunningProxy, type StartOptions, startProxy } from "../../src/app.ts";
+import { type Config, parseUpstream } from "../../src/config.ts";
+import { Logger, type LogLevel } from "../../src/log.ts";
+import { CA_PEM } from "../fixtures/certs.ts";
+
+/** Log lines captured from a proxy under test. */
+export class LogCapture {
+  readonly lines: string[] = [];
+  /** A JSON logger writing into `lines`. */
+  logger(level: LogLevel = "debug"): Logger {
+    return new Logger({ level, format: "json", sink: (line) => this.lines.push(line) });
+  }
+  /** Parsed records whose `msg` contains `text`. */
+  find(text: string): Record<string, unknown>[] {
+    return this.lines.map((l) => JSON.parse(l)).filter((r) => String(r.msg).includes(text));
+  }
+}
+
+/** A configuration for tests: loopback, ephemeral port, the test CA trusted. */
+export function testConfig(upstreams: string[], overrides: Partial<Config> = {}): Config {
+  return {
+    command: "serve",
+    listen: [{ hostname: "127.0.0.1", port: 0 }],
+    upstreams: upstreams.map((u) => parseUpstream(u, "--upstream")),
+    timeoutMs: 2000,
+    logLevel: "debug",
+    logFormat: "json",
+    logQueries: false,
+    caCerts: [CA_PEM],
+    http: null,
+    udpMaxSize: 1232,
+    maxTcpConnections: 100,
+    maxTcpQueriesPerConnection: 128,
+    tcpIdleTimeoutMs: 2000,
+    maxInflight: 10000,
+    upstreamConnections: 2,
+    upstreamIdleTimeoutMs: 30000,
+    ...overrides,
+  };
+}
+
+/** A proxy started for one test, with its captured logs. */
+export interface TestProxy {
+  proxy: RunningProxy;
+  logs: LogCapture;
+  /** UDP and TCP port of the first listener. */
+  port: number;
+}
+
+/** Starts a proxy for `config`, runs `fn`, and closes the proxy however `fn` ends. */
+export async function withProxy(
+  config: Config,
+  fn: (p: TestProxy) => Promise<void>,
+  options: StartOptions = {},
+): Promise<void> {
+  const logs = new LogCapture();
+  const proxy = await startProxy(config, logs.logger(config.logLevel), options);
+  try {
+    await fn({ proxy, logs, port: proxy.udp[0].addr.port });
+  } finally {
+    await proxy.close();
+  }
+}
+
+/** Sends one UDP datagram and waits for the reply; null when none comes within `timeoutMs`. */
+export async function udpExchange(
+  port: number,
+  query: Uint8Array,
+  timeoutMs = 3000,
+  hostname = "127.0.0.1",
+): Promise<Uint8Array | null> {
+  const socket = Deno.listenDatagram({ transport: "udp", hostname, port: 0 });
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    await socket.send(query, { transport: "udp", hostname, port });
+    const timeout = new Promise<null>((resolve) => {
+      timer = setTimeout(() => resolve(null), timeoutMs);
+    });
+    const received = await Promise.race([socket.receive(), timeout]);
+    return received === null ? null : received[0];
+  } finally {
+    clearTimeout(timer);
+    socket.close();
+  }
+}
+
+/** A plain DNS-over-TCP client for tests. */
+export class TcpDnsClient {
+  readonly conn: Deno.TcpConn;
+  #buffer = new Uint8Array(0);
+  #closed = false;
+
+  private constructor(conn: Deno.TcpConn) {
+    this.conn = conn;
+  }
+
+  /** Connects to the proxy. */
+  static async connect(port: number, hostname = "127.0.0.1"): Promise<TcpDnsClient> {
+    return new TcpDnsClient(await Deno.connect({ hostname, port, transport: "tcp" }));
+  }
+
+  /** Writes raw bytes. */
+  async writeRaw(bytes: Uint8Array): Promise<void> {
+    for (let off = 0; off < bytes.length;) off += await this.conn.write(bytes.subarray(off));
+  }
+
+  /** Writes one length-prefixed message. */
+  async send(message: Uint8Array): Promise<void> {
+    const frame = new Uint8Array(2 + message.length);
+    frame[0] = message.length >> 8;
+    frame[1] = message.length & 0xff;
+    frame.set(message, 2);
+    await this.writeRaw(frame);
+  }
+
+  /**
+   * Reads one length-prefixed message; null at EOF. Rejects when nothing arrives within
+   * `timeoutMs` (the connection is closed then).
+   */
+  async receive(timeoutMs = 3000): Promise<Uint8Array | null> {
+    const timer = setTimeout(() => this.close(), timeoutMs);
+    try {
+      for (;;) {
+        if (this.#buffer.length >= 2) {
+          const length = (this.#buffer[0] << 8) | this.#buffer[1];
+          if (this.#buffer.length >= 2 + length) {
+            const message = this.#buffer.slice(2, 2 + length);
+            this.#buffer = this.#buffer.slice(2 + length);
+            return message;
+          }
+        }
+        const chunk = new Uint8Array(65536);
+        let n: number | null;
+        try {
+          n = await this.conn.read(chunk);
+        } catch (error) {
+          if (this.#closed) throw new Error(`no message within ${timeoutMs} ms`);
+          throw error;
+        }
+        if (n === null) return null;
+        const joined = new Uint8Array(this.#buffer.length + n);
+        joined.set(this.#buffer);
+        joined.set(chunk.subarray(0, n), this.#buffer.length);
+        this.#buffer = joined;
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Waits until the server closes the connection; true if it did within `timeoutMs`. */
+  async closedByPeer(timeoutMs: number): Promise<boolean> {
+    const timer = setTimeout(() => this.close(), timeoutMs);
+    try {
+      const chunk = new Uint8Array(65536);
+      for (;;) {
+        const n = await this.conn.read(chunk);
+        if (n === null) return true;
+      }
+    } catch {
+      return !this.#closed;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Closes the connection. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      this.conn.close();
+    } catch {
+      // already closed
+    }
+  }
+}
