@@ -49,7 +49,9 @@ let skipReason = "";
 Deno.test({
   name: "compile task grants exactly --allow-net and --allow-env",
   fn() {
-    const allows = denoJson.tasks.compile.split(/\s+/).filter((w: string) => w.startsWith("--allow"));
+    const allows = denoJson.tasks.compile.split(/\s+/).filter((w: string) =>
+      w.startsWith("--allow")
+    );
     assert.deepEqual(allows.sort(), ["--allow-env", "--allow-net"]);
     assert.ok(denoJson.tasks.compile.includes("--unstable-net"));
     const start = denoJson.tasks.start.split(/\s+/).filter((w: string) => w.startsWith("--allow"));

@@ -14,7 +14,8 @@ import {
   type ParsedMessage,
   parseMessage,
 } from "./support/dns.ts";
-import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { startProxy } from "../src/app.ts";
+import { LogCapture, TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
 
 const NET_AND_ENV_ONLY: Deno.PermissionOptions = {
   net: true,
@@ -496,4 +497,59 @@ netTest("listens on IPv6 loopback too", async () => {
       }
     });
   });
+});
+
+netTest("idle upstream connections are closed, and reopened on demand", async () => {
+  await withUpstream({}, async (upstream) => {
+    const config = testConfig([upstream.upstream()], { upstreamIdleTimeoutMs: 150 });
+    await withProxy(config, async ({ port, proxy }) => {
+      const open = (): number => proxy.pool?.upstreams[0].connections.length ?? -1;
+      expectAnswer(await udpExchange(port, buildQuery("one.idle", { id: 1 })), 1, "one.idle");
+      assert.equal(open(), 1);
+      for (let i = 0; i < 100 && open() !== 0; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      assert.equal(open(), 0, "idle connection closed");
+      expectAnswer(await udpExchange(port, buildQuery("two.idle", { id: 2 })), 2, "two.idle");
+      assert.equal(upstream.connections, 2, "a new connection was opened on demand");
+    });
+  });
+});
+
+netTest("graceful shutdown answers queries already in flight", async () => {
+  await withUpstream({ delayMs: () => 200 }, async (upstream) => {
+    const config = testConfig([upstream.upstream()]);
+    const proxy = await startProxy(config, new LogCapture().logger());
+    const port = proxy.udp[0].addr.port;
+    const pending = udpExchange(port, buildQuery("inflight.shutdown", { id: 5 }));
+    for (let i = 0; i < 100 && upstream.queries === 0; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    await proxy.close();
+    expectAnswer(await pending, 5, "inflight.shutdown");
+  });
+});
+
+netTest("an upstream that stops answering is abandoned for one that answers", async () => {
+  const silent = DotServer.start({ answer: () => null });
+  try {
+    await withUpstream({}, async (working) => {
+      const config = testConfig([silent.upstream(), working.upstream()], { timeoutMs: 300 });
+      await withProxy(config, async ({ port, proxy, logs }) => {
+        // Fill the silent upstream first: the pool prefers it while both are idle.
+        const first = await Promise.all(
+          Array.from({ length: 4 }, (_, i) => udpExchange(port, buildQuery(`s${i}.test`))),
+        );
+        assert.ok(first.every((r) => r !== null), "every query got some answer");
+        for (let i = 0; i < 100 && logs.find("stalled").length === 0; i++) {
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+        assert.ok(logs.find("stalled").length >= 1, "the stalled connection was noticed");
+        assert.equal(proxy.pool?.upstreams[0].healthy, false, "the silent upstream backs off");
+        expectAnswer(await udpExchange(port, buildQuery("after.test", { id: 9 })), 9, "after.test");
+      });
+    });
+  } finally {
+    await silent.close();
+  }
 });

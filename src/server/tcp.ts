@@ -10,6 +10,7 @@ import type { ListenAddress } from "../config.ts";
 import { HEADER_SIZE, readU16, writeU16 } from "../dns/wire.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
 import { formatAddr, type Resolver } from "../resolver.ts";
+import { SlabCopier } from "../slab.ts";
 
 /** Limits of the TCP listener. */
 export interface TcpServerOptions {
@@ -36,6 +37,8 @@ const NO_TCP_STATS: TcpStats = { accepted() {}, rejected() {}, malformed() {} };
 /** Unsent answer bytes per connection before reading pauses (a client that does not read). */
 const MAX_UNSENT_BYTES = 512 * 1024;
 const INITIAL_BUFFER = 4096;
+/** One copier for all connections: they run on one thread, and queries are short-lived. */
+const sharedCopier = new SlabCopier();
 const MAX_FRAME = 2 + 65535;
 
 /**
@@ -248,6 +251,7 @@ class TcpClient {
 
   async #readLoop(): Promise<void> {
     let buffer = new Uint8Array(INITIAL_BUFFER);
+    const copier = sharedCopier;
     let start = 0;
     let end = 0;
     try {
@@ -298,7 +302,7 @@ class TcpClient {
             break;
           }
           this.#lastActive = performance.now();
-          this.#handle(buffer.slice(start + 2, start + 2 + length));
+          this.#handle(copier.copy(buffer, start + 2, start + 2 + length));
           start += 2 + length;
         }
         if (start === end) start = end = 0;

@@ -12,6 +12,7 @@ import type { UpstreamSpec } from "../config.ts";
 import { answersQuestion } from "../dns/response.ts";
 import { HEADER_SIZE, readU16, setId, writeU16 } from "../dns/wire.ts";
 import type { Logger } from "../log.ts";
+import { SlabCopier } from "../slab.ts";
 import type { PendingQuery, QueryCarrier } from "./pending_query.ts";
 import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./types.ts";
 
@@ -56,6 +57,7 @@ export interface ConnectionOwner {
 /** Connection lifecycle states. */
 export type ConnectionState = "connecting" | "open" | "closed";
 
+const copier = new SlabCopier();
 const randomIds = new Uint16Array(2048);
 let randomIndex = randomIds.length;
 
@@ -109,6 +111,11 @@ export class DotConnection implements QueryCarrier {
   opened = false;
   /** `performance.now()` of the last send or answer. */
   lastActive = performance.now();
+  /**
+   * `performance.now()` since when queries have waited with no answer arriving: set when
+   * the first query goes in flight, moved forward by every answer.
+   */
+  waitingSince = 0;
   readonly #owner: ConnectionOwner;
   #conn: Deno.TlsConn | null = null;
   #tcp: Deno.TcpConn | null = null;
@@ -117,6 +124,7 @@ export class DotConnection implements QueryCarrier {
   #spare = new Uint8Array(16 * 1024);
   #flushScheduled = false;
   #writing = false;
+  #writeStartedAt = 0;
   #closeRequested = false;
   #done: Promise<void> = Promise.resolve();
   readonly #flush = () => this.#flushLoop();
@@ -148,6 +156,7 @@ export class DotConnection implements QueryCarrier {
     query.wireId = id;
     query.carrier = this;
     query.attempts++;
+    if (this.inflight.size === 0) this.waitingSince = performance.now();
     this.inflight.set(id, query);
     const length = query.query.length;
     this.#reserve(2 + length);
@@ -175,6 +184,29 @@ export class DotConnection implements QueryCarrier {
   close(): void {
     this.#closeRequested = true;
     this.#shutdown(null);
+  }
+
+  /**
+   * True when queries have waited `limitMs` with no answer at all, or a write has been stuck
+   * that long: the upstream stopped answering or reading, though the connection is up.
+   */
+  stalled(now: number, limitMs: number): boolean {
+    if (this.state !== "open") return false;
+    if (this.#writing && now - this.#writeStartedAt > limitMs) return true;
+    return this.inflight.size > 0 && now - this.waitingSince > limitMs;
+  }
+
+  /** Closes a stalled connection as a failure, handing its queries back. */
+  abandon(reason: string): void {
+    const label = this.#owner.spec.label;
+    this.#owner.stats.error("timeout");
+    this.#owner.log.warn("upstream connection stalled; closing it", {
+      upstream: label,
+      reason,
+      inflight: this.inflight.size,
+    });
+    this.#closeRequested = true;
+    this.#shutdown(new UpstreamError("timeout", `${label} stopped answering`, label));
   }
 
   #reserve(extra: number): void {
@@ -248,6 +280,7 @@ export class DotConnection implements QueryCarrier {
     const conn = this.#conn;
     if (this.#writing || this.state !== "open" || conn === null) return;
     this.#writing = true;
+    this.#writeStartedAt = performance.now();
     try {
       while (this.#outLength > 0 && this.state === "open") {
         const buffer = this.#out;
@@ -346,7 +379,7 @@ export class DotConnection implements QueryCarrier {
       });
       return true;
     }
-    const response = buffer.slice(start, end);
+    const response = copier.copy(buffer, start, end);
     if (!answersQuestion(response, query.query, query.questionEnd)) {
       this.#owner.stats.error("bad_response");
       this.#owner.log.warn("upstream answer does not match the question; ignored", {
@@ -361,6 +394,7 @@ export class DotConnection implements QueryCarrier {
     const now = performance.now();
     this.answered++;
     this.lastActive = now;
+    this.waitingSince = now;
     this.#owner.onAnswer(this, query, response, (now - query.sentAt) / 1000);
     return true;
   }

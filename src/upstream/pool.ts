@@ -125,9 +125,16 @@ export class Upstream implements ConnectionOwner {
     best.send(query);
   }
 
-  /** Closes connections idle since before `idleSince`. */
-  closeIdle(idleSince: number): void {
+  /**
+   * Closes connections idle since before `idleSince`, and abandons connections on which
+   * nothing was answered or written for `stallMs` while queries waited.
+   */
+  maintain(now: number, idleSince: number, stallMs: number): void {
     for (const connection of [...this.connections]) {
+      if (connection.stalled(now, stallMs)) {
+        connection.abandon(`no answer or write progress for ${stallMs} ms`);
+        continue;
+      }
       if (
         connection.state === "open" && connection.inflight.size === 0 &&
         connection.lastActive < idleSince
@@ -176,8 +183,8 @@ export class Upstream implements ConnectionOwner {
     // A connection that never opened is a failure. One that opened and then closed with
     // queries unanswered may be a restart or a server limiting its connections (RFC 7766
     // allows that): retry at once, but a few such closes in a row count as a failure.
-    let failed = !connection.opened && failure !== null;
-    if (connection.opened && connection.answered === 0 && orphans.length > 0) {
+    let failed = failure !== null && (!connection.opened || failure.reason === "timeout");
+    if (!failed && connection.opened && connection.answered === 0 && orphans.length > 0) {
       this.#silentCloses++;
       failed = this.#silentCloses >= 3;
     }
@@ -225,6 +232,7 @@ export class UpstreamPool implements Forwarder {
   readonly upstreams: Upstream[];
   readonly #timeoutMs: number;
   readonly #idleTimeoutMs: number;
+  readonly #stallMs: number;
   readonly #log: Logger;
   /** Pending queries in deadline order (all share one timeout). */
   #queue: PendingQuery[] = [];
@@ -235,6 +243,8 @@ export class UpstreamPool implements Forwarder {
   /** Creates a pool; connections open on demand. */
   constructor(options: PoolOptions) {
     this.#timeoutMs = options.timeoutMs;
+    // A whole deadline without any answer on a busy connection: the upstream black-holes.
+    this.#stallMs = options.timeoutMs;
     this.#idleTimeoutMs = options.idleTimeoutMs;
     this.#log = options.log;
     this.upstreams = options.upstreams.map((spec) => new Upstream(this, spec, options));
@@ -322,6 +332,10 @@ export class UpstreamPool implements Forwarder {
 
   #sweep(): void {
     const now = performance.now();
+    // Stalls first: their queries are handed back (and fail or move) before deadlines hit.
+    for (const upstream of this.upstreams) {
+      upstream.maintain(now, now - this.#idleTimeoutMs, this.#stallMs);
+    }
     const queue = this.#queue;
     let head = this.#queueHead;
     while (head < queue.length) {
@@ -342,7 +356,6 @@ export class UpstreamPool implements Forwarder {
       head = 0;
     }
     this.#queueHead = head;
-    for (const upstream of this.upstreams) upstream.closeIdle(now - this.#idleTimeoutMs);
     const idle = this.#queueHead === this.#queue.length &&
       this.upstreams.every((u) => u.connections.length === 0);
     if (idle && this.#sweepTimer !== undefined) {
