@@ -33,7 +33,7 @@ LABEL org.opencontainers.image.title="dotproxy" \
       org.opencontainers.image.version="${VERSION}"
 COPY --from=build /out/dotproxy /dotproxy
 # Container conventions: listen on all interfaces on the unprivileged port 5300 (UDP and TCP),
-# serve /metrics, /healthz and /readyz on 5380, log JSON lines to stdout.
+# serve /metrics, /healthz and /readyz on 5380, log JSON lines to stderr.
 ENV DOTPROXY_LISTEN=0.0.0.0:5300 \
     DOTPROXY_HTTP=0.0.0.0:5380 \
     DOTPROXY_LOG_FORMAT=json

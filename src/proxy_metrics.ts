@@ -110,7 +110,7 @@ export class ProxyMetrics {
     );
     this.handshakes = registry.counter(
       "dotproxy_upstream_tls_handshakes_total",
-      "TLS handshakes with upstreams, by result (ok, error).",
+      "Connection attempts to upstreams (TCP connect plus TLS handshake), by result (ok, error).",
       ["upstream", "result"],
     );
     this.reconnects = registry.counter(
@@ -120,7 +120,8 @@ export class ProxyMetrics {
     );
     this.upstreamHealthy = registry.gauge(
       "dotproxy_upstream_healthy",
-      "1 when the upstream is usable, 0 while it is backing off after failures.",
+      "0 when the last connection to the upstream failed (refused, TLS error, stalled) and none " +
+        "has succeeded since; 1 otherwise.",
       ["upstream"],
       (set) => {
         for (const u of state.upstreams()) set(u.healthy ? 1 : 0, u.label);

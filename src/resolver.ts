@@ -150,6 +150,7 @@ export class Resolver {
       upstream = answer.upstream;
     } catch (error) {
       response = this.#servfail(query, error, transport, client);
+      if (error instanceof UpstreamError && error.upstream) upstream = error.upstream;
     } finally {
       this.#inflight--;
     }

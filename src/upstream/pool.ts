@@ -91,9 +91,9 @@ export class Upstream implements ConnectionOwner {
     return now >= this.backoffUntil || this.connections.some((c) => c.state === "open");
   }
 
-  /** True when the upstream is usable: not backing off. */
+  /** True unless the last connection attempt failed and none has succeeded since. */
   get healthy(): boolean {
-    return this.failures === 0 || performance.now() >= this.backoffUntil;
+    return this.failures === 0;
   }
 
   /** Queries in flight on all connections. */
@@ -304,6 +304,7 @@ export class UpstreamPool implements Forwarder {
     }
     if (chosen === null) {
       const last = query.lastError ?? this.upstreams.find((u) => u.lastError)?.lastError;
+      this.upstreams.find((u) => u.spec.label === last?.upstream)?.stats.error("unavailable");
       query.fail(
         new UpstreamError(
           "unavailable",
