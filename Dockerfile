@@ -22,7 +22,8 @@ COPY deno.json deno.lock main.ts ./
 COPY src/ ./src/
 # The same permissions as `deno task compile`: network (listen + dial upstreams) and
 # environment (configuration). Nothing else: the proxy reads no files.
-RUN deno compile --allow-net --allow-env --unstable-net --output /out/dotproxy main.ts
+RUN deno compile --allow-net --allow-env --unstable-net --v8-flags=--max-semi-space-size=2 \
+    --output /out/dotproxy main.ts
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 ARG VERSION=0.1.0

@@ -67,7 +67,7 @@ main() {
       out="${out}.exe"
     fi
     echo "==> ${out}" >&2
-    deno compile --allow-net --allow-env --unstable-net --target "${target}" --output "${out}" main.ts
+    deno compile --allow-net --allow-env --unstable-net --v8-flags=--max-semi-space-size=2 --target "${target}" --output "${out}" main.ts
     [[ -f "${out}" ]] || die "deno compile did not write ${out}"
     outputs+=("${out#"${DIST}/"}")
   done

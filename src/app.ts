@@ -14,6 +14,7 @@ import { Resolver } from "./resolver.ts";
 import { HttpServer, type Readiness } from "./server/http.ts";
 import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
+import { primeTls } from "./upstream/dot_connection.ts";
 import { UpstreamPool } from "./upstream/pool.ts";
 import type { Forwarder } from "./upstream/types.ts";
 
@@ -125,6 +126,7 @@ export async function startProxy(
       })) ?? [],
   });
   if (!options.forwarder) {
+    await primeTls();
     pool = new UpstreamPool({
       upstreams: config.upstreams,
       caCerts: config.caCerts,
@@ -213,6 +215,7 @@ export async function startProxy(
     throw error;
   }
 
+  pool?.warm();
   return {
     udp,
     tcp,

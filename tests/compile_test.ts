@@ -33,7 +33,7 @@ let skipReason = "";
   const output = await new Deno.Command(Deno.execPath(), {
     args: compileArgs(binary),
     cwd: root,
-    env: { NO_COLOR: "1" },
+    env: { NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1" },
     stdout: "piped",
     stderr: "piped",
   }).output();

@@ -146,7 +146,7 @@ Deno.test("help lists every flag with its variable and default; version and heal
 async function runMain(args: string[], env: Record<string, string> = {}) {
   const output = await new Deno.Command(Deno.execPath(), {
     args: ["run", "--allow-net", "--allow-env", "main.ts", ...args],
-    env: { NO_COLOR: "1", ...env },
+    env: { NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", ...env },
     stdout: "piped",
     stderr: "piped",
   }).output();

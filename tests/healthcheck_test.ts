@@ -35,7 +35,7 @@ async function runHealthcheck(args: string[], env: Record<string, string> = {}):
     args: ["run", "--allow-net", "--allow-env", "main.ts", "healthcheck", ...args],
     cwd: ROOT,
     clearEnv: true,
-    env: { ...inherited, NO_COLOR: "1", ...env },
+    env: { ...inherited, NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", ...env },
     stdin: "null",
     stdout: "piped",
     stderr: "piped",

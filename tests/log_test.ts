@@ -321,7 +321,7 @@ async function runServer(format: "json" | "text"): Promise<ServerRun> {
     ],
     cwd: ROOT,
     clearEnv: true,
-    env: { ...inherited, NO_COLOR: "1" },
+    env: { ...inherited, NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1" },
     stdin: "null",
     stdout: "piped",
     stderr: "piped",

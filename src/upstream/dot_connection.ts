@@ -10,11 +10,24 @@
 
 import type { UpstreamSpec } from "../config.ts";
 import { answersQuestion } from "../dns/response.ts";
-import { HEADER_SIZE, readU16, setId, writeU16 } from "../dns/wire.ts";
+import { HEADER_SIZE, readU16, writeU16 } from "../dns/wire.ts";
 import type { Logger } from "../log.ts";
 import { SlabCopier } from "../slab.ts";
 import type { PendingQuery, QueryCarrier } from "./pending_query.ts";
 import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./types.ts";
+
+/**
+ * How long a connection may owe the server an ACK before it is nudged. A server that
+ * holds small writes under Nagle's algorithm (Unbound's DoT does) holds every answer after
+ * the first until the client acknowledges, and Linux delays that ACK by up to 40 ms when the
+ * client has nothing to send. When queries are still in flight that long after the last
+ * read with no write since, the oldest is written again under the same ID: the write
+ * carries the ACK, the held answers come at once, and the echo of the duplicate is ignored.
+ */
+export const NUDGE_MS = 2;
+
+/** How long a new connection rests before it takes queries (see `settled`). */
+export const SETTLE_MS = 50;
 
 /** Most queries in flight on one connection (IDs are 16 bits; keep plenty free). */
 export const MAX_QUERIES_PER_CONNECTION = 16384;
@@ -69,6 +82,29 @@ function nextRandomId(): number {
   return randomIds[randomIndex++];
 }
 
+/**
+ * Makes Deno build its TLS client configuration (the built-in root store) now, with a
+ * handshake against a throwaway loopback socket. The first TLS connection of a process
+ * otherwise spends about 35 ms on it while queries wait.
+ */
+export async function primeTls(): Promise<void> {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0, transport: "tcp" });
+  try {
+    const accepted = listener.accept();
+    const tcp = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+    const peer = await accepted;
+    const tls = await Deno.startTls(tcp, { hostname: "prime.invalid" });
+    const handshake = tls.handshake().catch(() => {});
+    peer.close();
+    await handshake;
+    tls.close();
+  } catch {
+    // Priming is an optimisation; a failure here changes nothing else.
+  } finally {
+    listener.close();
+  }
+}
+
 /** Classifies a connect, handshake or I/O error into a metrics reason. */
 export function classifyError(error: unknown): UpstreamErrorReason {
   if (error instanceof UpstreamError) return error.reason;
@@ -109,8 +145,20 @@ export class DotConnection implements QueryCarrier {
   answered = 0;
   /** True once the TLS handshake completed. */
   opened = false;
+  /** `performance.now()` when the handshake completed. */
+  openedAt = 0;
   /** `performance.now()` of the last send or answer. */
   lastActive = performance.now();
+  /** `performance.now()` of the last query handed to this connection. */
+  lastWriteAt = 0;
+  /** `performance.now()` of the last read that delivered an answer. */
+  lastReadAt = 0;
+  /** Smoothed answer latency on this connection, in milliseconds. */
+  rttMs = 0;
+  #nudgeTimer: ReturnType<typeof setTimeout> | undefined;
+  /** IDs of answered queries whose duplicate (see `NUDGE_MS`) may still be answered. */
+  readonly #echoes = new Map<number, number>();
+  readonly #nudge = () => this.#nudgeNow();
   /**
    * `performance.now()` since when queries have waited with no answer arriving: set when
    * the first query goes in flight, moved forward by every answer.
@@ -144,6 +192,18 @@ export class DotConnection implements QueryCarrier {
     return this.#done;
   }
 
+  /**
+   * True once the connection has been open for {@linkcode SETTLE_MS}. A TLS 1.3 server sends
+   * its session tickets right after the handshake; a server that holds small writes under
+   * Nagle's algorithm (Unbound does) then holds the first answers until those tickets are
+   * acknowledged, which Linux delays by up to 40 ms when the client has nothing to send. A
+   * connection is therefore given queries only once that ACK has surely gone out, unless no
+   * settled connection exists.
+   */
+  settled(now: number): boolean {
+    return this.state === "open" && now - this.openedAt >= SETTLE_MS;
+  }
+
   /** Number of queries in flight. */
   get load(): number {
     return this.inflight.size;
@@ -152,23 +212,18 @@ export class DotConnection implements QueryCarrier {
   /** Puts `query` on the wire under a fresh ID (queued until the handshake completes). */
   send(query: PendingQuery): void {
     let id = nextRandomId();
-    while (this.inflight.has(id)) id = nextRandomId();
+    while (this.inflight.has(id) || this.#echoes.has(id)) id = nextRandomId();
     query.wireId = id;
     query.carrier = this;
+    query.nudged = false;
     query.attempts++;
     if (this.inflight.size === 0) this.waitingSince = performance.now();
     this.inflight.set(id, query);
-    const length = query.query.length;
-    this.#reserve(2 + length);
-    const out = this.#out;
-    const at = this.#outLength;
-    writeU16(out, at, length);
-    out.set(query.query, at + 2);
-    setId(out.subarray(at + 2), id);
-    this.#outLength = at + 2 + length;
+    this.#enqueue(query, id);
     const now = performance.now();
     query.sentAt = now;
     this.lastActive = now;
+    this.lastWriteAt = now;
     if (this.state === "open" && !this.#flushScheduled && !this.#writing) {
       this.#flushScheduled = true;
       queueMicrotask(this.#flush);
@@ -207,6 +262,19 @@ export class DotConnection implements QueryCarrier {
     });
     this.#closeRequested = true;
     this.#shutdown(new UpstreamError("timeout", `${label} stopped answering`, label));
+  }
+
+  /** Appends `query`'s frame under `id` to the write buffer. */
+  #enqueue(query: PendingQuery, id: number): void {
+    const length = query.query.length;
+    this.#reserve(2 + length);
+    const out = this.#out;
+    const at = this.#outLength;
+    writeU16(out, at, length);
+    out.set(query.query, at + 2);
+    out[at + 2] = id >> 8;
+    out[at + 3] = id & 0xff;
+    this.#outLength = at + 2 + length;
   }
 
   #reserve(extra: number): void {
@@ -269,6 +337,7 @@ export class DotConnection implements QueryCarrier {
     stats.handshake(true);
     this.state = "open";
     this.opened = true;
+    this.openedAt = performance.now();
     log.debug("upstream connection open", { upstream: spec.label });
     this.#owner.onOpen(this);
     if (this.#outLength > 0) this.#flushLoop();
@@ -332,6 +401,7 @@ export class DotConnection implements QueryCarrier {
         while (end - start >= 2) {
           const length = readU16(buffer, start);
           if (end - start < 2 + length) break;
+          this.lastReadAt = performance.now();
           if (!this.#onMessage(buffer, start + 2, start + 2 + length)) {
             failure = new UpstreamError("bad_response", `${label} sent a malformed frame`, label);
             break;
@@ -340,6 +410,9 @@ export class DotConnection implements QueryCarrier {
         }
         if (failure) break;
         if (start === end) start = end = 0;
+        if (this.inflight.size > 0 && this.#nudgeTimer === undefined) {
+          this.#nudgeTimer = setTimeout(this.#nudge, NUDGE_MS);
+        }
       }
     } catch (error) {
       if (this.state === "open" && !this.#closeRequested) {
@@ -372,6 +445,8 @@ export class DotConnection implements QueryCarrier {
     const id = readU16(buffer, start);
     const query = this.inflight.get(id);
     if (query === undefined) {
+      if (this.#echoes.delete(id)) return true; // the echo of a nudge
+
       // A late answer to a query whose deadline passed: harmless.
       this.#owner.log.debug("upstream answer for no query in flight", {
         upstream: this.#owner.spec.label,
@@ -389,9 +464,15 @@ export class DotConnection implements QueryCarrier {
       return true;
     }
     this.inflight.delete(id);
+    if (query.nudged) {
+      if (this.#echoes.size > 1024) this.#echoes.clear();
+      this.#echoes.set(id, 0);
+    }
     response[0] = query.query[0];
     response[1] = query.query[1];
     const now = performance.now();
+    const rtt = now - query.sentAt;
+    this.rttMs = this.rttMs === 0 ? rtt : this.rttMs * 0.9 + rtt * 0.1;
     this.answered++;
     this.lastActive = now;
     this.waitingSince = now;
@@ -399,7 +480,36 @@ export class DotConnection implements QueryCarrier {
     return true;
   }
 
+  /** True when answers arrived after the last write while queries are still in flight. */
+  get owesAck(): boolean {
+    return this.lastReadAt > this.lastWriteAt && this.inflight.size > 0;
+  }
+
+  #nudgeNow(): void {
+    this.#nudgeTimer = undefined;
+    if (this.state !== "open" || !this.owesAck) return;
+    const now = performance.now();
+    const patience = Math.max(NUDGE_MS, 2 * this.rttMs);
+    for (const query of this.inflight.values()) {
+      if (query.nudged) continue;
+      if (now - query.sentAt < patience) break;
+      query.nudged = true;
+      this.#enqueue(query, query.wireId);
+      this.lastWriteAt = now;
+      if (!this.#flushScheduled && !this.#writing) {
+        this.#flushScheduled = true;
+        queueMicrotask(this.#flush);
+      }
+      return;
+    }
+    if (this.inflight.size > 0) this.#nudgeTimer = setTimeout(this.#nudge, NUDGE_MS);
+  }
+
   #shutdown(failure: UpstreamError | null): void {
+    if (this.#nudgeTimer !== undefined) {
+      clearTimeout(this.#nudgeTimer);
+      this.#nudgeTimer = undefined;
+    }
     if (this.state === "closed") return;
     this.state = "closed";
     try {

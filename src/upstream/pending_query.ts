@@ -36,6 +36,8 @@ export class PendingQuery implements Answer {
   done = false;
   /** How many times it was (re)sent. */
   attempts = 0;
+  /** True once written a second time on its connection to nudge a Nagle-bound server. */
+  nudged = false;
   /** Where it is in flight now, if anywhere. */
   carrier: QueryCarrier | null = null;
   /** The ID it carries on its current connection. */

@@ -43,10 +43,23 @@ export interface PoolOptions {
   backoffMaxMs?: number;
 }
 
-/** Queries in flight on one connection before the next one is opened beside it. */
-const SPREAD_THRESHOLD = 8;
+/**
+ * Queries in flight on every connection before another is opened beside them. One: a
+ * server that holds small answers back under Nagle's algorithm until it sees an ACK (Unbound
+ * does) stalls a connection with two queries in flight and nothing more to send for up to
+ * the peer's delayed-ACK time (40 ms on Linux); spreading concurrent queries over
+ * connections avoids that at low load, and at high load every connection carries writes
+ * that acknowledge promptly.
+ */
+const SPREAD_THRESHOLD = 1;
 /** How often deadlines and idle connections are checked. */
 const SWEEP_INTERVAL_MS = 20;
+
+function lessBusy(a: DotConnection, b: DotConnection): boolean {
+  const loadA = a.inflight.size;
+  const loadB = b.inflight.size;
+  return loadA < loadB || (loadA === loadB && a.lastWriteAt < b.lastWriteAt);
+}
 
 /** One DoT upstream: its connections, health and backoff. */
 export class Upstream implements ConnectionOwner {
@@ -86,9 +99,9 @@ export class Upstream implements ConnectionOwner {
     this.#backoffMaxMs = options.backoffMaxMs ?? 30_000;
   }
 
-  /** True unless backing off after failures, or already holding all it can. */
+  /** True unless backing off after a failure. */
   available(now: number): boolean {
-    return now >= this.backoffUntil || this.connections.some((c) => c.state === "open");
+    return now >= this.backoffUntil;
   }
 
   /** True unless the last connection attempt failed and none has succeeded since. */
@@ -105,24 +118,47 @@ export class Upstream implements ConnectionOwner {
 
   /** Sends `query` on the least loaded connection, opening one when warranted. */
   send(query: PendingQuery): void {
+    const now = performance.now();
+    // The least loaded settled connection; failing that, the least loaded of any. Ties go
+    // to the connection written least recently, so that under steady traffic every
+    // connection carries writes, which acknowledge what it received promptly: a connection
+    // left with answers unacknowledged makes a Nagle-bound server hold the next ones.
     let best: DotConnection | null = null;
+    let bestSettled: DotConnection | null = null;
     for (const connection of this.connections) {
-      if (best === null || connection.inflight.size < best.inflight.size) best = connection;
+      if (best === null || lessBusy(connection, best)) best = connection;
+      if (connection.settled(now) && (bestSettled === null || lessBusy(connection, bestSettled))) {
+        bestSettled = connection;
+      }
     }
-    if (
-      best === null ||
-      (best.inflight.size >= SPREAD_THRESHOLD && this.connections.length < this.#maxConnections)
-    ) {
-      const fresh = new DotConnection(this);
-      this.connections.push(fresh);
-      fresh.start();
-      best = fresh;
-    } else if (best.inflight.size >= MAX_QUERIES_PER_CONNECTION) {
+    if (bestSettled !== null) best = bestSettled;
+
+    const busy = best === null || best.inflight.size >= SPREAD_THRESHOLD;
+    if (busy && this.connections.length < this.#maxConnections && now >= this.backoffUntil) {
+      // Open another connection beside the busy ones; it takes queries once settled.
+      this.open();
+    }
+    if (best === null) best = this.connections[this.connections.length - 1] ?? null;
+    if (best === null) {
+      query.fail(
+        new UpstreamError("unavailable", "no connection could be opened", this.spec.label),
+      );
+      return;
+    }
+    if (best.inflight.size >= MAX_QUERIES_PER_CONNECTION) {
       query.fail(new UpstreamError("unavailable", "too many queries in flight", this.spec.label));
       return;
     }
     query.upstream = this.spec.label;
     best.send(query);
+  }
+
+  /** Opens one more connection; it takes queries once settled (or when it is the only one). */
+  open(): DotConnection {
+    const fresh = new DotConnection(this);
+    this.connections.push(fresh);
+    fresh.start();
+    return fresh;
   }
 
   /**
@@ -276,6 +312,17 @@ export class UpstreamPool implements Forwarder {
     this.#ensureSweep();
     this.#dispatch(pending, performance.now());
     return pending.promise;
+  }
+
+  /**
+   * Opens a connection to every upstream now, so the first queries find one open and
+   * settled, and a broken upstream shows in the log at start rather than at the first query.
+   */
+  warm(): void {
+    for (const upstream of this.upstreams) {
+      if (upstream.connections.length === 0) upstream.open();
+    }
+    this.#ensureSweep();
   }
 
   /** Sends queries again whose connection went away, while their deadline allows. */

@@ -21,6 +21,11 @@ export interface DotServerOptions {
   delayMs?: (query: Uint8Array) => number;
   /** Close each connection after writing this many answers. */
   closeAfterAnswers?: number;
+  /**
+   * Behave like a server under Nagle's algorithm with a client that never acknowledges on
+   * its own: after each write, further answers are held until the client sends more bytes.
+   */
+  nagle?: boolean;
   /** Address to listen on (default 127.0.0.1). */
   hostname?: string;
   /** Port to listen on (default 0: any). */
@@ -96,6 +101,9 @@ export class DotServer {
     let answered = 0;
     let closed = false;
     let writing = Promise.resolve();
+    // Nagle model: after a write, answers wait until the client sends something.
+    let acknowledged = true;
+    const held: Uint8Array[] = [];
     const close = () => {
       if (closed) return;
       closed = true;
@@ -107,6 +115,17 @@ export class DotServer {
     };
     const send = (response: Uint8Array) => {
       if (closed) return;
+      if (this.#options.nagle) {
+        held.push(response);
+        if (!acknowledged) return;
+        acknowledged = false;
+        const batch = held.splice(0);
+        for (const one of batch) writeFrame(one);
+        return;
+      }
+      writeFrame(response);
+    };
+    const writeFrame = (response: Uint8Array) => {
       const frame = new Uint8Array(2 + response.length);
       frame[0] = response.length >> 8;
       frame[1] = response.length & 0xff;
@@ -129,6 +148,13 @@ export class DotServer {
       while (!closed) {
         const n = await conn.read(chunk);
         if (n === null) break;
+        if (this.#options.nagle) {
+          acknowledged = true;
+          if (held.length > 0) {
+            acknowledged = false;
+            for (const one of held.splice(0)) writeFrame(one);
+          }
+        }
         const joined = new Uint8Array(buffer.length + n);
         joined.set(buffer);
         joined.set(chunk.subarray(0, n), buffer.length);
