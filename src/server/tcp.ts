@@ -7,7 +7,8 @@
  */
 
 import type { ListenAddress } from "../config.ts";
-import { HEADER_SIZE, readU16, writeU16 } from "../dns/wire.ts";
+import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
+import { FrameBuffer } from "../frame_buffer.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
 import { formatAddr, type Resolver } from "../resolver.ts";
 import { SlabCopier } from "../slab.ts";
@@ -185,9 +186,8 @@ class TcpClient {
   #inflight = 0;
   #lastActive = performance.now();
   #writeStartedAt = 0;
-  #out = new Uint8Array(INITIAL_BUFFER);
-  #outLength = 0;
-  #spare = new Uint8Array(INITIAL_BUFFER);
+  readonly #frames = new FrameBuffer(INITIAL_BUFFER);
+  readonly #isOpen = () => !this.#closed;
   #writing = false;
   #flushScheduled = false;
   #readDone = false;
@@ -234,11 +234,11 @@ class TcpClient {
 
   #hasRoom(): boolean {
     return this.#inflight < this.#options.maxQueriesPerConnection &&
-      this.#outLength < MAX_UNSENT_BYTES;
+      this.#frames.length < MAX_UNSENT_BYTES;
   }
 
   #notify(): void {
-    if (this.#readDone && this.#inflight === 0 && !this.#writing && this.#outLength === 0) {
+    if (this.#readDone && this.#inflight === 0 && !this.#writing && this.#frames.length === 0) {
       this.#close();
       return;
     }
@@ -316,7 +316,7 @@ class TcpClient {
       }
     }
     this.#readDone = true;
-    while (!this.#closed && (this.#inflight > 0 || this.#writing || this.#outLength > 0)) {
+    while (!this.#closed && (this.#inflight > 0 || this.#writing || this.#frames.length > 0)) {
       await new Promise<void>((resolve) => this.#wake = resolve);
     }
     this.#close();
@@ -331,17 +331,7 @@ class TcpClient {
   }
 
   #enqueue(response: Uint8Array): void {
-    const needed = this.#outLength + 2 + response.length;
-    if (needed > this.#out.length) {
-      let size = this.#out.length * 2;
-      while (size < needed) size *= 2;
-      const bigger = new Uint8Array(size);
-      bigger.set(this.#out.subarray(0, this.#outLength));
-      this.#out = bigger;
-    }
-    writeU16(this.#out, this.#outLength, response.length);
-    this.#out.set(response, this.#outLength + 2);
-    this.#outLength = needed;
+    this.#frames.append(response);
     if (!this.#writing && !this.#flushScheduled) {
       this.#flushScheduled = true;
       queueMicrotask(this.#flush);
@@ -354,16 +344,8 @@ class TcpClient {
     this.#writing = true;
     this.#writeStartedAt = performance.now();
     try {
-      while (this.#outLength > 0 && !this.#closed) {
-        const buffer = this.#out;
-        const length = this.#outLength;
-        this.#out = this.#spare.length >= length ? this.#spare : new Uint8Array(buffer.length);
-        this.#outLength = 0;
-        this.#spare = buffer;
-        let offset = 0;
-        while (offset < length) offset += await this.#conn.write(buffer.subarray(offset, length));
-        this.#lastActive = performance.now();
-      }
+      await this.#frames.drainTo(this.#conn, this.#isOpen);
+      this.#lastActive = performance.now();
     } catch (error) {
       if (!this.#closed) {
         this.#log.debug("tcp write failed", {
@@ -381,7 +363,7 @@ class TcpClient {
   #close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    this.#outLength = 0;
+    this.#frames.clear();
     try {
       this.#conn.close();
     } catch {

@@ -10,7 +10,8 @@
 
 import type { UpstreamSpec } from "../config.ts";
 import { answersQuestion } from "../dns/response.ts";
-import { HEADER_SIZE, readU16, writeU16 } from "../dns/wire.ts";
+import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
+import { FrameBuffer } from "../frame_buffer.ts";
 import type { Logger } from "../log.ts";
 import { SlabCopier } from "../slab.ts";
 import type { PendingQuery, QueryCarrier } from "./pending_query.ts";
@@ -167,15 +168,14 @@ export class DotConnection implements QueryCarrier {
   readonly #owner: ConnectionOwner;
   #conn: Deno.TlsConn | null = null;
   #tcp: Deno.TcpConn | null = null;
-  #out = new Uint8Array(16 * 1024);
-  #outLength = 0;
-  #spare = new Uint8Array(16 * 1024);
+  readonly #frames = new FrameBuffer(16 * 1024);
   #flushScheduled = false;
   #writing = false;
   #writeStartedAt = 0;
   #closeRequested = false;
   #done: Promise<void> = Promise.resolve();
   readonly #flush = () => this.#flushLoop();
+  readonly #isOpen = () => this.state === "open";
 
   /** Creates an unconnected connection; call {@linkcode start}. */
   constructor(owner: ConnectionOwner) {
@@ -266,25 +266,10 @@ export class DotConnection implements QueryCarrier {
 
   /** Appends `query`'s frame under `id` to the write buffer. */
   #enqueue(query: PendingQuery, id: number): void {
-    const length = query.query.length;
-    this.#reserve(2 + length);
-    const out = this.#out;
-    const at = this.#outLength;
-    writeU16(out, at, length);
-    out.set(query.query, at + 2);
-    out[at + 2] = id >> 8;
-    out[at + 3] = id & 0xff;
-    this.#outLength = at + 2 + length;
-  }
-
-  #reserve(extra: number): void {
-    const needed = this.#outLength + extra;
-    if (needed <= this.#out.length) return;
-    let size = this.#out.length * 2;
-    while (size < needed) size *= 2;
-    const bigger = new Uint8Array(size);
-    bigger.set(this.#out.subarray(0, this.#outLength));
-    this.#out = bigger;
+    const at = this.#frames.append(query.query);
+    const bytes = this.#frames.bytes;
+    bytes[at] = id >> 8;
+    bytes[at + 1] = id & 0xff;
   }
 
   async #run(): Promise<void> {
@@ -340,7 +325,7 @@ export class DotConnection implements QueryCarrier {
     this.openedAt = performance.now();
     log.debug("upstream connection open", { upstream: spec.label });
     this.#owner.onOpen(this);
-    if (this.#outLength > 0) this.#flushLoop();
+    if (this.#frames.length > 0) this.#flushLoop();
     await this.#readLoop(this.#conn);
   }
 
@@ -351,16 +336,7 @@ export class DotConnection implements QueryCarrier {
     this.#writing = true;
     this.#writeStartedAt = performance.now();
     try {
-      while (this.#outLength > 0 && this.state === "open") {
-        const buffer = this.#out;
-        const length = this.#outLength;
-        // Swap buffers so queries queued during the write land in the other one.
-        this.#out = this.#spare.length >= length ? this.#spare : new Uint8Array(buffer.length);
-        this.#outLength = 0;
-        this.#spare = buffer;
-        let offset = 0;
-        while (offset < length) offset += await conn.write(buffer.subarray(offset, length));
-      }
+      await this.#frames.drainTo(conn, this.#isOpen);
     } catch (error) {
       if (this.state === "open") {
         const reason = classifyError(error);
@@ -524,7 +500,7 @@ export class DotConnection implements QueryCarrier {
     }
     this.#conn = null;
     this.#tcp = null;
-    this.#outLength = 0;
+    this.#frames.clear();
     const orphans = [...this.inflight.values()];
     this.inflight.clear();
     for (const query of orphans) query.carrier = null;

@@ -1,0 +1,88 @@
+/**
+ * Outgoing DNS-over-TCP frames (two-byte length prefix, RFC 1035 section 4.2.2), queued in
+ * one growable buffer and written in as few writes as possible: every frame appended while a
+ * write is in progress goes out in the next one. Two buffers take turns so appending never
+ * waits for a write.
+ *
+ * @module
+ */
+
+import { writeU16 } from "./dns/wire.ts";
+
+/** A writable connection: `Deno.Conn` and `Deno.TlsConn` both fit. */
+export interface Writable {
+  /** Writes some of `bytes`, resolving with how many. */
+  write(bytes: Uint8Array): Promise<number>;
+}
+
+/**
+ * A queue of length-prefixed frames.
+ *
+ * @example
+ * ```ts
+ * import { FrameBuffer } from "./frame_buffer.ts";
+ * const frames = new FrameBuffer();
+ * const at = frames.append(new Uint8Array(12));
+ * frames.bytes[at] = 0xab; // edit the message in place, e.g. its ID
+ * frames.length; // 14
+ * ```
+ */
+export class FrameBuffer {
+  #out: Uint8Array;
+  #length = 0;
+  #spare: Uint8Array;
+
+  /** Creates a queue whose buffers start at `initialSize` bytes and grow as needed. */
+  constructor(initialSize = 4096) {
+    this.#out = new Uint8Array(initialSize);
+    this.#spare = new Uint8Array(initialSize);
+  }
+
+  /** Bytes queued and not yet handed to a write. */
+  get length(): number {
+    return this.#length;
+  }
+
+  /** The current buffer; valid until the next append or drain step. */
+  get bytes(): Uint8Array {
+    return this.#out;
+  }
+
+  /** Queues `message` behind its length prefix; returns the offset of the message in `bytes`. */
+  append(message: Uint8Array): number {
+    const needed = this.#length + 2 + message.length;
+    if (needed > this.#out.length) {
+      let size = this.#out.length * 2;
+      while (size < needed) size *= 2;
+      const bigger = new Uint8Array(size);
+      bigger.set(this.#out.subarray(0, this.#length));
+      this.#out = bigger;
+    }
+    writeU16(this.#out, this.#length, message.length);
+    this.#out.set(message, this.#length + 2);
+    const at = this.#length + 2;
+    this.#length = needed;
+    return at;
+  }
+
+  /** Drops everything queued. */
+  clear(): void {
+    this.#length = 0;
+  }
+
+  /**
+   * Writes what is queued, and what gets queued meanwhile, until nothing is left or `open()`
+   * turns false. Rejects with the connection's error.
+   */
+  async drainTo(conn: Writable, open: () => boolean): Promise<void> {
+    while (this.#length > 0 && open()) {
+      const buffer = this.#out;
+      const length = this.#length;
+      this.#out = this.#spare;
+      this.#length = 0;
+      this.#spare = buffer;
+      let offset = 0;
+      while (offset < length) offset += await conn.write(buffer.subarray(offset, length));
+    }
+  }
+}
