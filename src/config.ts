@@ -80,11 +80,17 @@ export type ConfigRequest = { kind: "help" } | { kind: "version" } | {
   config: Config;
 };
 
-interface Setting {
+/** One command-line flag with its environment variable, as `--help` lists it. */
+export interface Setting {
+  /** Flag name without the leading `--`. */
   flag: string;
+  /** Environment variable that sets the same value. */
   env: string;
+  /** Placeholder for the value in `--help`. */
   arg: string;
+  /** Default shown in `--help`. */
   defaultText: string;
+  /** One-line description for `--help`. */
   help: string;
 }
 

@@ -50,7 +50,9 @@ function renderTextValue(value: string | number | boolean): string {
  * ```
  */
 export class Logger {
+  /** Lowest level written. */
   readonly level: LogLevel;
+  /** Line format: plain text or one JSON object per line. */
   readonly format: LogFormat;
   #threshold: number;
   #sink: LogSink;

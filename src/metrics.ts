@@ -60,24 +60,34 @@ function labelText(names: readonly string[], values: readonly string[], extra = 
 }
 
 /** Common shape of a metric family. */
-interface Family {
+export interface Family {
+  /** Metric name, e.g. `dotproxy_queries_total`. */
   readonly name: string;
+  /** Appends this family's lines in the text exposition format to `out`. */
   render(out: string[]): void;
 }
 
-abstract class LabelledFamily<Child> implements Family {
+/** Base of the metric families: one child per distinct set of label values. */
+export abstract class LabelledFamily<Child> implements Family {
+  /** Metric name, e.g. `dotproxy_queries_total`. */
   readonly name: string;
+  /** Text for the `# HELP` line. */
   readonly help: string;
+  /** Label names, in the order `labels()` takes their values. */
   readonly labelNames: readonly string[];
-  protected readonly children = new Map<string, { values: string[]; child: Child }>();
+  /** Children keyed by their label values joined with NUL. */
+  protected readonly children: Map<string, { values: string[]; child: Child }> = new Map();
 
+  /** Creates a family; prefer the {@linkcode Registry} factory methods. */
   constructor(name: string, help: string, labelNames: readonly string[]) {
     this.name = name;
     this.help = help;
     this.labelNames = labelNames;
   }
 
+  /** Makes a fresh child for a new set of label values. */
   protected abstract create(): Child;
+  /** Appends this family's lines in the text exposition format to `out`. */
   abstract render(out: string[]): void;
 
   /** The child for these label values (in `labelNames` order); keep it for the hot path. */
@@ -96,6 +106,7 @@ abstract class LabelledFamily<Child> implements Family {
     return entry.child;
   }
 
+  /** Appends the `# HELP` and `# TYPE` lines. */
   protected header(out: string[], type: string): void {
     // An unlabelled family always shows its one series, at zero until first touched, so a
     // scrape sees it exist and `rate()` sees its first increment.
@@ -118,6 +129,7 @@ export class CounterChild {
 /** A counter family. Use `inc()` directly when it has no labels. */
 export class Counter extends LabelledFamily<CounterChild> {
   #unlabelled: CounterChild | undefined;
+  /** Makes a zeroed series. */
   protected create(): CounterChild {
     return new CounterChild();
   }
@@ -129,6 +141,7 @@ export class Counter extends LabelledFamily<CounterChild> {
   get(...values: string[]): number {
     return this.children.get(values.join("\u0000"))?.child.value ?? 0;
   }
+  /** Appends the counter's lines in the text exposition format to `out`. */
   render(out: string[]): void {
     this.header(out, "counter");
     for (const { values, child } of this.children.values()) {
@@ -173,6 +186,7 @@ export class Gauge extends LabelledFamily<GaugeChild> {
     super(name, help, labelNames);
     this.#collect = collect;
   }
+  /** Makes a zeroed series. */
   protected create(): GaugeChild {
     return new GaugeChild();
   }
@@ -188,6 +202,7 @@ export class Gauge extends LabelledFamily<GaugeChild> {
   #runCollect(): void {
     if (this.#collect) this.#collect((value, ...labels) => this.labels(...labels).set(value));
   }
+  /** Runs the `collect` callback, then appends the gauge's lines to `out`. */
   render(out: string[]): void {
     this.#runCollect();
     this.header(out, "gauge");
@@ -226,6 +241,7 @@ export class HistogramChild {
 
 /** A histogram family. */
 export class Histogram extends LabelledFamily<HistogramChild> {
+  /** Ascending bucket upper bounds; +Inf is implied. */
   readonly buckets: readonly number[];
   #unlabelled: HistogramChild | undefined;
 
@@ -239,6 +255,7 @@ export class Histogram extends LabelledFamily<HistogramChild> {
     super(name, help, labelNames);
     this.buckets = buckets;
   }
+  /** Makes a zeroed series. */
   protected create(): HistogramChild {
     return new HistogramChild(this.buckets);
   }
@@ -246,6 +263,7 @@ export class Histogram extends LabelledFamily<HistogramChild> {
   observe(value: number): void {
     (this.#unlabelled ??= this.labels()).observe(value);
   }
+  /** Appends the histogram's cumulative bucket, sum and count lines to `out`. */
   render(out: string[]): void {
     this.header(out, "histogram");
     for (const { values, child } of this.children.values()) {

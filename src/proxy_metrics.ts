@@ -56,13 +56,17 @@ export class ProxyMetrics {
   readonly handshakes: Counter;
   /** `dotproxy_upstream_reconnects_total{upstream}`. */
   readonly reconnects: Counter;
-  /** `dotproxy_tcp_connections_total`, `dotproxy_tcp_connections_rejected_total`. */
+  /** `dotproxy_tcp_connections_total`. */
   readonly tcpAccepted: Counter;
+  /** `dotproxy_tcp_connections_rejected_total`. */
   readonly tcpRejected: Counter;
-  /** Gauges computed at scrape time. */
+  /** `dotproxy_tcp_connections_open`, computed at scrape time. */
   readonly tcpOpen: Gauge;
+  /** `dotproxy_upstream_healthy{upstream}`, computed at scrape time. */
   readonly upstreamHealthy: Gauge;
+  /** `dotproxy_upstream_inflight{upstream}`, computed at scrape time. */
   readonly upstreamInflight: Gauge;
+  /** `dotproxy_upstream_connections{upstream}`, computed at scrape time. */
   readonly upstreamConnections: Gauge;
 
   /** Hooks for the resolver. */

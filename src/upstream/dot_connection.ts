@@ -149,7 +149,7 @@ export class DotConnection implements QueryCarrier {
   /** `performance.now()` when the handshake completed. */
   openedAt = 0;
   /** `performance.now()` of the last send or answer. */
-  lastActive = performance.now();
+  lastActive: number = performance.now();
   /** `performance.now()` of the last query handed to this connection. */
   lastWriteAt = 0;
   /** `performance.now()` of the last read that delivered an answer. */

@@ -41,7 +41,7 @@ export class PendingQuery implements Answer {
   /** Where it is in flight now, if anywhere. */
   carrier: QueryCarrier | null = null;
   /** The ID it carries on its current connection. */
-  wireId = -1;
+  wireId: number = -1;
   /** When it was last written, for upstream latency. */
   sentAt = 0;
   /** The most recent failure, reported if the deadline passes. */

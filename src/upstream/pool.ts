@@ -75,7 +75,7 @@ export class Upstream implements ConnectionOwner {
   /** `performance.now()` before which no new connection is tried. */
   backoffUntil = 0;
   /** `performance.now()` of the last answer, or -Infinity. */
-  lastAnswerAt = -Infinity;
+  lastAnswerAt: number = -Infinity;
   /** The last failure, for readiness reports. */
   lastError: UpstreamError | null = null;
   /** Smoothed answer latency in seconds. */
@@ -188,6 +188,7 @@ export class Upstream implements ConnectionOwner {
     await Promise.all(connections.map((c) => c.finished));
   }
 
+  /** A handshake completed: the upstream is reachable, so failures and backoff reset. */
   onOpen(_connection: DotConnection): void {
     if (this.failures > 0) {
       this.log.info("upstream reachable again", { upstream: this.spec.label });
@@ -196,6 +197,7 @@ export class Upstream implements ConnectionOwner {
     this.backoffUntil = 0;
   }
 
+  /** Records the answer's latency and settles `query` with `response`. */
   onAnswer(
     _connection: DotConnection,
     query: PendingQuery,
@@ -209,6 +211,10 @@ export class Upstream implements ConnectionOwner {
     query.complete(response, this.spec.label);
   }
 
+  /**
+   * Drops `connection` and counts a failure (with backoff) when it never opened, timed out,
+   * or closed silently several times in a row; then hands `orphans` back to the pool.
+   */
   onClosed(
     connection: DotConnection,
     orphans: PendingQuery[],

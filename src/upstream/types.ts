@@ -92,7 +92,7 @@ export interface UpstreamStats {
 export type UpstreamStatsFactory = (upstream: string) => UpstreamStats;
 
 /** Statistics hooks that record nothing. */
-export const NO_UPSTREAM_STATS: UpstreamStatsFactory = () => ({
+export const NO_UPSTREAM_STATS: UpstreamStatsFactory = (): UpstreamStats => ({
   answered() {},
   error() {},
   handshake() {},
