@@ -10,6 +10,7 @@ import { inspectQuery, QueryInfo, QueryVerdict } from "./dns/query.ts";
 import { buildErrorResponse, clientUdpLimit, EdeCode, truncateResponse } from "./dns/response.ts";
 import { getRcode, nameToString, Rcode, rcodeName, typeName } from "./dns/wire.ts";
 import { type Logger, RateLimitedLog } from "./log.ts";
+import { PendingQuery } from "./upstream/pending_query.ts";
 import { type Forwarder, UpstreamError } from "./upstream/types.ts";
 
 /** The client transport a query arrived on. */
@@ -47,6 +48,12 @@ export interface ResolverOptions {
   log: Logger;
   /** Statistics hooks. */
   stats?: ResolverStats;
+}
+
+/** Where a listener wants a query's outcome: the response bytes, or `null` to drop it. */
+export interface ResponseSink {
+  /** Called exactly once per query, possibly before `resolveWith` returns. */
+  deliver(response: Uint8Array | null, client: Deno.Addr | undefined): void;
 }
 
 /** Formats a client address for logs. */
@@ -97,11 +104,22 @@ export class Resolver {
    * message must be dropped (unreadable, a response, or the proxy is overloaded). Never
    * rejects. `query` must not be changed until the promise settles.
    */
-  async resolve(
+  resolve(query: Uint8Array, transport: Transport, client?: Deno.Addr): Promise<Uint8Array | null> {
+    return new Promise((resolve) => {
+      this.resolveWith(query, transport, client, { deliver: (response) => resolve(response) });
+    });
+  }
+
+  /**
+   * The listeners' entry point: like {@linkcode resolve}, but the outcome goes to `sink`,
+   * which costs no promise per query. `query` must not be changed until it is delivered.
+   */
+  resolveWith(
     query: Uint8Array,
     transport: Transport,
-    client?: Deno.Addr,
-  ): Promise<Uint8Array | null> {
+    client: Deno.Addr | undefined,
+    sink: ResponseSink,
+  ): void {
     const started = performance.now();
     const info = this.#info;
     const verdict = inspectQuery(query, info);
@@ -116,7 +134,8 @@ export class Resolver {
         reason: info.reason,
         bytes: query.length,
       });
-      return null;
+      sink.deliver(null, client);
+      return;
     }
     if (verdict !== QueryVerdict.FORWARD) {
       const rcode = verdict === QueryVerdict.NOTIMP ? Rcode.NOTIMP : Rcode.FORMERR;
@@ -128,38 +147,56 @@ export class Resolver {
       });
       const response = buildErrorResponse(query, info, rcode);
       this.#finish(query, info.nameEnd, response, transport, started, client, "", info.qtype);
-      return response;
+      sink.deliver(response, client);
+      return;
     }
     if (this.#inflight >= this.#options.maxInflight) {
       this.#stats.dropped(transport, "overload");
       this.#overloadLog.warn("too many queries in flight; dropping", {
         limit: this.#options.maxInflight,
       });
-      return null;
+      sink.deliver(null, client);
+      return;
     }
-    const questionEnd = info.questionEnd;
-    const nameEnd = info.nameEnd;
-    const qtype = info.qtype;
     const limit = transport === "udp" ? clientUdpLimit(info, this.#options.udpMaxSize) : 65535;
-    let response: Uint8Array;
-    let upstream = "";
+    const job = new ResolveJob(this, query, info, transport, client, sink, started, limit);
     this.#inflight++;
-    try {
-      const answer = await this.#forwarder.forward(query, questionEnd);
-      response = answer.response;
-      upstream = answer.upstream;
-    } catch (error) {
-      response = this.#servfail(query, error, transport, client);
-      if (error instanceof UpstreamError && error.upstream) upstream = error.upstream;
-    } finally {
-      this.#inflight--;
+    if (this.#forwarder.submit) {
+      this.#forwarder.submit(job);
+    } else {
+      this.#forwarder.forward(query, info.questionEnd).then(
+        (answer) => job.complete(answer.response, answer.upstream),
+        (error) => job.failWith(error),
+      );
     }
-    if (response.length > limit) {
-      response = truncateResponse(response, limit);
+  }
+
+  /** Finishes a forwarded query: truncation for UDP, stats, query log, delivery. */
+  settle(job: ResolveJob, answer: Uint8Array | null, error: unknown): void {
+    this.#inflight--;
+    let response: Uint8Array;
+    let upstream = job.upstream;
+    if (answer !== null) {
+      response = answer;
+    } else {
+      response = this.#servfail(job.query, error, job.transport, job.client);
+      upstream = error instanceof UpstreamError && error.upstream ? error.upstream : "";
+    }
+    if (response.length > job.limit) {
+      response = truncateResponse(response, job.limit);
       this.#stats.truncated();
     }
-    this.#finish(query, nameEnd, response, transport, started, client, upstream, qtype);
-    return response;
+    this.#finish(
+      job.query,
+      job.nameEnd,
+      response,
+      job.transport,
+      job.started,
+      job.client,
+      upstream,
+      job.qtype,
+    );
+    job.sink.deliver(response, job.client);
   }
 
   #servfail(
@@ -217,5 +254,67 @@ export class Resolver {
         duration_ms: Math.round(seconds * 1e6) / 1e3,
       });
     }
+  }
+}
+
+/** A forwarded query with what the resolver needs to finish it; reports through hooks. */
+export class ResolveJob extends PendingQuery {
+  /** Client transport. */
+  readonly transport: Transport;
+  /** Client address, for logs. */
+  readonly client: Deno.Addr | undefined;
+  /** Where the response goes. */
+  readonly sink: ResponseSink;
+  /** `performance.now()` when the query arrived. */
+  readonly started: number;
+  /** End of the question's name in `query`. */
+  readonly nameEnd: number;
+  /** QTYPE, for the query log. */
+  readonly qtype: number;
+  /** Largest response the client can take. */
+  readonly limit: number;
+  readonly #resolver: Resolver;
+
+  /** Creates a job for `query`, described by `info` (read now, before it is reused). */
+  constructor(
+    resolver: Resolver,
+    query: Uint8Array,
+    info: QueryInfo,
+    transport: Transport,
+    client: Deno.Addr | undefined,
+    sink: ResponseSink,
+    started: number,
+    limit: number,
+  ) {
+    super(query, info.questionEnd);
+    this.#resolver = resolver;
+    this.transport = transport;
+    this.client = client;
+    this.sink = sink;
+    this.started = started;
+    this.nameEnd = info.nameEnd;
+    this.qtype = info.qtype;
+    this.limit = limit;
+  }
+
+  /** Fails with any error (a forwarder without `submit` may reject with anything). */
+  failWith(error: unknown): void {
+    if (this.done) return;
+    if (error instanceof UpstreamError) {
+      this.fail(error);
+      return;
+    }
+    this.done = true;
+    this.#resolver.settle(this, null, error);
+  }
+
+  /** Delivers the answer. */
+  protected override onComplete(): void {
+    this.#resolver.settle(this, this.response, null);
+  }
+
+  /** Delivers SERVFAIL. */
+  protected override onFail(error: UpstreamError): void {
+    this.#resolver.settle(this, null, error);
   }
 }

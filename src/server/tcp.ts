@@ -10,7 +10,7 @@ import type { ListenAddress } from "../config.ts";
 import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
 import { FrameBuffer } from "../frame_buffer.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
-import { formatAddr, type Resolver } from "../resolver.ts";
+import { formatAddr, type Resolver, type ResponseSink } from "../resolver.ts";
 import { SlabCopier } from "../slab.ts";
 
 /** Limits of the TCP listener. */
@@ -175,7 +175,7 @@ export class TcpServer {
 }
 
 /** One client connection. */
-class TcpClient {
+class TcpClient implements ResponseSink {
   readonly #conn: Deno.TcpConn;
   readonly #resolver: Resolver;
   readonly #log: Logger;
@@ -322,9 +322,13 @@ class TcpClient {
     this.#close();
   }
 
-  async #handle(query: Uint8Array): Promise<void> {
+  #handle(query: Uint8Array): void {
     this.#inflight++;
-    const response = await this.#resolver.resolve(query, "tcp", this.#remote);
+    this.#resolver.resolveWith(query, "tcp", this.#remote, this);
+  }
+
+  /** Queues a response for the client (the {@linkcode ResponseSink} side). */
+  deliver(response: Uint8Array | null): void {
     this.#inflight--;
     if (response !== null && !this.#closed) this.#enqueue(response);
     this.#notify();

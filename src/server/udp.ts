@@ -7,7 +7,7 @@
 
 import type { ListenAddress } from "../config.ts";
 import type { Logger } from "../log.ts";
-import { formatAddr, type Resolver } from "../resolver.ts";
+import type { Resolver, ResponseSink } from "../resolver.ts";
 import { SlabCopier } from "../slab.ts";
 
 /** Largest datagram read; anything longer is cut by the kernel and fails validation. */
@@ -28,7 +28,7 @@ const PARALLEL_RECEIVES = 4;
  * await server.close();
  * ```
  */
-export class UdpServer {
+export class UdpServer implements ResponseSink {
   readonly #socket: Deno.DatagramConn;
   readonly #resolver: Resolver;
   readonly #log: Logger;
@@ -86,19 +86,28 @@ export class UdpServer {
     }
   }
 
-  async #handle(query: Uint8Array, addr: Deno.Addr): Promise<void> {
+  #handle(query: Uint8Array, addr: Deno.Addr): void {
     this.#inflight++;
-    try {
-      const response = await this.#resolver.resolve(query, "udp", addr);
-      if (response !== null && !this.#socketClosed) await this.#socket.send(response, addr);
-    } catch (error) {
-      if (!this.#socketClosed) {
-        this.#log.debug("udp send failed", { client: formatAddr(addr), error: String(error) });
-      }
-    } finally {
-      if (--this.#inflight === 0) this.#drained?.();
-    }
+    this.#resolver.resolveWith(query, "udp", addr, this);
   }
+
+  /** Sends a response back to `addr` (the {@linkcode ResponseSink} side of this server). */
+  deliver(response: Uint8Array | null, addr: Deno.Addr | undefined): void {
+    if (response === null || addr === undefined || this.#socketClosed) {
+      this.#sent();
+      return;
+    }
+    this.#socket.send(response, addr).then(this.#sent, this.#sendFailed);
+  }
+
+  readonly #sent = (): void => {
+    if (--this.#inflight === 0) this.#drained?.();
+  };
+
+  readonly #sendFailed = (error: unknown): void => {
+    if (!this.#socketClosed) this.#log.debug("udp send failed", { error: String(error) });
+    this.#sent();
+  };
 
   /** Stops taking queries, lets in-flight answers go out, and closes the socket. */
   async close(): Promise<void> {

@@ -1,6 +1,7 @@
 /**
  * One client query on its way through the upstream layer: its bytes, its deadline, where
- * it is in flight, and the promise the resolver waits on.
+ * it is in flight, and how its outcome is reported: to a subclass's `onComplete`/`onFail`
+ * hooks (the resolver's hot path, no promise at all), or through `promise`, made on demand.
  *
  * @module
  */
@@ -24,10 +25,8 @@ export class PendingQuery implements Answer {
   readonly query: Uint8Array;
   /** Offset just past the question in `query`. */
   readonly questionEnd: number;
-  /** `performance.now()` time after which the query fails with a timeout. */
-  readonly deadline: number;
-  /** Settles when the query is answered or fails. */
-  readonly promise: Promise<Answer>;
+  /** `performance.now()` time after which the query fails with a timeout (set on submit). */
+  deadline: number;
   /** The answer, once complete. */
   response: Uint8Array = EMPTY;
   /** The upstream it was last sent to; once complete, the one that answered. */
@@ -46,19 +45,39 @@ export class PendingQuery implements Answer {
   sentAt = 0;
   /** The most recent failure, reported if the deadline passes. */
   lastError: UpstreamError | null = null;
-  #resolve!: (answer: Answer) => void;
-  #reject!: (error: UpstreamError) => void;
+  /** The failure, once failed. */
+  error: UpstreamError | null = null;
+  #promise: Promise<Answer> | undefined;
+  #resolve: ((answer: Answer) => void) | undefined;
+  #reject: ((error: UpstreamError) => void) | undefined;
 
-  /** Creates a pending query with its promise. */
-  constructor(query: Uint8Array, questionEnd: number, deadline: number) {
+  /** Creates a pending query. */
+  constructor(query: Uint8Array, questionEnd: number, deadline = 0) {
     this.query = query;
     this.questionEnd = questionEnd;
     this.deadline = deadline;
-    this.promise = new Promise<Answer>((resolve, reject) => {
-      this.#resolve = resolve;
-      this.#reject = reject;
-    });
   }
+
+  /** Settles with this query (as the {@linkcode Answer}) or its error; made on first use. */
+  get promise(): Promise<Answer> {
+    if (this.#promise === undefined) {
+      if (this.done) {
+        this.#promise = this.error ? Promise.reject(this.error) : Promise.resolve(this);
+      } else {
+        this.#promise = new Promise<Answer>((resolve, reject) => {
+          this.#resolve = resolve;
+          this.#reject = reject;
+        });
+      }
+    }
+    return this.#promise;
+  }
+
+  /** Called once when answered; subclasses override it to avoid a promise per query. */
+  protected onComplete(): void {}
+
+  /** Called once when failed. */
+  protected onFail(_error: UpstreamError): void {}
 
   /** Settles with `response` from `upstream`. Ignored when already settled. */
   complete(response: Uint8Array, upstream: string): void {
@@ -67,7 +86,8 @@ export class PendingQuery implements Answer {
     this.carrier = null;
     this.response = response;
     this.upstream = upstream;
-    this.#resolve(this);
+    this.onComplete();
+    this.#resolve?.(this);
   }
 
   /** Settles with `error`. Ignored when already settled. */
@@ -76,6 +96,8 @@ export class PendingQuery implements Answer {
     this.done = true;
     this.carrier?.detach(this);
     this.carrier = null;
-    this.#reject(error);
+    this.error = error;
+    this.onFail(error);
+    this.#reject?.(error);
   }
 }

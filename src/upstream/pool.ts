@@ -309,15 +309,22 @@ export class UpstreamPool implements Forwarder {
   }
 
   forward(query: Uint8Array, questionEnd: number): Promise<Answer> {
-    const pending = new PendingQuery(query, questionEnd, performance.now() + this.#timeoutMs);
+    const pending = new PendingQuery(query, questionEnd);
+    this.submit(pending);
+    return pending.promise;
+  }
+
+  /** Sends `pending` upstream under the pool's deadline; it reports through its hooks. */
+  submit(pending: PendingQuery): void {
+    const now = performance.now();
+    pending.deadline = now + this.#timeoutMs;
     if (this.#closed) {
       pending.fail(new UpstreamError("unavailable", "the proxy is shutting down"));
-      return pending.promise;
+      return;
     }
     this.#queue.push(pending);
     this.#ensureSweep();
-    this.#dispatch(pending, performance.now());
-    return pending.promise;
+    this.#dispatch(pending, now);
   }
 
   /**

@@ -5,6 +5,8 @@
  * @module
  */
 
+import type { PendingQuery } from "./pending_query.ts";
+
 /** Why a query could not be answered by an upstream. */
 export type UpstreamErrorReason =
   | "timeout"
@@ -72,6 +74,11 @@ export interface Forwarder {
    * modified; the caller may reuse them once the promise settles.
    */
   forward(query: Uint8Array, questionEnd: number): Promise<Answer>;
+  /**
+   * Optional fast path: sends a caller-made pending query that reports through its own
+   * `onComplete`/`onFail` hooks, so no promise is made per query.
+   */
+  submit?(pending: PendingQuery): void;
   /** Stops everything and releases every connection and timer. */
   close(): void | Promise<void>;
 }
