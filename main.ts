@@ -8,7 +8,7 @@
  */
 
 import { startProxy, StartupError } from "./src/app.ts";
-import { ConfigError, helpText, parseConfig } from "./src/config.ts";
+import { ConfigError, helpText, parseConfig, unknownVariables } from "./src/config.ts";
 import { healthcheck } from "./src/healthcheck.ts";
 import { Logger } from "./src/log.ts";
 import { VERSION } from "./src/version.ts";
@@ -58,6 +58,11 @@ async function main(args: string[]): Promise<number> {
     upstreams: config.upstreams.map((u) => u.label).join(","),
     http: config.http ? `${config.http.hostname}:${config.http.port}` : undefined,
   });
+  const unknown = unknownVariables(Object.keys(Deno.env.toObject()));
+  if (unknown.length > 0) {
+    // A misspelt variable silently does nothing; say so (Kubernetes service links also land here).
+    log.warn("ignoring unknown DOTPROXY_* environment variables", { names: unknown.join(",") });
+  }
 
   const stopped = new Promise<string>((resolve) => {
     const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];

@@ -400,6 +400,21 @@ function splitList(text: string): string[] {
   return text.split(",").map((s) => s.trim()).filter((s) => s !== "");
 }
 
+/**
+ * The `DOTPROXY_*` names among `names` that no setting reads (typos, or variables that
+ * Kubernetes service links inject), sorted.
+ *
+ * @example
+ * ```ts
+ * import { unknownVariables } from "./config.ts";
+ * unknownVariables(["PATH", "DOTPROXY_UPSTREAM", "DOTPROXY_LISTEN"]); // ["DOTPROXY_UPSTREAM"]
+ * ```
+ */
+export function unknownVariables(names: string[]): string[] {
+  const known = new Set(SETTINGS.map((setting) => setting.env));
+  return names.filter((name) => name.startsWith("DOTPROXY_") && !known.has(name)).sort();
+}
+
 /** Reads one environment variable; injected so tests and the config never touch globals. */
 export type EnvReader = (name: string) => string | undefined;
 

@@ -1,5 +1,12 @@
 import assert from "node:assert/strict";
-import { type Config, ConfigError, helpText, parseConfig, SETTINGS } from "../src/config.ts";
+import {
+  type Config,
+  ConfigError,
+  helpText,
+  parseConfig,
+  SETTINGS,
+  unknownVariables,
+} from "../src/config.ts";
 import { CA_PEM } from "./fixtures/certs.ts";
 
 function config(args: string[], env: Record<string, string> = {}): Config {
@@ -129,6 +136,19 @@ Deno.test("invalid input names the flag or variable and the value", () => {
   for (const [args, env, pattern] of cases) {
     assert.match(failure(args, env), pattern, `${JSON.stringify(args)} ${JSON.stringify(env)}`);
   }
+});
+
+Deno.test("unknown DOTPROXY_* variables are reported, known ones and others are not", () => {
+  assert.deepEqual(
+    unknownVariables([
+      "PATH",
+      "DOTPROXY_UPSTREAM",
+      "DOTPROXY_LISTEN",
+      "DOTPROXY_CA_CERTS",
+      "DOTPROXY_SERVICE_HOST",
+    ]),
+    ["DOTPROXY_SERVICE_HOST", "DOTPROXY_UPSTREAM"],
+  );
 });
 
 Deno.test("help lists every flag with its variable and default; version and healthcheck", () => {
