@@ -18,7 +18,8 @@ import type { PendingQuery, QueryCarrier } from "./pending_query.ts";
 import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./types.ts";
 
 /**
- * How long a connection may owe the server an ACK before it is nudged. A server that
+ * How long (at least; four times the connection's fastest answer if more) a connection may
+ * owe the server an ACK before it is nudged. A server that
  * holds small writes under Nagle's algorithm (Unbound's DoT does) holds every answer after
  * the first until the client acknowledges, and Linux delays that ACK by up to 40 ms when the
  * client has nothing to send. When queries are still in flight that long after the last
@@ -156,6 +157,8 @@ export class DotConnection implements QueryCarrier {
   lastReadAt = 0;
   /** Smoothed answer latency on this connection, in milliseconds. */
   rttMs = 0;
+  /** The fastest answer latency seen on this connection (drifting up), in milliseconds. */
+  minRttMs = 0;
   #nudgeTimer: ReturnType<typeof setTimeout> | undefined;
   /** IDs of answered queries whose duplicate (see `NUDGE_MS`) may still be answered. */
   readonly #echoes = new Map<number, number>();
@@ -449,6 +452,8 @@ export class DotConnection implements QueryCarrier {
     const now = performance.now();
     const rtt = now - query.sentAt;
     this.rttMs = this.rttMs === 0 ? rtt : this.rttMs * 0.9 + rtt * 0.1;
+    // The fastest answer seen, drifting up slowly so a path that got slower is relearnt.
+    this.minRttMs = this.minRttMs === 0 || rtt < this.minRttMs ? rtt : this.minRttMs * 1.01;
     this.answered++;
     this.lastActive = now;
     this.waitingSince = now;
@@ -465,7 +470,8 @@ export class DotConnection implements QueryCarrier {
     this.#nudgeTimer = undefined;
     if (this.state !== "open" || !this.owesAck) return;
     const now = performance.now();
-    const patience = Math.max(NUDGE_MS, 2 * this.rttMs);
+    // Held answers inflate the average RTT; the fastest answer seen says what prompt is.
+    const patience = Math.max(NUDGE_MS, 4 * this.minRttMs);
     for (const query of this.inflight.values()) {
       if (query.nudged) continue;
       if (now - query.sentAt < patience) break;
