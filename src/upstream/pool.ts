@@ -56,7 +56,9 @@ const SPREAD_THRESHOLD = 1;
 const SWEEP_INTERVAL_MS = 20;
 
 function lessBusy(a: DotConnection, b: DotConnection): boolean {
-  return a.inflight.size < b.inflight.size;
+  const loadA = a.inflight.size;
+  const loadB = b.inflight.size;
+  return loadA < loadB || (loadA === loadB && a.lastWriteAt < b.lastWriteAt);
 }
 
 /** One DoT upstream: its connections, health and backoff. */
@@ -118,9 +120,9 @@ export class Upstream implements ConnectionOwner {
   send(query: PendingQuery): void {
     const now = performance.now();
     // The least loaded settled connection; failing that, the least loaded of any. Ties go
-    // to the first, so steady light traffic stays on one connection with the shortest gap
-    // between writes (each write acknowledges what a Nagle-bound server sent before); a
-    // connection left owing an ACK is nudged (see DotConnection).
+    // to the connection written least recently, so under steady traffic every connection
+    // carries writes, and each write acknowledges what a Nagle-bound server sent before on
+    // it; a connection still left owing an ACK is nudged (see DotConnection).
     let best: DotConnection | null = null;
     let bestSettled: DotConnection | null = null;
     for (const connection of this.connections) {
