@@ -11,9 +11,8 @@
 
 import assert from "node:assert/strict";
 import { DotServer } from "./support/dot_server.ts";
-import { testConfig, withProxy } from "./support/proxy.ts";
+import { spawnMain, testConfig, withProxy } from "./support/proxy.ts";
 
-const ROOT = new URL("../", import.meta.url);
 /** Longest a healthcheck subprocess may run (its own deadline is 3 s, plus Deno's start). */
 const SUBPROCESS_LIMIT_MS = 20_000;
 
@@ -28,27 +27,11 @@ interface Outcome {
  * environment minus every `DOTPROXY_*` variable; kills it if it outlives the limit.
  */
 async function runHealthcheck(args: string[], env: Record<string, string> = {}): Promise<Outcome> {
-  const inherited = Object.fromEntries(
-    Object.entries(Deno.env.toObject()).filter(([name]) => !name.startsWith("DOTPROXY_")),
+  const { child, timedOut, stopTimer } = spawnMain(
+    ["healthcheck", ...args],
+    env,
+    SUBPROCESS_LIMIT_MS,
   );
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-net", "--allow-env", "main.ts", "healthcheck", ...args],
-    cwd: ROOT,
-    clearEnv: true,
-    env: { ...inherited, NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", ...env },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let killed = false;
-  const timer = setTimeout(() => {
-    killed = true;
-    try {
-      child.kill("SIGKILL");
-    } catch {
-      // Already gone.
-    }
-  }, SUBPROCESS_LIMIT_MS);
   try {
     const output = await child.output();
     const decoder = new TextDecoder();
@@ -57,10 +40,10 @@ async function runHealthcheck(args: string[], env: Record<string, string> = {}):
       stdout: decoder.decode(output.stdout),
       stderr: decoder.decode(output.stderr),
     };
-    assert.ok(!killed, `healthcheck ${args.join(" ")} ran past ${SUBPROCESS_LIMIT_MS} ms`);
+    assert.ok(!timedOut(), `healthcheck ${args.join(" ")} ran past ${SUBPROCESS_LIMIT_MS} ms`);
     return outcome;
   } finally {
-    clearTimeout(timer);
+    stopTimer();
   }
 }
 

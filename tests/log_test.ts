@@ -12,9 +12,8 @@ import assert from "node:assert/strict";
 import { LOG_LEVELS, Logger, type LogLevel, RateLimitedLog } from "../src/log.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { buildQuery, parseMessage } from "./support/dns.ts";
-import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { spawnMain, TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
 
-const ROOT = new URL("../", import.meta.url);
 const FIXED = new Date("2024-05-06T07:08:09.123Z");
 const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 /** A text line: ISO time, level padded to 5, message, then key=value pairs. */
@@ -298,54 +297,30 @@ interface ServerRun {
 async function runServer(format: "json" | "text"): Promise<ServerRun> {
   const listen = freePort();
   const dead = freePort();
-  const inherited = Object.fromEntries(
-    Object.entries(Deno.env.toObject()).filter(([name]) => !name.startsWith("DOTPROXY_")),
-  );
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-net",
-      "--allow-env",
-      "main.ts",
-      "--log-format",
-      format,
-      "--log-level",
-      "debug",
-      "--log-queries",
-      "--listen",
-      `127.0.0.1:${listen}`,
-      "--upstream",
-      `127.0.0.1:${dead}#dns.test`,
-      "--timeout",
-      "1000",
-    ],
-    cwd: ROOT,
-    clearEnv: true,
-    env: { ...inherited, NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let killed = false;
-  const timer = setTimeout(() => {
-    killed = true;
-    try {
-      child.kill("SIGKILL");
-    } catch {
-      // Already gone.
-    }
-  }, 20_000);
+  const { child, timedOut, stopTimer } = spawnMain([
+    "--log-format",
+    format,
+    "--log-level",
+    "debug",
+    "--log-queries",
+    "--listen",
+    `127.0.0.1:${listen}`,
+    "--upstream",
+    `127.0.0.1:${dead}#dns.test`,
+    "--timeout",
+    "1000",
+  ]);
   const output = child.output();
   try {
     let reply: Uint8Array | null = null;
-    for (let attempt = 0; attempt < 100 && reply === null && !killed; attempt++) {
+    for (let attempt = 0; attempt < 100 && reply === null && !timedOut(); attempt++) {
       reply = await udpExchange(listen, buildQuery("subprocess.example", { id: 9 }), 200);
     }
     assert.ok(reply, "the proxy never answered");
     assert.equal(parseMessage(reply).rcode, 2, "SERVFAIL expected with no upstream");
     child.kill("SIGTERM");
     const result = await output;
-    assert.ok(!killed, "the proxy did not stop on SIGTERM");
+    assert.ok(!timedOut(), "the proxy did not stop on SIGTERM");
     const decoder = new TextDecoder();
     return {
       code: result.code,
@@ -353,8 +328,8 @@ async function runServer(format: "json" | "text"): Promise<ServerRun> {
       stderr: decoder.decode(result.stderr),
     };
   } finally {
-    clearTimeout(timer);
-    if (!killed) {
+    stopTimer();
+    if (!timedOut()) {
       try {
         child.kill("SIGKILL");
       } catch {

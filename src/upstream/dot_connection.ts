@@ -155,8 +155,6 @@ export class DotConnection implements QueryCarrier {
   lastWriteAt = 0;
   /** `performance.now()` of the last read that delivered an answer. */
   lastReadAt = 0;
-  /** Smoothed answer latency on this connection, in milliseconds. */
-  rttMs = 0;
   /** The fastest answer latency seen on this connection (drifting up), in milliseconds. */
   minRttMs = 0;
   #nudgeTimer: ReturnType<typeof setTimeout> | undefined;
@@ -451,7 +449,6 @@ export class DotConnection implements QueryCarrier {
     response[1] = query.query[1];
     const now = performance.now();
     const rtt = now - query.sentAt;
-    this.rttMs = this.rttMs === 0 ? rtt : this.rttMs * 0.9 + rtt * 0.1;
     // The fastest answer seen, drifting up slowly so a path that got slower is relearnt.
     this.minRttMs = this.minRttMs === 0 || rtt < this.minRttMs ? rtt : this.minRttMs * 1.01;
     this.answered++;

@@ -78,8 +78,6 @@ export class Upstream implements ConnectionOwner {
   lastAnswerAt: number = -Infinity;
   /** The last failure, for readiness reports. */
   lastError: UpstreamError | null = null;
-  /** Smoothed answer latency in seconds. */
-  latency = 0;
   readonly #pool: UpstreamPool;
   readonly #maxConnections: number;
   readonly #backoffBaseMs: number;
@@ -206,7 +204,6 @@ export class Upstream implements ConnectionOwner {
   ): void {
     this.lastAnswerAt = performance.now();
     this.#silentCloses = 0;
-    this.latency = this.latency === 0 ? seconds : this.latency * 0.9 + seconds * 0.1;
     this.stats.answered(seconds);
     query.complete(response, this.spec.label);
   }
@@ -290,22 +287,6 @@ export class UpstreamPool implements Forwarder {
     this.#idleTimeoutMs = options.idleTimeoutMs;
     this.#log = options.log;
     this.upstreams = options.upstreams.map((spec) => new Upstream(this, spec, options));
-  }
-
-  /** Queries waiting for an answer. */
-  get pending(): number {
-    let total = 0;
-    for (let i = this.#queueHead; i < this.#queue.length; i++) {
-      if (!this.#queue[i].done) total++;
-    }
-    return total;
-  }
-
-  /** `performance.now()` of the most recent answer from any upstream. */
-  get lastAnswerAt(): number {
-    let latest = -Infinity;
-    for (const upstream of this.upstreams) latest = Math.max(latest, upstream.lastAnswerAt);
-    return latest;
   }
 
   forward(query: Uint8Array, questionEnd: number): Promise<Answer> {

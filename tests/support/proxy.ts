@@ -182,3 +182,48 @@ export class TcpDnsClient {
     }
   }
 }
+
+/** A `main.ts` subprocess with a kill timer. */
+export interface MainProcess {
+  /** The process; stdout and stderr are piped. */
+  child: Deno.ChildProcess;
+  /** True once the kill timer fired. */
+  timedOut(): boolean;
+  /** Cancels the kill timer (call when done). */
+  stopTimer(): void;
+}
+
+const ROOT = new URL("../../", import.meta.url);
+
+/**
+ * Runs `deno run --allow-net --allow-env main.ts ...args` with the parent's environment minus
+ * every `DOTPROXY_*` variable, plus `env`; kills it with SIGKILL after `limitMs`.
+ */
+export function spawnMain(
+  args: string[],
+  env: Record<string, string> = {},
+  limitMs = 20_000,
+): MainProcess {
+  const inherited = Object.fromEntries(
+    Object.entries(Deno.env.toObject()).filter(([name]) => !name.startsWith("DOTPROXY_")),
+  );
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-net", "--allow-env", "main.ts", ...args],
+    cwd: ROOT,
+    clearEnv: true,
+    env: { ...inherited, NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", ...env },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let killed = false;
+  const timer = setTimeout(() => {
+    killed = true;
+    try {
+      child.kill("SIGKILL");
+    } catch {
+      // Already gone.
+    }
+  }, limitMs);
+  return { child, timedOut: () => killed, stopTimer: () => clearTimeout(timer) };
+}
