@@ -7,6 +7,7 @@
  * @module
  */
 
+import { formatHostPort } from "./src/address.ts";
 import { startProxy, StartupError } from "./src/app.ts";
 import { ConfigError, helpText, parseConfig, unknownVariables } from "./src/config.ts";
 import { healthcheck } from "./src/healthcheck.ts";
@@ -52,27 +53,69 @@ async function main(args: string[]): Promise<number> {
   }
   log.info("dotproxy started", {
     version: VERSION,
-    listen: config.listen.map((a) =>
-      a.hostname.includes(":") ? `[${a.hostname}]:${a.port}` : `${a.hostname}:${a.port}`
-    ).join(","),
+    listen: config.listen.map((a) => formatHostPort(a.hostname, a.port)).join(","),
     upstreams: config.upstreams.map((u) => u.label).join(","),
-    http: config.http ? `${config.http.hostname}:${config.http.port}` : undefined,
+    http: config.http ? formatHostPort(config.http.hostname, config.http.port) : undefined,
+    strategy: config.strategy,
+    cache: config.cacheSize,
   });
   const unknown = unknownVariables(Object.keys(Deno.env.toObject()));
   if (unknown.length > 0) {
     // A misspelt variable silently does nothing; say so (Kubernetes service links also land here).
     log.warn("ignoring unknown DOTPROXY_* environment variables", { names: unknown.join(",") });
   }
+  // A bug must cost one query, never the process: log it and carry on.
+  globalThis.addEventListener("unhandledrejection", (event) => {
+    event.preventDefault();
+    const reason = event.reason;
+    log.error("unhandled rejection (a bug; please report it)", {
+      error: reason instanceof Error ? reason.stack ?? reason.message : String(reason),
+    });
+  });
+  globalThis.addEventListener("error", (event) => {
+    event.preventDefault();
+    log.error("uncaught exception (a bug; please report it)", {
+      error: event.error instanceof Error
+        ? event.error.stack ?? event.error.message
+        : String(event.message),
+    });
+  });
 
+  const isWindows = Deno.build.os === "windows";
+  if (!isWindows) {
+    // SIGHUP never kills the process: it flushes the cache.
+    Deno.addSignalListener("SIGHUP", () => {
+      const flushed = proxy.resolver.flushCache();
+      log.info("SIGHUP: cache flushed", { entries: flushed });
+    });
+  }
   const stopped = new Promise<string>((resolve) => {
-    const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
-    for (const signal of signals) Deno.addSignalListener(signal, () => resolve(signal));
+    const signals: Deno.Signal[] = isWindows ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
+    let received = 0;
+    for (const signal of signals) {
+      Deno.addSignalListener(signal, () => {
+        if (++received > 1) {
+          // A second signal: the operator means it. Stop now.
+          log.warn("second signal; exiting at once", { signal });
+          Deno.exit(1);
+        }
+        resolve(signal);
+      });
+    }
   });
   const signal = await stopped;
-  log.info("shutting down", { signal });
-  // A second signal, or a shutdown that hangs, ends the process at once.
-  const force = setTimeout(() => Deno.exit(1), 10_000);
-  await proxy.close();
+  log.info("shutting down", {
+    signal,
+    delay_ms: config.shutdownDelayMs,
+    timeout_ms: config.shutdownTimeoutMs,
+  });
+  // Past the delay and the timeout, whatever still hangs is abandoned and the exit is clean.
+  const force = setTimeout(() => {
+    log.warn("shutdown took too long; exiting");
+    log.info("stopped");
+    Deno.exit(0);
+  }, config.shutdownDelayMs + config.shutdownTimeoutMs + 2000);
+  await proxy.drain({ delayMs: config.shutdownDelayMs, timeoutMs: config.shutdownTimeoutMs });
   clearTimeout(force);
   log.info("stopped");
   return 0;

@@ -67,7 +67,9 @@ main() {
       out="${out}.exe"
     fi
     echo "==> ${out}" >&2
-    deno compile --allow-net --allow-env --unstable-net --v8-flags=--max-semi-space-size=2 --target "${target}" --output "${out}" main.ts
+    # V8 heap flags as in the Dockerfile: a small young generation, and an old generation capped
+    # at 160 MiB, sized for a 256 MiB memory limit (deploy/kubernetes/deployment.yaml).
+    deno compile --allow-net --allow-env --unstable-net --v8-flags=--max-semi-space-size=2,--max-old-space-size=160 --target "${target}" --output "${out}" main.ts
     [[ -f "${out}" ]] || die "deno compile did not write ${out}"
     outputs+=("${out#"${DIST}/"}")
   done

@@ -5,15 +5,17 @@
  * @module
  */
 
+import { formatHostPort } from "./address.ts";
 import type { Config, ListenAddress } from "./config.ts";
-import { ADVERTISED_UDP_SIZE } from "./dns/response.ts";
 import type { Logger } from "./log.ts";
 import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
+import { Admission } from "./resolver/admission.ts";
 import { Resolver } from "./resolver.ts";
 import { HttpServer, type Readiness } from "./server/http.ts";
 import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
+import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import { primeTls } from "./upstream/dot_connection.ts";
 import { UpstreamPool } from "./upstream/pool.ts";
 import type { Forwarder } from "./upstream/types.ts";
@@ -31,8 +33,16 @@ export class StartupError extends Error {
 export interface StartOptions {
   /** Use this forwarder instead of a pool of DoT upstreams (tests). */
   forwarder?: Forwarder;
-  /** An upstream answer younger than this counts for readiness without a probe. */
-  readyWindowMs?: number;
+  /** The clock (tests). */
+  clock?: Clock;
+}
+
+/** How a running proxy shuts down. */
+export interface DrainOptions {
+  /** Keep answering this long after readiness turned 503 (endpoints being removed). */
+  delayMs: number;
+  /** Then give queries in flight this long to finish before closing what is left. */
+  timeoutMs: number;
 }
 
 /** A running proxy. */
@@ -49,16 +59,22 @@ export interface RunningProxy {
   readonly resolver: Resolver;
   /** The metrics. */
   readonly metrics: ProxyMetrics;
+  /** True once draining started. */
+  readonly draining: boolean;
   /** Decides readiness as `/readyz` does. */
   readiness(): Promise<Readiness>;
-  /** Stops listening, lets in-flight queries finish, closes upstream connections. */
+  /**
+   * Graceful shutdown: readiness turns 503 at once; listeners keep answering for
+   * `delayMs`; then they stop accepting, queries in flight get `timeoutMs` to finish, and
+   * everything closes.
+   */
+  drain(options: DrainOptions): Promise<void>;
+  /** Stops at once (drain with no delay and a short timeout). */
   close(): Promise<void>;
 }
 
 function describeBindError(error: unknown, address: ListenAddress, what: string): string {
-  const shown = address.hostname.includes(":")
-    ? `[${address.hostname}]:${address.port}`
-    : `${address.hostname}:${address.port}`;
+  const shown = formatHostPort(address.hostname, address.port);
   if (error instanceof Deno.errors.AddrInUse) {
     return `cannot listen on ${shown} (${what}): address already in use`;
   }
@@ -73,28 +89,8 @@ function describeBindError(error: unknown, address: ListenAddress, what: string)
   return `cannot listen on ${shown} (${what}): ${message}`;
 }
 
-/** A query for `. IN NS` with EDNS, used to probe upstreams and by the healthcheck. */
-export function probeQuery(): Uint8Array {
-  const query = new Uint8Array([0, 0, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 2, 0, 1]);
-  const opt = new Uint8Array([
-    0,
-    0,
-    41,
-    ADVERTISED_UDP_SIZE >> 8,
-    ADVERTISED_UDP_SIZE & 0xff,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-  ]);
-  const out = new Uint8Array(query.length + opt.length);
-  out.set(query);
-  out.set(opt, query.length);
-  crypto.getRandomValues(out.subarray(0, 2));
-  return out;
-}
+/** How long `/readyz` waits for the first health checks at start before answering. */
+const STARTUP_READY_WAIT_MS = 3000;
 
 /**
  * Starts a proxy for `config`. Throws {@linkcode StartupError} when a listener cannot bind,
@@ -114,65 +110,122 @@ export async function startProxy(
 ): Promise<RunningProxy> {
   const udp: UdpServer[] = [];
   const tcp: TcpServer[] = [];
+  const clock = options.clock ?? SYSTEM_CLOCK;
+  const timers = new TimerQueue(clock);
   let pool: UpstreamPool | null = null;
+  let resolver: Resolver | null = null;
   const metrics = new ProxyMetrics(new Registry(), {
     tcpConnections: () => tcp.reduce((sum, server) => sum + server.openConnections, 0),
     upstreams: () =>
       pool?.upstreams.map((u) => ({
         label: u.spec.label,
-        healthy: u.healthy,
-        inflight: u.load,
+        healthy: u.usable,
+        inflight: u.outstanding,
         connections: u.connections.length,
       })) ?? [],
+    cacheEntries: () => resolver?.cache?.size ?? 0,
   });
   if (!options.forwarder) {
     await primeTls();
     pool = new UpstreamPool({
       upstreams: config.upstreams,
       caCerts: config.caCerts,
-      timeoutMs: config.timeoutMs,
       connectionsPerUpstream: config.upstreamConnections,
       idleTimeoutMs: config.upstreamIdleTimeoutMs,
+      connectTimeoutMs: config.connectTimeoutMs,
+      hedgeDelay: config.hedgeDelay,
+      hedgeBudgetPercent: config.hedgeBudgetPercent,
+      healthCheckIntervalMs: config.healthCheckIntervalMs,
+      failoverRcodes: config.failoverRcodes,
+      strategy: config.strategy,
+      nudge: config.upstreamNudge,
       log,
       stats: metrics.upstream,
-    });
+      clock,
+    }, timers);
   }
-  const forwarder: Forwarder = options.forwarder ?? pool as UpstreamPool;
-  const resolver = new Resolver(forwarder, {
+  const forwarder: Forwarder = options.forwarder ?? pool!;
+  resolver = new Resolver(forwarder, {
     udpMaxSize: config.udpMaxSize,
     maxInflight: config.maxInflight,
+    timeoutMs: config.timeoutMs,
     logQueries: config.logQueries,
     log,
     stats: metrics.resolver,
+    cache: {
+      maxEntries: config.cacheSize,
+      minTtl: config.cacheMinTtl,
+      maxTtl: config.cacheMaxTtl,
+      maxNegativeTtl: config.cacheMaxNegativeTtl,
+      serveStaleSeconds: config.serveStaleSeconds,
+      prefetch: config.cachePrefetch,
+      staleAnswerTimeoutMs: config.staleAnswerTimeoutMs,
+    },
+    cacheStats: metrics.cache,
+    admission: new Admission({
+      allow: config.allow,
+      rateLimit: config.rateLimit,
+      rateLimitBurst: config.rateLimitBurst,
+      clock,
+    }),
+    refuseAny: config.refuseAny,
+    padding: config.padding,
+    clock,
+    timers,
   });
+  const core = resolver;
 
-  const readyWindowMs = options.readyWindowMs ?? 10_000;
-  let probe: Promise<Readiness> | null = null;
-  const readiness = (): Promise<Readiness> => {
-    const now = performance.now();
-    if (pool) {
-      const fresh = pool.upstreams.find((u) => u.healthy && u.lastAnswerAt > now - readyWindowMs);
-      if (fresh) return Promise.resolve({ ready: true, reason: `${fresh.spec.label} answered` });
+  let draining = false;
+  const startedAt = clock.now();
+  const readiness = async (): Promise<Readiness> => {
+    if (draining) return { ready: false, reason: "shutting down" };
+    if (pool === null) return { ready: true, reason: "forwarder injected" };
+    for (let round = 0; round < 2; round++) {
+      const up = pool.upstreams.find((u) => u.health.state === "up");
+      if (up) {
+        const how = up.health.lastAnswerWasProbe ? "answered a probe" : "answered";
+        return { ready: true, reason: `${up.spec.label} ${how}` };
+      }
+      const unknown = pool.upstreams.some((u) => u.health.state === "unknown");
+      const waited = clock.now() - startedAt;
+      if (!unknown || waited >= STARTUP_READY_WAIT_MS || round > 0) break;
+      // Just started: the first health checks are on their way.
+      await pool.healthChange(STARTUP_READY_WAIT_MS - waited);
+      if (draining) return { ready: false, reason: "shutting down" };
     }
-    probe ??= forwarder.forward(probeQuery(), 17).then(
-      (answer) => ({ ready: true, reason: `${answer.upstream} answered a probe` }),
-      (error) => ({
-        ready: false,
-        reason: `no upstream answers: ${error instanceof Error ? error.message : String(error)}`,
-      }),
-    ).finally(() => probe = null);
-    return probe;
+    const reasons = pool.upstreams.map((u) =>
+      `${u.spec.label}: ${
+        u.health.lastError?.message ??
+          (u.health.state === "unknown" ? "not checked yet" : "down")
+      }`
+    );
+    return { ready: false, reason: `no upstream answers: ${reasons.join("; ")}` };
   };
 
   let http: HttpServer | null = null;
-  const closeAll = async () => {
-    await Promise.all([...udp, ...tcp].map((server) => server.close()));
-    await http?.close();
-    await forwarder.close();
+  let closed: Promise<void> | null = null;
+  const closeAll = (timeoutMs: number): Promise<void> => {
+    closed ??= (async () => {
+      await Promise.all([...udp, ...tcp].map((server) => server.close(timeoutMs)));
+      await http?.close();
+      await forwarder.close();
+      core.close();
+      timers.close();
+    })();
+    return closed;
+  };
+  const drain = async ({ delayMs, timeoutMs }: DrainOptions): Promise<void> => {
+    draining = true;
+    if (delayMs > 0 && closed === null) {
+      log.info("draining: readiness is 503; still answering", { delay_ms: delayMs });
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+    }
+    await closeAll(timeoutMs);
   };
   try {
     const tcpOptions = {
       maxConnections: config.maxTcpConnections,
+      maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
       maxQueriesPerConnection: config.maxTcpQueriesPerConnection,
       idleTimeoutMs: config.tcpIdleTimeoutMs,
     };
@@ -181,13 +234,13 @@ export async function startProxy(
       for (let attempt = 0;; attempt++) {
         let udpServer: UdpServer;
         try {
-          udpServer = UdpServer.listen(address, resolver, log);
+          udpServer = UdpServer.listen(address, core, log);
         } catch (error) {
           throw new StartupError(describeBindError(error, address, "udp"));
         }
         const tcpAddress = { hostname: address.hostname, port: udpServer.addr.port };
         try {
-          tcp.push(TcpServer.listen(tcpAddress, resolver, log, tcpOptions, metrics.tcp));
+          tcp.push(TcpServer.listen(tcpAddress, core, log, tcpOptions, metrics.tcp));
           udp.push(udpServer);
           break;
         } catch (error) {
@@ -211,11 +264,11 @@ export async function startProxy(
     }
   } catch (error) {
     // Close what started; the caller reports the error.
-    await closeAll().catch(() => {});
+    await closeAll(1000).catch(() => {});
     throw error;
   }
 
-  pool?.warm();
+  pool?.start();
   return {
     udp,
     tcp,
@@ -223,9 +276,16 @@ export async function startProxy(
       return http;
     },
     pool,
-    resolver,
+    resolver: core,
     metrics,
+    get draining() {
+      return draining;
+    },
     readiness,
-    close: closeAll,
+    drain,
+    close: () => {
+      draining = true;
+      return closeAll(2000);
+    },
   };
 }

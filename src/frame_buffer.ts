@@ -71,6 +71,20 @@ export class FrameBuffer {
   }
 
   /**
+   * Writes what is queued now (one buffer's worth) completely; frames appended meanwhile
+   * wait for the next call. Rejects with the connection's error.
+   */
+  async drainOnce(conn: Writable): Promise<void> {
+    const buffer = this.#out;
+    const length = this.#length;
+    this.#out = this.#spare;
+    this.#length = 0;
+    this.#spare = buffer;
+    let offset = 0;
+    while (offset < length) offset += await conn.write(buffer.subarray(offset, length));
+  }
+
+  /**
    * Writes what is queued, and what gets queued meanwhile, until nothing is left or `open()`
    * turns false. Rejects with the connection's error.
    */

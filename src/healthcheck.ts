@@ -5,8 +5,8 @@
  * @module
  */
 
-import { probeQuery } from "./app.ts";
 import type { Config, ListenAddress } from "./config.ts";
+import { buildProbeQuery } from "./dns/probe.ts";
 import { getId, getRcode, isResponse, Rcode, rcodeName } from "./dns/wire.ts";
 
 /** The outcome of a health check. */
@@ -28,6 +28,54 @@ function hostForUrl(address: ListenAddress): string {
   return address.hostname.includes(":") ? `[${address.hostname}]` : address.hostname;
 }
 
+/** How an OS or hyper error reads, and what to call it. */
+const FAILURES: readonly [RegExp, string][] = [
+  [/connection refused|\(os error (111|61|10061)\)/i, "connection refused"],
+  [/connection reset|\(os error (104|54|10054)\)/i, "connection reset"],
+  [
+    /closed before message completed|connection closed|unexpected eof|incomplete message/i,
+    "connection closed without an answer",
+  ],
+  [/timed out|\(os error (110|60|10060)\)/i, "connection timed out"],
+  [/network is unreachable|\(os error (101|51|10051)\)/i, "network unreachable"],
+  [/no route to host|\(os error (113|65|10065)\)/i, "no route to host"],
+  [/address not available|\(os error (99|49|10049)\)/i, "address not available"],
+  [/requires net access|permission denied|not capable/i, "no permission to connect"],
+];
+
+/**
+ * Says in words why a request to the proxy's HTTP endpoint failed: `fetch` throws a bare
+ * `TypeError: fetch failed` and hides the reason in `error.cause`.
+ *
+ * @example
+ * ```ts
+ * import { describeHttpFailure } from "./healthcheck.ts";
+ * const cause = new Error("client error (Connect): Connection refused (os error 111)");
+ * describeHttpFailure(new TypeError("fetch failed", { cause }), 3000, false);
+ * // "connection refused"
+ * ```
+ */
+export function describeHttpFailure(error: unknown, timeoutMs: number, timedOut: boolean): string {
+  if (timedOut) return `timed out: no answer within ${timeoutMs} ms`;
+  const cause = error instanceof Error && error.cause !== undefined ? error.cause : error;
+  if (cause instanceof Deno.errors.ConnectionRefused) return "connection refused";
+  if (cause instanceof Deno.errors.ConnectionReset) return "connection reset";
+  if (cause instanceof Deno.errors.TimedOut) return "connection timed out";
+  if (cause instanceof Deno.errors.NotCapable || cause instanceof Deno.errors.PermissionDenied) {
+    return "no permission to connect";
+  }
+  const message = cause instanceof Error ? cause.message : String(cause);
+  for (const [pattern, words] of FAILURES) {
+    if (pattern.test(message)) return words;
+  }
+  // "error sending request for url (...): client error (SendRequest): invalid HTTP version
+  // parsed": keep what hyper says, without the prefix that repeats the URL.
+  const reason = message.replace(/^error sending request[^:]*(?:\([^)]*\))?:\s*/i, "")
+    .replace(/^client error \([^)]*\):\s*/i, "").trim();
+  if (/invalid|parse|malformed/i.test(reason)) return `not an HTTP answer (${reason})`;
+  return reason === "" ? "request failed" : reason;
+}
+
 async function checkHttp(address: ListenAddress, timeoutMs: number): Promise<HealthResult> {
   const local = localAddress(address);
   const url = `http://${hostForUrl(local)}:${local.port}/readyz`;
@@ -38,8 +86,9 @@ async function checkHttp(address: ListenAddress, timeoutMs: number): Promise<Hea
     const body = (await response.text()).trim();
     return { healthy: response.status === 200, detail: `${url}: ${response.status} ${body}` };
   } catch (error) {
-    const why = controller.signal.aborted ? `no answer within ${timeoutMs} ms` : String(error);
-    return { healthy: false, detail: `${url}: ${why}` };
+    const why = describeHttpFailure(error, timeoutMs, controller.signal.aborted);
+    const flag = `${hostForUrl(address)}:${address.port}`;
+    return { healthy: false, detail: `${url}: ${why} (is dotproxy running with --http ${flag}?)` };
   } finally {
     clearTimeout(timer);
   }
@@ -53,7 +102,7 @@ async function checkDns(address: ListenAddress, timeoutMs: number): Promise<Heal
     hostname: local.hostname.includes(":") ? "::1" : "127.0.0.1",
     port: 0,
   });
-  const query = probeQuery();
+  const query = buildProbeQuery();
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
     await socket.send(query, { transport: "udp", hostname: local.hostname, port: local.port });
@@ -93,7 +142,10 @@ async function checkDns(address: ListenAddress, timeoutMs: number): Promise<Heal
  * Deno.exit(result.healthy ? 0 : 1);
  * ```
  */
-export function healthcheck(config: Config, timeoutMs = 3000): Promise<HealthResult> {
+export function healthcheck(
+  config: Pick<Config, "http" | "listen">,
+  timeoutMs = 3000,
+): Promise<HealthResult> {
   if (config.http) return checkHttp(config.http, timeoutMs);
   return checkDns(config.listen[0], timeoutMs);
 }

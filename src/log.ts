@@ -145,14 +145,26 @@ export class RateLimitedLog {
 
   /** Logs at warn level unless a line went out less than `intervalMs` ago. */
   warn(message: string, fields: LogFields = {}): void {
+    const passed = this.#pass(fields);
+    if (passed) this.#log.warn(message, passed);
+  }
+
+  /** Logs at error level unless a line went out less than `intervalMs` ago. */
+  error(message: string, fields: LogFields = {}): void {
+    const passed = this.#pass(fields);
+    if (passed) this.#log.error(message, passed);
+  }
+
+  /** The fields to write (with the count suppressed since the last line), or null. */
+  #pass(fields: LogFields): LogFields | null {
     const now = this.#now();
     if (now - this.#last < this.#intervalMs) {
       this.#suppressed++;
-      return;
+      return null;
     }
     this.#last = now;
     const suppressed = this.#suppressed;
     this.#suppressed = 0;
-    this.#log.warn(message, suppressed > 0 ? { ...fields, suppressed } : fields);
+    return suppressed > 0 ? { ...fields, suppressed } : fields;
   }
 }

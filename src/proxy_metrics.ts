@@ -8,9 +8,12 @@
 
 import { Counter, Gauge, Histogram, Registry } from "./metrics.ts";
 import { rcodeName } from "./dns/wire.ts";
-import type { DropReason, ResolverStats, Transport } from "./resolver.ts";
+import type { CacheStats } from "./cache/answer_cache.ts";
+import type { DropReason, RefusedReason, ResolverStats, Transport } from "./resolver.ts";
 import type { TcpStats } from "./server/tcp.ts";
 import {
+  RETRY_REASONS,
+  type RetryReason,
   UPSTREAM_ERROR_REASONS,
   type UpstreamErrorReason,
   type UpstreamStats,
@@ -23,7 +26,13 @@ export interface ProxyState {
   tcpConnections(): number;
   /** Per upstream: label, healthy, queries in flight, open connections. */
   upstreams(): { label: string; healthy: boolean; inflight: number; connections: number }[];
+  /** Entries in the answer cache (0 with the cache off). */
+  cacheEntries(): number;
 }
+
+const DROP_REASONS: readonly DropReason[] = ["malformed", "response", "overload", "rate_limit"];
+const REFUSED_REASONS: readonly RefusedReason[] = ["acl", "rate_limit"];
+const CACHE_RESULTS = ["hit", "miss", "stale", "coalesced"] as const;
 
 /**
  * All of dotproxy's metrics.
@@ -68,11 +77,31 @@ export class ProxyMetrics {
   readonly upstreamInflight: Gauge;
   /** `dotproxy_upstream_connections{upstream}`, computed at scrape time. */
   readonly upstreamConnections: Gauge;
+  /** `dotproxy_upstream_hedges_total{upstream,result}`. */
+  readonly hedges: Counter;
+  /** `dotproxy_upstream_retries_total{upstream,reason}`. */
+  readonly retries: Counter;
+  /** `dotproxy_upstream_health_checks_total{upstream,result}`. */
+  readonly healthChecks: Counter;
+  /** `dotproxy_refused_total{reason}`. */
+  readonly refused: Counter;
+  /** `dotproxy_rate_limit_slips_total`. */
+  readonly slips: Counter;
+  /** `dotproxy_cache_lookups_total{result}`. */
+  readonly cacheLookups: Counter;
+  /** `dotproxy_cache_prefetches_total`. */
+  readonly cachePrefetches: Counter;
+  /** `dotproxy_cache_evictions_total`. */
+  readonly cacheEvictions: Counter;
+  /** `dotproxy_cache_entries`, computed at scrape time. */
+  readonly cacheEntries: Gauge;
 
   /** Hooks for the resolver. */
   readonly resolver: ResolverStats;
   /** Hooks for the TCP listener. */
   readonly tcp: TcpStats;
+  /** Hooks for the answer cache. */
+  readonly cache: CacheStats;
 
   /** Registers every family in `registry`. */
   constructor(registry: Registry, state: ProxyState, startTimeSeconds = Date.now() / 1000) {
@@ -90,7 +119,8 @@ export class ProxyMetrics {
     this.dropped = registry.counter(
       "dotproxy_dropped_total",
       "Client messages dropped without a response (malformed: header unreadable or bad TCP " +
-        "frame; response: QR=1 from a client; overload: too many queries in flight).",
+        "frame; response: QR=1 from a client; overload: too many queries in flight; " +
+        "rate_limit: over --rate-limit).",
       ["transport", "reason"],
     );
     this.truncated = registry.counter(
@@ -109,7 +139,8 @@ export class ProxyMetrics {
     );
     this.upstreamErrors = registry.counter(
       "dotproxy_upstream_errors_total",
-      "Upstream failures by reason (timeout, tls, refused, reset, bad_response, unavailable).",
+      "Upstream failures by reason (timeout, tls, refused, unreachable, reset, bad_response, " +
+        "unavailable).",
       ["upstream", "reason"],
     );
     this.handshakes = registry.counter(
@@ -124,8 +155,9 @@ export class ProxyMetrics {
     );
     this.upstreamHealthy = registry.gauge(
       "dotproxy_upstream_healthy",
-      "0 when the last connection to the upstream failed (refused, TLS error, stalled) and none " +
-        "has succeeded since; 1 otherwise.",
+      "1 while the upstream answers (or has not failed yet); 0 while it is down: a connection " +
+        "failed, stopped answering or kept breaking, and no query or health check has been " +
+        "answered since.",
       ["upstream"],
       (set) => {
         for (const u of state.upstreams()) set(u.healthy ? 1 : 0, u.label);
@@ -146,6 +178,53 @@ export class ProxyMetrics {
       (set) => {
         for (const u of state.upstreams()) set(u.connections, u.label);
       },
+    );
+    this.hedges = registry.counter(
+      "dotproxy_upstream_hedges_total",
+      "Hedged attempts (the question also sent to this upstream because the first was slow), " +
+        "by result: won (answered first) or lost.",
+      ["upstream", "result"],
+    );
+    this.retries = registry.counter(
+      "dotproxy_upstream_retries_total",
+      "Questions also sent to another upstream because an attempt on this one failed (reason: " +
+        "the error), was slow (slow), or answered with an rcode in --failover-rcodes (rcode).",
+      ["upstream", "reason"],
+    );
+    this.healthChecks = registry.counter(
+      "dotproxy_upstream_health_checks_total",
+      "Health checks (. IN NS over the upstream's own TLS connection), by result (ok, error).",
+      ["upstream", "result"],
+    );
+    this.refused = registry.counter(
+      "dotproxy_refused_total",
+      "Queries answered REFUSED by policy: acl (client not in --allow), rate_limit (over " +
+        "--rate-limit, TCP).",
+      ["reason"],
+    );
+    this.slips = registry.counter(
+      "dotproxy_rate_limit_slips_total",
+      "Rate-limited UDP queries answered with an empty TC=1 response (every second one).",
+    );
+    this.cacheLookups = registry.counter(
+      "dotproxy_cache_lookups_total",
+      "Answers by how the cache took part: hit (fresh entry), miss (asked upstream), stale " +
+        "(expired entry served, RFC 8767), coalesced (joined an identical question in flight).",
+      ["result"],
+    );
+    this.cachePrefetches = registry.counter(
+      "dotproxy_cache_prefetches_total",
+      "Background refreshes of popular entries in the last tenth of their TTL.",
+    );
+    this.cacheEvictions = registry.counter(
+      "dotproxy_cache_evictions_total",
+      "Entries evicted (least recently used first) to stay within --cache-size.",
+    );
+    this.cacheEntries = registry.gauge(
+      "dotproxy_cache_entries",
+      "Entries in the answer cache.",
+      [],
+      (set) => set(state.cacheEntries()),
     );
     this.tcpAccepted = registry.counter(
       "dotproxy_tcp_connections_total",
@@ -174,10 +253,10 @@ export class ProxyMetrics {
     for (const transport of ["udp", "tcp"] as const) {
       for (const rcode of [0, 1, 2, 3, 4, 5]) this.queries.labels(transport, rcodeName(rcode));
       this.queryDuration.labels(transport);
-      for (const reason of ["malformed", "response", "overload"]) {
-        this.dropped.labels(transport, reason);
-      }
+      for (const reason of DROP_REASONS) this.dropped.labels(transport, reason);
     }
+    for (const reason of REFUSED_REASONS) this.refused.labels(reason);
+    const lookups = CACHE_RESULTS.map((result) => this.cacheLookups.labels(result));
 
     const queryChildren = {
       udp: [] as ReturnType<Counter["labels"]>[],
@@ -197,7 +276,12 @@ export class ProxyMetrics {
         this.dropped.labels(transport, reason).inc();
       },
       truncated: () => this.truncated.inc(),
+      refused: (reason: RefusedReason) => this.refused.labels(reason).inc(),
+      slipped: () => this.slips.inc(),
+      cacheLookup: (result) => lookups[CACHE_RESULTS.indexOf(result)].inc(),
+      prefetched: () => this.cachePrefetches.inc(),
     };
+    this.cache = { evicted: () => this.cacheEvictions.inc() };
     this.tcp = {
       accepted: () => this.tcpAccepted.inc(),
       rejected: () => this.tcpRejected.inc(),
@@ -216,6 +300,12 @@ export class ProxyMetrics {
     const handshakeOk = this.handshakes.labels(label, "ok");
     const handshakeError = this.handshakes.labels(label, "error");
     const reconnects = this.reconnects.labels(label);
+    const hedgeWon = this.hedges.labels(label, "won");
+    const hedgeLost = this.hedges.labels(label, "lost");
+    const retries = new Map<RetryReason, ReturnType<Counter["labels"]>>();
+    for (const reason of RETRY_REASONS) retries.set(reason, this.retries.labels(label, reason));
+    const checkOk = this.healthChecks.labels(label, "ok");
+    const checkError = this.healthChecks.labels(label, "error");
     return {
       answered(seconds: number) {
         answers.inc();
@@ -229,6 +319,15 @@ export class ProxyMetrics {
       },
       reconnect() {
         reconnects.inc();
+      },
+      hedge(won: boolean) {
+        (won ? hedgeWon : hedgeLost).inc();
+      },
+      retry(reason: RetryReason) {
+        retries.get(reason)?.inc();
+      },
+      healthCheck(ok: boolean) {
+        (ok ? checkOk : checkError).inc();
       },
     };
   };

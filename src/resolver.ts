@@ -1,23 +1,59 @@
 /**
- * The transport-agnostic core: `resolve(query bytes) -> response bytes`. Validation, load
- * shedding, forwarding, error responses and UDP truncation all live here; listeners only
- * own sockets and framing.
+ * The transport-agnostic core: `resolve(query bytes) -> response bytes`. A
+ * {@linkcode ClientJob} travels through the stages, each with one job:
+ *
+ * 1. **admit**: access list and per-client rate limit (`resolver/admission.ts`);
+ * 2. **validate**: what is not a query, or must never go upstream, is answered or dropped
+ *    here (`dns/query.ts`), and ANY over UDP gets an empty TC=1 answer (RFC 8482);
+ * 3. **cache**: a fresh entry answers at once; an expired one may be served stale later
+ *    (`cache/answer_cache.ts`);
+ * 4. **forward**: the question joins a flight already out for the same key, or starts one
+ *    (`resolver/flight.ts`), through the {@linkcode Forwarder};
+ * 5. **finish**: the client's own ID, question casing and EDNS shape, truncation for UDP,
+ *    statistics, the query log, and delivery to the listener's sink.
+ *
+ * Listeners only own sockets and framing.
  *
  * @module
  */
 
-import { inspectQuery, QueryInfo, QueryVerdict } from "./dns/query.ts";
+import { formatAddr } from "./address.ts";
+import {
+  AnswerCache,
+  type CacheEntry,
+  cacheKeyFlags,
+  type CacheSettings,
+  type CacheStats,
+  STALE_RECHECK_MS,
+} from "./cache/answer_cache.ts";
+import { questionHash } from "./dns/cache_key.ts";
+import { buildUpstreamQuery, stripResponseOpt } from "./dns/edns.ts";
+import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "./dns/message.ts";
+import { inspectQuery, QueryInfo, QueryVerdict, verdictRcode } from "./dns/query.ts";
 import { buildErrorResponse, clientUdpLimit, EdeCode, truncateResponse } from "./dns/response.ts";
-import { getRcode, nameToString, Rcode, rcodeName, typeName } from "./dns/wire.ts";
+import { getRcode, nameToString, Rcode, rcodeName, RRType, typeName } from "./dns/wire.ts";
 import { type Logger, RateLimitedLog } from "./log.ts";
-import { PendingQuery } from "./upstream/pending_query.ts";
+import { Admission, Admit } from "./resolver/admission.ts";
+import { Flight, type FlightOwner, FlightTable, MAX_WAITERS } from "./resolver/flight.ts";
+import {
+  type CacheStatus,
+  ClientJob,
+  type JobOwner,
+  type ResponseSink,
+  type Transport,
+} from "./resolver/job.ts";
+import { SlabCopier } from "./slab.ts";
+import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import { type Forwarder, UpstreamError } from "./upstream/types.ts";
 
-/** The client transport a query arrived on. */
-export type Transport = "udp" | "tcp";
+export { formatAddr };
+export type { CacheStatus, ResponseSink, Transport };
 
 /** Why a client message got no response at all. */
-export type DropReason = "malformed" | "response" | "overload";
+export type DropReason = "malformed" | "response" | "overload" | "rate_limit";
+
+/** Why a client got REFUSED by policy. */
+export type RefusedReason = "acl" | "rate_limit";
 
 /** Statistics hooks of the resolver. */
 export interface ResolverStats {
@@ -27,6 +63,14 @@ export interface ResolverStats {
   dropped(transport: Transport, reason: DropReason): void;
   /** A UDP answer was truncated to fit the client. */
   truncated(): void;
+  /** A client was refused by policy. */
+  refused(reason: RefusedReason): void;
+  /** A rate-limited UDP query got an empty TC=1 answer. */
+  slipped(): void;
+  /** How the cache took part in an answer (not called with the cache off). */
+  cacheLookup(result: Exclude<CacheStatus, "off">): void;
+  /** A prefetch started. */
+  prefetched(): void;
 }
 
 /** Statistics hooks that record nothing. */
@@ -34,35 +78,49 @@ export const NO_RESOLVER_STATS: ResolverStats = {
   query() {},
   dropped() {},
   truncated() {},
+  refused() {},
+  slipped() {},
+  cacheLookup() {},
+  prefetched() {},
 };
 
 /** Options of {@linkcode Resolver}. */
 export interface ResolverOptions {
   /** Largest UDP answer sent to any client. */
   udpMaxSize: number;
-  /** Most queries in flight at once; beyond it new ones are dropped. */
+  /** Most queries waiting on upstreams at once; beyond it UDP queries are dropped. */
   maxInflight: number;
+  /** Deadline for an upstream answer, milliseconds. */
+  timeoutMs: number;
   /** Log a line per query at info. */
   logQueries: boolean;
   /** Logger. */
   log: Logger;
   /** Statistics hooks. */
   stats?: ResolverStats;
+  /** Answer cache settings; `maxEntries` 0 turns the cache (and coalescing) off. */
+  cache?: CacheSettings & {
+    /** Refresh entries asked for in the last tenth of their TTL. */
+    prefetch: boolean;
+    /** Serve stale if no fresh answer comes within this many ms. */
+    staleAnswerTimeoutMs: number;
+  };
+  /** Cache statistics hooks. */
+  cacheStats?: CacheStats;
+  /** Access control and rate limiting; none: everyone, unlimited. */
+  admission?: Admission;
+  /** Answer ANY over UDP with an empty TC=1 response (RFC 8482). */
+  refuseAny?: boolean;
+  /** Pad queries to upstreams to blocks of 128 octets (RFC 8467). */
+  padding?: boolean;
+  /** The clock. */
+  clock?: Clock;
+  /** Timers (shared with the pool). */
+  timers?: TimerQueue;
 }
 
-/** Where a listener wants a query's outcome: the response bytes, or `null` to drop it. */
-export interface ResponseSink {
-  /** Called exactly once per query, possibly before `resolveWith` returns. */
-  deliver(response: Uint8Array | null, client: Deno.Addr | undefined): void;
-}
-
-/** Formats a client address for logs. */
-export function formatAddr(addr: Deno.Addr | undefined): string | undefined {
-  if (addr === undefined || !("hostname" in addr)) return undefined;
-  return addr.hostname.includes(":")
-    ? `[${addr.hostname}]:${addr.port}`
-    : `${addr.hostname}:${addr.port}`;
-}
+/** Carves upstream messages and per-client answer copies out of shared slabs. */
+const copier = new SlabCopier();
 
 /**
  * Resolves client queries through a {@linkcode Forwarder}.
@@ -70,18 +128,33 @@ export function formatAddr(addr: Deno.Addr | undefined): string | undefined {
  * @example
  * ```ts ignore
  * const resolver = new Resolver(pool, { udpMaxSize: 1232, maxInflight: 10000,
- *   logQueries: false, log });
+ *   timeoutMs: 4000, logQueries: false, log });
  * const response = await resolver.resolve(queryBytes, "udp"); // null: drop it
  * ```
  */
-export class Resolver {
+export class Resolver implements JobOwner, FlightOwner {
+  /** The answer cache, when on. */
+  readonly cache: AnswerCache | null;
   readonly #forwarder: Forwarder;
   readonly #options: ResolverOptions;
   readonly #stats: ResolverStats;
   readonly #log: Logger;
+  readonly #clock: Clock;
+  readonly #timers: TimerQueue;
+  readonly #ownsTimers: boolean;
   readonly #info = new QueryInfo();
+  readonly #responseInfo = new ResponseInfo();
+  readonly #flights = new FlightTable();
+  readonly #admission: Admission | null;
+  readonly #refuseAny: boolean;
+  readonly #padding: boolean;
+  readonly #prefetch: boolean;
+  readonly #staleTimeoutMs: number;
   readonly #overloadLog: RateLimitedLog;
   readonly #failureLog: RateLimitedLog;
+  readonly #refusedLog: RateLimitedLog;
+  readonly #refusedSources = new Set<string>();
+  readonly #capacityWaiters: (() => void)[] = [];
   #inflight = 0;
 
   /** Creates a resolver forwarding through `forwarder`. */
@@ -90,19 +163,48 @@ export class Resolver {
     this.#options = options;
     this.#stats = options.stats ?? NO_RESOLVER_STATS;
     this.#log = options.log;
-    this.#overloadLog = new RateLimitedLog(options.log, 10_000);
-    this.#failureLog = new RateLimitedLog(options.log, 1_000);
+    this.#clock = options.clock ?? SYSTEM_CLOCK;
+    this.#ownsTimers = options.timers === undefined;
+    this.#timers = options.timers ?? new TimerQueue(this.#clock);
+    const cache = options.cache;
+    this.cache = cache !== undefined && cache.maxEntries > 0
+      ? new AnswerCache(cache, options.cacheStats ?? null)
+      : null;
+    this.#prefetch = cache?.prefetch ?? false;
+    this.#staleTimeoutMs = cache?.staleAnswerTimeoutMs ?? 0;
+    this.#admission = options.admission ?? null;
+    this.#refuseAny = options.refuseAny ?? false;
+    this.#padding = options.padding ?? false;
+    const now = () => this.#clock.now();
+    this.#overloadLog = new RateLimitedLog(options.log, 10_000, now);
+    this.#failureLog = new RateLimitedLog(options.log, 1_000, now);
+    this.#refusedLog = new RateLimitedLog(options.log, 10_000, now);
   }
 
-  /** Queries currently waiting for an upstream. */
+  /** Queries waiting for an upstream. */
   get inflight(): number {
     return this.#inflight;
   }
 
+  /** Flights out to upstreams (coalesced questions count once). */
+  get flights(): number {
+    return this.#flights.size;
+  }
+
+  /** True while more queries can be taken without shedding. */
+  get hasCapacity(): boolean {
+    return this.#inflight < this.#options.maxInflight;
+  }
+
+  /** Resolves once the resolver has capacity again (TCP reading pauses on it). */
+  waitForCapacity(): Promise<void> {
+    if (this.hasCapacity) return Promise.resolve();
+    return new Promise((resolve) => this.#capacityWaiters.push(resolve));
+  }
+
   /**
    * Answers one client message. Resolves with the response bytes, or `null` when the
-   * message must be dropped (unreadable, a response, or the proxy is overloaded). Never
-   * rejects. `query` must not be changed until the promise settles.
+   * message must be dropped. Never rejects. `query` must not change until it settles.
    */
   resolve(query: Uint8Array, transport: Transport, client?: Deno.Addr): Promise<Uint8Array | null> {
     return new Promise((resolve) => {
@@ -112,7 +214,7 @@ export class Resolver {
 
   /**
    * The listeners' entry point: like {@linkcode resolve}, but the outcome goes to `sink`,
-   * which costs no promise per query. `query` must not be changed until it is delivered.
+   * which costs no promise per query. `query` must not change until it is delivered.
    */
   resolveWith(
     query: Uint8Array,
@@ -120,201 +222,427 @@ export class Resolver {
     client: Deno.Addr | undefined,
     sink: ResponseSink,
   ): void {
-    const started = performance.now();
+    const job = new ClientJob(this, query, transport, client, sink, this.#clock.now());
+    if (!this.#admitAndValidate(job)) return;
+    if (this.cache !== null && this.#answerFromCache(job)) return;
+    this.#forward(job);
+  }
+
+  // ---- admit + validate -------------------------------------------------------------------
+
+  /** Runs the admit and validate stages; false when the job was finished there. */
+  #admitAndValidate(job: ClientJob): boolean {
+    const query = job.query;
     const info = this.#info;
+    const admission = this.#admission;
+    const admit = admission === null ? Admit.ALLOW : admission.admit(job.client, job.transport);
     const verdict = inspectQuery(query, info);
+    if (admit === Admit.DENY) {
+      this.#refuse(job, info, verdict);
+      return false;
+    }
     if (verdict === QueryVerdict.DROP) {
-      this.#stats.dropped(
-        transport,
-        info.reason === "response from client" ? "response" : "malformed",
-      );
+      const reason = info.reason === "response from client" ? "response" : "malformed";
+      this.#stats.dropped(job.transport, reason);
       this.#log.debug("dropped message", {
-        transport,
-        client: formatAddr(client),
+        transport: job.transport,
+        client: formatAddr(job.client),
         reason: info.reason,
         bytes: query.length,
       });
-      sink.deliver(null, client);
-      return;
+      this.#drop(job);
+      return false;
     }
+    this.#describe(job, info);
     if (verdict !== QueryVerdict.FORWARD) {
-      const rcode = verdict === QueryVerdict.NOTIMP ? Rcode.NOTIMP : Rcode.FORMERR;
-      this.#log.debug("refused malformed or unsupported query", {
-        transport,
-        client: formatAddr(client),
+      const rcode = verdictRcode(verdict);
+      this.#log.debug("answered locally", {
+        transport: job.transport,
+        client: formatAddr(job.client),
         reason: info.reason,
         rcode: rcodeName(rcode),
       });
-      const response = buildErrorResponse(query, info, rcode);
-      this.#finish(query, info.nameEnd, response, transport, started, client, "", info.qtype);
-      sink.deliver(response, client);
-      return;
+      this.#finish(job, buildErrorResponse(query, info, rcode));
+      return false;
     }
-    if (this.#inflight >= this.#options.maxInflight) {
-      this.#stats.dropped(transport, "overload");
-      this.#overloadLog.warn("too many queries in flight; dropping", {
+    if (admit !== Admit.ALLOW) {
+      this.#rateLimited(job, info, admit);
+      return false;
+    }
+    if (info.qtype === RRType.ANY && job.transport === "udp" && this.#refuseAny) {
+      // RFC 8482: no amplification through ANY; a real client asks again over TCP.
+      this.#finish(job, buildErrorResponse(query, info, Rcode.NOERROR, { truncated: true }));
+      return false;
+    }
+    if (!this.hasCapacity && job.transport === "udp") {
+      this.#stats.dropped("udp", "overload");
+      this.#overloadLog.warn("too many queries in flight; dropping UDP queries", {
         limit: this.#options.maxInflight,
       });
-      sink.deliver(null, client);
+      this.#drop(job);
+      return false;
+    }
+    return true;
+  }
+
+  /** Copies what later stages need from the reused `info` into the job. */
+  #describe(job: ClientJob, info: QueryInfo): void {
+    job.nameEnd = info.nameEnd;
+    job.questionEnd = info.questionEnd;
+    job.qtype = info.qtype;
+    job.hasEdns = info.hasEdns;
+    job.limit = job.transport === "udp" ? clientUdpLimit(info, this.#options.udpMaxSize) : 65535;
+    job.keyFlags = cacheKeyFlags(job.query, info.dnssecOk, info.cd);
+  }
+
+  #refuse(job: ClientJob, info: QueryInfo, verdict: QueryVerdict): void {
+    this.#stats.refused("acl");
+    const source = job.client !== undefined && "hostname" in job.client ? job.client.hostname : "?";
+    if (!this.#refusedSources.has(source)) {
+      if (this.#refusedSources.size >= 1024) this.#refusedSources.clear();
+      this.#refusedSources.add(source);
+      this.#refusedLog.warn("refused a client outside --allow", {
+        client: source,
+        transport: job.transport,
+      });
+    }
+    job.closeAfter = job.transport === "tcp";
+    if (verdict === QueryVerdict.DROP) {
+      // Nothing readable to answer.
+      this.#drop(job);
       return;
     }
-    const limit = transport === "udp" ? clientUdpLimit(info, this.#options.udpMaxSize) : 65535;
-    const job = new ResolveJob(this, query, info, transport, client, sink, started, limit);
-    this.#inflight++;
-    if (this.#forwarder.submit) {
-      this.#forwarder.submit(job);
+    this.#describe(job, info);
+    // Never larger than the query: no EDE, at most a minimal OPT.
+    this.#finish(job, buildErrorResponse(job.query, info, Rcode.REFUSED));
+  }
+
+  #rateLimited(job: ClientJob, info: QueryInfo, admit: Admit): void {
+    if (admit === Admit.REFUSE) {
+      this.#stats.refused("rate_limit");
+      this.#finish(job, buildErrorResponse(job.query, info, Rcode.REFUSED));
+    } else if (admit === Admit.SLIP) {
+      this.#stats.slipped();
+      this.#finish(job, buildErrorResponse(job.query, info, Rcode.NOERROR, { truncated: true }));
     } else {
-      this.#forwarder.forward(query, info.questionEnd).then(
-        (answer) => job.complete(answer.response, answer.upstream),
-        (error) => job.failWith(error),
-      );
+      this.#stats.dropped(job.transport, "rate_limit");
+      this.#drop(job);
     }
   }
 
-  /** Finishes a forwarded query: truncation for UDP, stats, query log, delivery. */
-  settle(job: ResolveJob, answer: Uint8Array | null, error: unknown): void {
-    this.#inflight--;
-    let response: Uint8Array;
-    let upstream = job.upstream;
-    if (answer !== null) {
-      response = answer;
-    } else {
-      response = this.#servfail(job.query, error, job.transport, job.client);
-      upstream = error instanceof UpstreamError && error.upstream ? error.upstream : "";
+  // ---- cache ------------------------------------------------------------------------------
+
+  /** Answers from the cache when it can; false when the job must go upstream. */
+  #answerFromCache(job: ClientJob): boolean {
+    const cache = this.cache!;
+    if (this.#info.hasClientSubnet || this.#info.ednsVersion !== 0) return false;
+    const now = this.#clock.now();
+    const entry = cache.lookup(job.query, job.questionEnd, job.keyFlags, now);
+    if (entry === null) return false;
+    if (now < entry.expiresAt) {
+      job.cache = "hit";
+      const response = this.#personalize(job, cache.render(entry, job.query, now, false), entry);
+      this.#maybePrefetch(job, entry, now);
+      this.#finish(job, response);
+      return true;
     }
+    // Expired but servable stale (RFC 8767): right away when a refresh failed recently,
+    // else if no fresh answer comes within the stale answer timeout.
+    if (entry.kind === "servfail") return false;
+    if (entry.refreshFailedAt !== 0 && now - entry.refreshFailedAt < STALE_RECHECK_MS) {
+      this.#serveStale(job, entry, now);
+      return true;
+    }
+    job.stale = entry;
+    return false;
+  }
+
+  #serveStale(job: ClientJob, entry: CacheEntry, now: number): void {
+    job.cache = "stale";
+    this.#finish(
+      job,
+      this.#personalize(job, this.cache!.render(entry, job.query, now, true), entry),
+    );
+  }
+
+  #maybePrefetch(job: ClientJob, entry: CacheEntry, now: number): void {
+    if (!this.#prefetch || entry.prefetched || entry.ttl < 10) return;
+    if (entry.expiresAt - now > entry.ttl * 100) return; // not yet in the last tenth
+    entry.prefetched = true;
+    const hash = questionHash(job.query, job.questionEnd, this.#info.dnssecOk, this.#info.cd);
+    if (this.#flights.find(job.query, job.questionEnd, hash, job.keyFlags) !== null) return;
+    this.#stats.prefetched();
+    const flight = this.#newFlight(job, hash, true, now);
+    this.#flights.add(flight);
+    this.#forwarder.forward(flight);
+  }
+
+  /** The client's shape of an answer: OPT removed when the client sent none. */
+  #personalize(job: ClientJob, response: Uint8Array, entry: CacheEntry): Uint8Array {
+    if (job.hasEdns || entry.optStart < 0) return response;
+    const info = this.#responseInfo;
+    info.optStart = entry.optStart;
+    info.optEnd = entry.optEnd;
+    return stripResponseOpt(response, info, false);
+  }
+
+  // ---- forward ----------------------------------------------------------------------------
+
+  #newFlight(job: ClientJob, hash: number, prefetch: boolean, now: number): Flight {
+    const query = job.query;
+    const info = this.#info;
+    // Room for the OPT, the options kept and the padding: at most 11 + 4 + 127 bytes more.
+    const room = copier.reserve(query.length + 142);
+    const message = buildUpstreamQuery(query, info, this.#padding, room);
+    const flight = new Flight(
+      this,
+      message,
+      info.questionEnd,
+      now + this.#options.timeoutMs,
+      query,
+      hash,
+      job.keyFlags,
+      prefetch,
+    );
+    flight.cacheable = this.cache !== null && !info.hasClientSubnet && info.ednsVersion === 0;
+    return flight;
+  }
+
+  #forward(job: ClientJob): void {
+    const now = this.#clock.now();
+    const info = this.#info;
+    const coalesce = this.cache !== null && !info.hasClientSubnet && info.ednsVersion === 0;
+    const hash = coalesce ? questionHash(job.query, job.questionEnd, info.dnssecOk, info.cd) : 0;
+    let flight = coalesce
+      ? this.#flights.find(job.query, job.questionEnd, hash, job.keyFlags)
+      : null;
+    this.#inflight++;
+    if (flight !== null && flight.waiters.length < MAX_WAITERS && !flight.done) {
+      job.cache = "coalesced";
+      job.flight = flight;
+      flight.waiters.push(job);
+      this.#armStale(job, now);
+      return;
+    }
+    if (this.cache !== null) job.cache = "miss";
+    flight = this.#newFlight(job, hash, false, now);
+    flight.waiters.push(job);
+    job.flight = flight;
+    if (coalesce && this.#flights.find(job.query, job.questionEnd, hash, job.keyFlags) === null) {
+      this.#flights.add(flight);
+    }
+    this.#armStale(job, now);
+    this.#forwarder.forward(flight);
+  }
+
+  #armStale(job: ClientJob, now: number): void {
+    if (job.stale === null || job.done) return;
+    if (this.#staleTimeoutMs <= 0) {
+      // Serve stale at once; the flight refreshes the entry in the background.
+      this.staleTimerDue(job);
+      return;
+    }
+    this.#timers.schedule(job, now + this.#staleTimeoutMs);
+  }
+
+  /** A job waited the stale answer timeout: it gets the stale answer; the refresh goes on. */
+  staleTimerDue(job: ClientJob): void {
+    const entry = job.stale;
+    if (job.done || entry === null) return;
+    this.#detach(job);
+    this.#serveStale(job, entry, this.#clock.now());
+  }
+
+  /** Takes `job` off its flight (it is answered some other way). */
+  #detach(job: ClientJob): void {
+    const flight = job.flight;
+    if (flight === null) return;
+    job.flight = null;
+    const index = flight.waiters.indexOf(job);
+    if (index >= 0) flight.waiters.splice(index, 1);
+    this.#inflight--;
+    this.#wakeCapacity();
+  }
+
+  /** See {@linkcode FlightOwner}. */
+  flightAnswered(
+    flight: Flight,
+    response: Uint8Array,
+    upstream: string,
+    given: ResponseInfo | null,
+  ): void {
+    this.#flights.remove(flight);
+    let info = given;
+    if (info === null) {
+      // From a test forwarder, or an answer kept for failover: check it here.
+      info = this.#responseInfo;
+      const valid = analyzeResponse(response, info) &&
+        responseAnswersQuery(response, info, flight.query, flight.questionEnd);
+      if (!valid) {
+        this.flightFailed(
+          flight,
+          new UpstreamError("bad_response", `invalid answer: ${info.reason}`, upstream),
+        );
+        return;
+      }
+    }
+    // Hop-by-hop EDNS options (padding, cookies) do not go to clients or into the cache.
+    const canonical = stripResponseOpt(response, info, true);
+    if (canonical !== response) {
+      info = this.#responseInfo;
+      analyzeResponse(canonical, info);
+    }
+    const now = this.#clock.now();
+    const rcode = info.extendedRcode;
+    const waiters = flight.waiters;
+    if (rcode === Rcode.SERVFAIL && this.#hasStaleWaiters(flight)) {
+      // RFC 8767: a SERVFAIL refresh is a failure; stale beats it.
+      this.#refreshFailed(flight, now);
+    }
+    if (this.cache !== null && flight.cacheable) {
+      this.cache.store(
+        flight.keyQuery,
+        flight.questionEnd,
+        flight.keyFlags,
+        canonical,
+        info,
+        now,
+      );
+    }
+    const optStart = info.optStart;
+    const optEnd = info.optEnd;
+    const count = waiters.length;
+    for (let i = 0; i < count; i++) {
+      const job = waiters[i];
+      if (job.done) continue;
+      job.flight = null;
+      this.#timers.cancel(job);
+      // The last waiter may take the bytes themselves (the cache copied what it keeps).
+      let out = i === count - 1 ? canonical : copier.copy(canonical, 0, canonical.length);
+      out[0] = job.query[0];
+      out[1] = job.query[1];
+      out.set(job.query.subarray(12, job.questionEnd), 12);
+      if (!job.hasEdns && optStart >= 0) {
+        const scratch = this.#responseInfo;
+        scratch.optStart = optStart;
+        scratch.optEnd = optEnd;
+        out = stripResponseOpt(out, scratch, false);
+      }
+      job.upstream = upstream;
+      this.#inflight--;
+      this.#finish(job, out);
+    }
+    waiters.length = 0;
+    if (count > 0) this.#wakeCapacity();
+  }
+
+  #hasStaleWaiters(flight: Flight): boolean {
+    for (const job of flight.waiters) if (job.stale !== null && !job.done) return true;
+    return false;
+  }
+
+  /** Serves stale to the waiters that can have it, remembering the failure on the entry. */
+  #refreshFailed(flight: Flight, now: number): void {
+    const waiters = flight.waiters;
+    for (let i = waiters.length - 1; i >= 0; i--) {
+      const job = waiters[i];
+      const entry = job.stale;
+      if (entry === null || job.done) continue;
+      entry.refreshFailedAt = now;
+      waiters.splice(i, 1);
+      job.flight = null;
+      this.#timers.cancel(job);
+      this.#inflight--;
+      this.#serveStale(job, entry, now);
+    }
+    // A prefetch or a refresh with no stale waiter left: remember the failure on the entry.
+    if (this.cache !== null) {
+      const entry = this.cache.lookup(flight.keyQuery, flight.questionEnd, flight.keyFlags, now);
+      if (entry !== null && now >= entry.expiresAt) entry.refreshFailedAt = now;
+    }
+  }
+
+  /** See {@linkcode FlightOwner}. */
+  flightFailed(flight: Flight, error: UpstreamError): void {
+    this.#flights.remove(flight);
+    const now = this.#clock.now();
+    this.#refreshFailed(flight, now);
+    const waiters = flight.waiters;
+    const count = waiters.length;
+    if (count > 0) {
+      this.#failureLog.warn("query failed; answering SERVFAIL", {
+        upstream: error.upstream,
+        reason: error.reason,
+        error: error.message,
+        clients: count,
+      });
+    }
+    const info = this.#info;
+    for (let i = 0; i < count; i++) {
+      const job = waiters[i];
+      if (job.done) continue;
+      job.flight = null;
+      this.#timers.cancel(job);
+      this.#inflight--;
+      inspectQuery(job.query, info);
+      const ede = error.reason === "timeout"
+        ? { code: EdeCode.NO_REACHABLE_AUTHORITY, text: "upstream timeout" }
+        : error.reason === "unavailable"
+        ? { code: EdeCode.NO_REACHABLE_AUTHORITY, text: "no upstream available" }
+        : { code: EdeCode.NETWORK_ERROR, text: `upstream ${error.reason}` };
+      this.#finish(job, buildErrorResponse(job.query, info, Rcode.SERVFAIL, { ede }));
+    }
+    waiters.length = 0;
+    this.#wakeCapacity();
+  }
+
+  #wakeCapacity(): void {
+    if (this.#capacityWaiters.length > 0 && this.hasCapacity) {
+      for (const waiter of this.#capacityWaiters.splice(0)) waiter();
+    }
+  }
+
+  // ---- finish -----------------------------------------------------------------------------
+
+  #drop(job: ClientJob): void {
+    job.done = true;
+    job.sink.deliver(null, job.client, job.closeAfter);
+  }
+
+  /** Truncation for UDP, statistics, the query log, delivery. */
+  #finish(job: ClientJob, answer: Uint8Array): void {
+    job.done = true;
+    let response = answer;
     if (response.length > job.limit) {
       response = truncateResponse(response, job.limit);
       this.#stats.truncated();
     }
-    this.#finish(
-      job.query,
-      job.nameEnd,
-      response,
-      job.transport,
-      job.started,
-      job.client,
-      upstream,
-      job.qtype,
-    );
-    job.sink.deliver(response, job.client);
-  }
-
-  #servfail(
-    query: Uint8Array,
-    error: unknown,
-    transport: Transport,
-    client: Deno.Addr | undefined,
-  ): Uint8Array {
-    const info = this.#info;
-    inspectQuery(query, info);
-    const reason = error instanceof UpstreamError ? error.reason : "internal";
-    if (!(error instanceof UpstreamError)) {
-      this.#log.error("unexpected error forwarding a query", {
-        error: error instanceof Error ? error.stack ?? error.message : String(error),
-      });
-    } else {
-      this.#failureLog.warn("query failed; answering SERVFAIL", {
-        transport,
-        client: formatAddr(client),
-        upstream: error.upstream,
-        reason,
-        error: error.message,
-      });
-    }
-    const ede = reason === "timeout"
-      ? { code: EdeCode.NO_REACHABLE_AUTHORITY, text: "upstream timeout" }
-      : reason === "unavailable"
-      ? { code: EdeCode.NO_REACHABLE_AUTHORITY, text: "no upstream available" }
-      : { code: EdeCode.NETWORK_ERROR, text: `upstream ${reason}` };
-    return buildErrorResponse(query, info, Rcode.SERVFAIL, { ede });
-  }
-
-  #finish(
-    query: Uint8Array,
-    nameEnd: number,
-    response: Uint8Array,
-    transport: Transport,
-    started: number,
-    client: Deno.Addr | undefined,
-    upstream: string,
-    qtype: number,
-  ): void {
-    const seconds = (performance.now() - started) / 1000;
+    const seconds = (this.#clock.now() - job.started) / 1000;
     const rcode = getRcode(response);
-    this.#stats.query(transport, rcode, seconds);
+    this.#stats.query(job.transport, rcode, seconds);
+    if (job.cache !== "off") this.#stats.cacheLookup(job.cache);
     if (this.#options.logQueries) {
       this.#log.info("query", {
-        client: formatAddr(client),
-        transport,
-        name: nameEnd > 0 ? nameToString(query, 12, nameEnd) : undefined,
-        type: nameEnd > 0 ? typeName(qtype) : undefined,
+        client: formatAddr(job.client),
+        transport: job.transport,
+        name: job.nameEnd > 0 ? nameToString(job.query, 12, job.nameEnd) : undefined,
+        type: job.nameEnd > 0 ? typeName(job.qtype) : undefined,
         rcode: rcodeName(rcode),
-        upstream: upstream || undefined,
-        cache: "off",
+        upstream: job.upstream || undefined,
+        cache: this.cache === null ? "off" : job.cache === "off" ? undefined : job.cache,
         duration_ms: Math.round(seconds * 1e6) / 1e3,
       });
     }
-  }
-}
-
-/** A forwarded query with what the resolver needs to finish it; reports through hooks. */
-export class ResolveJob extends PendingQuery {
-  /** Client transport. */
-  readonly transport: Transport;
-  /** Client address, for logs. */
-  readonly client: Deno.Addr | undefined;
-  /** Where the response goes. */
-  readonly sink: ResponseSink;
-  /** `performance.now()` when the query arrived. */
-  readonly started: number;
-  /** End of the question's name in `query`. */
-  readonly nameEnd: number;
-  /** QTYPE, for the query log. */
-  readonly qtype: number;
-  /** Largest response the client can take. */
-  readonly limit: number;
-  readonly #resolver: Resolver;
-
-  /** Creates a job for `query`, described by `info` (read now, before it is reused). */
-  constructor(
-    resolver: Resolver,
-    query: Uint8Array,
-    info: QueryInfo,
-    transport: Transport,
-    client: Deno.Addr | undefined,
-    sink: ResponseSink,
-    started: number,
-    limit: number,
-  ) {
-    super(query, info.questionEnd);
-    this.#resolver = resolver;
-    this.transport = transport;
-    this.client = client;
-    this.sink = sink;
-    this.started = started;
-    this.nameEnd = info.nameEnd;
-    this.qtype = info.qtype;
-    this.limit = limit;
+    job.sink.deliver(response, job.client, job.closeAfter);
   }
 
-  /** Fails with any error (a forwarder without `submit` may reject with anything). */
-  failWith(error: unknown): void {
-    if (this.done) return;
-    if (error instanceof UpstreamError) {
-      this.fail(error);
-      return;
-    }
-    this.done = true;
-    this.#resolver.settle(this, null, error);
+  /** Drops every cached answer; returns how many there were. */
+  flushCache(): number {
+    return this.cache?.flush() ?? 0;
   }
 
-  /** Delivers the answer. */
-  protected override onComplete(): void {
-    this.#resolver.settle(this, this.response, null);
-  }
-
-  /** Delivers SERVFAIL. */
-  protected override onFail(error: UpstreamError): void {
-    this.#resolver.settle(this, null, error);
+  /** Stops the resolver's own timers (the forwarder is closed by its owner). */
+  close(): void {
+    if (this.#ownsTimers) this.#timers.close();
   }
 }

@@ -27,6 +27,18 @@ export class SlabCopier {
   #slab = new ArrayBuffer(SLAB_SIZE);
   #offset = 0;
 
+  /** A new zeroed view of `length` bytes (its own buffer when large). */
+  reserve(length: number): Uint8Array {
+    if (length > LARGEST_CARVED) return new Uint8Array(length);
+    if (this.#offset + length > SLAB_SIZE) {
+      this.#slab = new ArrayBuffer(SLAB_SIZE);
+      this.#offset = 0;
+    }
+    const view = new Uint8Array(this.#slab, this.#offset, length);
+    this.#offset += (length + 7) & ~7;
+    return view;
+  }
+
   /** A new view holding a copy of `source[start, end)`. */
   copy(source: Uint8Array, start: number, end: number): Uint8Array {
     const length = end - start;

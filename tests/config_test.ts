@@ -1,10 +1,18 @@
 import assert from "node:assert/strict";
 import {
+  cidrContains,
   type Config,
   ConfigError,
+  DEFAULT_STRATEGY,
+  defaultConfig,
   helpText,
+  isIpLiteral,
+  KNOWN_VARIABLES,
+  parseCidr,
   parseConfig,
+  parseIpAddress,
   SETTINGS,
+  STRATEGIES,
   unknownVariables,
 } from "../src/config.ts";
 import { CA_PEM } from "./fixtures/certs.ts";
@@ -146,21 +154,679 @@ Deno.test("unknown DOTPROXY_* variables are reported, known ones and others are 
       "DOTPROXY_LISTEN",
       "DOTPROXY_CA_CERTS",
       "DOTPROXY_SERVICE_HOST",
+      "DOTPROXY_CACHE_SIZE",
+      "DOTPROXY_ALLOW",
+      "DOTPROXY_RATE_LIMIT_BURST",
+      "DOTPROXY_CACHE_SIZ",
     ]),
-    ["DOTPROXY_SERVICE_HOST", "DOTPROXY_UPSTREAM"],
+    ["DOTPROXY_CACHE_SIZ", "DOTPROXY_SERVICE_HOST", "DOTPROXY_UPSTREAM"],
   );
+  assert.deepEqual(unknownVariables([...KNOWN_VARIABLES]), []);
 });
 
 Deno.test("help lists every flag with its variable and default; version and healthcheck", () => {
   assert.equal(parseConfig(["--help"], () => undefined).kind, "help");
   assert.equal(parseConfig(["-V"], () => undefined).kind, "version");
-  const text = helpText();
+  // Long defaults wrap onto the next line; compare with the line breaks read as spaces.
+  const text = helpText().replace(/\n +/g, " ");
   for (const setting of SETTINGS) {
-    if (setting.flag) assert.ok(text.includes(`--${setting.flag}`), setting.flag);
+    if (setting.flag) {
+      const shown = `--${setting.flag}${setting.arg ? " " + setting.arg : ""}`;
+      assert.ok(text.includes(shown), shown);
+    }
     assert.ok(text.includes(setting.env), setting.env);
-    assert.ok(text.includes(setting.defaultText), setting.defaultText);
+    assert.ok(text.includes(`default: ${setting.defaultText}`), setting.defaultText);
+    assert.ok(text.includes(setting.help), setting.help);
+    if (setting.range) assert.ok(text.includes(`range: ${setting.range}`), setting.range);
+    assert.ok(helpText().includes(`\n${setting.group}:\n`), setting.group);
   }
+  for (const line of helpText().split("\n")) assert.ok(line.length <= 80, line);
   assert.equal(config(["healthcheck", "--listen", "127.0.0.1:5301"]).command, "healthcheck");
+});
+
+Deno.test("the table: one setting per Config field, unique flags and variables", () => {
+  const fields = SETTINGS.map((s) => s.field).sort();
+  const configFields = Object.keys(defaultConfig()).filter((k) => k !== "command").sort();
+  assert.deepEqual(fields, configFields);
+  const flags = SETTINGS.map((s) => s.flag).filter((f) => f !== "");
+  assert.equal(new Set(flags).size, flags.length, "flags are unique");
+  assert.equal(new Set(KNOWN_VARIABLES).size, KNOWN_VARIABLES.length, "variables are unique");
+  assert.deepEqual(KNOWN_VARIABLES, SETTINGS.map((s) => s.env));
+  for (const setting of SETTINGS) {
+    assert.match(setting.env, /^DOTPROXY_[A-Z0-9_]+$/, setting.env);
+    assert.match(setting.flag, /^([a-z][a-z0-9-]*)?$/, setting.flag);
+    assert.ok(!setting.flag.startsWith("-"), setting.flag);
+    assert.ok(setting.help.length > 0 && !setting.help.includes("\n"), setting.env);
+    assert.ok(setting.kind === "boolean" || setting.arg !== "" || setting.flag === "", setting.env);
+  }
+});
+
+Deno.test("defaultConfig is parseConfig with no input, and a fresh object each time", () => {
+  assert.deepEqual(defaultConfig(), config([]));
+  const a = defaultConfig();
+  a.listen.push({ hostname: "::1", port: 1 });
+  assert.equal(defaultConfig().listen.length, 1);
+});
+
+Deno.test("defaults of the new settings", () => {
+  const c = config([]);
+  assert.equal(c.cacheSize, 10_000);
+  assert.equal(c.cacheMinTtl, 0);
+  assert.equal(c.cacheMaxTtl, 86_400);
+  assert.equal(c.cacheMaxNegativeTtl, 3600);
+  assert.equal(c.serveStaleSeconds, 86_400);
+  assert.equal(c.staleAnswerTimeoutMs, 1800);
+  assert.equal(c.cachePrefetch, true);
+  assert.equal(c.connectTimeoutMs, 1000);
+  assert.equal(c.hedgeDelay, "auto");
+  assert.equal(c.hedgeBudgetPercent, 10);
+  assert.equal(c.healthCheckIntervalMs, 10_000);
+  assert.deepEqual(c.failoverRcodes, [2, 5]);
+  assert.equal(c.strategy, DEFAULT_STRATEGY);
+  assert.equal(DEFAULT_STRATEGY, "fastest");
+  assert.ok(STRATEGIES.includes(DEFAULT_STRATEGY));
+  assert.equal(c.shutdownDelayMs, 0);
+  assert.equal(c.shutdownTimeoutMs, 10_000);
+  assert.equal(c.upstreamNudge, true);
+  assert.deepEqual(c.allow.map((a) => a.text), [
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+  ]);
+  assert.equal(c.rateLimit, 0);
+  assert.equal(c.rateLimitBurst, 1, "at least 1 while rate limiting is off");
+  assert.equal(c.refuseAny, true);
+  assert.equal(c.maxTcpConnectionsPerClient, 64);
+  assert.equal(c.padding, true);
+  // The settings that were there before keep their defaults.
+  assert.equal(c.timeoutMs, 4000);
+  assert.equal(c.udpMaxSize, 1232);
+  assert.equal(c.maxTcpConnections, 1000);
+  assert.equal(c.maxTcpQueriesPerConnection, 128);
+  assert.equal(c.tcpIdleTimeoutMs, 10_000);
+  assert.equal(c.maxInflight, 10_000);
+  assert.equal(c.upstreamConnections, 2);
+  assert.equal(c.upstreamIdleTimeoutMs, 30_000);
+});
+
+/** A setting, values it accepts (text, then the value it becomes) and values it refuses. */
+interface Case {
+  field: keyof Config;
+  flag: string;
+  env: string;
+  good: [string, unknown][];
+  bad: string[];
+  show?: (value: Config[keyof Config]) => unknown;
+}
+
+const cidrTexts = (value: Config[keyof Config]) => (value as Config["allow"]).map((c) => c.text);
+
+const CASES: Case[] = [
+  {
+    field: "cacheSize",
+    flag: "cache-size",
+    env: "DOTPROXY_CACHE_SIZE",
+    good: [["0", 0], ["10000000", 10_000_000], ["500", 500]],
+    bad: ["10000001", "-1", "lots", "1.5", ""],
+  },
+  {
+    field: "cacheMinTtl",
+    flag: "cache-min-ttl",
+    env: "DOTPROXY_CACHE_MIN_TTL",
+    good: [["0", 0], ["60", 60], ["86400", 86_400]],
+    bad: ["604801", "-1", "1m"],
+  },
+  {
+    field: "cacheMaxTtl",
+    flag: "cache-max-ttl",
+    env: "DOTPROXY_CACHE_MAX_TTL",
+    good: [["0", 0], ["604800", 604_800], ["300", 300]],
+    bad: ["604801", "-1", "a day"],
+  },
+  {
+    field: "cacheMaxNegativeTtl",
+    flag: "cache-max-negative-ttl",
+    env: "DOTPROXY_CACHE_MAX_NEGATIVE_TTL",
+    good: [["0", 0], ["604800", 604_800], ["30", 30]],
+    bad: ["604801", "-3"],
+  },
+  {
+    field: "serveStaleSeconds",
+    flag: "serve-stale",
+    env: "DOTPROXY_SERVE_STALE",
+    good: [["0", 0], ["2592000", 2_592_000], ["3600", 3600]],
+    bad: ["2592001", "on"],
+  },
+  {
+    field: "staleAnswerTimeoutMs",
+    flag: "stale-answer-timeout",
+    env: "DOTPROXY_STALE_ANSWER_TIMEOUT_MS",
+    good: [["0", 0], ["60000", 60_000], ["500", 500]],
+    bad: ["60001", "1.8s"],
+  },
+  {
+    field: "cachePrefetch",
+    flag: "cache-prefetch",
+    env: "DOTPROXY_CACHE_PREFETCH",
+    good: [["false", false], ["true", true], ["off", false]],
+    bad: ["sometimes"],
+  },
+  {
+    field: "connectTimeoutMs",
+    flag: "connect-timeout",
+    env: "DOTPROXY_CONNECT_TIMEOUT_MS",
+    good: [["50", 50], ["60000", 60_000], ["250", 250]],
+    bad: ["49", "60001", "0", "fast"],
+  },
+  {
+    field: "hedgeDelay",
+    flag: "hedge-delay",
+    env: "DOTPROXY_HEDGE_DELAY",
+    good: [["auto", "auto"], ["0", 0], ["1", 1], ["60000", 60_000], [" AUTO ", "auto"]],
+    bad: ["60001", "-1", "soon", "auto5"],
+  },
+  {
+    field: "hedgeBudgetPercent",
+    flag: "hedge-budget",
+    env: "DOTPROXY_HEDGE_BUDGET",
+    good: [["0", 0], ["100", 100], ["5", 5]],
+    bad: ["101", "5%", "-1"],
+  },
+  {
+    field: "healthCheckIntervalMs",
+    flag: "health-check-interval",
+    env: "DOTPROXY_HEALTH_CHECK_INTERVAL_MS",
+    good: [["0", 0], ["100", 100], ["3600000", 3_600_000], ["2500", 2500]],
+    bad: ["99", "1", "3600001", "often"],
+  },
+  {
+    field: "failoverRcodes",
+    flag: "failover-rcodes",
+    env: "DOTPROXY_FAILOVER_RCODES",
+    good: [
+      ["", []],
+      ["servfail", [2]],
+      ["SERVFAIL, REFUSED, NXDOMAIN", [2, 5, 3]],
+      ["noerror,formerr,notimp,yxdomain,yxrrset,nxrrset,notauth,notzone", [
+        0,
+        1,
+        4,
+        6,
+        7,
+        8,
+        9,
+        10,
+      ]],
+      ["2,15,0", [2, 15, 0]],
+      ["REFUSED,5,refused", [5]],
+    ],
+    bad: ["16", "SERVFAIL,BOGUS", "-1", "BADVERS"],
+  },
+  {
+    field: "strategy",
+    flag: "strategy",
+    env: "DOTPROXY_STRATEGY",
+    good: [
+      ["least-outstanding", "least-outstanding"],
+      ["fastest", "fastest"],
+      ["round-robin", "round-robin"],
+      ["failover", "failover"],
+      ["Random", "random"],
+    ],
+    bad: ["fast", "roundrobin", ""],
+  },
+  {
+    field: "shutdownDelayMs",
+    flag: "shutdown-delay",
+    env: "DOTPROXY_SHUTDOWN_DELAY_MS",
+    good: [["0", 0], ["600000", 600_000], ["5000", 5000]],
+    bad: ["600001", "5s"],
+  },
+  {
+    field: "shutdownTimeoutMs",
+    flag: "shutdown-timeout",
+    env: "DOTPROXY_SHUTDOWN_TIMEOUT_MS",
+    good: [["0", 0], ["600000", 600_000], ["30000", 30_000]],
+    bad: ["600001", "forever"],
+  },
+  {
+    field: "upstreamNudge",
+    flag: "upstream-nudge",
+    env: "DOTPROXY_UPSTREAM_NUDGE",
+    good: [["false", false], ["yes", true], ["0", false]],
+    bad: ["nope"],
+  },
+  {
+    field: "allow",
+    flag: "allow",
+    env: "DOTPROXY_ALLOW",
+    good: [
+      ["10.0.0.0/8", ["10.0.0.0/8"]],
+      ["192.0.2.7, 2001:db8::1", ["192.0.2.7/32", "2001:db8::1/128"]],
+      ["0.0.0.0/0,::/0", ["0.0.0.0/0", "::/0"]],
+    ],
+    bad: ["10.0.0.1/8", "10.0.0.0/33", "example.com", "1::2::3/64", "", " , "],
+    show: cidrTexts,
+  },
+  {
+    field: "rateLimit",
+    flag: "rate-limit",
+    env: "DOTPROXY_RATE_LIMIT",
+    good: [["0", 0], ["1000000", 1_000_000], ["20", 20]],
+    bad: ["1000001", "-1", "20qps"],
+  },
+  {
+    field: "rateLimitBurst",
+    flag: "rate-limit-burst",
+    env: "DOTPROXY_RATE_LIMIT_BURST",
+    good: [["1", 1], ["10000000", 10_000_000], ["50", 50]],
+    bad: ["0", "10000001", "many"],
+  },
+  {
+    field: "refuseAny",
+    flag: "refuse-any",
+    env: "DOTPROXY_REFUSE_ANY",
+    good: [["false", false], ["ON", true], ["no", false]],
+    bad: ["refuse"],
+  },
+  {
+    field: "maxTcpConnectionsPerClient",
+    flag: "max-tcp-connections-per-client",
+    env: "DOTPROXY_MAX_TCP_CONNECTIONS_PER_CLIENT",
+    good: [["1", 1], ["1000000", 1_000_000], ["8", 8]],
+    bad: ["0", "1000001", "eight"],
+  },
+  {
+    field: "padding",
+    flag: "padding",
+    env: "DOTPROXY_PADDING",
+    good: [["false", false], ["1", true], ["No", false]],
+    bad: ["128"],
+  },
+];
+
+Deno.test("new settings: flag, variable, flag over variable, errors name the input", () => {
+  for (const c of CASES) {
+    const show = c.show ?? ((value: Config[keyof Config]) => value);
+    const setting = SETTINGS.find((s) => s.field === c.field);
+    assert.ok(setting, c.field);
+    assert.equal(setting.flag, c.flag);
+    assert.equal(setting.env, c.env);
+    for (const [text, expected] of c.good) {
+      const label = `${c.flag} ${JSON.stringify(text)}`;
+      assert.deepEqual(show(config([`--${c.flag}`, text])[c.field]), expected, label);
+      assert.deepEqual(show(config([`--${c.flag}=${text}`])[c.field]), expected, label);
+      assert.deepEqual(show(config([], { [c.env]: text })[c.field]), expected, label);
+    }
+    // The flag wins over the variable.
+    const [[first, firstValue], [second]] = c.good;
+    assert.deepEqual(
+      show(config([`--${c.flag}`, first], { [c.env]: second })[c.field]),
+      firstValue,
+    );
+    for (const text of c.bad) {
+      const fromFlag = failure([`--${c.flag}`, text]);
+      assert.ok(fromFlag.startsWith(`--${c.flag}`), fromFlag);
+      assert.ok(fromFlag.includes(text.trim().split(",").pop()?.trim() ?? ""), fromFlag);
+      const fromEnv = failure([], { [c.env]: text });
+      assert.ok(fromEnv.startsWith(c.env), fromEnv);
+    }
+  }
+});
+
+Deno.test("bounds: the error names the flag, the value and the range", () => {
+  assert.equal(
+    failure(["--cache-size", "10000001"]),
+    "--cache-size: 10000001 is out of range 0-10000000",
+  );
+  assert.equal(
+    failure([], { DOTPROXY_CONNECT_TIMEOUT_MS: "49" }),
+    "DOTPROXY_CONNECT_TIMEOUT_MS: 49 is out of range 50-60000",
+  );
+  assert.equal(
+    failure(["--health-check-interval", "50"]),
+    "--health-check-interval: 50 is out of range (0 to turn it off, or 100-3600000)",
+  );
+  assert.equal(
+    failure(["--hedge-delay", "soon"]),
+    '--hedge-delay: "soon" is not auto or a whole number of milliseconds',
+  );
+  assert.match(failure(["--strategy", "fast"]), /--strategy: unknown strategy "fast" \(least-/);
+  assert.match(failure(["--failover-rcodes", "SERVFAIL,BOGUS"]), /"BOGUS" is not a response code/);
+});
+
+Deno.test("cache TTLs: the largest may not be below the smallest; the error names both", () => {
+  assert.equal(config(["--cache-min-ttl", "60", "--cache-max-ttl", "60"]).cacheMaxTtl, 60);
+  assert.equal(
+    failure(["--cache-min-ttl", "300", "--cache-max-ttl", "60"]),
+    "--cache-max-ttl 60 is below --cache-min-ttl 300: " +
+      "the largest cached TTL cannot be smaller than the smallest",
+  );
+  const fromEnv = failure([], { DOTPROXY_CACHE_MIN_TTL: "300", DOTPROXY_CACHE_MAX_TTL: "60" });
+  assert.match(fromEnv, /^DOTPROXY_CACHE_MAX_TTL 60 is below DOTPROXY_CACHE_MIN_TTL 300/);
+  const withDefault = failure(["--cache-min-ttl", "100000"]);
+  assert.match(withDefault, /^the default --cache-max-ttl 86400 is below --cache-min-ttl 100000/);
+});
+
+Deno.test("rate-limit-burst defaults to twice the rate limit", () => {
+  assert.equal(config(["--rate-limit", "20"]).rateLimitBurst, 40);
+  assert.equal(config([], { DOTPROXY_RATE_LIMIT: "500" }).rateLimitBurst, 1000);
+  assert.equal(config(["--rate-limit", "20", "--rate-limit-burst", "5"]).rateLimitBurst, 5);
+  assert.equal(config(["--rate-limit", "1000000"]).rateLimitBurst, 2_000_000);
+});
+
+Deno.test("a value starting with - after a flag is that flag's value", () => {
+  assert.equal(failure(["--timeout", "-5"]), '--timeout: "-5" is not a whole number');
+  assert.equal(failure(["--timeout=-5"]), '--timeout: "-5" is not a whole number');
+  assert.equal(failure(["--cache-size", "-1"]), '--cache-size: "-1" is not a whole number');
+  assert.equal(failure(["--timeout", "--listen"]), '--timeout: "--listen" is not a whole number');
+  assert.match(failure(["--listen", "-1"]), /^--listen "-1"/);
+  assert.equal(failure(["--strategy"]), "flag --strategy needs a value");
+});
+
+Deno.test("boolean flags: bare, =value, or a boolean word as the next argument", () => {
+  const forms: [string[], boolean][] = [
+    [["--log-queries"], true],
+    [["--log-queries=true"], true],
+    [["--log-queries=false"], false],
+    [["--log-queries", "false"], false],
+    [["--log-queries", "true"], true],
+    [["--log-queries", "TRUE"], true],
+    [["--log-queries=yes"], true],
+    [["--log-queries=no"], false],
+    [["--log-queries", "on"], true],
+    [["--log-queries", "off"], false],
+    [["--log-queries=1"], true],
+    [["--log-queries", "0"], false],
+    [["--log-queries", "--timeout", "900"], true],
+  ];
+  for (const [args, expected] of forms) {
+    assert.equal(config(args).logQueries, expected, args.join(" "));
+  }
+  // Flags win over the environment in both directions.
+  assert.equal(config(["--padding=false"], { DOTPROXY_PADDING: "true" }).padding, false);
+  assert.equal(config(["--log-queries"], { DOTPROXY_LOG_QUERIES: "false" }).logQueries, true);
+  // A command after a bare boolean flag stays a command.
+  const c = config(["--log-queries", "healthcheck"]);
+  assert.deepEqual([c.logQueries, c.command], [true, "healthcheck"]);
+  // The environment takes the same words; empty reads as false.
+  for (const [text, expected] of [["yes", true], ["Off", false], ["1", true], ["", false]]) {
+    assert.equal(config([], { DOTPROXY_CACHE_PREFETCH: String(text) }).cachePrefetch, expected);
+  }
+  assert.equal(
+    failure(["--log-queries=maybe"]),
+    '--log-queries: "maybe" is not true or false (true/false, yes/no, on/off, 1/0)',
+  );
+  assert.match(failure(["--padding", "flase"]), /^--padding: "flase" is not true or false/);
+  assert.match(failure([], { DOTPROXY_REFUSE_ANY: "2" }), /^DOTPROXY_REFUSE_ANY: "2" is not/);
+});
+
+Deno.test("command line: last value wins, repeated lists add up, -- ends the flags", () => {
+  assert.equal(config(["--timeout", "900", "--timeout", "1200"]).timeoutMs, 1200);
+  assert.deepEqual(
+    config(["--allow", "10.0.0.0/8,192.168.0.0/16", "--allow", "::1"]).allow.map((a) => a.text),
+    ["10.0.0.0/8", "192.168.0.0/16", "::1/128"],
+  );
+  assert.equal(config(["--", "healthcheck"]).command, "healthcheck");
+  assert.match(failure(["--", "--timeout"]), /unknown command "--timeout"/);
+  assert.equal(failure(["--help=yes"]), "flag --help takes no value");
+  assert.equal(failure(["-x"]), "unknown flag -x (see --help)");
+  assert.equal(
+    failure(["--upstreams", "1.1.1.1"]),
+    "unknown flag --upstreams (did you mean --upstream? see --help)",
+  );
+  assert.equal(
+    failure(["--cache-sise=5"]),
+    "unknown flag --cache-sise (did you mean --cache-size? see --help)",
+  );
+  assert.match(failure(["healthcheck", "now"]), /unknown command "now"/);
+  // --help wins over bad values (they are parsed only for a configuration).
+  assert.equal(parseConfig(["--timeout", "soon", "--help"], () => undefined).kind, "help");
+});
+
+Deno.test("upstreams written as URLs or names get a hint in the right form", () => {
+  const form = "write upstreams as IP[:PORT][#TLS_NAME], e.g. 1.1.1.1#cloudflare-dns.com";
+  assert.equal(
+    failure(["--upstream", "tls://1.1.1.1"]),
+    `--upstream "tls://1.1.1.1": ${form} (no scheme)`,
+  );
+  assert.equal(
+    failure(["--upstream", "tls://1.1.1.1:853"]),
+    `--upstream "tls://1.1.1.1:853": ${form} (no scheme)`,
+  );
+  assert.equal(
+    failure([], { DOTPROXY_UPSTREAMS: "9.9.9.9, https://dns.google/dns-query" }),
+    `DOTPROXY_UPSTREAMS "https://dns.google/dns-query": ${form} ` +
+      "(no scheme; dotproxy speaks DNS over TLS only)",
+  );
+  assert.equal(
+    failure(["--upstream", "dns.google"]),
+    '--upstream "dns.google": "dns.google" is not an IP address (dotproxy never resolves ' +
+      "names to reach its upstreams); write IP[:PORT][#TLS_NAME], e.g. 8.8.8.8#dns.google",
+  );
+  assert.match(failure(["--upstream", "dns.google:853"]), /e\.g\. 8\.8\.8\.8:853#dns\.google$/);
+  assert.match(failure(["--upstream", "dns.example#dns.example"]), /e\.g\. IP#dns\.example$/);
+  assert.match(failure(["--upstream", "1.1.1.1@853"]), /"1.1.1.1@853" is not an IP address; write/);
+});
+
+Deno.test("parseCidr: IPv4, IPv6, bare addresses, canonical text, host bits", () => {
+  const cases: [string, 4 | 6, number, string, number[]][] = [
+    ["10.0.0.0/8", 4, 8, "10.0.0.0/8", [10, 0, 0, 0]],
+    ["192.0.2.7", 4, 32, "192.0.2.7/32", [192, 0, 2, 7]],
+    ["0.0.0.0/0", 4, 0, "0.0.0.0/0", [0, 0, 0, 0]],
+    ["::/0", 6, 0, "::/0", new Array(16).fill(0)],
+    ["::1", 6, 128, "::1/128", [...new Array(15).fill(0), 1]],
+    ["FC00::/7", 6, 7, "fc00::/7", [0xfc, ...new Array(15).fill(0)]],
+    ["2001:DB8:0:0:0:0:0:0/32", 6, 32, "2001:db8::/32", [
+      0x20,
+      1,
+      0x0d,
+      0xb8,
+      ...new Array(12).fill(0),
+    ]],
+    ["2001:db8:0:1:0:0:0:0/64", 6, 64, "2001:db8:0:1::/64", [
+      0x20,
+      1,
+      0x0d,
+      0xb8,
+      0,
+      0,
+      0,
+      1,
+      ...new Array(8).fill(0),
+    ]],
+    ["2001:0:0:1:0:0:0:1", 6, 128, "2001:0:0:1::1/128", [
+      0x20,
+      1,
+      0,
+      0,
+      0,
+      0,
+      0,
+      1,
+      0,
+      0,
+      0,
+      0,
+      0,
+      0,
+      0,
+      1,
+    ]],
+    ["1:0:2:3:4:5:6:7", 6, 128, "1:0:2:3:4:5:6:7/128", [
+      0,
+      1,
+      0,
+      0,
+      0,
+      2,
+      0,
+      3,
+      0,
+      4,
+      0,
+      5,
+      0,
+      6,
+      0,
+      7,
+    ]],
+    ["::ffff:192.0.2.1", 6, 128, "::ffff:c000:201/128", [
+      ...new Array(10).fill(0),
+      0xff,
+      0xff,
+      192,
+      0,
+      2,
+      1,
+    ]],
+    ["64:ff9b::/96", 6, 96, "64:ff9b::/96", [0, 0x64, 0xff, 0x9b, ...new Array(12).fill(0)]],
+    [" 172.16.0.0/12 ", 4, 12, "172.16.0.0/12", [172, 16, 0, 0]],
+  ];
+  for (const [text, family, prefix, canonical, bytes] of cases) {
+    const cidr = parseCidr(text, "--allow");
+    assert.deepEqual(
+      { family: cidr.family, prefix: cidr.prefix, text: cidr.text, bytes: [...cidr.bytes] },
+      { family, prefix, text: canonical, bytes },
+      text,
+    );
+  }
+  const hostBits: [string, string][] = [
+    ["10.0.0.1/8", "10.0.0.0/8"],
+    ["192.168.1.0/16", "192.168.0.0/16"],
+    ["fe80::1/10", "fe80::/10"],
+    ["2001:db8::1/32", "2001:db8::/32"],
+    ["1.2.3.4/0", "0.0.0.0/0"],
+  ];
+  for (const [text, suggestion] of hostBits) {
+    assert.throws(
+      () => parseCidr(text, "--allow"),
+      (error: Error) =>
+        error instanceof ConfigError && error.message.startsWith(`--allow "${text}": host bits`) &&
+        error.message.endsWith(`did you mean ${suggestion}?`),
+      text,
+    );
+  }
+  for (
+    const bad of ["10.0.0.0/33", "::/129", "10.0.0.0/", "10.0.0.0/-1", "10.0.0.0/8/8", "10/8", "x"]
+  ) {
+    assert.throws(
+      () => parseCidr(bad, "DOTPROXY_ALLOW"),
+      (error: Error) =>
+        error instanceof ConfigError && error.message.startsWith(`DOTPROXY_ALLOW "${bad}"`),
+      bad,
+    );
+  }
+});
+
+Deno.test("IP literals: IPv6 parsed by its grammar, not by look", () => {
+  const good = [
+    "0.0.0.0",
+    "255.255.255.255",
+    "::",
+    "::1",
+    "1::",
+    "1:2:3:4:5:6:7:8",
+    "1:2:3:4:5:6:7::",
+    "::2:3:4:5:6:7:8",
+    "1:2:3:4:5:6::8",
+    "2606:4700:4700::1111",
+    "::ffff:1.2.3.4",
+    "1:2:3:4:5:6:1.2.3.4",
+    "::1.2.3.4",
+    "ABCD:ef01::",
+    "0000:0000::0001",
+  ];
+  const bad = [
+    "",
+    "1.2.3",
+    "1.2.3.4.5",
+    "256.1.1.1",
+    "01.2.3.4",
+    "1.2.3.-4",
+    ":",
+    ":::",
+    "1::2::3",
+    "1:2:3:4:5:6:7:8:9",
+    "1:2:3:4:5:6:7",
+    "1:2:3:4:5:6:7:8::",
+    "::1:2:3:4:5:6:7:8",
+    ":1:2:3:4:5:6:7",
+    "1:2:3:4:5:6:7:",
+    "12345::",
+    "::g",
+    "1:2:3:4:5:6:7:1.2.3.4",
+    "::1.2.3",
+    "::1.2.3.4:5",
+    "fe80::1%eth0",
+    "[::1]",
+    "dns.google",
+  ];
+  for (const text of good) assert.ok(isIpLiteral(text), `${text} is an IP literal`);
+  for (const text of bad) assert.ok(!isIpLiteral(text), `${text} is not an IP literal`);
+  assert.deepEqual([...parseIpAddress("::ffff:192.0.2.1")!].slice(10), [0xff, 0xff, 192, 0, 2, 1]);
+  assert.equal(parseIpAddress("192.0.2.1")!.length, 4);
+  assert.equal(parseIpAddress("dns.google"), null);
+});
+
+Deno.test("cidrContains matches by prefix and family", () => {
+  const ip = (text: string) => parseIpAddress(text)!;
+  const net = (text: string) => parseCidr(text, "t");
+  assert.ok(cidrContains(net("10.0.0.0/8"), ip("10.255.1.2")));
+  assert.ok(!cidrContains(net("10.0.0.0/8"), ip("11.0.0.0")));
+  assert.ok(cidrContains(net("172.16.0.0/12"), ip("172.31.255.255")));
+  assert.ok(!cidrContains(net("172.16.0.0/12"), ip("172.32.0.0")));
+  assert.ok(cidrContains(net("fc00::/7"), ip("fd12:3456::1")));
+  assert.ok(!cidrContains(net("fc00::/7"), ip("fe00::1")));
+  assert.ok(cidrContains(net("0.0.0.0/0"), ip("203.0.113.9")));
+  assert.ok(!cidrContains(net("0.0.0.0/0"), ip("::1")), "families never mix");
+  assert.ok(cidrContains(net("::/0"), ip("2001:db8::1")));
+  assert.ok(cidrContains(net("192.0.2.7"), ip("192.0.2.7")));
+  assert.ok(!cidrContains(net("192.0.2.7"), ip("192.0.2.6")));
+  assert.ok(!cidrContains(net("::ffff:0:0/96"), ip("192.0.2.1")), "mapped addresses: no magic");
+});
+
+/** The rows of README.md's configuration table: [flag, variable, default] as written. */
+async function readmeSettings(): Promise<string[][]> {
+  const readme = await Deno.readTextFile(new URL("../README.md", import.meta.url));
+  const lines = readme.split("\n");
+  const start = lines.indexOf("## Configuration");
+  assert.ok(start >= 0, "README.md has a ## Configuration section");
+  const end = lines.findIndex((line, i) => i > start && line.startsWith("## "));
+  const section = lines.slice(start, end < 0 ? undefined : end);
+  const first = section.findIndex((line) => line.startsWith("|"));
+  assert.ok(first >= 0, "the Configuration section has a table");
+  const table: string[][] = [];
+  for (const line of section.slice(first)) {
+    if (!line.startsWith("|")) break;
+    // Cells split on unescaped pipes; GFM unescapes \| even inside code spans.
+    const cells = line.trim().slice(1, -1).split(/(?<!\\)\|/).map((c) =>
+      c.trim().replace(/\\\|/g, "|")
+    );
+    table.push(cells);
+  }
+  assert.deepEqual(table[0], ["flag", "environment variable", "default", "meaning"]);
+  assert.ok(table[1].every((cell) => /^:?-+:?$/.test(cell)), "separator row");
+  const code = (cell: string) => /`([^`]*)`/.exec(cell)?.[1] ?? cell;
+  return table.slice(2).map(([flag, env, fallback, meaning]) => {
+    assert.ok(meaning.length > 0, `${env}: meaning`);
+    return [code(flag), code(env), fallback.replaceAll("`", "")];
+  });
+}
+
+Deno.test("README's configuration table lists exactly the settings, with the same defaults", async () => {
+  const expected = SETTINGS.map((s) => [
+    s.flag ? `--${s.flag}${s.arg ? " " + s.arg : ""}` : "(environment only)",
+    s.env,
+    s.defaultText,
+  ]);
+  assert.deepEqual(await readmeSettings(), expected);
 });
 
 async function runMain(args: string[], env: Record<string, string> = {}) {
@@ -184,6 +850,9 @@ Deno.test("main: invalid configuration is one line on stderr and exit code 2", a
       [["--nope"], {}, "--nope"],
       [[], { DOTPROXY_LOG_LEVEL: "chatty" }, "DOTPROXY_LOG_LEVEL"],
       [[], { DOTPROXY_CA_CERTS: "garbage" }, "DOTPROXY_CA_CERTS"],
+      [["--timeout", "-5"], {}, '--timeout: "-5" is not a whole number'],
+      [["--upstream", "tls://1.1.1.1"], {}, "e.g. 1.1.1.1#cloudflare-dns.com (no scheme)"],
+      [["--allow", "10.0.0.1/8"], {}, "did you mean 10.0.0.0/8?"],
     ] as [string[], Record<string, string>, string][]
   ) {
     const result = await runMain(args, env);

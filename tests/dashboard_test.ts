@@ -12,6 +12,7 @@
 import assert from "node:assert/strict";
 import { DotServer } from "./support/dot_server.ts";
 import { buildQuery } from "./support/dns.ts";
+import { parsePrometheus } from "./support/prometheus.ts";
 import { testConfig, udpExchange, withProxy } from "./support/proxy.ts";
 
 const DASHBOARD = new URL("../deploy/grafana/dotproxy.json", import.meta.url);
@@ -117,26 +118,17 @@ function readExposition(body: string): Exposed {
   const types = new Map<string, string>();
   const series = new Map<string, string>();
   const labels = new Map<string, Set<string>>();
-  for (const line of body.split("\n")) {
-    const declared = /^# TYPE (\S+) (\S+)$/.exec(line);
-    if (declared) {
-      const [, name, type] = declared;
-      types.set(name, type);
-      labels.set(name, new Set());
-      const names = type === "histogram"
-        ? [`${name}_bucket`, `${name}_sum`, `${name}_count`]
-        : [name];
-      for (const s of names) series.set(s, name);
-      continue;
+  for (const family of parsePrometheus(body).values()) {
+    types.set(family.name, family.type);
+    const names = family.type === "histogram"
+      ? [`${family.name}_bucket`, `${family.name}_sum`, `${family.name}_count`]
+      : [family.name];
+    for (const s of names) series.set(s, family.name);
+    const seen = new Set<string>();
+    for (const sample of family.samples) {
+      for (const label of Object.keys(sample.labels)) seen.add(label);
     }
-    if (line === "" || line.startsWith("#")) continue;
-    const sample = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? \S+$/.exec(line);
-    assert.ok(sample, `unreadable sample line ${JSON.stringify(line)}`);
-    const family = series.get(sample[1]);
-    assert.ok(family, `sample ${sample[1]} before its # TYPE`);
-    for (const m of (sample[2] ?? "").matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="/g)) {
-      labels.get(family)?.add(m[1]);
-    }
+    labels.set(family.name, seen);
   }
   return { types, series, labels };
 }

@@ -9,21 +9,10 @@
 
 import assert from "node:assert/strict";
 import { parse, parseAllDocuments } from "npm:yaml@2.8.1";
+import { ConfigError, parseConfig, SETTINGS } from "../src/config.ts";
 
 /** Every environment variable the binary reads. Any DOTPROXY_* name set elsewhere is a typo. */
-const KNOWN_ENV: readonly string[] = [
-  "DOTPROXY_LISTEN",
-  "DOTPROXY_UPSTREAMS",
-  "DOTPROXY_TIMEOUT_MS",
-  "DOTPROXY_LOG_LEVEL",
-  "DOTPROXY_LOG_FORMAT",
-  "DOTPROXY_CA_CERTS",
-  "DOTPROXY_HTTP",
-  "DOTPROXY_LOG_QUERIES",
-  "DOTPROXY_MAX_TCP_CONNECTIONS",
-  "DOTPROXY_TCP_IDLE_TIMEOUT_MS",
-  "DOTPROXY_UPSTREAM_CONNECTIONS",
-];
+const KNOWN_ENV: readonly string[] = SETTINGS.map((setting) => setting.env);
 
 /** The container conventions. */
 const DNS_PORT = 5300;
@@ -367,41 +356,16 @@ function portOf(addr: string, what: string): number {
   return ap.port;
 }
 
-/** Checks one DOTPROXY_* setting against what the binary accepts. */
+/** Checks one DOTPROXY_* setting against what the binary accepts, by its own parser. */
 function checkEnv(where: string, name: string, value: string | undefined): void {
   if (!name.startsWith("DOTPROXY_")) return;
   assert.ok(KNOWN_ENV.includes(name), `${where}: unknown setting ${name}`);
   if (value === undefined) return; // e.g. Kubernetes valueFrom
-  const what = `${where}: ${name}=${value}`;
-  switch (name) {
-    case "DOTPROXY_LISTEN":
-      for (const a of value.split(",")) assert.ok(addrPort(a.trim()), what);
-      break;
-    case "DOTPROXY_HTTP":
-      assert.ok(addrPort(value), what);
-      break;
-    case "DOTPROXY_UPSTREAMS":
-      for (const u of value.split(",")) {
-        const m = u.trim().match(
-          /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?(?:#([A-Za-z0-9.-]+))?$/,
-        );
-        assert.ok(m && (m[2] === undefined || isPort(m[2])), what);
-      }
-      break;
-    case "DOTPROXY_LOG_LEVEL":
-      assert.ok(["debug", "info", "warn", "error"].includes(value), what);
-      break;
-    case "DOTPROXY_LOG_FORMAT":
-      assert.ok(["text", "json"].includes(value), what);
-      break;
-    case "DOTPROXY_CA_CERTS":
-      assert.ok(value.includes("-----BEGIN CERTIFICATE-----"), `${what}: must be PEM text`);
-      break;
-    case "DOTPROXY_LOG_QUERIES":
-      assert.ok(["true", "false", "1", "0"].includes(value), what);
-      break;
-    default: // the numeric settings
-      assert.ok(/^[1-9]\d*$/.test(value), what);
+  try {
+    parseConfig([], (n) => n === name ? value : undefined);
+  } catch (error) {
+    if (!(error instanceof ConfigError)) throw error;
+    assert.fail(`${where}: ${name}=${value}: ${error.message}`);
   }
 }
 
@@ -1033,4 +997,250 @@ Deno.test("deploy: the test's helpers parse what they claim to", () => {
   assert.deepEqual(df.stages.map((s) => [s.from, s.name]), [["a", "b"], ["d", undefined]]);
   assert.deepEqual(keyValues(df.stages[0].instructions[0].args), { X: "1", Y: "2 3" });
   assert.deepEqual(parse("a: on", { version: "1.1" }), { a: true });
+});
+
+// =============================================================================================
+// Release workflows (.github/workflows/), heap sizing and shutdown grace periods.
+
+const CI_WORKFLOW = ".github/workflows/ci.yml";
+const RELEASE_WORKFLOW = ".github/workflows/release.yml";
+/** The platforms the release image is built for. */
+const IMAGE_PLATFORMS = ["linux/amd64", "linux/arm64"];
+/** The heap cap leaves this share of the container memory limit for everything but the heap. */
+const MAX_HEAP_SHARE = 0.7;
+
+/**
+ * A workflow file parsed as GitHub Actions does: YAML 1.2, so `on:` is a key and not the boolean
+ * YAML 1.1 makes of it. Any error or warning (duplicate keys included) fails.
+ */
+async function loadWorkflow(rel: string): Promise<Obj> {
+  const docs = parseAllDocuments(await readText(rel), { version: "1.2" });
+  assert.equal(docs.length, 1, `${rel}: one YAML document`);
+  assert.deepEqual(docs[0].errors.map((e) => e.message), [], `${rel}: YAML errors`);
+  assert.deepEqual(docs[0].warnings.map((e) => e.message), [], `${rel}: YAML warnings`);
+  return obj(docs[0].toJS(), rel);
+}
+
+interface WorkflowStep {
+  job: string;
+  uses: string | undefined;
+  run: string | undefined;
+  with: Obj;
+}
+
+function workflowJobs(workflow: Obj, file: string): Map<string, Obj> {
+  const jobs = new Map<string, Obj>();
+  for (const [id, job] of Object.entries(obj(workflow.jobs, `${file} jobs`))) {
+    jobs.set(id, obj(job, `${file} job ${id}`));
+  }
+  assert.ok(jobs.size > 0, `${file}: no jobs`);
+  return jobs;
+}
+
+function workflowSteps(workflow: Obj, file: string): WorkflowStep[] {
+  const out: WorkflowStep[] = [];
+  for (const [id, job] of workflowJobs(workflow, file)) {
+    for (const [i, s] of arr(job.steps, `${file} ${id} steps`).entries()) {
+      const step = obj(s, `${file} ${id} step ${i}`);
+      out.push({
+        job: id,
+        uses: step.uses === undefined ? undefined : str(step.uses, `${file} ${id} step ${i} uses`),
+        run: step.run === undefined ? undefined : str(step.run, `${file} ${id} step ${i} run`),
+        with: obj(step.with ?? {}, `${file} ${id} step ${i} with`),
+      });
+    }
+  }
+  return out;
+}
+
+/** The permissions a job ends up with: its own, else the workflow's. */
+function jobPermissions(workflow: Obj, job: Obj, what: string): Record<string, string> {
+  const permissions = job.permissions ?? workflow.permissions;
+  assert.notEqual(permissions, undefined, `${what}: permissions must be explicit`);
+  assert.ok(isObj(permissions), `${what}: permissions must be a mapping, not ${permissions}`);
+  return strRecord(permissions, `${what} permissions`);
+}
+
+/** Checks pinning and privileges every workflow must have. */
+function checkWorkflowHygiene(file: string, workflow: Obj): void {
+  for (const step of workflowSteps(workflow, file)) {
+    if (step.uses === undefined) continue;
+    const pinned = step.uses.startsWith("./") ||
+      /^docker:\/\/[^@\s]+@sha256:[0-9a-f]{64}$/.test(step.uses) ||
+      /^[\w.-]+\/[\w./-]+@[0-9a-f]{40}$/.test(step.uses);
+    assert.ok(pinned, `${file} ${step.job}: ${step.uses} must be pinned by full commit SHA`);
+  }
+  // The workflow-wide default grants nothing that writes.
+  const top = workflow.permissions;
+  assert.ok(isObj(top), `${file}: top-level permissions must be a mapping ({} or read-only)`);
+  for (const [scope, level] of Object.entries(strRecord(top, `${file} permissions`))) {
+    assert.notEqual(level, "write", `${file}: top-level ${scope}: write; grant it per job`);
+  }
+  for (const [id, job] of workflowJobs(workflow, file)) {
+    jobPermissions(workflow, job, `${file} job ${id}`);
+    assert.ok(typeof job["timeout-minutes"] === "number", `${file} job ${id}: timeout-minutes`);
+  }
+}
+
+/** Jobs granted `level` on `scope`. */
+function jobsWith(workflow: Obj, file: string, scope: string, level: string): string[] {
+  return [...workflowJobs(workflow, file)]
+    .filter(([id, job]) => jobPermissions(workflow, job, `${file} ${id}`)[scope] === level)
+    .map(([id]) => id);
+}
+
+Deno.test("deploy: workflows pin every action by commit SHA and grant least privilege", async () => {
+  for (const file of [CI_WORKFLOW, RELEASE_WORKFLOW]) {
+    checkWorkflowHygiene(file, await loadWorkflow(file));
+    // No owner is hard-coded: forks and the canonical repository publish to their own places.
+    const text = await readText(file);
+    assert.doesNotMatch(
+      text,
+      /ghcr\.io\/(?!\$)/i,
+      `${file}: use ghcr.io/\${{ github.repository }}`,
+    );
+    assert.doesNotMatch(text, /github\.com\/[\w-]+\/dotproxy/i, `${file}: hard-coded owner`);
+  }
+});
+
+Deno.test("deploy: ci.yml runs .ci/run on every push and pull request, read-only", async () => {
+  const ci = await loadWorkflow(CI_WORKFLOW);
+  const on = obj(ci.on, "ci on");
+  assert.ok("push" in on && "pull_request" in on, "ci runs on push and pull_request");
+  const steps = workflowSteps(ci, CI_WORKFLOW);
+  assert.ok(steps.some((s) => /(^|\s|\/)\.ci\/run\b/.test(s.run ?? "")), "ci runs .ci/run");
+  for (const [id, job] of workflowJobs(ci, CI_WORKFLOW)) {
+    const permissions = jobPermissions(ci, job, `ci job ${id}`);
+    assert.ok(Object.values(permissions).every((l) => l !== "write"), `ci job ${id} writes`);
+  }
+});
+
+Deno.test("deploy: release.yml tests, builds every target with SHA256SUMS, publishes, pushes the image", async () => {
+  const release = await loadWorkflow(RELEASE_WORKFLOW);
+  const file = RELEASE_WORKFLOW;
+  const on = obj(release.on, "release on");
+  assert.deepEqual(Object.keys(on), ["push"], "release runs on tag pushes only");
+  const push = obj(on.push, "release on.push");
+  assert.deepEqual(arr(push.tags, "on.push.tags"), ["v*"]);
+  assert.equal(push.branches, undefined);
+
+  const jobs = workflowJobs(release, file);
+  const steps = workflowSteps(release, file);
+  // The tests gate everything else.
+  const testJobs = [
+    ...new Set(steps.filter((s) => /\.ci\/run\b/.test(s.run ?? "")).map((s) => s.job)),
+  ];
+  assert.equal(testJobs.length, 1, "one job runs .ci/run");
+  for (const [id, job] of jobs) {
+    if (id === testJobs[0]) continue;
+    const needs = job.needs === undefined ? [] : [job.needs].flat();
+    assert.ok(needs.includes(testJobs[0]), `release job ${id} must need ${testJobs[0]}`);
+  }
+
+  // Binaries: scripts/release.sh with every target, compiled with the compile task's permissions.
+  const builds = steps.filter((s) => /scripts\/release\.sh\b/.test(s.run ?? ""));
+  assert.equal(builds.length, 1, "one step runs scripts/release.sh");
+  const args = shellWords(str(builds[0].run, "release.sh step").trim());
+  const targets = args.slice(args.findIndex((w) => /scripts\/release\.sh$/.test(w)) + 1);
+  const all = releaseSh.match(/ALL_TARGETS=\(([^)]*)\)/);
+  assert.ok(all, "scripts/release.sh: ALL_TARGETS=(...)");
+  assert.deepEqual(
+    targets.length === 0 ? shellWords(all[1]) : targets,
+    RELEASE_TARGETS,
+    "release.yml must build the five targets",
+  );
+  const compileTask = str(obj(denoJson.tasks, "tasks").compile, "tasks.compile");
+  const releaseCompile = releaseSh.split("\n").filter((l) => /^\s*deno\s+compile\b/.test(l));
+  assert.equal(releaseCompile.length, 1);
+  assert.deepEqual(denoFlags(releaseCompile[0]).allow, denoFlags(compileTask).allow);
+  assert.deepEqual(denoFlags(compileTask).allow, ALLOW_FLAGS);
+  for (const step of steps) {
+    // Any compile in the workflow itself grants exactly what the compile task grants.
+    for (const line of (step.run ?? "").split("\n").filter((l) => /\bdeno\s+compile\b/.test(l))) {
+      assert.deepEqual(denoFlags(line).allow, ALLOW_FLAGS, `release.yml: ${line}`);
+    }
+  }
+  assert.match(releaseSh, /sha256[^\n]*>\s*SHA256SUMS/, "release.sh writes SHA256SUMS");
+
+  // Published as release assets, SHA256SUMS included, by the only job that may write contents.
+  const publish = steps.filter((s) =>
+    /\bgh\s+release\s+(create|upload)\b/.test(s.run ?? "") ||
+    (s.uses ?? "").startsWith("softprops/action-gh-release@")
+  );
+  assert.equal(publish.length, 1, "one step publishes the release");
+  const published = JSON.stringify(publish[0]);
+  assert.match(published, /dist\/SHA256SUMS/, "SHA256SUMS is a release asset");
+  assert.match(published, /dist\/dotproxy-\*/, "every binary is a release asset");
+  assert.deepEqual(jobsWith(release, file, "contents", "write"), [publish[0].job]);
+  const builtIn = builds[0].job;
+  assert.equal(publish[0].job, builtIn, "published from the job that built them");
+
+  // The image: both platforms, pushed to ghcr.io/<repository> as the version and latest.
+  const images = steps.filter((s) => (s.uses ?? "").startsWith("docker/build-push-action@"));
+  assert.equal(images.length, 1, "one docker/build-push-action step");
+  const image = images[0];
+  const platforms = str(image.with.platforms, "platforms").split(",").map((p) => p.trim());
+  assert.deepEqual([...platforms].sort(), IMAGE_PLATFORMS);
+  assert.equal(image.with.push, true);
+  assert.ok(image.with.provenance !== undefined && image.with.provenance !== false, "provenance");
+  assert.equal(image.with.sbom, true, "SBOM attestation");
+  assert.deepEqual(jobsWith(release, file, "packages", "write"), [image.job]);
+  const imageJob = JSON.stringify(jobs.get(image.job));
+  assert.match(imageJob, /ghcr\.io\/\$\{(GITHUB_REPOSITORY,,|\{ github\.repository \}\})/);
+  assert.match(imageJob, /:latest\b/);
+  assert.match(imageJob, /GITHUB_REF_NAME#v|github\.ref_name/, "tagged with the version");
+});
+
+/** The value of `--v8-flags=` in a command line, as a list of flags. */
+function v8Flags(line: string, where: string): string[] {
+  const flag = shellWords(line).find((w) => w.startsWith("--v8-flags="));
+  assert.ok(flag, `${where}: no --v8-flags=`);
+  return flag.slice("--v8-flags=".length).split(",");
+}
+
+Deno.test("deploy: the image and release binaries cap V8's heap below the memory limit", () => {
+  const releaseLine = releaseSh.split("\n").find((l) => /^\s*deno\s+compile\b/.test(l)) ?? "";
+  const image = v8Flags(compileLine(), "Dockerfile");
+  assert.deepEqual(v8Flags(releaseLine, "scripts/release.sh"), image, "the same V8 flags");
+  const oldSpace = image.find((f) => f.startsWith("--max-old-space-size="));
+  assert.ok(oldSpace, "--max-old-space-size= must be set");
+  const heapMiB = Number(oldSpace.split("=")[1]);
+  const limits = obj(obj(container.resources, "resources").limits, "resources.limits");
+  const limitMiB = quantity(limits.memory, "limits.memory") / 2 ** 20;
+  assert.ok(
+    heapMiB >= 64 && heapMiB <= limitMiB * MAX_HEAP_SHARE,
+    `old space ${heapMiB} MiB for a ${limitMiB} MiB limit`,
+  );
+  if (composeService.mem_limit !== undefined) {
+    const compose = str(composeService.mem_limit, "compose mem_limit").replace(/m$/i, "Mi");
+    assert.equal(quantity(compose, "mem_limit") / 2 ** 20, limitMiB, "compose and Kubernetes");
+  }
+});
+
+/** The shutdown delay and timeout, in seconds, that `env` configures. */
+function shutdownSeconds(env: ReadonlyMap<string, string | undefined>): number {
+  const names = ["DOTPROXY_SHUTDOWN_DELAY_MS", "DOTPROXY_SHUTDOWN_TIMEOUT_MS"];
+  const request = parseConfig([], (n) => names.includes(n) ? env.get(n) : undefined);
+  assert.equal(request.kind, "config");
+  if (request.kind !== "config") return 0;
+  return (request.config.shutdownDelayMs + request.config.shutdownTimeoutMs) / 1000;
+}
+
+Deno.test("deploy: grace periods outlast the shutdown delay and timeout", async () => {
+  const delay = podEnv.get("DOTPROXY_SHUTDOWN_DELAY_MS");
+  assert.ok(delay !== undefined && Number(delay) > 0, "the Deployment sets a shutdown delay");
+  const grace = num(podSpec.terminationGracePeriodSeconds, "terminationGracePeriodSeconds");
+  const needed = shutdownSeconds(podEnv);
+  assert.ok(grace >= needed + 5, `terminationGracePeriodSeconds ${grace} < ${needed} + 5`);
+
+  const composeGrace = seconds(str(composeService.stop_grace_period, "stop_grace_period"));
+  const composeNeeds = shutdownSeconds(composeEnv());
+  assert.ok(composeGrace >= composeNeeds + 2, `compose stop_grace_period ${composeGrace}s`);
+
+  const unit = await readText("deploy/systemd/dotproxy.service");
+  const stop = unit.match(/^TimeoutStopSec=(\S+)$/m);
+  assert.ok(stop, "the unit sets TimeoutStopSec");
+  const unitEnv = new Map<string, string>();
+  for (const m of unit.matchAll(/^Environment=(\S+?)=(.*)$/gm)) unitEnv.set(m[1], m[2]);
+  assert.ok(seconds(stop[1]) >= shutdownSeconds(unitEnv) + 2, `TimeoutStopSec=${stop[1]}`);
 });

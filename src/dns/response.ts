@@ -6,19 +6,19 @@
  * @module
  */
 
+import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "./message.ts";
 import type { QueryInfo } from "./query.ts";
 import {
   getArcount,
   getQdcount,
-  getRcode,
   HEADER_SIZE,
-  isResponse,
-  namesEqual,
   Rcode,
   readU16,
+  RRClass,
   RRType,
   skipName,
   skipRecord,
+  skipUncompressedName,
   writeU16,
 } from "./wire.ts";
 
@@ -36,17 +36,70 @@ export const EdeCode = {
 const EDE_OPTION = 15;
 const encoder = new TextEncoder();
 
+/** TSIG error BADKEY (RFC 8945 section 5.2). */
+const TSIG_BADKEY = 17;
+
 /** Options for {@linkcode buildErrorResponse}. */
 export interface ErrorResponseOptions {
   /** An Extended DNS Error (RFC 8914) to attach when the query had EDNS. */
   ede?: { code: number; text?: string };
+  /**
+   * Set TC=1: the empty answer that sends a UDP client to TCP, for ANY over UDP (RFC 8482
+   * section 4.1) or a rate limiter's "slip".
+   */
+  truncated?: boolean;
+}
+
+/**
+ * The length of the unsigned TSIG record answering the TSIG at `start` (RFC 8945 section
+ * 5.3.2): its key name and algorithm with an empty MAC and no other data, or 0 when there is
+ * no readable TSIG there.
+ */
+function unsignedTsigLength(query: Uint8Array, start: number): number {
+  if (start < 0) return 0;
+  const ownerEnd = skipUncompressedName(query, start, query.length);
+  if (ownerEnd < 0) return 0;
+  const algorithmEnd = skipUncompressedName(query, ownerEnd + 10, query.length);
+  if (algorithmEnd < 0 || algorithmEnd + 10 > query.length) return 0;
+  const macEnd = algorithmEnd + 10 + readU16(query, algorithmEnd + 8);
+  if (macEnd + 2 > query.length) return 0;
+  // owner, type class ttl rdlength, algorithm, time(6) fudge(2) mac size(2) id error other-len
+  return algorithmEnd - start + 16;
+}
+
+/** Writes the unsigned BADKEY TSIG answering the query's TSIG at `start` into `out[at..]`. */
+function writeUnsignedTsig(query: Uint8Array, start: number, out: Uint8Array, at: number): void {
+  const ownerEnd = skipUncompressedName(query, start, query.length);
+  const algorithmStart = ownerEnd + 10;
+  const algorithmEnd = skipUncompressedName(query, algorithmStart, query.length);
+  const macEnd = algorithmEnd + 10 + readU16(query, algorithmEnd + 8);
+  out.set(query.subarray(start, ownerEnd), at); // key name
+  at += ownerEnd - start;
+  writeU16(out, at, RRType.TSIG);
+  writeU16(out, at + 2, RRClass.ANY);
+  out.fill(0, at + 4, at + 8); // TTL 0
+  writeU16(out, at + 8, algorithmEnd - algorithmStart + 16);
+  at += 10;
+  out.set(query.subarray(algorithmStart, algorithmEnd + 8), at); // algorithm, time, fudge
+  at += algorithmEnd + 8 - algorithmStart;
+  writeU16(out, at, 0); // MAC size
+  out[at + 2] = query[macEnd]; // original ID
+  out[at + 3] = query[macEnd + 1];
+  writeU16(out, at + 4, TSIG_BADKEY);
+  writeU16(out, at + 6, 0); // other length
 }
 
 /**
  * Builds an error response from the query's own bytes: the same ID, opcode, RD and CD bits
  * and the question exactly as sent (case included), with QR and RA set and the given rcode.
  * When the query carried EDNS (and the error is not FORMERR), an OPT record is included, as
- * RFC 6891 asks, with the query's DO bit and an optional Extended DNS Error.
+ * RFC 6891 asks, with the query's DO bit and an optional Extended DNS Error; an extended
+ * rcode (over 15, such as BADVERS) puts its upper bits there. NOTAUTH for a query signed
+ * with TSIG carries the unsigned TSIG record with error BADKEY of RFC 8945 section 5.2
+ * (key name, algorithm, time and fudge of the query's, empty MAC). `truncated` sets TC.
+ *
+ * Without an EDE the response is never larger than the query: header, question, an 11-byte
+ * OPT only when the query had one, a TSIG shorter than the query's.
  *
  * @example
  * ```ts
@@ -71,21 +124,26 @@ export function buildErrorResponse(
   const edeText = withOpt && options.ede?.text ? encoder.encode(options.ede.text) : undefined;
   const edeLength = withOpt && options.ede ? 4 + 2 + (edeText?.length ?? 0) : 0;
   const optLength = withOpt ? 11 + edeLength : 0;
+  const tsigLength = rcode === Rcode.NOTAUTH && info.tsig
+    ? unsignedTsigLength(query, info.tsigStart)
+    : 0;
   const bodyEnd = questionEnd > 0 ? questionEnd : HEADER_SIZE;
-  const out = new Uint8Array(bodyEnd + optLength);
+  const out = new Uint8Array(bodyEnd + optLength + tsigLength);
   out.set(query.subarray(0, bodyEnd));
-  out[2] = 0x80 | (query[2] & 0x79); // QR, opcode, RD; AA and TC cleared
+  // QR, opcode, RD; AA cleared, TC on request
+  out[2] = 0x80 | (query[2] & 0x79) | (options.truncated ? 0x02 : 0);
   out[3] = 0x80 | (query[3] & 0x10) | (rcode & 0x0f); // RA, CD, rcode
   writeU16(out, 4, questionEnd > 0 ? 1 : 0);
   writeU16(out, 6, 0);
   writeU16(out, 8, 0);
-  writeU16(out, 10, withOpt ? 1 : 0);
+  writeU16(out, 10, (withOpt ? 1 : 0) + (tsigLength > 0 ? 1 : 0));
+  if (tsigLength > 0) writeUnsignedTsig(query, info.tsigStart, out, bodyEnd + optLength);
   if (withOpt) {
     let at = bodyEnd;
     out[at++] = 0; // root owner
     writeU16(out, at, RRType.OPT);
     writeU16(out, at + 2, ADVERTISED_UDP_SIZE);
-    out[at + 4] = 0; // extended rcode
+    out[at + 4] = (rcode >> 4) & 0xff; // extended rcode
     out[at + 5] = 0; // version
     out[at + 6] = info.dnssecOk ? 0x80 : 0;
     out[at + 7] = 0;
@@ -157,27 +215,25 @@ export function truncateResponse(resp: Uint8Array, maxSize: number): Uint8Array 
   return out;
 }
 
+const answersInfo = new ResponseInfo();
+
 /**
- * True when `resp` is a response to the question in `query` (bytes `[12, questionEnd)`):
- * QR set and the same name (ignoring case), type and class. An error response without a
- * question (some servers send FORMERR, NOTIMP or REFUSED that way) also matches. The ID is
- * not compared: the caller matched it already.
+ * True when `resp` is a valid response ({@linkcode analyzeResponse}: every section parses)
+ * to the question in `query` (bytes `[12, questionEnd)`): the same opcode, name (ignoring
+ * case), type and class ({@linkcode responseAnswersQuery}). An error response without a
+ * question (some servers send FORMERR, NOTIMP or REFUSED that way) matches only when it
+ * carries no records but an OPT. The ID is not compared: the caller matched it already.
+ *
+ * Callers that also need the TTLs or the OPT record should call `analyzeResponse` and
+ * `responseAnswersQuery` themselves with their own `ResponseInfo`.
  */
 export function answersQuestion(
   resp: Uint8Array,
   query: Uint8Array,
   questionEnd: number,
 ): boolean {
-  if (resp.length < HEADER_SIZE || !isResponse(resp)) return false;
-  const qdcount = getQdcount(resp);
-  if (qdcount === 0) return getRcode(resp) !== Rcode.NOERROR;
-  if (qdcount !== 1 || resp.length < questionEnd) return false;
-  const nameLength = questionEnd - 4 - HEADER_SIZE;
-  if (!namesEqual(resp, HEADER_SIZE, query, HEADER_SIZE, nameLength)) return false;
-  for (let i = questionEnd - 4; i < questionEnd; i++) {
-    if (resp[i] !== query[i]) return false;
-  }
-  return true;
+  return analyzeResponse(resp, answersInfo) &&
+    responseAnswersQuery(resp, answersInfo, query, questionEnd);
 }
 
 /**

@@ -22,13 +22,56 @@ export const Rcode = {
   NXDOMAIN: 3,
   NOTIMP: 4,
   REFUSED: 5,
+  /** Not authorized / TSIG key not known (RFC 8945 section 5.2). */
+  NOTAUTH: 9,
+  /** Extended rcode 16: the OPT version is not supported (RFC 6891 section 6.1.3). */
+  BADVERS: 16,
 } as const;
 
 /** Opcodes (RFC 1035, RFC 6895). */
 export const Opcode = { QUERY: 0 } as const;
 
-/** Record types the proxy looks at. */
-export const RRType = { OPT: 41, IXFR: 251, AXFR: 252 } as const;
+/** Record types the proxy looks at (RFC 1035, RFC 6895 and the RFCs named per type). */
+export const RRType = {
+  A: 1,
+  NS: 2,
+  CNAME: 5,
+  SOA: 6,
+  PTR: 12,
+  MX: 15,
+  TXT: 16,
+  AAAA: 28,
+  SRV: 33,
+  DNAME: 39,
+  OPT: 41,
+  RRSIG: 46,
+  TKEY: 249,
+  TSIG: 250,
+  IXFR: 251,
+  AXFR: 252,
+  MAILB: 253,
+  MAILA: 254,
+  ANY: 255,
+} as const;
+
+/** Classes (RFC 1035 section 3.2.4, RFC 6895 section 3.2). */
+export const RRClass = { IN: 1, ANY: 255 } as const;
+
+/** EDNS(0) option codes (RFC 6891 section 6.1.2 and the RFCs named per code). */
+export const EdnsOption = {
+  /** Name server identifier (RFC 5001). */
+  NSID: 3,
+  /** Client subnet (RFC 7871). */
+  CLIENT_SUBNET: 8,
+  /** DNS cookie (RFC 7873): hop-by-hop. */
+  COOKIE: 10,
+  /** edns-tcp-keepalive (RFC 7828): hop-by-hop. */
+  TCP_KEEPALIVE: 11,
+  /** Padding (RFC 7830): hop-by-hop. */
+  PADDING: 12,
+  /** Extended DNS Error (RFC 8914). */
+  EDE: 15,
+} as const;
 
 const RCODE_NAMES = [
   "NOERROR",
@@ -170,6 +213,61 @@ export function skipName(msg: Uint8Array, offset: number, end: number): number {
   }
 }
 
+/** The most compression pointers {@linkcode checkName} follows in one name. */
+export const MAX_POINTER_HOPS = 128;
+
+/**
+ * Validates a possibly compressed name (RFC 1035 section 4.1.4) at `offset` by following
+ * its pointers, and returns the offset just past the part stored at `offset` (its labels
+ * and its pointer, if any), or -1 when the name is malformed.
+ *
+ * The in-place part must end before `limit` (the end of the record data that holds the
+ * name, or of the message). Each pointer must point strictly backwards: before the start of
+ * the name, or of the label run that jumped to it, and not into the header, and the run it
+ * points to must end before the pointer itself; this makes loops impossible. Label types
+ * other than 00 (length) and 11 (pointer) are rejected (RFC 6891 section 5 retired 01), as
+ * are names over 255 octets and more than {@linkcode MAX_POINTER_HOPS} pointers.
+ *
+ * @example
+ * ```ts
+ * import { checkName } from "./wire.ts";
+ * const msg = new Uint8Array(20);
+ * msg.set([3, 0x63, 0x6f, 0x6d, 0], 12); // com. at 12
+ * msg.set([0xc0, 12], 17); // a pointer to it
+ * checkName(msg, 17, 19); // 19
+ * checkName(msg, 12, 20); // 17
+ * ```
+ */
+export function checkName(msg: Uint8Array, offset: number, limit: number): number {
+  let runStart = offset;
+  let end = limit < msg.length ? limit : msg.length;
+  let after = -1;
+  let length = 1; // the root label
+  let hops = 0;
+  // Each step reads one label (at least 2 octets of the 255) or follows one pointer.
+  for (let step = 0; step < 128 + MAX_POINTER_HOPS; step++) {
+    if (offset >= end) return -1;
+    const labelLength = msg[offset];
+    if (labelLength === 0) return after < 0 ? offset + 1 : after;
+    const kind = labelLength & 0xc0;
+    if (kind === 0xc0) {
+      if (offset + 2 > end) return -1;
+      const target = ((labelLength & 0x3f) << 8) | msg[offset + 1];
+      if (target >= runStart || target < HEADER_SIZE || ++hops > MAX_POINTER_HOPS) return -1;
+      if (after < 0) after = offset + 2;
+      end = offset;
+      runStart = target;
+      offset = target;
+      continue;
+    }
+    if (kind !== 0) return -1;
+    length += labelLength + 1;
+    if (length > 255) return -1;
+    offset += labelLength + 1;
+  }
+  return -1;
+}
+
 /**
  * Skips one resource record at `offset`, returning the offset past it or -1 when it runs
  * past `end`. `compressed` says whether the owner name may use compression pointers.
@@ -241,6 +339,7 @@ const TYPE_NAMES: Record<number, string> = {
   28: "AAAA",
   33: "SRV",
   35: "NAPTR",
+  39: "DNAME",
   41: "OPT",
   43: "DS",
   46: "RRSIG",
@@ -251,8 +350,12 @@ const TYPE_NAMES: Record<number, string> = {
   64: "SVCB",
   65: "HTTPS",
   99: "SPF",
+  249: "TKEY",
+  250: "TSIG",
   251: "IXFR",
   252: "AXFR",
+  253: "MAILB",
+  254: "MAILA",
   255: "ANY",
   257: "CAA",
 };

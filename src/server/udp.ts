@@ -109,12 +109,20 @@ export class UdpServer implements ResponseSink {
     this.#sent();
   };
 
-  /** Stops taking queries, lets in-flight answers go out, and closes the socket. */
-  async close(): Promise<void> {
+  /**
+   * Stops taking queries, lets in-flight answers go out (for at most `timeoutMs`), and
+   * closes the socket.
+   */
+  async close(timeoutMs = 10_000): Promise<void> {
     if (this.#closing) return;
     this.#closing = true;
     if (this.#inflight > 0) {
-      await new Promise<void>((resolve) => this.#drained = resolve);
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await new Promise<void>((resolve) => {
+        this.#drained = resolve;
+        timer = setTimeout(resolve, timeoutMs);
+      });
+      clearTimeout(timer);
     }
     this.#socketClosed = true;
     this.#socket.close();

@@ -1,40 +1,43 @@
 /**
- * One long-lived DNS-over-TLS connection (RFC 7858) carrying many queries at once
+ * One long-lived DNS-over-TLS connection (RFC 7858) carrying many exchanges at once
  * (RFC 7766 pipelining), each under an ID chosen here and unique on the connection.
  *
- * Writes are coalesced: every query queued in the same turn of the event loop goes out in
- * one TLS write. Reads land in one reusable buffer and are split into frames in place.
+ * Writes are coalesced: every exchange queued in the same turn of the event loop goes out in
+ * one TLS write. Reads land in one reusable buffer and are split into frames in place. Every
+ * answer is validated in full (every section parses, the question matches) before it is
+ * handed on; the client's ID and question casing are not this layer's business.
  *
  * @module
  */
 
 import type { UpstreamSpec } from "../config.ts";
-import { answersQuestion } from "../dns/response.ts";
+import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "../dns/message.ts";
 import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
 import { FrameBuffer } from "../frame_buffer.ts";
 import type { Logger } from "../log.ts";
 import { SlabCopier } from "../slab.ts";
-import type { PendingQuery, QueryCarrier } from "./pending_query.ts";
+import type { Clock } from "../timers.ts";
+import type { Exchange, ExchangeCarrier } from "./exchange.ts";
 import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./types.ts";
 
 /**
  * How long (at least; four times the connection's fastest answer if more) a connection may
- * owe the server an ACK before it is nudged. A server that
- * holds small writes under Nagle's algorithm (Unbound's DoT does) holds every answer after
- * the first until the client acknowledges, and Linux delays that ACK by up to 40 ms when the
- * client has nothing to send. When queries are still in flight that long after the last
- * read with no write since, the oldest is written again under the same ID: the write
- * carries the ACK, the held answers come at once, and the echo of the duplicate is ignored.
+ * owe the server an ACK before it is nudged. A server that holds small writes under Nagle's
+ * algorithm (Unbound's DoT does) holds every answer after the first until the client
+ * acknowledges, and Linux delays that ACK by up to 40 ms when the client has nothing to send.
+ * When queries are still in flight that long after the last read with no write since, the
+ * oldest is written again under the same ID: the write carries the ACK, the held answers
+ * come at once, and the echo of the duplicate is ignored.
  */
 export const NUDGE_MS = 2;
 
 /** How long a new connection rests before it takes queries (see `settled`). */
 export const SETTLE_MS = 50;
 
-/** Most queries in flight on one connection (IDs are 16 bits; keep plenty free). */
+/** Most exchanges in flight on one connection (IDs are 16 bits; keep plenty free). */
 export const MAX_QUERIES_PER_CONNECTION = 16384;
 
-const READ_BUFFER_SIZE = 256 * 1024;
+const READ_BUFFER_SIZE = 64 * 1024;
 const MAX_FRAME = 2 + 65535;
 
 /** What a connection needs from the upstream that owns it. */
@@ -49,22 +52,29 @@ export interface ConnectionOwner {
   readonly stats: UpstreamStats;
   /** Deadline for TCP connect plus TLS handshake. */
   readonly connectTimeoutMs: number;
-  /** The handshake completed. */
-  onOpen(connection: DotConnection): void;
-  /** `query` was answered with `response` (client ID restored) after `seconds`. */
+  /** Whether to nudge Nagle-bound servers (see {@linkcode NUDGE_MS}). */
+  readonly nudge: boolean;
+  /** The clock. */
+  readonly clock: Clock;
+  /** The handshake completed after `handshakeMs`. */
+  onOpen(connection: UpstreamConnection, handshakeMs: number): void;
+  /** An answer (valid, matching) arrived for `exchange` after `ms`; `exchange` may be ended. */
   onAnswer(
-    connection: DotConnection,
-    query: PendingQuery,
+    connection: UpstreamConnection,
+    exchange: Exchange,
     response: Uint8Array,
-    seconds: number,
+    info: ResponseInfo,
+    ms: number,
   ): void;
+  /** An answer arrived that is malformed or answers another question. */
+  onBadAnswer(connection: UpstreamConnection, exchange: Exchange, reason: string): void;
   /**
    * The connection is gone. `orphans` were in flight and unanswered; `failure` is set when
    * it broke rather than closed normally.
    */
   onClosed(
-    connection: DotConnection,
-    orphans: PendingQuery[],
+    connection: UpstreamConnection,
+    orphans: Exchange[],
     failure: UpstreamError | null,
   ): void;
 }
@@ -72,9 +82,56 @@ export interface ConnectionOwner {
 /** Connection lifecycle states. */
 export type ConnectionState = "connecting" | "open" | "closed";
 
+/**
+ * What an upstream needs of a connection. {@linkcode DotConnection} is the real one; the pool's
+ * unit tests use a fake.
+ */
+export interface UpstreamConnection extends ExchangeCarrier {
+  /** Lifecycle state. */
+  readonly state: ConnectionState;
+  /** Exchanges in flight, ended ones awaiting their late answer included. */
+  readonly load: number;
+  /** Answers read on this connection. */
+  readonly answered: number;
+  /** True once the TLS handshake completed. */
+  readonly opened: boolean;
+  /** Clock time the connection was created. */
+  readonly createdAt: number;
+  /** Clock time of the last exchange handed to it. */
+  readonly lastWriteAt: number;
+  /** Clock time of the last send or answer. */
+  readonly lastActive: number;
+  /**
+   * Clock time since when exchanges have waited with no answer arriving (0 when nothing
+   * waits): the measure of a connection that stopped answering.
+   */
+  readonly waitingSince: number;
+  /** True once this side asked it to close (idle, abandoned, shutting down). */
+  readonly closeRequested: boolean;
+  /** True once open long enough to take queries (see {@linkcode SETTLE_MS}). */
+  settled(now: number): boolean;
+  /** Starts connecting. */
+  start(): void;
+  /** Puts `exchange` on the wire (queued until the handshake completes). */
+  send(exchange: Exchange): void;
+  /** Closes; exchanges in flight are handed back as orphans. */
+  close(): void;
+  /** Closes as a failure (stalled or misbehaving); exchanges in flight are handed back. */
+  abandon(reason: UpstreamErrorReason, message: string): void;
+  /** Forgets ended exchanges written before `before` whose answers never came. */
+  purge(before: number): void;
+  /** Resolves once fully closed. */
+  readonly finished: Promise<void>;
+}
+
+/** Creates a connection for an upstream. */
+export type ConnectionFactory = (owner: ConnectionOwner) => UpstreamConnection;
+
 const copier = new SlabCopier();
 const randomIds = new Uint16Array(2048);
 let randomIndex = randomIds.length;
+/** Reused for every answer: connections run on one thread and hand answers on synchronously. */
+const responseInfo = new ResponseInfo();
 
 function nextRandomId(): number {
   if (randomIndex === randomIds.length) {
@@ -112,6 +169,12 @@ export function classifyError(error: unknown): UpstreamErrorReason {
   if (error instanceof UpstreamError) return error.reason;
   if (error instanceof Deno.errors.ConnectionRefused) return "refused";
   if (error instanceof Deno.errors.TimedOut) return "timeout";
+  const message = error instanceof Error ? error.message : String(error);
+  // ENETUNREACH (101) and EHOSTUNREACH (113): no route, not a reset.
+  if (
+    /unreachable|os error 101|os error 113|os error 51|os error 65/i.test(message) ||
+    (error instanceof Error && error.name === "NetworkUnreachable")
+  ) return "unreachable";
   if (
     error instanceof Deno.errors.ConnectionReset ||
     error instanceof Deno.errors.ConnectionAborted ||
@@ -119,7 +182,6 @@ export function classifyError(error: unknown): UpstreamErrorReason {
     error instanceof Deno.errors.UnexpectedEof ||
     error instanceof Deno.errors.NotConnected
   ) return "reset";
-  const message = error instanceof Error ? error.message : String(error);
   if (/certificate|tls|handshake|CertNotValid|UnknownIssuer|NotValidForName/i.test(message)) {
     return "tls";
   }
@@ -128,52 +190,56 @@ export function classifyError(error: unknown): UpstreamErrorReason {
 }
 
 /**
- * A pipelined DoT connection. Created by an upstream, which hands it queries with
+ * A pipelined DoT connection. Created by an upstream, which hands it exchanges with
  * {@linkcode DotConnection.send} and hears back through its {@linkcode ConnectionOwner}.
  *
  * @example
  * ```ts ignore
  * const connection = new DotConnection(owner);
  * connection.start();
- * connection.send(pendingQuery);
+ * connection.send(exchange);
  * ```
  */
-export class DotConnection implements QueryCarrier {
+export class DotConnection implements UpstreamConnection {
   /** Lifecycle state. */
   state: ConnectionState = "connecting";
-  /** Queries in flight by wire ID. */
-  readonly inflight = new Map<number, PendingQuery>();
+  /** Exchanges in flight by wire ID (ended ones stay until answered or purged). */
+  readonly inflight = new Map<number, Exchange>();
   /** Answers delivered on this connection. */
   answered = 0;
   /** True once the TLS handshake completed. */
   opened = false;
-  /** `performance.now()` when the handshake completed. */
+  /** Clock time when the handshake completed. */
   openedAt = 0;
-  /** `performance.now()` of the last send or answer. */
-  lastActive: number = performance.now();
-  /** `performance.now()` of the last query handed to this connection. */
+  /** Clock time the connection was created. */
+  readonly createdAt: number;
+  /** Clock time of the last send or answer. */
+  lastActive: number;
+  /** Clock time of the last exchange handed to this connection. */
   lastWriteAt = 0;
-  /** `performance.now()` of the last read that delivered an answer. */
+  /** Clock time of the last read that delivered an answer. */
   lastReadAt = 0;
   /** The fastest answer latency seen on this connection (drifting up), in milliseconds. */
   minRttMs = 0;
+  /** See {@linkcode UpstreamConnection.waitingSince}. */
+  waitingSince = 0;
   #nudgeTimer: ReturnType<typeof setTimeout> | undefined;
-  /** IDs of answered queries whose duplicate (see `NUDGE_MS`) may still be answered. */
+  /** IDs of answered exchanges whose duplicate (see `NUDGE_MS`) may still be answered. */
   readonly #echoes = new Map<number, number>();
   readonly #nudge = () => this.#nudgeNow();
-  /**
-   * `performance.now()` since when queries have waited with no answer arriving: set when
-   * the first query goes in flight, moved forward by every answer.
-   */
-  waitingSince = 0;
   readonly #owner: ConnectionOwner;
+  readonly #clock: Clock;
   #conn: Deno.TlsConn | null = null;
   #tcp: Deno.TcpConn | null = null;
   readonly #frames = new FrameBuffer(16 * 1024);
   #flushScheduled = false;
   #writing = false;
-  #writeStartedAt = 0;
   #closeRequested = false;
+
+  /** True once this side asked it to close. */
+  get closeRequested(): boolean {
+    return this.#closeRequested;
+  }
   #done: Promise<void> = Promise.resolve();
   readonly #flush = () => this.#flushLoop();
   readonly #isOpen = () => this.state === "open";
@@ -181,6 +247,9 @@ export class DotConnection implements QueryCarrier {
   /** Creates an unconnected connection; call {@linkcode start}. */
   constructor(owner: ConnectionOwner) {
     this.#owner = owner;
+    this.#clock = owner.clock;
+    this.createdAt = this.#clock.now();
+    this.lastActive = this.createdAt;
   }
 
   /** Connects, handshakes and serves until closed. */
@@ -205,24 +274,24 @@ export class DotConnection implements QueryCarrier {
     return this.state === "open" && now - this.openedAt >= SETTLE_MS;
   }
 
-  /** Number of queries in flight. */
+  /** Number of exchanges in flight. */
   get load(): number {
     return this.inflight.size;
   }
 
-  /** Puts `query` on the wire under a fresh ID (queued until the handshake completes). */
-  send(query: PendingQuery): void {
+  /** Puts `exchange` on the wire under a fresh ID (queued until the handshake completes). */
+  send(exchange: Exchange): void {
     let id = nextRandomId();
     while (this.inflight.has(id) || this.#echoes.has(id)) id = nextRandomId();
-    query.wireId = id;
-    query.carrier = this;
-    query.nudged = false;
-    query.attempts++;
-    if (this.inflight.size === 0) this.waitingSince = performance.now();
-    this.inflight.set(id, query);
-    this.#enqueue(query, id);
-    const now = performance.now();
-    query.sentAt = now;
+    exchange.wireId = id;
+    exchange.carrier = this;
+    exchange.nudged = false;
+    exchange.writes++;
+    const now = this.#clock.now();
+    if (this.waitingSince === 0) this.waitingSince = now;
+    this.inflight.set(id, exchange);
+    this.#enqueue(exchange, id);
+    exchange.sentAt = now;
     this.lastActive = now;
     this.lastWriteAt = now;
     if (this.state === "open" && !this.#flushScheduled && !this.#writing) {
@@ -231,43 +300,44 @@ export class DotConnection implements QueryCarrier {
     }
   }
 
-  /** Forgets `query` (its deadline passed), freeing its ID. */
-  detach(query: PendingQuery): void {
-    if (this.inflight.get(query.wireId) === query) this.inflight.delete(query.wireId);
+  /**
+   * Stops waiting for `exchange`. Its entry stays (the ID reserved, the connection still
+   * owing an answer, which counts when judging whether the server stopped answering) until
+   * the answer comes or {@linkcode purge} drops it.
+   */
+  forget(_exchange: Exchange): void {}
+
+  /** Drops ended exchanges written before `before` that were never answered. */
+  purge(before: number): void {
+    for (const [id, exchange] of this.inflight) {
+      if (exchange.ended && exchange.sentAt < before) this.inflight.delete(id);
+    }
+    if (this.inflight.size === 0) this.waitingSince = 0;
   }
 
-  /** Closes the connection; queries still in flight are handed back as orphans. */
+  /** Closes the connection; exchanges still in flight are handed back as orphans. */
   close(): void {
     this.#closeRequested = true;
     this.#shutdown(null);
   }
 
-  /**
-   * True when queries have waited `limitMs` with no answer at all, or a write has been stuck
-   * that long: the upstream stopped answering or reading, though the connection is up.
-   */
-  stalled(now: number, limitMs: number): boolean {
-    if (this.state !== "open") return false;
-    if (this.#writing && now - this.#writeStartedAt > limitMs) return true;
-    return this.inflight.size > 0 && now - this.waitingSince > limitMs;
-  }
-
-  /** Closes a stalled connection as a failure, handing its queries back. */
-  abandon(reason: string): void {
+  /** Closes a stalled or misbehaving connection as a failure, handing its exchanges back. */
+  abandon(reason: UpstreamErrorReason, message: string): void {
     const label = this.#owner.spec.label;
-    this.#owner.stats.error("timeout");
-    this.#owner.log.warn("upstream connection stalled; closing it", {
+    this.#owner.stats.error(reason);
+    this.#owner.log.warn("closing upstream connection", {
       upstream: label,
       reason,
+      error: message,
       inflight: this.inflight.size,
     });
     this.#closeRequested = true;
-    this.#shutdown(new UpstreamError("timeout", `${label} stopped answering`, label));
+    this.#shutdown(new UpstreamError(reason, `${label}: ${message}`, label));
   }
 
-  /** Appends `query`'s frame under `id` to the write buffer. */
-  #enqueue(query: PendingQuery, id: number): void {
-    const at = this.#frames.append(query.query);
+  /** Appends `exchange`'s frame under `id` to the write buffer. */
+  #enqueue(exchange: Exchange, id: number): void {
+    const at = this.#frames.append(exchange.message);
     const bytes = this.#frames.bytes;
     bytes[at] = id >> 8;
     bytes[at + 1] = id & 0xff;
@@ -281,6 +351,7 @@ export class DotConnection implements QueryCarrier {
       this.#tcp?.close();
       this.#conn?.close();
     }, connectTimeoutMs);
+    const startedAt = this.#clock.now();
     try {
       this.#tcp = await Deno.connect({
         hostname: spec.address,
@@ -299,19 +370,16 @@ export class DotConnection implements QueryCarrier {
       const reason = controller.signal.aborted ? "timeout" : classifyError(error);
       stats.handshake(false);
       stats.error(reason);
-      const detail = error instanceof Error ? error.message : String(error);
+      const detail = controller.signal.aborted
+        ? `no handshake within ${connectTimeoutMs} ms`
+        : error instanceof Error
+        ? error.message
+        : String(error);
       const failure = new UpstreamError(
         reason,
-        `connecting to ${spec.label} failed: ${controller.signal.aborted ? "timed out" : detail}`,
+        `connecting to ${spec.label} failed: ${detail}`,
         spec.label,
       );
-      if (!this.#closeRequested) {
-        log.error("upstream connection failed", {
-          upstream: spec.label,
-          reason,
-          error: controller.signal.aborted ? `no handshake within ${connectTimeoutMs} ms` : detail,
-        });
-      }
       this.#shutdown(failure);
       return;
     }
@@ -323,11 +391,14 @@ export class DotConnection implements QueryCarrier {
     stats.handshake(true);
     this.state = "open";
     this.opened = true;
-    this.openedAt = performance.now();
+    this.openedAt = this.#clock.now();
+    // Queued exchanges go on the wire now: time their answers from here, not from the queue.
+    for (const exchange of this.inflight.values()) exchange.sentAt = this.openedAt;
+    if (this.inflight.size > 0) this.waitingSince = this.openedAt;
     log.debug("upstream connection open", { upstream: spec.label });
-    this.#owner.onOpen(this);
-    if (this.#frames.length > 0) this.#flushLoop();
-    await this.#readLoop(this.#conn);
+    this.#owner.onOpen(this, this.openedAt - startedAt);
+    if (this.#frames.length > 0 && this.state === "open") this.#flushLoop();
+    if (this.state === "open") await this.#readLoop(this.#conn);
   }
 
   async #flushLoop(): Promise<void> {
@@ -335,7 +406,6 @@ export class DotConnection implements QueryCarrier {
     const conn = this.#conn;
     if (this.#writing || this.state !== "open" || conn === null) return;
     this.#writing = true;
-    this.#writeStartedAt = performance.now();
     try {
       await this.#frames.drainTo(conn, this.#isOpen);
     } catch (error) {
@@ -355,7 +425,7 @@ export class DotConnection implements QueryCarrier {
   }
 
   async #readLoop(conn: Deno.TlsConn): Promise<void> {
-    const buffer = new Uint8Array(READ_BUFFER_SIZE);
+    const buffer = new Uint8Array(READ_BUFFER_SIZE + MAX_FRAME);
     let start = 0;
     let end = 0;
     let failure: UpstreamError | null = null;
@@ -378,16 +448,16 @@ export class DotConnection implements QueryCarrier {
         while (end - start >= 2) {
           const length = readU16(buffer, start);
           if (end - start < 2 + length) break;
-          this.lastReadAt = performance.now();
+          this.lastReadAt = this.#clock.now();
           if (!this.#onMessage(buffer, start + 2, start + 2 + length)) {
             failure = new UpstreamError("bad_response", `${label} sent a malformed frame`, label);
             break;
           }
           start += 2 + length;
         }
-        if (failure) break;
+        if (failure || this.state !== "open") break;
         if (start === end) start = end = 0;
-        if (this.inflight.size > 0 && this.#nudgeTimer === undefined) {
+        if (this.#owner.nudge && this.inflight.size > 0 && this.#nudgeTimer === undefined) {
           this.#nudgeTimer = setTimeout(this.#nudge, NUDGE_MS);
         }
       }
@@ -398,6 +468,7 @@ export class DotConnection implements QueryCarrier {
         failure = new UpstreamError(reason, `reading from ${label} failed: ${detail}`, label);
       }
     }
+    if (this.state !== "open") return;
     if (failure && !this.#closeRequested) {
       this.#owner.stats.error(failure.reason);
       this.#owner.log.warn("upstream connection broke", {
@@ -406,8 +477,9 @@ export class DotConnection implements QueryCarrier {
         error: failure.message,
         inflight: this.inflight.size,
       });
-    } else if (this.inflight.size > 0 && !this.#closeRequested) {
-      this.#owner.log.debug("upstream closed the connection with queries in flight", {
+    } else if (!this.#closeRequested) {
+      // RFC 7766 lets a server close an idle connection (or one it wants to shed) at any time.
+      this.#owner.log.debug("upstream closed the connection", {
         upstream: label,
         inflight: this.inflight.size,
         answered: this.answered,
@@ -420,11 +492,10 @@ export class DotConnection implements QueryCarrier {
   #onMessage(buffer: Uint8Array, start: number, end: number): boolean {
     if (end - start < HEADER_SIZE) return false;
     const id = readU16(buffer, start);
-    const query = this.inflight.get(id);
-    if (query === undefined) {
+    const exchange = this.inflight.get(id);
+    if (exchange === undefined) {
       if (this.#echoes.delete(id)) return true; // the echo of a nudge
-
-      // A late answer to a query whose deadline passed: harmless.
+      // A late answer to something no longer tracked: harmless.
       this.#owner.log.debug("upstream answer for no query in flight", {
         upstream: this.#owner.spec.label,
         id,
@@ -432,33 +503,35 @@ export class DotConnection implements QueryCarrier {
       return true;
     }
     const response = copier.copy(buffer, start, end);
-    if (!answersQuestion(response, query.query, query.questionEnd)) {
-      this.#owner.stats.error("bad_response");
-      this.#owner.log.warn("upstream answer does not match the question; ignored", {
-        upstream: this.#owner.spec.label,
-        id,
-      });
-      return true;
-    }
+    const info = responseInfo;
+    const valid = analyzeResponse(response, info) &&
+      responseAnswersQuery(response, info, exchange.message, exchange.questionEnd);
     this.inflight.delete(id);
-    if (query.nudged) {
+    if (exchange.nudged) {
       if (this.#echoes.size > 1024) this.#echoes.clear();
       this.#echoes.set(id, 0);
     }
-    response[0] = query.query[0];
-    response[1] = query.query[1];
-    const now = performance.now();
-    const rtt = now - query.sentAt;
+    const now = this.#clock.now();
+    this.lastActive = now;
+    // Any frame for a query in flight is progress: the server reads and answers.
+    this.waitingSince = this.inflight.size > 0 ? now : 0;
+    if (!valid) {
+      this.#owner.onBadAnswer(
+        this,
+        exchange,
+        info.reason || "the answer is for another question",
+      );
+      return true;
+    }
+    const rtt = now - exchange.sentAt;
     // The fastest answer seen, drifting up slowly so a path that got slower is relearnt.
     this.minRttMs = this.minRttMs === 0 || rtt < this.minRttMs ? rtt : this.minRttMs * 1.01;
     this.answered++;
-    this.lastActive = now;
-    this.waitingSince = now;
-    this.#owner.onAnswer(this, query, response, (now - query.sentAt) / 1000);
+    this.#owner.onAnswer(this, exchange, response, info, rtt);
     return true;
   }
 
-  /** True when answers arrived after the last write while queries are still in flight. */
+  /** True when answers arrived after the last write while exchanges are still in flight. */
   get owesAck(): boolean {
     return this.lastReadAt > this.lastWriteAt && this.inflight.size > 0;
   }
@@ -466,14 +539,14 @@ export class DotConnection implements QueryCarrier {
   #nudgeNow(): void {
     this.#nudgeTimer = undefined;
     if (this.state !== "open" || !this.owesAck) return;
-    const now = performance.now();
+    const now = this.#clock.now();
     // Held answers inflate the average RTT; the fastest answer seen says what prompt is.
     const patience = Math.max(NUDGE_MS, 4 * this.minRttMs);
-    for (const query of this.inflight.values()) {
-      if (query.nudged) continue;
-      if (now - query.sentAt < patience) break;
-      query.nudged = true;
-      this.#enqueue(query, query.wireId);
+    for (const exchange of this.inflight.values()) {
+      if (exchange.nudged || exchange.ended) continue;
+      if (now - exchange.sentAt < patience) break;
+      exchange.nudged = true;
+      this.#enqueue(exchange, exchange.wireId);
       this.lastWriteAt = now;
       if (!this.#flushScheduled && !this.#writing) {
         this.#flushScheduled = true;
@@ -504,9 +577,14 @@ export class DotConnection implements QueryCarrier {
     this.#conn = null;
     this.#tcp = null;
     this.#frames.clear();
-    const orphans = [...this.inflight.values()];
+    const orphans: Exchange[] = [];
+    for (const exchange of this.inflight.values()) {
+      if (exchange.ended) continue;
+      exchange.carrier = null;
+      orphans.push(exchange);
+    }
     this.inflight.clear();
-    for (const query of orphans) query.carrier = null;
+    this.waitingSince = 0;
     this.#owner.onClosed(this, orphans, failure);
   }
 }

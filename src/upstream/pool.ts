@@ -1,429 +1,466 @@
 /**
- * The upstream pool: picks an upstream for each query, keeps each upstream's pipelined
- * TLS connections, re-sends queries whose connection went away while their deadline
- * allows, backs off from upstreams that refuse or fail the handshake, and fails queries
- * whose deadline passes.
+ * The upstream pool: gets each question answered by the upstreams within its deadline, so
+ * that no client waits on a dead upstream while another could answer.
+ *
+ * A question ({@linkcode UpstreamRequest}) goes to the upstream the policy picks, as one
+ * {@linkcode Exchange}. From there:
+ *
+ * - **Retry**: when the exchange fails (refused, TLS error, reset, invalid answer) or passes
+ *   its attempt deadline (the upstream's usual answer time; a multiple of its handshake time
+ *   while still connecting), the question also goes to another upstream. The first exchange
+ *   stays out: whichever answers first wins.
+ * - **Hedge**: when the first exchange has not answered within the hedge delay (the
+ *   upstream's recent p95, by default), the same question goes to a second upstream (or a
+ *   second connection when there is one upstream), within a budget of hedges per question.
+ * - **Failover on answers**: an answer whose rcode is in `--failover-rcodes` is kept while one
+ *   other upstream is asked; the client gets the other's answer, or the kept one.
+ * - **Query of death**: a question that was on two connections that died is not sent again.
+ *
+ * Health (up/down, probes) and latency live with each {@linkcode Upstream}; which upstream
+ * goes next is the {@linkcode Policy}'s business.
  *
  * @module
  */
 
-import type { UpstreamSpec } from "../config.ts";
-import type { Logger } from "../log.ts";
-import { DotConnection, MAX_QUERIES_PER_CONNECTION } from "./dot_connection.ts";
-import type { ConnectionOwner } from "./dot_connection.ts";
-import { PendingQuery } from "./pending_query.ts";
+import type { Strategy, UpstreamSpec } from "../config.ts";
+import type { ResponseInfo } from "../dns/message.ts";
+import { type Logger, RateLimitedLog } from "../log.ts";
+import { type Clock, SYSTEM_CLOCK, type Timed, TimerQueue } from "../timers.ts";
+import type { ConnectionFactory, UpstreamConnection } from "./dot_connection.ts";
+import { Exchange, type ExchangeWaiter } from "./exchange.ts";
+import { createPolicy, type Policy, type Random } from "./policy.ts";
+import type { RequestDriver, UpstreamRequest } from "./request.ts";
 import {
-  type Answer,
   type Forwarder,
   NO_UPSTREAM_STATS,
   UpstreamError,
-  type UpstreamStats,
   type UpstreamStatsFactory,
 } from "./types.ts";
+import { Upstream } from "./upstream.ts";
 
 /** Options of {@linkcode UpstreamPool}. */
 export interface PoolOptions {
-  /** The upstreams, in configured order. */
+  /** The upstreams, in configured order (at most 31). */
   upstreams: UpstreamSpec[];
   /** Extra trusted CA certificates (PEM). */
   caCerts: string[];
-  /** Per-query deadline in milliseconds. */
-  timeoutMs: number;
   /** Most TLS connections per upstream. */
   connectionsPerUpstream: number;
   /** Idle connections close after this many milliseconds. */
   idleTimeoutMs: number;
+  /** TCP connect plus TLS handshake deadline per attempt. */
+  connectTimeoutMs: number;
+  /** `"auto"` (each upstream's recent p95, within 10..1000 ms), a delay in ms, or 0 (off). */
+  hedgeDelay: "auto" | number;
+  /** Most hedged questions, in percent of all questions. */
+  hedgeBudgetPercent: number;
+  /** Idle upstreams are probed this often (0: never). */
+  healthCheckIntervalMs: number;
+  /** Answer rcodes that make a question try one other upstream. */
+  failoverRcodes: readonly number[];
+  /** Which upstream goes next. */
+  strategy: Strategy;
+  /** Whether to nudge Nagle-bound servers. */
+  nudge: boolean;
   /** Logger. */
   log: Logger;
   /** Statistics hooks per upstream. */
   stats?: UpstreamStatsFactory;
-  /** First backoff after a failed connection, doubled per consecutive failure. */
-  backoffBaseMs?: number;
-  /** Longest backoff. */
-  backoffMaxMs?: number;
+  /** The clock (tests pass a manual one). */
+  clock?: Clock;
+  /** Creates connections (tests pass fakes). */
+  connect?: ConnectionFactory;
+  /** Randomness in [0, 1) (tests pass a fixed one). */
+  random?: Random;
 }
 
-/**
- * Queries in flight on every connection before another is opened beside them. One: a
- * server that holds small answers back under Nagle's algorithm until it sees an ACK (Unbound
- * does) stalls a connection with two queries in flight and nothing more to send for up to
- * the peer's delayed-ACK time (40 ms on Linux); spreading concurrent queries over
- * connections avoids that at low load, and at high load every connection carries writes
- * that acknowledge promptly.
- */
-const SPREAD_THRESHOLD = 1;
-/** How often deadlines and idle connections are checked. */
-const SWEEP_INTERVAL_MS = 20;
+/** The shortest and longest automatic hedge delay. */
+const HEDGE_MIN_MS = 10;
+const HEDGE_MAX_MS = 1000;
+/** Hedge delay before an upstream's answer time is known. */
+const HEDGE_DEFAULT_MS = 100;
+/** Most exchanges for one question (first try, retries, hedge, failover). */
+const MAX_EXCHANGES = 6;
+/** Hedges that may be spent at once before the budget refills. */
+const HEDGE_BURST = 10;
+/** How often idle connections and late answers are tidied. */
+const MAINTAIN_EVERY_MS = 1000;
 
-function lessBusy(a: DotConnection, b: DotConnection): boolean {
-  const loadA = a.inflight.size;
-  const loadB = b.inflight.size;
-  return loadA < loadB || (loadA === loadB && a.lastWriteAt < b.lastWriteAt);
+/** Hedges earned per question and spent per hedge (a token bucket). */
+class HedgeBudget {
+  #tokens: number;
+  readonly #rate: number;
+
+  constructor(percent: number) {
+    this.#rate = percent / 100;
+    this.#tokens = Math.min(HEDGE_BURST, this.#rate * 10);
+  }
+
+  earn(): void {
+    const next = this.#tokens + this.#rate;
+    this.#tokens = next > HEDGE_BURST ? HEDGE_BURST : next;
+  }
+
+  take(): boolean {
+    if (this.#tokens < 1) return false;
+    this.#tokens--;
+    return true;
+  }
 }
 
-/** One DoT upstream: its connections, health and backoff. */
-export class Upstream implements ConnectionOwner {
-  readonly spec: UpstreamSpec;
-  readonly caCerts: string[];
-  readonly log: Logger;
-  readonly stats: UpstreamStats;
-  readonly connectTimeoutMs: number;
-  /** Open or opening connections. */
-  readonly connections: DotConnection[] = [];
-  /** Consecutive connection failures. */
-  failures = 0;
-  /** `performance.now()` before which no new connection is tried. */
-  backoffUntil = 0;
-  /** `performance.now()` of the last answer, or -Infinity. */
-  lastAnswerAt: number = -Infinity;
-  /** The last failure, for readiness reports. */
-  lastError: UpstreamError | null = null;
-  readonly #pool: UpstreamPool;
-  readonly #maxConnections: number;
-  readonly #backoffBaseMs: number;
-  readonly #backoffMaxMs: number;
-  #silentCloses = 0;
-
-  /** Creates an upstream owned by `pool`. */
-  constructor(pool: UpstreamPool, spec: UpstreamSpec, options: PoolOptions) {
-    this.#pool = pool;
-    this.spec = spec;
-    this.caCerts = options.caCerts;
-    this.log = options.log;
-    this.stats = (options.stats ?? NO_UPSTREAM_STATS)(spec.label);
-    this.connectTimeoutMs = Math.min(options.timeoutMs, 5000);
-    this.#maxConnections = options.connectionsPerUpstream;
-    this.#backoffBaseMs = options.backoffBaseMs ?? 250;
-    this.#backoffMaxMs = options.backoffMaxMs ?? 30_000;
-  }
-
-  /** True unless backing off after a failure. */
-  available(now: number): boolean {
-    return now >= this.backoffUntil;
-  }
-
-  /** True unless the last connection attempt failed and none has succeeded since. */
-  get healthy(): boolean {
-    return this.failures === 0;
-  }
-
-  /** Queries in flight on all connections. */
-  get load(): number {
-    let total = 0;
-    for (const connection of this.connections) total += connection.inflight.size;
-    return total;
-  }
-
-  /** Sends `query` on the least loaded connection, opening one when warranted. */
-  send(query: PendingQuery): void {
-    const now = performance.now();
-    // The least loaded settled connection; failing that, the least loaded of any. Ties go
-    // to the connection written least recently, so under steady traffic every connection
-    // carries writes, and each write acknowledges what a Nagle-bound server sent before on
-    // it; a connection still left owing an ACK is nudged (see DotConnection).
-    let best: DotConnection | null = null;
-    let bestSettled: DotConnection | null = null;
-    for (const connection of this.connections) {
-      if (best === null || lessBusy(connection, best)) best = connection;
-      if (connection.settled(now) && (bestSettled === null || lessBusy(connection, bestSettled))) {
-        bestSettled = connection;
-      }
-    }
-    if (bestSettled !== null) best = bestSettled;
-
-    const busy = best === null || best.inflight.size >= SPREAD_THRESHOLD;
-    if (busy && this.connections.length < this.#maxConnections && now >= this.backoffUntil) {
-      // Open another connection beside the busy ones; it takes queries once settled.
-      this.open();
-    }
-    if (best === null) best = this.connections[this.connections.length - 1] ?? null;
-    if (best === null) {
-      query.fail(
-        new UpstreamError("unavailable", "no connection could be opened", this.spec.label),
-      );
-      return;
-    }
-    if (best.inflight.size >= MAX_QUERIES_PER_CONNECTION) {
-      query.fail(new UpstreamError("unavailable", "too many queries in flight", this.spec.label));
-      return;
-    }
-    query.upstream = this.spec.label;
-    best.send(query);
-  }
-
-  /** Opens one more connection; it takes queries once settled (or when it is the only one). */
-  open(): DotConnection {
-    const fresh = new DotConnection(this);
-    this.connections.push(fresh);
-    fresh.start();
-    return fresh;
-  }
-
-  /**
-   * Closes connections idle since before `idleSince`, and abandons connections on which
-   * nothing was answered or written for `stallMs` while queries waited.
-   */
-  maintain(now: number, idleSince: number, stallMs: number): void {
-    for (const connection of [...this.connections]) {
-      if (connection.stalled(now, stallMs)) {
-        connection.abandon(`no answer or write progress for ${stallMs} ms`);
-        continue;
-      }
-      if (
-        connection.state === "open" && connection.inflight.size === 0 &&
-        connection.lastActive < idleSince
-      ) {
-        this.log.debug("closing idle upstream connection", { upstream: this.spec.label });
-        connection.close();
-      }
-    }
-  }
-
-  /** Closes every connection. */
-  async close(): Promise<void> {
-    const connections = [...this.connections];
-    for (const connection of connections) connection.close();
-    await Promise.all(connections.map((c) => c.finished));
-  }
-
-  /** A handshake completed: the upstream is reachable, so failures and backoff reset. */
-  onOpen(_connection: DotConnection): void {
-    if (this.failures > 0) {
-      this.log.info("upstream reachable again", { upstream: this.spec.label });
-    }
-    this.failures = 0;
-    this.backoffUntil = 0;
-  }
-
-  /** Records the answer's latency and settles `query` with `response`. */
-  onAnswer(
-    _connection: DotConnection,
-    query: PendingQuery,
-    response: Uint8Array,
-    seconds: number,
-  ): void {
-    this.lastAnswerAt = performance.now();
-    this.#silentCloses = 0;
-    this.stats.answered(seconds);
-    query.complete(response, this.spec.label);
-  }
-
-  /**
-   * Drops `connection` and counts a failure (with backoff) when it never opened, timed out,
-   * or closed silently several times in a row; then hands `orphans` back to the pool.
-   */
-  onClosed(
-    connection: DotConnection,
-    orphans: PendingQuery[],
-    failure: UpstreamError | null,
-  ): void {
-    const index = this.connections.indexOf(connection);
-    if (index >= 0) this.connections.splice(index, 1);
-    // A connection that never opened is a failure. One that opened and then closed with
-    // queries unanswered may be a restart or a server limiting its connections (RFC 7766
-    // allows that): retry at once, but a few such closes in a row count as a failure.
-    let failed = failure !== null && (!connection.opened || failure.reason === "timeout");
-    if (!failed && connection.opened && connection.answered === 0 && orphans.length > 0) {
-      this.#silentCloses++;
-      failed = this.#silentCloses >= 3;
-    }
-    if (failed) {
-      this.failures++;
-      const error = failure ??
-        new UpstreamError("reset", `${this.spec.label} closed before answering`, this.spec.label);
-      if (failure === null) this.stats.error("reset");
-      this.#silentCloses = 0;
-      this.lastError = error;
-      const delay = Math.min(this.#backoffMaxMs, this.#backoffBaseMs * 2 ** (this.failures - 1));
-      this.backoffUntil = performance.now() + delay * (0.8 + Math.random() * 0.4);
-      if (this.failures === 1 || this.failures % 10 === 0) {
-        this.log.warn("upstream failing; backing off", {
-          upstream: this.spec.label,
-          reason: error.reason,
-          failures: this.failures,
-          backoff_ms: Math.round(delay),
-        });
-      }
-      for (const query of orphans) query.lastError = error;
-    } else if (orphans.length > 0 && failure !== null) {
-      for (const query of orphans) query.lastError = failure;
-    }
-    if (orphans.length > 0) {
-      if (!failed) this.stats.reconnect();
-      this.#pool.redispatch(orphans);
-    }
+/** The pool's periodic tidy-up, as a timer entry. */
+class Maintenance implements Timed {
+  timerAt = 0;
+  timerIndex = -1;
+  constructor(readonly run: (now: number) => void) {}
+  onTimer(now: number): void {
+    this.run(now);
   }
 }
 
 /**
- * Forwards queries to a set of DoT upstreams.
+ * Forwards questions to a set of DoT upstreams.
  *
  * @example
  * ```ts ignore
- * const pool = new UpstreamPool({ upstreams, caCerts: [], timeoutMs: 4000,
- *   connectionsPerUpstream: 2, idleTimeoutMs: 30000, log });
- * const answer = await pool.forward(query, questionEnd);
+ * const pool = new UpstreamPool({ upstreams, caCerts: [], connectionsPerUpstream: 2, ... });
+ * pool.forward(request); // settles through the request's hooks
  * await pool.close();
  * ```
  */
-export class UpstreamPool implements Forwarder {
+export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
   /** The upstreams, in configured order. */
   readonly upstreams: Upstream[];
-  readonly #timeoutMs: number;
-  readonly #idleTimeoutMs: number;
-  readonly #stallMs: number;
+  /** The timer queue (shared with the resolver). */
+  readonly timers: TimerQueue;
+  readonly #clock: Clock;
+  readonly #policy: Policy;
   readonly #log: Logger;
-  /** Pending queries in deadline order (all share one timeout). */
-  #queue: PendingQuery[] = [];
-  #queueHead = 0;
-  #sweepTimer: ReturnType<typeof setInterval> | undefined;
+  readonly #hedgeDelay: "auto" | number;
+  readonly #budget: HedgeBudget;
+  readonly #failover = new Uint8Array(16);
+  readonly #idleTimeoutMs: number;
+  readonly #maintenance: Maintenance;
+  readonly #healthWaiters: (() => void)[] = [];
+  readonly #poisonLog: RateLimitedLog;
   #closed = false;
 
-  /** Creates a pool; connections open on demand. */
-  constructor(options: PoolOptions) {
-    this.#timeoutMs = options.timeoutMs;
-    // A whole deadline without any answer on a busy connection: the upstream black-holes.
-    this.#stallMs = options.timeoutMs;
-    this.#idleTimeoutMs = options.idleTimeoutMs;
+  /** Creates a pool; call {@linkcode start} to connect and probe. */
+  constructor(options: PoolOptions, timers?: TimerQueue) {
+    if (options.upstreams.length > 31) throw new RangeError("at most 31 upstreams");
+    this.#clock = options.clock ?? SYSTEM_CLOCK;
+    this.timers = timers ?? new TimerQueue(this.#clock);
     this.#log = options.log;
-    this.upstreams = options.upstreams.map((spec) => new Upstream(this, spec, options));
+    this.#poisonLog = new RateLimitedLog(options.log, 10_000, () => this.#clock.now());
+    this.#policy = createPolicy(options.strategy, options.random);
+    this.#hedgeDelay = options.hedgeDelay;
+    this.#budget = new HedgeBudget(options.hedgeBudgetPercent);
+    for (const rcode of options.failoverRcodes) this.#failover[rcode & 0xf] = 1;
+    this.#idleTimeoutMs = options.idleTimeoutMs;
+    const stats = options.stats ?? NO_UPSTREAM_STATS;
+    const settings = {
+      caCerts: options.caCerts,
+      maxConnections: options.connectionsPerUpstream,
+      connectTimeoutMs: options.connectTimeoutMs,
+      healthCheckIntervalMs: options.healthCheckIntervalMs,
+      nudge: options.nudge,
+      log: options.log,
+      clock: this.#clock,
+      timers: this.timers,
+      connect: options.connect,
+      random: options.random,
+      onHealthChange: () => this.#healthChanged(),
+    };
+    this.upstreams = options.upstreams.map((spec, index) =>
+      new Upstream(index, spec, settings, stats(spec.label))
+    );
+    this.#maintenance = new Maintenance((now) => this.#maintain(now));
   }
 
-  forward(query: Uint8Array, questionEnd: number): Promise<Answer> {
-    const pending = new PendingQuery(query, questionEnd);
-    this.submit(pending);
-    return pending.promise;
-  }
-
-  /** Sends `pending` upstream under the pool's deadline; it reports through its hooks. */
-  submit(pending: PendingQuery): void {
-    const now = performance.now();
-    pending.deadline = now + this.#timeoutMs;
-    if (this.#closed) {
-      pending.fail(new UpstreamError("unavailable", "the proxy is shutting down"));
-      return;
-    }
-    this.#queue.push(pending);
-    this.#ensureSweep();
-    this.#dispatch(pending, now);
+  /** The strategy in use. */
+  get strategy(): Strategy {
+    return this.#policy.name;
   }
 
   /**
-   * Opens a connection to every upstream now, so the first queries find one open and
-   * settled, and a broken upstream shows in the log at start rather than at the first query.
+   * Connects to and probes every upstream now, so the first questions find a connection open
+   * and a broken upstream shows in the log at start rather than at the first question.
    */
-  warm(): void {
-    for (const upstream of this.upstreams) {
-      if (upstream.connections.length === 0) upstream.open();
-    }
-    this.#ensureSweep();
+  start(): void {
+    for (const upstream of this.upstreams) upstream.startProbing();
+    this.timers.schedule(this.#maintenance, this.#clock.now() + MAINTAIN_EVERY_MS);
   }
 
-  /** Sends queries again whose connection went away, while their deadline allows. */
-  redispatch(queries: PendingQuery[]): void {
-    const now = performance.now();
-    for (const query of queries) {
-      if (query.done) continue;
-      if (now >= query.deadline || this.#closed) {
-        query.fail(this.#timeoutError(query));
-        continue;
+  /** Resolves at the next change of any upstream's health, or after `timeoutMs`. */
+  healthChange(timeoutMs: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, timeoutMs);
+      const waiters = this.#healthWaiters;
+      function done() {
+        clearTimeout(timer);
+        const at = waiters.indexOf(done);
+        if (at >= 0) waiters.splice(at, 1);
+        resolve();
       }
-      this.#dispatch(query, now);
-    }
+      waiters.push(done);
+    });
   }
 
-  #dispatch(query: PendingQuery, now: number): void {
-    let chosen: Upstream | null = null;
-    let chosenLoad = Infinity;
-    for (const upstream of this.upstreams) {
-      if (!upstream.available(now)) continue;
-      const load = upstream.load;
-      if (load < chosenLoad) {
-        chosen = upstream;
-        chosenLoad = load;
-      }
-    }
-    if (chosen === null) {
-      const last = query.lastError ?? this.upstreams.find((u) => u.lastError)?.lastError;
-      this.upstreams.find((u) => u.spec.label === last?.upstream)?.stats.error("unavailable");
-      query.fail(
-        new UpstreamError(
-          "unavailable",
-          `no upstream available (all backing off${last ? ": " + last.message : ""})`,
-          last?.upstream,
-        ),
-      );
+  #healthChanged(): void {
+    for (const waiter of this.#healthWaiters.splice(0)) waiter();
+  }
+
+  /** Starts getting `request` answered. */
+  forward(request: UpstreamRequest): void {
+    if (this.#closed) {
+      request.settleFailure(new UpstreamError("unavailable", "the proxy is shutting down"));
       return;
     }
-    chosen.send(query);
+    request.driver = this;
+    this.#budget.earn();
+    const now = this.#clock.now();
+    if (!this.#start(request, now, false, null)) {
+      this.#fail(request, this.#unavailable(request));
+      return;
+    }
+    if (!request.done) this.#arm(request, now);
   }
 
-  #timeoutError(query: PendingQuery): UpstreamError {
-    const last = query.lastError;
+  /**
+   * Starts one more exchange for `request` on the upstream the policy picks among those not
+   * tried yet (or, with `again`, any worth asking). False when there is none.
+   */
+  #start(
+    request: UpstreamRequest,
+    now: number,
+    again: boolean,
+    hedgeOf: Exchange | null,
+  ): boolean {
+    if (request.started >= MAX_EXCHANGES) return false;
+    let upstream = this.#policy.choose(this.upstreams, request.tried, now);
+    let avoid: UpstreamConnection | null = null;
+    if (upstream === null && hedgeOf !== null && this.upstreams.length === 1) {
+      // One upstream: hedge on another connection to it.
+      upstream = this.upstreams[0].usable ? this.upstreams[0] : null;
+      avoid = hedgeOf.carrier as UpstreamConnection | null;
+    }
+    if (upstream === null && again) upstream = this.#policy.choose(this.upstreams, 0, now);
+    if (upstream === null) return false;
+    const exchange = new Exchange(
+      request.query,
+      request.questionEnd,
+      this,
+      hedgeOf !== null ? "hedge" : "query",
+    );
+    exchange.request = request;
+    exchange.startedAt = now;
+    request.exchanges.push(exchange);
+    request.tried |= 1 << upstream.index;
+    request.started++;
+    upstream.send(exchange, avoid);
+    return true;
+  }
+
+  /** Arms the request's timer for its next event: hedge, attempt deadline or deadline. */
+  #arm(request: UpstreamRequest, now: number): void {
+    let next = request.deadline;
+    const exchanges = request.exchanges;
+    if (!request.hedged && exchanges.length === 1 && request.started === 1) {
+      const delay = this.#hedgeDelayFor(exchanges[0]);
+      if (delay > 0) next = Math.min(next, exchanges[0].startedAt + delay);
+    }
+    for (const exchange of exchanges) {
+      if (exchange.judged) continue;
+      const upstream = this.upstreams[exchange.upstreamIndex];
+      if (upstream !== undefined) next = Math.min(next, upstream.attemptDeadline(exchange));
+    }
+    this.timers.schedule(request, Math.max(next, now));
+  }
+
+  #hedgeDelayFor(exchange: Exchange): number {
+    if (this.#hedgeDelay !== "auto") return this.#hedgeDelay;
+    const latency = this.upstreams[exchange.upstreamIndex]?.latency;
+    if (latency === undefined || latency.samples === 0) return HEDGE_DEFAULT_MS;
+    return Math.min(HEDGE_MAX_MS, Math.max(HEDGE_MIN_MS, latency.p95));
+  }
+
+  /** See {@linkcode RequestDriver}. */
+  requestTimer(request: UpstreamRequest, now: number): void {
+    if (request.done) return;
+    if (now >= request.deadline) {
+      this.#fail(request, this.#timeoutError(request));
+      return;
+    }
+    // Attempts past their deadline: the upstream is suspected, the question moves on.
+    for (const exchange of [...request.exchanges]) {
+      if (exchange.judged || exchange.ended) continue;
+      const upstream = this.upstreams[exchange.upstreamIndex];
+      if (upstream === undefined || now < upstream.attemptDeadline(exchange)) continue;
+      exchange.judged = true;
+      upstream.suspect(exchange, now);
+      if (this.#start(request, now, false, null)) upstream.stats.retry("slow");
+      if (request.done) return;
+    }
+    // The hedge.
+    const first = request.exchanges[0];
+    if (
+      !request.hedged && request.started === 1 && first !== undefined &&
+      now >= first.startedAt + this.#hedgeDelayFor(first)
+    ) {
+      request.hedged = true;
+      if (this.#budget.take()) this.#start(request, now, false, first);
+      if (request.done) return;
+    }
+    this.#arm(request, now);
+  }
+
+  /** See {@linkcode ExchangeWaiter}. */
+  exchangeAnswered(exchange: Exchange, response: Uint8Array, info: ResponseInfo): void {
+    const request = exchange.request;
+    if (request === null || request.done) return;
+    this.#remove(request, exchange);
+    const upstream = this.upstreams[exchange.upstreamIndex];
+    if (this.#failover[info.rcode] === 1) {
+      if (request.heldAnswer === null) {
+        request.heldAnswer = response;
+        request.heldUpstream = upstream.spec.label;
+      }
+      if (!request.failedOver) {
+        request.failedOver = true;
+        const now = this.#clock.now();
+        if (this.#start(request, now, false, null)) {
+          upstream.stats.retry("rcode");
+          if (!request.done) this.#arm(request, now);
+          return;
+        }
+      }
+      if (request.exchanges.length > 0) return; // another attempt may still do better
+      this.#finish(request);
+      request.settleAnswer(request.heldAnswer, request.heldUpstream, null);
+      return;
+    }
+    if (request.hedged) {
+      for (const other of request.exchanges) {
+        if (other.kind === "hedge") this.upstreams[other.upstreamIndex].stats.hedge(false);
+      }
+      if (exchange.kind === "hedge") upstream.stats.hedge(true);
+    }
+    this.#finish(request);
+    request.settleAnswer(response, upstream.spec.label, info);
+  }
+
+  /** See {@linkcode ExchangeWaiter}. */
+  exchangeFailed(exchange: Exchange, error: UpstreamError): void {
+    const request = exchange.request;
+    if (request === null || request.done) return;
+    this.#remove(request, exchange);
+    request.lastError = error;
+    const upstream = this.upstreams[exchange.upstreamIndex];
+    const now = this.#clock.now();
+    if (exchange.orphaned) {
+      // Re-sending what a closed connection left unanswered is not a new attempt (RFC 7766
+      // lets servers close at any time); the deadline bounds it.
+      request.started--;
+      if (exchange.poisoned) {
+        // Alone on its own connection, and that died too: a query of death. It goes to no
+        // other connection, so it takes no other client's question down again.
+        request.deaths++;
+        this.#poisonLog.warn("a question closed two upstream connections; not sending it again", {
+          upstream: upstream?.spec.label,
+        });
+        request.started = MAX_EXCHANGES;
+      } else if (exchange.firstOrphan && upstream !== undefined && upstream.usable) {
+        // The oldest unanswered question on the connection that died is the suspect:
+        // it goes again alone.
+        request.deaths++;
+        const retry = new Exchange(request.query, request.questionEnd, this, "query");
+        retry.request = request;
+        retry.startedAt = now;
+        request.exchanges.push(retry);
+        upstream.sendIsolated(retry);
+        if (!request.done) this.#arm(request, now);
+        return;
+      }
+    }
+    if (this.#start(request, now, request.exchanges.length === 0, null)) {
+      upstream?.stats.retry(error.reason);
+    } else if (request.exchanges.length === 0) {
+      if (request.heldAnswer !== null) {
+        this.#finish(request);
+        request.settleAnswer(request.heldAnswer, request.heldUpstream, null);
+        return;
+      }
+      this.#fail(request, error);
+      return;
+    }
+    if (!request.done) this.#arm(request, now);
+  }
+
+  #remove(request: UpstreamRequest, exchange: Exchange): void {
+    const index = request.exchanges.indexOf(exchange);
+    if (index >= 0) request.exchanges.splice(index, 1);
+  }
+
+  /** Stops the request's timer and cancels its remaining exchanges. */
+  #finish(request: UpstreamRequest): void {
+    this.timers.cancel(request);
+    const exchanges = request.exchanges;
+    request.exchanges = [];
+    for (const exchange of exchanges) exchange.cancel();
+  }
+
+  #fail(request: UpstreamRequest, error: UpstreamError): void {
+    this.#finish(request);
+    if (request.heldAnswer !== null) {
+      request.settleAnswer(request.heldAnswer, request.heldUpstream, null);
+      return;
+    }
+    if (error.reason === "timeout" || error.reason === "unavailable") {
+      const label = error.upstream;
+      const upstream = label ? this.upstreams.find((u) => u.spec.label === label) : undefined;
+      upstream?.stats.error(error.reason);
+    }
+    request.settleFailure(error);
+  }
+
+  #unavailable(request: UpstreamRequest): UpstreamError {
+    const last = request.lastError ??
+      this.upstreams.map((u) => u.health.lastError).find((e) => e !== null) ?? null;
     return new UpstreamError(
-      "timeout",
-      `no answer within ${this.#timeoutMs} ms${last ? " (" + last.message + ")" : ""}`,
-      query.upstream || last?.upstream,
+      "unavailable",
+      `no upstream available (all down${last ? ": " + last.message : ""})`,
+      last?.upstream ?? this.upstreams[0]?.spec.label,
     );
   }
 
-  #ensureSweep(): void {
-    if (this.#sweepTimer !== undefined) return;
-    this.#sweepTimer = setInterval(() => this.#sweep(), SWEEP_INTERVAL_MS);
+  #timeoutError(request: UpstreamRequest): UpstreamError {
+    const last = request.lastError;
+    const first = request.exchanges[0];
+    const label = first !== undefined
+      ? this.upstreams[first.upstreamIndex]?.spec.label
+      : last?.upstream;
+    return new UpstreamError(
+      "timeout",
+      `no answer in time${last ? " (" + last.message + ")" : ""}`,
+      label,
+    );
   }
 
-  #sweep(): void {
-    const now = performance.now();
-    // Stalls first: their queries are handed back (and fail or move) before deadlines hit.
+  #maintain(now: number): void {
+    if (this.#closed) return;
+    // Answers to exchanges that lost or gave up may still come; after a while they will not.
+    const lateBefore = now - 10_000;
     for (const upstream of this.upstreams) {
-      upstream.maintain(now, now - this.#idleTimeoutMs, this.#stallMs);
+      upstream.maintain(now, now - this.#idleTimeoutMs, lateBefore);
     }
-    const queue = this.#queue;
-    let head = this.#queueHead;
-    while (head < queue.length) {
-      const query = queue[head];
-      if (!query.done) {
-        if (query.deadline > now) break;
-        this.#log.debug("query deadline passed", {
-          upstream: query.upstream,
-          attempts: query.attempts,
-        });
-        this.#statsForTimeout(query);
-        query.fail(this.#timeoutError(query));
-      }
-      head++;
-    }
-    if (head > 1024 && head * 2 > queue.length) {
-      this.#queue = queue.slice(head);
-      head = 0;
-    }
-    this.#queueHead = head;
-    const idle = this.#queueHead === this.#queue.length &&
-      this.upstreams.every((u) => u.connections.length === 0);
-    if (idle && this.#sweepTimer !== undefined) {
-      clearInterval(this.#sweepTimer);
-      this.#sweepTimer = undefined;
-      this.#queue = [];
-      this.#queueHead = 0;
-    }
+    this.timers.schedule(this.#maintenance, now + MAINTAIN_EVERY_MS);
   }
 
-  #statsForTimeout(query: PendingQuery): void {
-    this.upstreams.find((u) => u.spec.label === query.upstream)?.stats.error("timeout");
-  }
-
-  /** Fails what is pending, closes every connection and stops the sweep. */
+  /** Stops probing, closes every connection; questions in flight fail. */
   async close(): Promise<void> {
     this.#closed = true;
-    if (this.#sweepTimer !== undefined) {
-      clearInterval(this.#sweepTimer);
-      this.#sweepTimer = undefined;
-    }
-    for (let i = this.#queueHead; i < this.#queue.length; i++) {
-      this.#queue[i].fail(new UpstreamError("unavailable", "the proxy is shutting down"));
-    }
-    this.#queue = [];
-    this.#queueHead = 0;
+    this.timers.cancel(this.#maintenance);
     await Promise.all(this.upstreams.map((u) => u.close()));
+    this.#healthChanged();
   }
 }

@@ -1,17 +1,19 @@
 /**
- * The small interface between the resolver and whatever forwards its queries, plus the
- * typed errors and the statistics hooks of the upstream layer.
+ * The small interface between the resolver and whatever forwards its questions upstream,
+ * plus the typed errors and the statistics hooks of the upstream layer.
  *
  * @module
  */
 
-import type { PendingQuery } from "./pending_query.ts";
+import type { ResponseInfo } from "../dns/message.ts";
+import type { UpstreamRequest } from "./request.ts";
 
-/** Why a query could not be answered by an upstream. */
+/** Why an upstream attempt or question failed. */
 export type UpstreamErrorReason =
   | "timeout"
   | "tls"
   | "refused"
+  | "unreachable"
   | "reset"
   | "bad_response"
   | "unavailable";
@@ -21,6 +23,7 @@ export const UPSTREAM_ERROR_REASONS: readonly UpstreamErrorReason[] = [
   "timeout",
   "tls",
   "refused",
+  "unreachable",
   "reset",
   "bad_response",
   "unavailable",
@@ -42,57 +45,53 @@ export class UpstreamError extends Error {
   }
 }
 
-/** An upstream's answer: the response bytes (client's ID restored) and who answered. */
-export interface Answer {
-  /** The response, byte for byte as the upstream sent it apart from the ID. */
-  readonly response: Uint8Array;
-  /** The label of the upstream that answered. */
-  readonly upstream: string;
-}
-
 /**
- * Forwards one query and resolves with its answer, or rejects with an
- * {@linkcode UpstreamError} once the query's deadline has passed or no upstream can take it.
+ * Gets questions answered by upstreams. The resolver hands it {@linkcode UpstreamRequest}s;
+ * each is settled exactly once through its own hooks, by its deadline at the latest. Tests
+ * inject fakes through this interface.
  *
  * @example
- * ```ts
- * import type { Forwarder } from "./types.ts";
- * // A fake upstream for tests: echo the query back as a response.
+ * ```ts ignore
+ * // A fake upstream for tests: answer every question with the query itself as a response.
  * const echo: Forwarder = {
- *   forward(query) {
- *     const response = query.slice();
+ *   forward(request) {
+ *     const response = request.query.slice();
  *     response[2] |= 0x80;
- *     return Promise.resolve({ response, upstream: "echo" });
+ *     request.settleAnswer(response, "echo", null);
  *   },
  *   close() {},
  * };
  * ```
  */
 export interface Forwarder {
-  /**
-   * Sends `query` (whose question ends at `questionEnd`) upstream. The bytes are not
-   * modified; the caller may reuse them once the promise settles.
-   */
-  forward(query: Uint8Array, questionEnd: number): Promise<Answer>;
-  /**
-   * Optional fast path: sends a caller-made pending query that reports through its own
-   * `onComplete`/`onFail` hooks, so no promise is made per query.
-   */
-  submit?(pending: PendingQuery): void;
+  /** Starts getting `request` answered; the outcome arrives through its hooks. */
+  forward(request: UpstreamRequest): void;
   /** Stops everything and releases every connection and timer. */
   close(): void | Promise<void>;
 }
 
+/** Why a question was sent to another upstream while it was being answered. */
+export type RetryReason = UpstreamErrorReason | "slow" | "rcode";
+
+/** Every {@linkcode RetryReason}. */
+export const RETRY_REASONS: readonly RetryReason[] = [...UPSTREAM_ERROR_REASONS, "slow", "rcode"];
+
 /** Statistics hooks for one upstream, bound once so the hot path only bumps numbers. */
 export interface UpstreamStats {
-  /** A query was answered after `seconds` on the wire. */
+  /** An answer arrived after `seconds` on the wire. */
   answered(seconds: number): void;
-  /** A query or connection failed for `reason`. */
+  /** An attempt or connection failed for `reason`. */
   error(reason: UpstreamErrorReason): void;
-  /** A TLS handshake completed (`ok`) or failed. */
+  /** A connection attempt completed its TLS handshake (`ok`) or failed. */
   handshake(ok: boolean): void;
-  /** A connection was opened to replace one that closed or broke. */
+  /** A connection was opened to replace one that closed or broke with queries in flight. */
   reconnect(): void;
+  /** A hedged attempt on this upstream answered first (`won`) or was beaten. */
+  hedge(won: boolean): void;
+  /** A question was moved away from this upstream for `reason`. */
+  retry(reason: RetryReason): void;
+  /** A health check of this upstream succeeded or failed. */
+  healthCheck(ok: boolean): void;
 }
 
 /** Creates the statistics hooks of one upstream. */
@@ -104,4 +103,15 @@ export const NO_UPSTREAM_STATS: UpstreamStatsFactory = (): UpstreamStats => ({
   error() {},
   handshake() {},
   reconnect() {},
+  hedge() {},
+  retry() {},
+  healthCheck() {},
 });
+
+/** Receives the outcome of an {@linkcode UpstreamRequest}; see there. */
+export interface AnswerSink {
+  /** A valid answer: `info` describes `response` when the upstream layer analysed it. */
+  settleAnswer(response: Uint8Array, upstream: string, info: ResponseInfo | null): void;
+  /** No answer by the deadline, or no upstream could take it. */
+  settleFailure(error: UpstreamError): void;
+}

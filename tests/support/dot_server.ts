@@ -40,8 +40,10 @@ export class DotServer {
   readonly #timers = new Set<ReturnType<typeof setTimeout>>();
   readonly #loops = new Set<Promise<void>>();
   readonly #accepting: Promise<void>;
-  /** Queries received, over all connections. */
+  /** Queries received, over all connections, health probes (`. IN NS`) not included. */
   queries = 0;
+  /** Health probes (`. IN NS`) received. */
+  probes = 0;
   /** Answers written. */
   answers = 0;
   /** Connections accepted (handshake completed or not). */
@@ -164,8 +166,14 @@ export class DotServer {
           if (buffer.length < 2 + length) break;
           const query = buffer.slice(2, 2 + length);
           buffer = buffer.slice(2 + length);
-          this.queries++;
-          ids.push((query[0] << 8) | query[1]);
+          // The proxy's health checks ask `. IN NS`; tests count client queries.
+          const isProbe = query.length >= 17 && query[12] === 0 && query[13] === 0 &&
+            query[14] === 2;
+          if (isProbe) this.probes++;
+          else {
+            this.queries++;
+            ids.push((query[0] << 8) | query[1]);
+          }
           const response = (this.#options.answer ?? answerFor)(query);
           if (response === null) continue;
           const delay = this.#options.delayMs?.(query) ?? 0;

@@ -6,7 +6,7 @@
  */
 
 import { type RunningProxy, type StartOptions, startProxy } from "../../src/app.ts";
-import { type Config, parseUpstream } from "../../src/config.ts";
+import { type Config, defaultConfig, parseUpstream } from "../../src/config.ts";
 import { Logger, type LogLevel } from "../../src/log.ts";
 import { CA_PEM } from "../fixtures/certs.ts";
 
@@ -26,22 +26,15 @@ export class LogCapture {
 /** A configuration for tests: loopback, ephemeral port, the test CA trusted. */
 export function testConfig(upstreams: string[], overrides: Partial<Config> = {}): Config {
   return {
-    command: "serve",
+    ...defaultConfig(),
     listen: [{ hostname: "127.0.0.1", port: 0 }],
     upstreams: upstreams.map((u) => parseUpstream(u, "--upstream")),
     timeoutMs: 2000,
     logLevel: "debug",
     logFormat: "json",
-    logQueries: false,
     caCerts: [CA_PEM],
-    http: null,
-    udpMaxSize: 1232,
     maxTcpConnections: 100,
-    maxTcpQueriesPerConnection: 128,
     tcpIdleTimeoutMs: 2000,
-    maxInflight: 10000,
-    upstreamConnections: 2,
-    upstreamIdleTimeoutMs: 30000,
     ...overrides,
   };
 }

@@ -1,0 +1,208 @@
+/**
+ * EDNS(0) (RFC 6891) on the upstream leg: the query dotproxy sends upstream (the client's
+ * OPT without its hop-by-hop options, block-length padding of RFC 8467 section 4.1), and the
+ * response it hands back to the client (the upstream's OPT removed, or stripped of
+ * hop-by-hop options).
+ *
+ * @module
+ */
+
+import type { ResponseInfo } from "./message.ts";
+import type { QueryInfo } from "./query.ts";
+import { EdnsOption, HEADER_SIZE, readU16, RRType, writeU16 } from "./wire.ts";
+
+export { EdnsOption };
+
+/** The smallest UDP payload size dotproxy advertises upstream (DNS flag day 2020). */
+export const UPSTREAM_MIN_UDP_SIZE = 1232;
+
+/** Queries are padded to a multiple of this many octets (RFC 8467 section 4.1). */
+export const QUERY_PADDING_BLOCK = 128;
+
+/** Size of an OPT record without options: root owner, type, class, TTL, rdlength. */
+const OPT_FIXED = 11;
+
+/**
+ * True for the options that concern only one hop and never cross the proxy: COOKIE
+ * (RFC 7873), edns-tcp-keepalive (RFC 7828) and Padding (RFC 7830).
+ *
+ * @example
+ * ```ts
+ * import { isHopByHopOption } from "./edns.ts";
+ * isHopByHopOption(12); // true
+ * isHopByHopOption(8); // false
+ * ```
+ */
+export function isHopByHopOption(code: number): boolean {
+  return code === EdnsOption.COOKIE || code === EdnsOption.TCP_KEEPALIVE ||
+    code === EdnsOption.PADDING;
+}
+
+/**
+ * Copies `src[from, to)` to `dst[at..]`. A plain loop: for the few dozen octets of a header,
+ * question or option it beats `set(subarray())`, and allocates no view.
+ */
+function copy(src: Uint8Array, from: number, to: number, dst: Uint8Array, at: number): void {
+  for (let i = from; i < to; i++) dst[at++] = src[i];
+}
+
+/**
+ * Copies the options of `[start, end)` except the hop-by-hop ones to `out[at..]` (when `out`
+ * is given) and returns the length of what is kept. The options were validated (whole TLVs
+ * filling the data); the loop still stops at `end`.
+ */
+function keepOptions(
+  msg: Uint8Array,
+  start: number,
+  end: number,
+  out: Uint8Array | null,
+  at: number,
+): number {
+  let kept = 0;
+  let offset = start;
+  // Each option takes at least 4 octets of at most 65535.
+  for (let i = 0; i < 16384 && offset + 4 <= end; i++) {
+    const next = offset + 4 + readU16(msg, offset + 2);
+    if (next > end) break;
+    if (!isHopByHopOption(readU16(msg, offset))) {
+      if (out !== null) copy(msg, offset, next, out, at + kept);
+      kept += next - offset;
+    }
+    offset = next;
+  }
+  return kept;
+}
+
+/**
+ * Builds the message dotproxy sends upstream for a query `inspectQuery` forwards: the
+ * client's header and question exactly (case kept; the ID is rewritten later by the
+ * connection), no answer or authority records, and as the only additional record one OPT:
+ *
+ * - from a client OPT: its UDP size (at least {@linkcode UPSTREAM_MIN_UDP_SIZE}), extended
+ *   rcode, version and flags (DO and the rest) as sent, and its options but COOKIE,
+ *   TCP-KEEPALIVE and PADDING (hop-by-hop). An EDNS Client Subnet option of the client is
+ *   kept (see `QueryInfo.hasClientSubnet`); none is ever added.
+ * - without one: UDP size 1232, version 0, no flags, no options.
+ *
+ * With `padding`, a Padding option (RFC 7830, all zeros) makes the whole message a multiple
+ * of 128 octets (RFC 8467 section 4.1); it is empty when the rest is already aligned.
+ * Other additional records of the client are dropped. The result is written into `out`
+ * when it is large enough (and returned as a subarray of it), else into a new array.
+ *
+ * @example
+ * ```ts
+ * import { buildUpstreamQuery } from "./edns.ts";
+ * import { inspectQuery, QueryInfo } from "./query.ts";
+ * const query = new Uint8Array([0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]);
+ * const info = new QueryInfo();
+ * inspectQuery(query, info);
+ * const upstream = buildUpstreamQuery(query, info, true);
+ * upstream.length; // 128
+ * ```
+ */
+export function buildUpstreamQuery(
+  query: Uint8Array,
+  info: QueryInfo,
+  padding: boolean,
+  out?: Uint8Array,
+): Uint8Array {
+  const questionEnd = info.questionEnd;
+  const hasOpt = info.optStart >= 0;
+  const optionsStart = info.optStart + OPT_FIXED;
+  const kept = hasOpt ? keepOptions(query, optionsStart, info.optEnd, null, 0) : 0;
+  const unpadded = questionEnd + OPT_FIXED + kept;
+  const padLength = padding
+    ? (QUERY_PADDING_BLOCK - ((unpadded + 4) % QUERY_PADDING_BLOCK)) % QUERY_PADDING_BLOCK
+    : 0;
+  const total = unpadded + (padding ? 4 + padLength : 0);
+  const msg = room(out, total);
+  copy(query, 0, questionEnd, msg, 0);
+  writeU16(msg, 6, 0);
+  writeU16(msg, 8, 0);
+  writeU16(msg, 10, 1);
+  let at = questionEnd;
+  msg[at] = 0; // root owner
+  writeU16(msg, at + 1, RRType.OPT);
+  if (hasOpt) {
+    const size = readU16(query, info.optStart + 3);
+    writeU16(msg, at + 3, size < UPSTREAM_MIN_UDP_SIZE ? UPSTREAM_MIN_UDP_SIZE : size);
+    copy(query, info.optStart + 5, info.optStart + 9, msg, at + 5); // rcode, version, flags
+  } else {
+    writeU16(msg, at + 3, UPSTREAM_MIN_UDP_SIZE);
+    writeU16(msg, at + 5, 0); // extended rcode, version
+    writeU16(msg, at + 7, 0); // flags
+  }
+  writeU16(msg, at + 9, total - questionEnd - OPT_FIXED);
+  at += OPT_FIXED;
+  if (kept > 0) keepOptions(query, optionsStart, info.optEnd, msg, at);
+  at += kept;
+  if (padding) {
+    writeU16(msg, at, EdnsOption.PADDING);
+    writeU16(msg, at + 2, padLength);
+    for (let i = at + 4; i < total; i++) msg[i] = 0;
+  }
+  return msg;
+}
+
+/**
+ * Shapes an upstream response for the client (RFC 6891 section 7: EDNS is hop-by-hop):
+ *
+ * - `keepOpt` false (the client sent no OPT): the OPT record is removed and ARCOUNT
+ *   decremented;
+ * - `keepOpt` true: the OPT record is kept without its COOKIE, TCP-KEEPALIVE and PADDING
+ *   options (an upstream pads its answers to 468-octet blocks, RFC 8467 section 4.1).
+ *
+ * Of `info` (`analyzeResponse`'s account of `resp`) only `optStart` and `optEnd` are read,
+ * so a caller may fill just those for a copy of an analyzed message. The OPT may sit
+ * anywhere in the additional section. Returns `resp` itself when there is nothing to
+ * change, else a shorter message: written into `out` when given and large enough (it must
+ * not overlap `resp`), else a new array. `info`'s offsets describe `resp`, not the result
+ * (analyze the result again for its TTL offsets).
+ *
+ * @example
+ * ```ts
+ * import { analyzeResponse, ResponseInfo } from "./message.ts";
+ * import { stripResponseOpt } from "./edns.ts";
+ * declare const answer: Uint8Array;
+ * const info = new ResponseInfo();
+ * if (analyzeResponse(answer, info)) {
+ *   const forPlainClient = stripResponseOpt(answer, info, false);
+ * }
+ * ```
+ */
+export function stripResponseOpt(
+  resp: Uint8Array,
+  info: ResponseInfo,
+  keepOpt: boolean,
+  out?: Uint8Array,
+): Uint8Array {
+  const optStart = info.optStart;
+  const optEnd = info.optEnd;
+  if (optStart < HEADER_SIZE || optEnd > resp.length || optEnd < optStart + OPT_FIXED) {
+    return resp;
+  }
+  if (!keepOpt) {
+    const msg = room(out, resp.length - (optEnd - optStart));
+    msg.set(resp.subarray(0, optStart));
+    msg.set(resp.subarray(optEnd), optStart);
+    writeU16(msg, 10, readU16(resp, 10) - 1);
+    return msg;
+  }
+  const optionsStart = optStart + OPT_FIXED;
+  const kept = keepOptions(resp, optionsStart, optEnd, null, 0);
+  const removed = optEnd - optionsStart - kept;
+  if (removed === 0) return resp;
+  const msg = room(out, resp.length - removed);
+  msg.set(resp.subarray(0, optionsStart));
+  keepOptions(resp, optionsStart, optEnd, msg, optionsStart);
+  msg.set(resp.subarray(optEnd), optionsStart + kept);
+  writeU16(msg, optStart + 9, kept);
+  return msg;
+}
+
+/** `out[0, length)` when `out` is large enough, else a new array of `length`. */
+function room(out: Uint8Array | undefined, length: number): Uint8Array {
+  return out !== undefined && out.length >= length
+    ? out.subarray(0, length)
+    : new Uint8Array(length);
+}

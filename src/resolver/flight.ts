@@ -1,0 +1,144 @@
+/**
+ * A question in flight to the upstreams on behalf of clients: the resolver's
+ * {@linkcode UpstreamRequest}. Several client jobs can wait on one flight (concurrent misses
+ * for the same key are coalesced), and a flight may have none at all (a prefetch). The
+ * {@linkcode FlightTable} finds the flight already out for a key.
+ *
+ * @module
+ */
+
+import { questionKeyEquals } from "../dns/cache_key.ts";
+import type { ResponseInfo } from "../dns/message.ts";
+import { UpstreamRequest } from "../upstream/request.ts";
+import type { UpstreamError } from "../upstream/types.ts";
+import type { ClientJob } from "./job.ts";
+
+/** Where a flight's outcome goes (the resolver). */
+export interface FlightOwner {
+  /** An answer arrived. */
+  flightAnswered(
+    flight: Flight,
+    response: Uint8Array,
+    upstream: string,
+    info: ResponseInfo | null,
+  ): void;
+  /** No answer. */
+  flightFailed(flight: Flight, error: UpstreamError): void;
+}
+
+/** Most clients waiting on one flight; beyond it, queries go upstream on their own. */
+export const MAX_WAITERS = 256;
+
+/**
+ * One question out to the upstreams.
+ *
+ * @example
+ * ```ts ignore
+ * const flight = new Flight(owner, upstreamMessage, questionEnd, deadline, keyQuery, hash, flags);
+ * flight.waiters.push(job);
+ * pool.forward(flight);
+ * ```
+ */
+export class Flight extends UpstreamRequest {
+  /** Clients waiting for it. */
+  readonly waiters: ClientJob[] = [];
+  /** A message carrying the key's question (the first client's query). */
+  readonly keyQuery: Uint8Array;
+  /** The key's hash. */
+  readonly hash: number;
+  /** The key's flags. */
+  readonly keyFlags: number;
+  /** True for a background refresh with no client. */
+  readonly prefetch: boolean;
+  /** The next flight with the same hash in the table. */
+  chain: Flight | null = null;
+  /** True while in the table. */
+  registered = false;
+  /** True when its answer may be cached (no client subnet, EDNS version 0, cache on). */
+  cacheable = false;
+  readonly #owner: FlightOwner;
+
+  /** Creates a flight for the upstream-bound `message`. */
+  constructor(
+    owner: FlightOwner,
+    message: Uint8Array,
+    questionEnd: number,
+    deadline: number,
+    keyQuery: Uint8Array,
+    hash: number,
+    keyFlags: number,
+    prefetch = false,
+  ) {
+    super(message, questionEnd, deadline);
+    this.#owner = owner;
+    this.keyQuery = keyQuery;
+    this.hash = hash;
+    this.keyFlags = keyFlags;
+    this.prefetch = prefetch;
+  }
+
+  /** Hands the answer to the owner. */
+  protected onAnswer(response: Uint8Array, upstream: string, info: ResponseInfo | null): void {
+    this.#owner.flightAnswered(this, response, upstream, info);
+  }
+
+  /** Hands the failure to the owner. */
+  protected onFailure(error: UpstreamError): void {
+    this.#owner.flightFailed(this, error);
+  }
+}
+
+/**
+ * Flights out now, by key, for coalescing.
+ *
+ * @example
+ * ```ts ignore
+ * const flight = table.find(query, questionEnd, hash, flags);
+ * ```
+ */
+export class FlightTable {
+  readonly #table = new Map<number, Flight>();
+  #size = 0;
+
+  /** Flights registered. */
+  get size(): number {
+    return this.#size;
+  }
+
+  /** The flight out for the key of `query`, if any. */
+  find(query: Uint8Array, questionEnd: number, hash: number, flags: number): Flight | null {
+    let flight = this.#table.get(hash) ?? null;
+    while (flight !== null) {
+      if (
+        flight.keyFlags === flags &&
+        questionKeyEquals(flight.keyQuery, flight.questionEnd, 0, query, questionEnd, 0)
+      ) return flight;
+      flight = flight.chain;
+    }
+    return null;
+  }
+
+  /** Registers `flight` under its key. */
+  add(flight: Flight): void {
+    flight.chain = this.#table.get(flight.hash) ?? null;
+    this.#table.set(flight.hash, flight);
+    flight.registered = true;
+    this.#size++;
+  }
+
+  /** Unregisters `flight`. */
+  remove(flight: Flight): void {
+    if (!flight.registered) return;
+    flight.registered = false;
+    this.#size--;
+    let head = this.#table.get(flight.hash) ?? null;
+    if (head === flight) {
+      if (flight.chain === null) this.#table.delete(flight.hash);
+      else this.#table.set(flight.hash, flight.chain);
+    } else {
+      while (head !== null && head.chain !== flight) head = head.chain;
+      if (head !== null) head.chain = flight.chain;
+    }
+    flight.chain = null;
+  }
+}
