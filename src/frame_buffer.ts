@@ -86,15 +86,17 @@ export class FrameBuffer {
 
   /**
    * Writes what is queued, and what gets queued meanwhile, until nothing is left or `open()`
-   * turns false. Rejects with the connection's error.
+   * turns false; `onWrite` is told as each write is issued. Rejects with the connection's
+   * error.
    */
-  async drainTo(conn: Writable, open: () => boolean): Promise<void> {
+  async drainTo(conn: Writable, open: () => boolean, onWrite?: () => void): Promise<void> {
     while (this.#length > 0 && open()) {
       const buffer = this.#out;
       const length = this.#length;
       this.#out = this.#spare;
       this.#length = 0;
       this.#spare = buffer;
+      onWrite?.();
       let offset = 0;
       while (offset < length) offset += await conn.write(buffer.subarray(offset, length));
     }

@@ -22,11 +22,12 @@ import {
   AnswerCache,
   type CacheEntry,
   cacheKeyFlags,
+  cacheKeyHash,
   type CacheSettings,
   type CacheStats,
+  KEY_RECURSION_DESIRED,
   STALE_RECHECK_MS,
 } from "./cache/answer_cache.ts";
-import { questionHash } from "./dns/cache_key.ts";
 import { buildUpstreamQuery, stripResponseOpt } from "./dns/edns.ts";
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "./dns/message.ts";
 import { inspectQuery, QueryInfo, QueryVerdict, verdictRcode } from "./dns/query.ts";
@@ -144,6 +145,10 @@ export class Resolver implements JobOwner, FlightOwner {
   readonly #ownsTimers: boolean;
   readonly #info = new QueryInfo();
   readonly #responseInfo = new ResponseInfo();
+  /** Scratch for stripping OPT records (never the info an answer is analysed into). */
+  readonly #stripInfo = new ResponseInfo();
+  /** Scratch for SERVFAIL responses (never the info of the query being admitted). */
+  readonly #failInfo = new QueryInfo();
   readonly #flights = new FlightTable();
   readonly #admission: Admission | null;
   readonly #refuseAny: boolean;
@@ -230,6 +235,14 @@ export class Resolver implements JobOwner, FlightOwner {
 
   // ---- admit + validate -------------------------------------------------------------------
 
+  /**
+   * True when `client` is inside `--allow` (the TCP listener asks on accept: connections from
+   * outside get a small budget of their own and only their REFUSED).
+   */
+  isAllowed(client: Deno.Addr): boolean {
+    return this.#admission === null || this.#admission.allowed(client);
+  }
+
   /** Runs the admit and validate stages; false when the job was finished there. */
   #admitAndValidate(job: ClientJob): boolean {
     const query = job.query;
@@ -254,6 +267,11 @@ export class Resolver implements JobOwner, FlightOwner {
       return false;
     }
     this.#describe(job, info);
+    if (admit !== Admit.ALLOW) {
+      // Before local answers too: a flood of meta-type queries is limited like any other.
+      this.#rateLimited(job, info, admit);
+      return false;
+    }
     if (verdict !== QueryVerdict.FORWARD) {
       const rcode = verdictRcode(verdict);
       this.#log.debug("answered locally", {
@@ -263,10 +281,6 @@ export class Resolver implements JobOwner, FlightOwner {
         rcode: rcodeName(rcode),
       });
       this.#finish(job, buildErrorResponse(query, info, rcode));
-      return false;
-    }
-    if (admit !== Admit.ALLOW) {
-      this.#rateLimited(job, info, admit);
       return false;
     }
     if (info.qtype === RRType.ANY && job.transport === "udp" && this.#refuseAny) {
@@ -307,8 +321,8 @@ export class Resolver implements JobOwner, FlightOwner {
       });
     }
     job.closeAfter = job.transport === "tcp";
-    if (verdict === QueryVerdict.DROP) {
-      // Nothing readable to answer.
+    if (verdict === QueryVerdict.DROP || !this.#admission!.answerRefusal(job.transport)) {
+      // Nothing readable to answer, or (UDP) so many refusals that the sources may be spoofed.
       this.#drop(job);
       return;
     }
@@ -334,22 +348,26 @@ export class Resolver implements JobOwner, FlightOwner {
 
   /** Answers from the cache when it can; false when the job must go upstream. */
   #answerFromCache(job: ClientJob): boolean {
+    const info = this.#info;
+    if (info.hasClientSubnet || info.ednsVersion !== 0) return false;
     const cache = this.cache!;
-    if (this.#info.hasClientSubnet || this.#info.ednsVersion !== 0) return false;
-    const now = this.#clock.now();
+    // The job was stamped a moment ago; one clock read per hit is enough.
+    const now = job.started;
     const entry = cache.lookup(job.query, job.questionEnd, job.keyFlags, now);
     if (entry === null) return false;
     if (now < entry.expiresAt) {
       job.cache = "hit";
-      const response = this.#personalize(job, cache.render(entry, job.query, now, false), entry);
+      const response = cache.render(entry, job.query, now, false, job.hasEdns);
       this.#maybePrefetch(job, entry, now);
       this.#finish(job, response);
       return true;
     }
-    // Expired but servable stale (RFC 8767): right away when a refresh failed recently,
-    // else if no fresh answer comes within the stale answer timeout.
-    if (entry.kind === "servfail") return false;
-    if (entry.refreshFailedAt !== 0 && now - entry.refreshFailedAt < STALE_RECHECK_MS) {
+    // Expired. RFC 8767 section 5: a query without RD gets no stale data; a SERVFAIL is
+    // never served stale. Otherwise stale right away when a refresh failed within the
+    // failure recheck window, else only if no fresh answer comes within the stale answer
+    // timeout.
+    if ((job.keyFlags & KEY_RECURSION_DESIRED) === 0 || entry.kind === "servfail") return false;
+    if (entry.refreshFailedAt >= 0 && now - entry.refreshFailedAt < STALE_RECHECK_MS) {
       this.#serveStale(job, entry, now);
       return true;
     }
@@ -359,31 +377,40 @@ export class Resolver implements JobOwner, FlightOwner {
 
   #serveStale(job: ClientJob, entry: CacheEntry, now: number): void {
     job.cache = "stale";
-    this.#finish(
-      job,
-      this.#personalize(job, this.cache!.render(entry, job.query, now, true), entry),
-    );
+    this.#finish(job, this.cache!.render(entry, job.query, now, true, job.hasEdns));
+  }
+
+  /**
+   * The entry a waiting job may fall back on now: its key's entry as the cache holds it at
+   * this moment (entries are recycled, so `job.stale` only marks that there was one), if it
+   * can still be served stale. Null when it was evicted or flushed meanwhile.
+   */
+  #fallbackFor(job: ClientJob, now: number): CacheEntry | null {
+    if (job.stale === null || job.done || this.cache === null) return null;
+    const entry = this.cache.lookup(job.query, job.questionEnd, job.keyFlags, now);
+    return entry === null || entry.kind === "servfail" ? null : entry;
+  }
+
+  /** Answers a waiting job from `entry`: fresh if another answer refreshed it, else stale. */
+  #serveFallback(job: ClientJob, entry: CacheEntry, now: number): void {
+    if (now < entry.expiresAt) {
+      job.cache = "hit";
+      this.#finish(job, this.cache!.render(entry, job.query, now, false, job.hasEdns));
+    } else {
+      this.#serveStale(job, entry, now);
+    }
   }
 
   #maybePrefetch(job: ClientJob, entry: CacheEntry, now: number): void {
     if (!this.#prefetch || entry.prefetched || entry.ttl < 10) return;
     if (entry.expiresAt - now > entry.ttl * 100) return; // not yet in the last tenth
     entry.prefetched = true;
-    const hash = questionHash(job.query, job.questionEnd, this.#info.dnssecOk, this.#info.cd);
+    const hash = entry.hash;
     if (this.#flights.find(job.query, job.questionEnd, hash, job.keyFlags) !== null) return;
     this.#stats.prefetched();
     const flight = this.#newFlight(job, hash, true, now);
     this.#flights.add(flight);
     this.#forwarder.forward(flight);
-  }
-
-  /** The client's shape of an answer: OPT removed when the client sent none. */
-  #personalize(job: ClientJob, response: Uint8Array, entry: CacheEntry): Uint8Array {
-    if (job.hasEdns || entry.optStart < 0) return response;
-    const info = this.#responseInfo;
-    info.optStart = entry.optStart;
-    info.optEnd = entry.optEnd;
-    return stripResponseOpt(response, info, false);
   }
 
   // ---- forward ----------------------------------------------------------------------------
@@ -412,25 +439,24 @@ export class Resolver implements JobOwner, FlightOwner {
     const now = this.#clock.now();
     const info = this.#info;
     const coalesce = this.cache !== null && !info.hasClientSubnet && info.ednsVersion === 0;
-    const hash = coalesce ? questionHash(job.query, job.questionEnd, info.dnssecOk, info.cd) : 0;
-    let flight = coalesce
+    const hash = coalesce ? cacheKeyHash(job.query, job.questionEnd, job.keyFlags) : 0;
+    const out = coalesce
       ? this.#flights.find(job.query, job.questionEnd, hash, job.keyFlags)
       : null;
     this.#inflight++;
-    if (flight !== null && flight.waiters.length < MAX_WAITERS && !flight.done) {
+    if (out !== null && out.waiters.length < MAX_WAITERS && !out.done) {
       job.cache = "coalesced";
-      job.flight = flight;
-      flight.waiters.push(job);
+      job.flight = out;
+      out.waiters.push(job);
       this.#armStale(job, now);
       return;
     }
     if (this.cache !== null) job.cache = "miss";
-    flight = this.#newFlight(job, hash, false, now);
+    const flight = this.#newFlight(job, hash, false, now);
     flight.waiters.push(job);
     job.flight = flight;
-    if (coalesce && this.#flights.find(job.query, job.questionEnd, hash, job.keyFlags) === null) {
-      this.#flights.add(flight);
-    }
+    // A full flight stays the one others join; this one goes on its own.
+    if (coalesce && out === null) this.#flights.add(flight);
     this.#armStale(job, now);
     this.#forwarder.forward(flight);
   }
@@ -447,10 +473,12 @@ export class Resolver implements JobOwner, FlightOwner {
 
   /** A job waited the stale answer timeout: it gets the stale answer; the refresh goes on. */
   staleTimerDue(job: ClientJob): void {
-    const entry = job.stale;
-    if (job.done || entry === null) return;
+    const now = this.#clock.now();
+    const entry = this.#fallbackFor(job, now);
+    // An entry evicted or flushed meanwhile has nothing left to serve: wait for the flight.
+    if (entry === null) return;
     this.#detach(job);
-    this.#serveStale(job, entry, this.#clock.now());
+    this.#serveFallback(job, entry, now);
   }
 
   /** Takes `job` off its flight (it is answered some other way). */
@@ -487,7 +515,10 @@ export class Resolver implements JobOwner, FlightOwner {
       }
     }
     // Hop-by-hop EDNS options (padding, cookies) do not go to clients or into the cache.
-    const canonical = stripResponseOpt(response, info, true);
+    // (A slab buffer for the result: a fresh array would cost a microsecond per answer.)
+    const canonical = info.optEnd - info.optStart > 11
+      ? stripResponseOpt(response, info, true, copier.reserve(response.length))
+      : response;
     if (canonical !== response) {
       info = this.#responseInfo;
       analyzeResponse(canonical, info);
@@ -495,11 +526,14 @@ export class Resolver implements JobOwner, FlightOwner {
     const now = this.#clock.now();
     const rcode = info.extendedRcode;
     const waiters = flight.waiters;
-    if (rcode === Rcode.SERVFAIL && this.#hasStaleWaiters(flight)) {
-      // RFC 8767: a SERVFAIL refresh is a failure; stale beats it.
+    if (rcode === Rcode.SERVFAIL) {
+      // RFC 8767: a SERVFAIL refresh is a failure: stale beats it for the waiters that have
+      // an expired entry, and the entry remembers it (failure recheck window).
       this.#refreshFailed(flight, now);
     }
     if (this.cache !== null && flight.cacheable) {
+      // Clamps the TTLs of `canonical` too (--cache-min-ttl, --cache-max-ttl), as Unbound
+      // does: the first clients get the TTLs the next ones get.
       this.cache.store(
         flight.keyQuery,
         flight.questionEnd,
@@ -507,26 +541,41 @@ export class Resolver implements JobOwner, FlightOwner {
         canonical,
         info,
         now,
+        flight.hash,
       );
     }
     const optStart = info.optStart;
     const optEnd = info.optEnd;
+    // An error answer may come without a question (RFC 1035 allows it for FORMERR and the
+    // like): then there is no question to write the client's casing into.
+    const questionEnd = info.qdcount === 1 ? info.questionEnd : 0;
     const count = waiters.length;
     for (let i = 0; i < count; i++) {
       const job = waiters[i];
       if (job.done) continue;
       job.flight = null;
       this.#timers.cancel(job);
-      // The last waiter may take the bytes themselves (the cache copied what it keeps).
-      let out = i === count - 1 ? canonical : copier.copy(canonical, 0, canonical.length);
-      out[0] = job.query[0];
-      out[1] = job.query[1];
-      out.set(job.query.subarray(12, job.questionEnd), 12);
+      let out: Uint8Array;
       if (!job.hasEdns && optStart >= 0) {
-        const scratch = this.#responseInfo;
+        // One copy, without the OPT record, for a client that sent none.
+        const scratch = this.#stripInfo;
         scratch.optStart = optStart;
         scratch.optEnd = optEnd;
-        out = stripResponseOpt(out, scratch, false);
+        out = stripResponseOpt(
+          canonical,
+          scratch,
+          false,
+          copier.reserve(canonical.length - (optEnd - optStart)),
+        );
+      } else {
+        // The last waiter may take the bytes themselves (the cache copied what it keeps).
+        out = i === count - 1 ? canonical : copier.copy(canonical, 0, canonical.length);
+      }
+      const query = job.query;
+      out[0] = query[0];
+      out[1] = query[1];
+      if (questionEnd === job.questionEnd) {
+        for (let at = 12; at < questionEnd; at++) out[at] = query[at];
       }
       job.upstream = upstream;
       this.#inflight--;
@@ -536,28 +585,29 @@ export class Resolver implements JobOwner, FlightOwner {
     if (count > 0) this.#wakeCapacity();
   }
 
-  #hasStaleWaiters(flight: Flight): boolean {
-    for (const job of flight.waiters) if (job.stale !== null && !job.done) return true;
-    return false;
-  }
-
   /** Serves stale to the waiters that can have it, remembering the failure on the entry. */
   #refreshFailed(flight: Flight, now: number): void {
     const waiters = flight.waiters;
     for (let i = waiters.length - 1; i >= 0; i--) {
       const job = waiters[i];
-      const entry = job.stale;
-      if (entry === null || job.done) continue;
-      entry.refreshFailedAt = now;
+      const entry = this.#fallbackFor(job, now);
+      if (entry === null) continue;
+      if (now >= entry.expiresAt) entry.refreshFailedAt = now;
       waiters.splice(i, 1);
       job.flight = null;
       this.#timers.cancel(job);
       this.#inflight--;
-      this.#serveStale(job, entry, now);
+      this.#serveFallback(job, entry, now);
     }
     // A prefetch or a refresh with no stale waiter left: remember the failure on the entry.
-    if (this.cache !== null) {
-      const entry = this.cache.lookup(flight.keyQuery, flight.questionEnd, flight.keyFlags, now);
+    if (this.cache !== null && flight.cacheable) {
+      const entry = this.cache.lookup(
+        flight.keyQuery,
+        flight.questionEnd,
+        flight.keyFlags,
+        now,
+        flight.hash,
+      );
       if (entry !== null && now >= entry.expiresAt) entry.refreshFailedAt = now;
     }
   }
@@ -577,7 +627,7 @@ export class Resolver implements JobOwner, FlightOwner {
         clients: count,
       });
     }
-    const info = this.#info;
+    const info = this.#failInfo;
     for (let i = 0; i < count; i++) {
       const job = waiters[i];
       if (job.done) continue;

@@ -223,7 +223,7 @@ Deno.test("defaults of the new settings", () => {
   assert.equal(c.healthCheckIntervalMs, 10_000);
   assert.deepEqual(c.failoverRcodes, [2, 5]);
   assert.equal(c.strategy, DEFAULT_STRATEGY);
-  assert.equal(DEFAULT_STRATEGY, "fastest");
+  assert.equal(DEFAULT_STRATEGY, "least-outstanding");
   assert.ok(STRATEGIES.includes(DEFAULT_STRATEGY));
   assert.equal(c.shutdownDelayMs, 0);
   assert.equal(c.shutdownTimeoutMs, 10_000);
@@ -251,7 +251,7 @@ Deno.test("defaults of the new settings", () => {
   assert.equal(c.maxTcpQueriesPerConnection, 128);
   assert.equal(c.tcpIdleTimeoutMs, 10_000);
   assert.equal(c.maxInflight, 10_000);
-  assert.equal(c.upstreamConnections, 2);
+  assert.equal(c.upstreamConnections, 8);
   assert.equal(c.upstreamIdleTimeoutMs, 30_000);
 });
 

@@ -31,6 +31,10 @@ const REQUIRED = [
   "dotproxy_dropped_total",
   "dotproxy_upstream_tls_handshakes_total",
   "dotproxy_upstream_reconnects_total",
+  "dotproxy_upstream_hedges_total",
+  "dotproxy_upstream_retries_total",
+  "dotproxy_upstream_health_checks_total",
+  "dotproxy_cache_lookups_total",
 ];
 
 type Obj = Record<string, unknown>;
@@ -295,4 +299,28 @@ Deno.test("dashboard: every metric it uses is exposed by a running proxy", async
     }
   }
   for (const name of REQUIRED) assert.ok(used.has(name), `the dashboard does not chart ${name}`);
+});
+
+Deno.test("dashboard: hedges by result, retries by reason, health checks by result, cache hit ratio", async () => {
+  const dashboard = await loadDashboard();
+  const exprs = expressions(dashboard).map(([, expr]) => expr);
+  const find = (family: string, by: RegExp) =>
+    exprs.some((expr) => expr.includes(family) && by.test(expr));
+  assert.ok(find("dotproxy_upstream_hedges_total", /by \(upstream, result\)/), "hedges by result");
+  assert.ok(
+    find("dotproxy_upstream_hedges_total", /\/ clamp_min\(sum\(rate\(dotproxy_queries_total/),
+    "hedges per query, to hold against --hedge-budget",
+  );
+  assert.ok(find("dotproxy_upstream_retries_total", /by \(upstream, reason\)/), "retries");
+  assert.ok(find("dotproxy_upstream_health_checks_total", /by \(upstream, result\)/), "checks");
+  const hitRatio = exprs.find((expr) =>
+    expr.includes('dotproxy_cache_lookups_total{job=~"$job",instance=~"$instance",result="hit"}')
+  );
+  assert.ok(hitRatio, "cache hits");
+  assert.match(hitRatio, /\/ clamp_min\(sum\(rate\(dotproxy_cache_lookups_total\{[^}]*\}/);
+  const panel = allPanels(dashboard).find((p) => p.title === "Cache hit ratio");
+  assert.equal(
+    obj(obj(panel?.fieldConfig, "fieldConfig").defaults, "defaults").unit,
+    "percentunit",
+  );
 });

@@ -200,8 +200,14 @@ Deno.test("metrics: exact counters after known traffic, scraped over HTTP", asyn
   const upstream = DotServer.start();
   const label = `127.0.0.1:${upstream.port}#dns.test`;
   try {
-    // No hedging: exact counts of queries and connections below.
-    const config = testConfig([upstream.upstream()], { ...HTTP, hedgeDelay: 0 });
+    // Exact counts of queries and connections below: one connection, no hedges, no nudges
+    // (each of those writes a query twice or opens connections by design).
+    const config = testConfig([upstream.upstream()], {
+      ...HTTP,
+      hedgeDelay: 0,
+      upstreamConnections: 1,
+      upstreamNudge: false,
+    });
     await withProxy(config, async ({ proxy, port }) => {
       const web = httpPort(proxy);
 

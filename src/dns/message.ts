@@ -87,15 +87,26 @@ function pushTtlOffset(info: ResponseInfo, offset: number): void {
   info.ttlOffsets[info.ttlCount++] = offset;
 }
 
-/** True when `[start, end)` holds exactly one name. */
+/** True when `[start, end)` begins with one whole name. */
 function oneName(msg: Uint8Array, start: number, end: number): boolean {
-  return checkName(msg, start, end) === end;
+  return checkName(msg, start, end) >= 0;
 }
 
-/** True when `[start, end)` holds exactly two names. */
+/** True when `[start, end)` begins with two whole names. */
 function twoNames(msg: Uint8Array, start: number, end: number): boolean {
   const first = checkName(msg, start, end);
-  return first >= 0 && checkName(msg, first, end) === end;
+  return first >= 0 && checkName(msg, first, end) >= 0;
+}
+
+/**
+ * Offset of the MINIMUM field of the SOA record data at `[start, end)` (after MNAME, RNAME,
+ * SERIAL, REFRESH, RETRY and EXPIRE), or -1 when the data is too short.
+ */
+function soaMinimumAt(msg: Uint8Array, start: number, end: number): number {
+  const mname = checkName(msg, start, end);
+  if (mname < 0) return -1;
+  const rname = checkName(msg, mname, end);
+  return rname >= 0 && rname + 20 <= end ? rname + 16 : -1;
 }
 
 /** Skips a <character-string> (RFC 1035 section 3.3), or -1 when it runs past `end`. */
@@ -107,9 +118,13 @@ function skipString(msg: Uint8Array, offset: number, end: number): number {
 
 /**
  * Checks the record data of the types that hold domain names (RFC 1035 section 3.3, RFC 3597
- * section 4 for which ones may be compressed): the names must parse and, with the fixed
- * fields, fill the data exactly. Compression is accepted in all of them, as RFC 3597 asks
- * receivers to. Other types are opaque here.
+ * section 4 for which ones may be compressed): the fixed fields and the names must fit in
+ * the data and the names must parse. Compression is accepted in all of them, as RFC 3597
+ * asks receivers to. Octets after the last field are accepted: a recursive resolver relays
+ * them as the authoritative server sent them (Unbound keeps "remaining rdata" as is), so a
+ * zone owner could otherwise make an honest upstream's answers look broken (found by
+ * fuzzing authoritative answers behind Unbound; three in a row marked the upstream down).
+ * Other types are opaque here.
  */
 function checkRdata(msg: Uint8Array, type: number, start: number, end: number): boolean {
   switch (type) {
@@ -123,12 +138,8 @@ function checkRdata(msg: Uint8Array, type: number, start: number, end: number): 
     case 12: // PTR
     case 39: // DNAME (RFC 6672)
       return oneName(msg, start, end);
-    case 6: { // SOA: MNAME, RNAME, SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM
-      const mname = checkName(msg, start, end);
-      if (mname < 0) return false;
-      const rname = checkName(msg, mname, end);
-      return rname >= 0 && rname + 20 === end;
-    }
+    case 6: // SOA: MNAME, RNAME, SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM
+      return soaMinimumAt(msg, start, end) >= 0;
     case 14: // MINFO
     case 17: // RP (RFC 1183)
       return twoNames(msg, start, end);
@@ -172,8 +183,9 @@ function optionsFit(msg: Uint8Array, start: number, end: number): boolean {
  * - every record of the answer, authority and additional sections: an owner name whose
  *   compression pointers point strictly backwards ({@linkcode checkName}), the fixed fields
  *   and the record data inside the message; for NS, CNAME, PTR, MX, SOA, DNAME, SRV, MINFO,
- *   RP, AFSDB, RT, KX, PX and NAPTR, names in the record data that parse and fill exactly its
- *   length (SOA: two names and 20 octets);
+ *   RP, AFSDB, RT, KX, PX and NAPTR, fixed fields and names in the record data that parse
+ *   within its length (SOA: two names and 20 octets; octets after the last field are
+ *   relayed as received, as resolvers do);
  * - at most one OPT record, in the additional section, owned by the root, its options
  *   filling exactly its data (RFC 6891 section 6.1.1); a TSIG only as the last record
  *   (RFC 8945 section 5.1);
@@ -265,7 +277,7 @@ export function analyzeResponse(msg: Uint8Array, info: ResponseInfo): boolean {
       const ttl = readTtl(msg, ttlOffset);
       if (minTtl < 0 || ttl < minTtl) minTtl = ttl;
       if (type === RRType.SOA && info.negativeTtl < 0 && i >= answerTo && i < authorityTo) {
-        const minimum = readTtl(msg, rdataEnd - 4);
+        const minimum = readTtl(msg, soaMinimumAt(msg, rdataStart, rdataEnd));
         info.negativeTtl = minimum < ttl ? minimum : ttl;
       }
     }

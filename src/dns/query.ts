@@ -21,6 +21,19 @@ import {
   skipUncompressedName,
 } from "./wire.ts";
 
+/**
+ * The largest query dotproxy sends upstream, padding included: 512 octets (RFC 1035 section
+ * 2.3.4). Unbound with `harden-large-queries: yes` drops a larger query, which closes the
+ * whole DoT connection with every other client's question on it; no real query comes near
+ * it (the longest name with an OPT, a client subnet and padding is 384 octets), so a larger
+ * one is answered FORMERR and never forwarded.
+ */
+export const MAX_UPSTREAM_QUERY_SIZE = 512;
+
+/** Size of an OPT record without options, and of an empty Padding option. */
+const OPT_FIXED = 11;
+const PADDING_OPTION_FIXED = 4;
+
 /** What to do with a client message. */
 export const QueryVerdict = {
   /** A well-formed standard query: forward it. */
@@ -101,6 +114,11 @@ export class QueryInfo {
   tsig = false;
   /** Offset of the TSIG record (its owner, the key name), or -1 when there is none. */
   tsigStart: number = -1;
+  /**
+   * Octets of the OPT options that are forwarded upstream (all but COOKIE, TCP-KEEPALIVE
+   * and PADDING, which concern one hop), when `hasEdns`.
+   */
+  forwardedOptionBytes = 0;
 }
 
 function reject(info: QueryInfo, verdict: QueryVerdict, reason: string): QueryVerdict {
@@ -138,7 +156,10 @@ function tsigDataFits(msg: Uint8Array, start: number, end: number): boolean {
  * - a TSIG record: NOTAUTH (the proxy holds no keys, RFC 8945 section 5.2);
  * - QTYPE 0 (RFC 6895 section 3.1) or OPT: FORMERR; AXFR or IXFR: NOTIMP ("zone
  *   transfer"); any other QTYPE in 128-254 (TKEY, TSIG, MAILB, MAILA...): NOTIMP ("meta
- *   qtype"). ANY (255) is forwarded.
+ *   qtype"). ANY (255) is forwarded;
+ * - a query whose upstream form (question, OPT, the options that are forwarded, an empty
+ *   Padding option) would exceed {@linkcode MAX_UPSTREAM_QUERY_SIZE}: FORMERR ("query too
+ *   large").
  *
  * @example
  * ```ts
@@ -166,6 +187,7 @@ export function inspectQuery(msg: Uint8Array, info: QueryInfo): QueryVerdict {
   info.optEnd = -1;
   info.tsig = false;
   info.tsigStart = -1;
+  info.forwardedOptionBytes = 0;
   info.reason = "";
   const end = msg.length;
   if (end < HEADER_SIZE) return reject(info, QueryVerdict.DROP, "short header");
@@ -214,8 +236,14 @@ export function inspectQuery(msg: Uint8Array, info: QueryInfo): QueryVerdict {
       let at = rdataStart;
       for (let i = 0; i < 16384 && at < next; i++) {
         if (at + 4 > next) break;
-        if (readU16(msg, at) === EdnsOption.CLIENT_SUBNET) info.hasClientSubnet = true;
-        at += 4 + readU16(msg, at + 2);
+        const code = readU16(msg, at);
+        const optionEnd = at + 4 + readU16(msg, at + 2);
+        if (code === EdnsOption.CLIENT_SUBNET) info.hasClientSubnet = true;
+        if (
+          code !== EdnsOption.COOKIE && code !== EdnsOption.TCP_KEEPALIVE &&
+          code !== EdnsOption.PADDING
+        ) info.forwardedOptionBytes += optionEnd - at;
+        at = optionEnd;
       }
       if (at !== next) return reject(info, QueryVerdict.FORMERR, "malformed OPT options");
     } else if (type === RRType.TSIG) {
@@ -238,6 +266,11 @@ export function inspectQuery(msg: Uint8Array, info: QueryInfo): QueryVerdict {
     return reject(info, QueryVerdict.NOTIMP, "zone transfer");
   }
   if (qtype >= 128 && qtype < RRType.ANY) return reject(info, QueryVerdict.NOTIMP, "meta qtype");
+  const upstreamSize = info.questionEnd + OPT_FIXED + info.forwardedOptionBytes +
+    PADDING_OPTION_FIXED;
+  if (upstreamSize > MAX_UPSTREAM_QUERY_SIZE) {
+    return reject(info, QueryVerdict.FORMERR, "query too large");
+  }
   info.verdict = QueryVerdict.FORWARD;
   return QueryVerdict.FORWARD;
 }

@@ -11,6 +11,10 @@
  *   limit. The table of clients is bounded (least recently seen goes first), so spoofed
  *   sources cannot grow memory.
  *
+ * - Refusals: REFUSED costs no more bytes than the query, but a spoofed source would still
+ *   make the proxy a reflector; over UDP at most {@linkcode UDP_REFUSALS_PER_SECOND} a second
+ *   are answered, the rest dropped (TCP cannot be spoofed: always answered).
+ *
  * Address parsing costs about a microsecond; verdicts are remembered per address text in a
  * bounded map so the hot path is one map lookup.
  *
@@ -41,6 +45,8 @@ export type Admit = typeof Admit[keyof typeof Admit];
 const VERDICT_CACHE = 8192;
 /** Most clients tracked by the rate limiter. */
 export const MAX_RATE_CLIENTS = 65536;
+/** REFUSED answers sent over UDP to clients outside `--allow`, per second, in all. */
+export const UDP_REFUSALS_PER_SECOND = 100;
 
 /** What is known about one client address. */
 interface ClientVerdict {
@@ -69,11 +75,30 @@ export function clientAddressBytes(hostname: string): Uint8Array | null {
   return bytes.slice(12);
 }
 
-function rateKeyOf(bytes: Uint8Array, hostname: string): string {
-  if (bytes.length === 4) return hostname;
+/** The key a client is known by: its IPv4 address, or its IPv6 /64 (`2001:db8:0:1::/64`). */
+function keyOf(bytes: Uint8Array): string {
+  if (bytes.length === 4) return `${bytes[0]}.${bytes[1]}.${bytes[2]}.${bytes[3]}`;
   let key = "";
-  for (let i = 0; i < 8; i++) key += bytes[i].toString(16).padStart(2, "0");
-  return key;
+  for (let i = 0; i < 8; i += 2) key += ((bytes[i] << 8) | bytes[i + 1]).toString(16) + ":";
+  return key + ":/64";
+}
+
+/**
+ * The key one client is counted under (rate limit, TCP connections per client): the IPv4
+ * address (IPv4-mapped IPv6 unwrapped), or the IPv6 /64, since one host commonly holds a
+ * whole /64 and could otherwise count as millions of clients. Text that is no address is its
+ * own key.
+ *
+ * @example
+ * ```ts
+ * import { clientKey } from "./admission.ts";
+ * clientKey("::ffff:192.0.2.1"); // "192.0.2.1"
+ * clientKey("2001:db8::1"); // "2001:db8:0:0::/64"
+ * ```
+ */
+export function clientKey(hostname: string): string {
+  const bytes = clientAddressBytes(hostname);
+  return bytes === null ? hostname : keyOf(bytes);
 }
 
 /** Settings of {@linkcode Admission}. */
@@ -108,6 +133,8 @@ export class Admission {
   readonly #maxClients: number;
   readonly #verdicts = new Map<string, ClientVerdict>();
   readonly #buckets = new Map<string, Bucket>();
+  #refusalTokens = UDP_REFUSALS_PER_SECOND;
+  #refusalsUpdated = Number.NEGATIVE_INFINITY;
 
   /** Creates the stage. */
   constructor(settings: AdmissionSettings) {
@@ -131,6 +158,21 @@ export class Admission {
     if (this.#everyone) return true;
     if (client === undefined || !("hostname" in client)) return false;
     return this.#verdict(client.hostname).allowed;
+  }
+
+  /**
+   * True when a REFUSED answer may go to a client outside `--allow` over `transport`: always
+   * over TCP, over UDP within {@linkcode UDP_REFUSALS_PER_SECOND} (all sources together).
+   */
+  answerRefusal(transport: "udp" | "tcp"): boolean {
+    if (transport === "tcp") return true;
+    const now = this.#clock.now();
+    const refill = ((now - this.#refusalsUpdated) / 1000) * UDP_REFUSALS_PER_SECOND;
+    this.#refusalTokens = Math.min(UDP_REFUSALS_PER_SECOND, this.#refusalTokens + refill);
+    this.#refusalsUpdated = now;
+    if (this.#refusalTokens < 1) return false;
+    this.#refusalTokens -= 1;
+    return true;
   }
 
   /** The verdict for one message from `client` over `transport`. */
@@ -158,7 +200,7 @@ export class Admission {
         }
       }
     }
-    verdict = { allowed, rateKey: bytes === null ? hostname : rateKeyOf(bytes, hostname) };
+    verdict = { allowed, rateKey: bytes === null ? hostname : keyOf(bytes) };
     // Spoofed floods rotate addresses: start over rather than grow.
     if (this.#verdicts.size >= VERDICT_CACHE) this.#verdicts.clear();
     this.#verdicts.set(hostname, verdict);

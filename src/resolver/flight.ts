@@ -29,6 +29,9 @@ export interface FlightOwner {
 /** Most clients waiting on one flight; beyond it, queries go upstream on their own. */
 export const MAX_WAITERS = 256;
 
+/** Most flights registered under one hash value (see `MAX_CHAIN` of the answer cache). */
+export const MAX_CHAIN = 8;
+
 /**
  * One question out to the upstreams.
  *
@@ -44,13 +47,13 @@ export class Flight extends UpstreamRequest {
   readonly waiters: ClientJob[] = [];
   /** A message carrying the key's question (the first client's query). */
   readonly keyQuery: Uint8Array;
-  /** The key's hash. */
+  /** The key's hash (`cacheKeyHash` of the answer cache). */
   readonly hash: number;
   /** The key's flags. */
   readonly keyFlags: number;
   /** True for a background refresh with no client. */
   readonly prefetch: boolean;
-  /** The next flight with the same hash in the table. */
+  /** The next flight in the same bucket of the table. */
   chain: Flight | null = null;
   /** True while in the table. */
   registered = false;
@@ -97,7 +100,9 @@ export class Flight extends UpstreamRequest {
  * ```
  */
 export class FlightTable {
-  readonly #table = new Map<number, Flight>();
+  /** Hash buckets, a power of two (see the answer cache: cheaper than a `Map` here too). */
+  #buckets: (Flight | null)[] = new Array(64).fill(null);
+  #mask = 63;
   #size = 0;
 
   /** Flights registered. */
@@ -107,10 +112,10 @@ export class FlightTable {
 
   /** The flight out for the key of `query`, if any. */
   find(query: Uint8Array, questionEnd: number, hash: number, flags: number): Flight | null {
-    let flight = this.#table.get(hash) ?? null;
+    let flight = this.#buckets[hash & this.#mask];
     while (flight !== null) {
       if (
-        flight.keyFlags === flags &&
+        flight.hash === hash && flight.keyFlags === flags &&
         questionKeyEquals(flight.keyQuery, flight.questionEnd, 0, query, questionEnd, 0)
       ) return flight;
       flight = flight.chain;
@@ -118,12 +123,20 @@ export class FlightTable {
     return null;
   }
 
-  /** Registers `flight` under its key. */
-  add(flight: Flight): void {
-    flight.chain = this.#table.get(flight.hash) ?? null;
-    this.#table.set(flight.hash, flight);
+  /**
+   * Registers `flight` under its key; false (not registered, so not joined by others) when
+   * {@linkcode MAX_CHAIN} flights already share its hash, which bounds the cost of `find`.
+   */
+  add(flight: Flight): boolean {
+    const index = flight.hash & this.#mask;
+    let same = 0;
+    for (let f = this.#buckets[index]; f !== null; f = f.chain) if (f.hash === flight.hash) same++;
+    if (same >= MAX_CHAIN) return false;
+    flight.chain = this.#buckets[index];
+    this.#buckets[index] = flight;
     flight.registered = true;
-    this.#size++;
+    if (++this.#size > this.#buckets.length) this.#grow();
+    return true;
   }
 
   /** Unregisters `flight`. */
@@ -131,14 +144,32 @@ export class FlightTable {
     if (!flight.registered) return;
     flight.registered = false;
     this.#size--;
-    let head = this.#table.get(flight.hash) ?? null;
+    const index = flight.hash & this.#mask;
+    let head = this.#buckets[index];
     if (head === flight) {
-      if (flight.chain === null) this.#table.delete(flight.hash);
-      else this.#table.set(flight.hash, flight.chain);
+      this.#buckets[index] = flight.chain;
     } else {
       while (head !== null && head.chain !== flight) head = head.chain;
       if (head !== null) head.chain = flight.chain;
     }
     flight.chain = null;
+  }
+
+  #grow(): void {
+    const old = this.#buckets;
+    const buckets: (Flight | null)[] = new Array(old.length * 2).fill(null);
+    const mask = buckets.length - 1;
+    for (let i = 0; i < old.length; i++) {
+      let flight = old[i];
+      while (flight !== null) {
+        const next = flight.chain;
+        const index = flight.hash & mask;
+        flight.chain = buckets[index];
+        buckets[index] = flight;
+        flight = next;
+      }
+    }
+    this.#buckets = buckets;
+    this.#mask = mask;
   }
 }

@@ -78,8 +78,12 @@ export class Exchange {
   startedAt = 0;
   /** Writes on a connection (more than one after its connection closed under it). */
   writes = 0;
-  /** True once written a second time on its connection to nudge a Nagle-bound server. */
+  /** True once written again on its connection to nudge a Nagle-bound server. */
   nudged = false;
+  /** Times written again on its connection (see `DotConnection`'s nudge). */
+  nudges = 0;
+  /** Clock time of the last nudge (0: none). */
+  nudgedAt = 0;
   /** True once it ended (answered, failed or cancelled). */
   ended = false;
 

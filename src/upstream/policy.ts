@@ -1,8 +1,9 @@
 /**
  * Which upstream a question goes to next (`--strategy`). Every policy first narrows the
  * choice to the upstreams worth asking: not down, not excluded (tried already for this
- * question), and, when any other is left, not slow (an attempt recently passed its timeout
- * there). Only then does the strategy pick.
+ * question), and, when any other is left, neither slow (an attempt recently passed its
+ * timeout there) nor still connecting (no open connection, a handshake under way: a tarpit or
+ * a black hole looks like that until its connect timeout). Only then does the strategy pick.
  *
  * @module
  */
@@ -17,8 +18,13 @@ export interface Candidate {
   readonly usable: boolean;
   /** True when an attempt on it recently passed its timeout. */
   readonly slow: boolean;
-  /** Exchanges in flight on it. */
-  readonly outstanding: number;
+  /** True when it has no open connection and is opening one. */
+  readonly connecting: boolean;
+  /**
+   * Queries on its connections still owed an answer, those whose question was answered
+   * elsewhere first included: what the server has not answered yet, whoever still waits.
+   */
+  readonly load: number;
   /** Clock time it was last chosen. */
   lastChosenAt: number;
   /** Its recent answer times. */
@@ -42,36 +48,53 @@ export type Random = () => number;
 /** One choice in this many, `fastest` asks another upstream to keep its latency known. */
 const EXPLORE_EVERY = 32;
 
-/** Candidates in a reused array: the worth-asking tier, slow ones only if nothing else. */
+/**
+ * Candidates in a reused array: the worth-asking tier; slow or still-connecting ones only if
+ * nothing else is left.
+ */
 function candidates<C extends Candidate>(
   upstreams: readonly C[],
   exclude: number,
   out: C[],
 ): C[] {
   out.length = 0;
-  let slow = 0;
+  let doubtful = 0;
   for (const upstream of upstreams) {
     if (!upstream.usable || (exclude & (1 << upstream.index)) !== 0) continue;
-    if (upstream.slow) {
-      slow++;
+    if (upstream.slow || upstream.connecting) {
+      doubtful++;
       continue;
     }
     out.push(upstream);
   }
-  if (out.length === 0 && slow > 0) {
+  if (out.length === 0 && doubtful > 0) {
     for (const upstream of upstreams) {
-      if (upstream.usable && upstream.slow && (exclude & (1 << upstream.index)) === 0) {
-        out.push(upstream);
-      }
+      if (upstream.usable && (exclude & (1 << upstream.index)) === 0) out.push(upstream);
     }
   }
   return out;
 }
 
 /**
+ * True when `a`'s smoothed answer time is below `b`'s by more than a quarter of `b`'s and a
+ * millisecond: a difference that is not noise. Between upstreams that are about as fast, the
+ * order given decides, so traffic does not flip between them with every sample (which would
+ * spread it over more connections, each then carrying writes too rarely to keep a
+ * Nagle-bound server's answers moving; see `SPREAD_THRESHOLD` in upstream.ts).
+ */
+export function clearlyFaster(a: Candidate, b: Candidate): boolean {
+  if (a.latency.samples === 0 || b.latency.samples === 0) return false;
+  return a.latency.srtt + Math.max(1, 0.25 * b.latency.srtt) < b.latency.srtt;
+}
+
+/**
  * Creates the policy for `strategy`.
  *
- * - `least-outstanding`: the fewest exchanges in flight; ties to the first in the list.
+ * - `least-outstanding`: the fewest queries owed an answer; among equals, one never timed yet
+ *   (that is how it gets timed), then the clearly faster (see {@linkcode clearlyFaster}),
+ *   else the first in the list. Traffic stays on one upstream while it keeps up, moves the
+ *   moment it owes answers (a frozen or slow one does at once), and goes to the nearer of
+ *   two when they are idle.
  * - `fastest`: the lowest smoothed answer time; one choice in 32 goes to the upstream chosen
  *   least recently, so a recovered or faster-again upstream is noticed.
  * - `round-robin`: each in turn (spreads what each upstream learns about you).
@@ -100,7 +123,12 @@ export function createPolicy(strategy: Strategy, random: Random = Math.random): 
           const list = candidates(upstreams, exclude, scratch as typeof upstreams[number][]);
           let best = null;
           for (const upstream of list) {
-            if (best === null || upstream.outstanding < best.outstanding) best = upstream;
+            if (
+              best === null || upstream.load < best.load ||
+              (upstream.load === best.load &&
+                ((upstream.latency.samples === 0 && best.latency.samples > 0) ||
+                  clearlyFaster(upstream, best)))
+            ) best = upstream;
           }
           return pick(best, now);
         },

@@ -9,12 +9,16 @@
  *   its attempt deadline (the upstream's usual answer time; a multiple of its handshake time
  *   while still connecting), the question also goes to another upstream. The first exchange
  *   stays out: whichever answers first wins.
- * - **Hedge**: when the first exchange has not answered within the hedge delay (the
- *   upstream's recent p95, by default), the same question goes to a second upstream (or a
- *   second connection when there is one upstream), within a budget of hedges per question.
+ * - **Hedge**: when the first exchange has not answered within the hedge delay, the same
+ *   question goes to a second upstream (or a second connection when there is one upstream),
+ *   within a budget of hedges per question. The automatic delay is the recent p95 answer time
+ *   of the fastest usable upstream (see {@linkcode UpstreamPool.hedgeDelay}).
  * - **Failover on answers**: an answer whose rcode is in `--failover-rcodes` is kept while one
- *   other upstream is asked; the client gets the other's answer, or the kept one.
- * - **Query of death**: a question that was on two connections that died is not sent again.
+ *   other upstream is asked; the client gets the other's answer or, when that one gives such
+ *   an rcode too or none at all, the last such answer.
+ * - **Query of death**: the oldest question on a connection that died goes again alone on a
+ *   connection of its own; if that one dies too, the question goes to no other connection
+ *   of that upstream (another upstream may still be asked, once).
  *
  * Health (up/down, probes) and latency live with each {@linkcode Upstream}; which upstream
  * goes next is the {@linkcode Policy}'s business.
@@ -86,14 +90,18 @@ const HEDGE_BURST = 10;
 /** How often idle connections and late answers are tidied. */
 const MAINTAIN_EVERY_MS = 1000;
 
-/** Hedges earned per question and spent per hedge (a token bucket). */
+/**
+ * Hedges earned per question and spent per hedge (a token bucket): at most `percent` of the
+ * questions plus a burst of {@linkcode HEDGE_BURST}, which is also what it starts with, so
+ * the first questions after a start (when nothing is measured yet) can be hedged too.
+ */
 class HedgeBudget {
   #tokens: number;
   readonly #rate: number;
 
   constructor(percent: number) {
     this.#rate = percent / 100;
-    this.#tokens = Math.min(HEDGE_BURST, this.#rate * 10);
+    this.#tokens = percent > 0 ? HEDGE_BURST : 0;
   }
 
   earn(): void {
@@ -170,6 +178,8 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
       connect: options.connect,
       random: options.random,
       onHealthChange: () => this.#healthChanged(),
+      referenceHandshakeMs: () => this.#referenceHandshakeMs(),
+      referenceAttemptMs: () => this.#referenceAttemptMs(),
     };
     this.upstreams = options.upstreams.map((spec, index) =>
       new Upstream(index, spec, settings, stats(spec.label))
@@ -180,6 +190,47 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
   /** The strategy in use. */
   get strategy(): Strategy {
     return this.#policy.name;
+  }
+
+  /**
+   * The hedge delay in milliseconds for a question on `upstream` now (0: hedging off). With
+   * `--hedge-delay auto`: the recent p95 answer time of the fastest usable upstream that has
+   * answered (within 10..1000 ms), 100 ms before any has. Not the p95 of `upstream` alone:
+   * an upstream slow for one answer in ten has a p95 as slow as those answers, and hedging
+   * after that long would cut nothing; what matters is how soon the hedge itself would
+   * likely be answered. The budget bounds the cost.
+   */
+  hedgeDelay(upstream: Upstream): number {
+    if (this.#hedgeDelay !== "auto") return this.#hedgeDelay;
+    let best = upstream.latency.samples > 0 ? upstream.latency.p95 : Infinity;
+    for (const other of this.upstreams) {
+      if (other.usable && other.latency.samples > 0 && other.latency.p95 < best) {
+        best = other.latency.p95;
+      }
+    }
+    if (best === Infinity) return HEDGE_DEFAULT_MS;
+    return Math.min(HEDGE_MAX_MS, Math.max(HEDGE_MIN_MS, best));
+  }
+
+  /** The shortest attempt timeout among upstreams that answered (0: none did). */
+  #referenceAttemptMs(): number {
+    let best = 0;
+    for (const upstream of this.upstreams) {
+      if (upstream.latency.samples === 0) continue;
+      const ms = upstream.latency.attemptTimeout();
+      if (best === 0 || ms < best) best = ms;
+    }
+    return best;
+  }
+
+  /** The fastest last handshake among the upstreams (0: none completed one). */
+  #referenceHandshakeMs(): number {
+    let best = 0;
+    for (const upstream of this.upstreams) {
+      const ms = upstream.handshakeMs;
+      if (ms > 0 && (best === 0 || ms < best)) best = ms;
+    }
+    return best;
   }
 
   /**
@@ -236,13 +287,21 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     again: boolean,
     hedgeOf: Exchange | null,
   ): boolean {
-    if (request.started >= MAX_EXCHANGES) return false;
+    if (request.started >= MAX_EXCHANGES || this.#closed) return false;
+    for (const candidate of this.upstreams) candidate.noticeStall(now);
     let upstream = this.#policy.choose(this.upstreams, request.tried, now);
     let avoid: UpstreamConnection | null = null;
-    if (upstream === null && hedgeOf !== null && this.upstreams.length === 1) {
-      // One upstream: hedge on another connection to it.
-      upstream = this.upstreams[0].usable ? this.upstreams[0] : null;
+    if (hedgeOf !== null && upstream !== null && (upstream.slow || upstream.connecting)) {
+      // A hedge is worth sending only where an answer is likely soon: not to an upstream
+      // still connecting (a black hole looks like that) or already slow.
+      upstream = null;
+    }
+    if (upstream === null && hedgeOf !== null) {
+      // No other upstream to ask (one configured, or the others down): hedge on another
+      // connection to the same one, when it may have one.
+      const same = this.upstreams[hedgeOf.upstreamIndex];
       avoid = hedgeOf.carrier as UpstreamConnection | null;
+      upstream = same !== undefined && same.usable && same.hasRoomBeside(avoid) ? same : null;
     }
     if (upstream === null && again) upstream = this.#policy.choose(this.upstreams, 0, now);
     if (upstream === null) return false;
@@ -257,6 +316,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     request.exchanges.push(exchange);
     request.tried |= 1 << upstream.index;
     request.started++;
+    if (hedgeOf !== null) request.hedge = exchange;
     upstream.send(exchange, avoid);
     return true;
   }
@@ -268,6 +328,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     if (!request.hedged && exchanges.length === 1 && request.started === 1) {
       const delay = this.#hedgeDelayFor(exchanges[0]);
       if (delay > 0) next = Math.min(next, exchanges[0].startedAt + delay);
+      else request.hedged = true; // hedging is off
     }
     for (const exchange of exchanges) {
       if (exchange.judged) continue;
@@ -278,10 +339,9 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
   }
 
   #hedgeDelayFor(exchange: Exchange): number {
-    if (this.#hedgeDelay !== "auto") return this.#hedgeDelay;
-    const latency = this.upstreams[exchange.upstreamIndex]?.latency;
-    if (latency === undefined || latency.samples === 0) return HEDGE_DEFAULT_MS;
-    return Math.min(HEDGE_MAX_MS, Math.max(HEDGE_MIN_MS, latency.p95));
+    const upstream = this.upstreams[exchange.upstreamIndex];
+    if (upstream === undefined) return this.#hedgeDelay === "auto" ? HEDGE_DEFAULT_MS : 0;
+    return this.hedgeDelay(upstream);
   }
 
   /** See {@linkcode RequestDriver}. */
@@ -304,8 +364,8 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     // The hedge.
     const first = request.exchanges[0];
     if (
-      !request.hedged && request.started === 1 && first !== undefined &&
-      now >= first.startedAt + this.#hedgeDelayFor(first)
+      !request.hedged && request.started === 1 && request.exchanges.length === 1 &&
+      first !== undefined && now >= first.startedAt + this.#hedgeDelayFor(first)
     ) {
       request.hedged = true;
       if (this.#budget.take()) this.#start(request, now, false, first);
@@ -321,10 +381,11 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     this.#remove(request, exchange);
     const upstream = this.upstreams[exchange.upstreamIndex];
     if (this.#failover[info.rcode] === 1) {
-      if (request.heldAnswer === null) {
-        request.heldAnswer = response;
-        request.heldUpstream = upstream.spec.label;
-      }
+      // Kept (the latest such answer wins: if every upstream gives it, the client gets the
+      // last one) while another upstream is asked, once.
+      request.heldAnswer = response;
+      request.heldUpstream = upstream.spec.label;
+      request.heldFrom = exchange;
       if (!request.failedOver) {
         request.failedOver = true;
         const now = this.#clock.now();
@@ -335,17 +396,10 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
         }
       }
       if (request.exchanges.length > 0) return; // another attempt may still do better
-      this.#finish(request);
-      request.settleAnswer(request.heldAnswer, request.heldUpstream, null);
+      this.#settleHeld(request);
       return;
     }
-    if (request.hedged) {
-      for (const other of request.exchanges) {
-        if (other.kind === "hedge") this.upstreams[other.upstreamIndex].stats.hedge(false);
-      }
-      if (exchange.kind === "hedge") upstream.stats.hedge(true);
-    }
-    this.#finish(request);
+    this.#finish(request, exchange);
     request.settleAnswer(response, upstream.spec.label, info);
   }
 
@@ -362,34 +416,52 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
       // lets servers close at any time); the deadline bounds it.
       request.started--;
       if (exchange.poisoned) {
-        // Alone on its own connection, and that died too: a query of death. It goes to no
-        // other connection, so it takes no other client's question down again.
+        // Alone on its own connection, and that died too: a query of death for this
+        // upstream. It goes to no other connection of it, so it takes no other client's
+        // question down again there; an upstream not tried yet may still answer it.
         request.deaths++;
-        this.#poisonLog.warn("a question closed two upstream connections; not sending it again", {
-          upstream: upstream?.spec.label,
-        });
-        request.started = MAX_EXCHANGES;
-      } else if (exchange.firstOrphan && upstream !== undefined && upstream.usable) {
-        // The oldest unanswered question on the connection that died is the suspect:
-        // it goes again alone.
+        request.started++;
+        this.#poisonLog.warn(
+          "a question closed two upstream connections; not sending it there again",
+          {
+            upstream: upstream?.spec.label,
+          },
+        );
+      } else if (exchange.firstOrphan && request.deaths === 0) {
+        // The oldest unanswered question on the connection that died is the suspect: it
+        // goes again alone, on a connection of its own, to an upstream it was not on when
+        // there is one (the client is answered sooner if the first upstream is the broken
+        // party), else to the same one.
+        const target = this.#policy.choose(this.upstreams, request.tried, now) ??
+          (upstream !== undefined && upstream.usable ? upstream : null);
+        if (target !== null) {
+          request.deaths++;
+          const retry = new Exchange(request.query, request.questionEnd, this, "query");
+          retry.request = request;
+          retry.startedAt = now;
+          request.exchanges.push(retry);
+          request.tried |= 1 << target.index;
+          if (target !== upstream) upstream?.stats.retry(error.reason);
+          target.sendIsolated(retry);
+          if (!request.done) this.#arm(request, now);
+          return;
+        }
         request.deaths++;
-        const retry = new Exchange(request.query, request.questionEnd, this, "query");
-        retry.request = request;
-        retry.startedAt = now;
-        request.exchanges.push(retry);
-        upstream.sendIsolated(retry);
-        if (!request.done) this.#arm(request, now);
-        return;
+      } else if (exchange.firstOrphan) {
+        // A suspect for the second time: not sent again to an upstream it was on.
+        request.deaths++;
       }
     }
-    if (this.#start(request, now, request.exchanges.length === 0, null)) {
+    if (request.heldAnswer !== null && request.exchanges.length === 0) {
+      // An answer is at hand; this was the attempt to better it.
+      this.#settleHeld(request);
+      return;
+    }
+    // A question that killed connections goes only to upstreams it was not on.
+    const again = request.exchanges.length === 0 && request.deaths === 0;
+    if (this.#start(request, now, again, null)) {
       upstream?.stats.retry(error.reason);
     } else if (request.exchanges.length === 0) {
-      if (request.heldAnswer !== null) {
-        this.#finish(request);
-        request.settleAnswer(request.heldAnswer, request.heldUpstream, null);
-        return;
-      }
       this.#fail(request, error);
       return;
     }
@@ -401,20 +473,34 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     if (index >= 0) request.exchanges.splice(index, 1);
   }
 
-  /** Stops the request's timer and cancels its remaining exchanges. */
-  #finish(request: UpstreamRequest): void {
+  /**
+   * Stops the request's timer, cancels its remaining exchanges, and counts its hedge as won
+   * (it gave the answer: `winner`) or lost (anything else: beaten, failed, or no answer).
+   */
+  #finish(request: UpstreamRequest, winner: Exchange | null): void {
     this.timers.cancel(request);
     const exchanges = request.exchanges;
     request.exchanges = [];
     for (const exchange of exchanges) exchange.cancel();
+    const hedge = request.hedge;
+    if (hedge !== null) {
+      request.hedge = null;
+      this.upstreams[hedge.upstreamIndex]?.stats.hedge(hedge === winner);
+    }
+  }
+
+  /** Settles with the answer kept for its rcode. */
+  #settleHeld(request: UpstreamRequest): void {
+    this.#finish(request, request.heldFrom);
+    request.settleAnswer(request.heldAnswer!, request.heldUpstream, null);
   }
 
   #fail(request: UpstreamRequest, error: UpstreamError): void {
-    this.#finish(request);
     if (request.heldAnswer !== null) {
-      request.settleAnswer(request.heldAnswer, request.heldUpstream, null);
+      this.#settleHeld(request);
       return;
     }
+    this.#finish(request, null);
     if (error.reason === "timeout" || error.reason === "unavailable") {
       const label = error.upstream;
       const upstream = label ? this.upstreams.find((u) => u.spec.label === label) : undefined;

@@ -49,8 +49,10 @@ export abstract class UpstreamRequest implements AnswerSink, Timed {
   tried = 0;
   /** Exchanges started in all. */
   started = 0;
-  /** True once a hedge was sent. */
+  /** True once the hedge was decided on (sent, or refused by the budget). */
   hedged = false;
+  /** The hedge, once sent (counted won or lost when the request settles). */
+  hedge: Exchange | null = null;
   /** True once an answer's rcode made it try another upstream. */
   failedOver = false;
   /** Connections that died while it was on them (a query of death kills every one). */
@@ -61,6 +63,8 @@ export abstract class UpstreamRequest implements AnswerSink, Timed {
   heldAnswer: Uint8Array | null = null;
   /** Who gave `heldAnswer`. */
   heldUpstream = "";
+  /** The exchange that gave `heldAnswer`. */
+  heldFrom: Exchange | null = null;
   /** The driver, while in flight. */
   driver: RequestDriver | null = null;
   /** See {@linkcode Timed}. */

@@ -1,0 +1,140 @@
+/**
+ * Every port survives descriptor exhaustion: `main.ts` under `ulimit -n 1024` with 1,000 idle
+ * DNS-over-TCP clients (the case that used to end the process at the first /healthz). While
+ * descriptors are gone UDP still answers; once the clients leave, /healthz and a TCP query
+ * work again; the process never exits; accept failures are logged rate limited.
+ */
+import assert from "node:assert/strict";
+import { CA_PEM } from "./fixtures/certs.ts";
+import { addressFor, buildQuery, formatA, parseMessage } from "./support/dns.ts";
+import { DotServer } from "./support/dot_server.ts";
+import { freeStablePort } from "./support/fault_upstream.ts";
+import { waitFor } from "./support/hostile.ts";
+import { TcpDnsClient, udpExchange } from "./support/proxy.ts";
+
+const ROOT = new URL("../", import.meta.url);
+const CLIENTS = 1000;
+
+async function httpStatus(url: string, timeoutMs: number): Promise<number | string> {
+  try {
+    const response = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    await response.body?.cancel();
+    return response.status;
+  } catch (error) {
+    return error instanceof Error ? error.name : String(error);
+  }
+}
+
+Deno.test({
+  name: "exhaustion: 1,000 idle TCP clients under ulimit -n 1024; every port comes back",
+  ignore: Deno.build.os === "windows",
+  fn: async () => {
+    const upstream = DotServer.start();
+    const dnsPort = freeStablePort();
+    const httpPort = freeStablePort();
+    const inherited = Object.fromEntries(
+      Object.entries(Deno.env.toObject()).filter(([name]) => !name.startsWith("DOTPROXY_")),
+    );
+    const child = new Deno.Command("bash", {
+      args: [
+        "-c",
+        'ulimit -n 1024 && exec "$0" run --allow-net --allow-env main.ts "$@"',
+        Deno.execPath(),
+        "--listen",
+        `127.0.0.1:${dnsPort}`,
+        "--http",
+        `127.0.0.1:${httpPort}`,
+        "--upstream",
+        upstream.upstream(),
+        // One client address holds them all: lift the per-client and global caps so the
+        // descriptors run out first, and keep idle clients open through the test.
+        "--max-tcp-connections",
+        "5000",
+        "--max-tcp-connections-per-client",
+        "5000",
+        "--tcp-idle-timeout",
+        "120000",
+        "--log-format",
+        "json",
+      ],
+      cwd: ROOT,
+      clearEnv: true,
+      env: { ...inherited, NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", DOTPROXY_CA_CERTS: CA_PEM },
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    let stderr = "";
+    const collected = (async () => {
+      const decoder = new TextDecoder();
+      for await (const chunk of child.stderr) stderr += decoder.decode(chunk, { stream: true });
+    })();
+    let exited = false;
+    const status = child.status.then((s) => {
+      exited = true;
+      return s;
+    });
+    const killer = setTimeout(() => child.kill("SIGKILL"), 60_000);
+    const clients: Deno.TcpConn[] = [];
+    try {
+      const healthz = `http://127.0.0.1:${httpPort}/healthz`;
+      assert.ok(
+        await waitFor(() => stderr.includes("dotproxy started"), 15_000),
+        `started: ${stderr}`,
+      );
+      assert.equal(await httpStatus(healthz, 2000), 200);
+
+      // 1,000 idle clients: the kernel completes every handshake; the proxy runs out of
+      // descriptors accepting them.
+      for (let i = 0; i < CLIENTS; i++) {
+        clients.push(await Deno.connect({ hostname: "127.0.0.1", port: dnsPort }));
+      }
+      assert.ok(
+        await waitFor(() => stderr.includes("out of file descriptors"), 10_000),
+        "the proxy ran out of descriptors",
+      );
+      // Meanwhile: /healthz may not get a descriptor, but must not end the process...
+      await httpStatus(healthz, 1000);
+      await httpStatus(healthz, 1000);
+      // ...and UDP needs none: it still answers.
+      const udp = await udpExchange(dnsPort, buildQuery("during.test", { id: 1 }));
+      assert.ok(udp, "UDP answered while descriptors are gone");
+      assert.equal(formatA(parseMessage(udp).answers[0].data), addressFor("during.test"));
+      assert.equal(exited, false, "still running");
+
+      for (const conn of clients.splice(0)) conn.close();
+      let health: number | string = 0;
+      for (let i = 0; i < 40 && health !== 200; i++) {
+        health = await httpStatus(healthz, 1000);
+        if (health !== 200) await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      assert.equal(health, 200, "/healthz answers once descriptors free up");
+      const tcp = await TcpDnsClient.connect(dnsPort);
+      try {
+        await tcp.send(buildQuery("after.test", { id: 2 }));
+        const reply = await tcp.receive(5000);
+        assert.ok(reply);
+        assert.equal(formatA(parseMessage(reply).answers[0].data), addressFor("after.test"));
+      } finally {
+        tcp.close();
+      }
+      assert.equal(exited, false, "never exited");
+      assert.ok(!stderr.includes("unhandled"), "no unhandled rejection");
+      assert.ok(!stderr.includes("uncaught"), "no uncaught exception");
+      const pauses = stderr.split("\n").filter((l) => l.includes("out of file descriptors"));
+      // One line per listener per ten seconds, however many accepts failed.
+      assert.ok(pauses.length <= 4, `accept failures logged ${pauses.length} times`);
+    } finally {
+      for (const conn of clients) conn.close();
+      clearTimeout(killer);
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // Already gone.
+      }
+      await status;
+      await collected;
+      await upstream.close();
+    }
+  },
+});
