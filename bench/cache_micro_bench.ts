@@ -14,6 +14,7 @@ import { Admission } from "../src/resolver/admission.ts";
 import { SYSTEM_CLOCK } from "../src/timers.ts";
 import type { UpstreamRequest } from "../src/upstream/request.ts";
 import type { Forwarder } from "../src/upstream/types.ts";
+import { TEST_CACHE } from "../tests/support/cache.ts";
 import { answerFor, buildQuery } from "../tests/support/dns.ts";
 
 const config = defaultConfig();
@@ -51,15 +52,7 @@ function makeResolver(cacheSize: number): Resolver {
     logQueries: false,
     log: new Logger({ level: "error", sink: () => {} }),
     stats: metrics.resolver,
-    cache: {
-      maxEntries: cacheSize,
-      minTtl: 0,
-      maxTtl: 86_400,
-      maxNegativeTtl: 3600,
-      serveStaleSeconds: 86_400,
-      prefetch: true,
-      staleAnswerTimeoutMs: 1800,
-    },
+    cache: { ...TEST_CACHE, maxEntries: cacheSize },
     cacheStats: metrics.cache,
     // The defaults: --allow loopback and private ranges, --rate-limit as shipped.
     admission: new Admission({

@@ -6,6 +6,7 @@
 #
 #   bash bench/run.sh            # full run, about 9 minutes
 #   bash bench/run.sh --quick    # smoke run, about 1.5 minutes
+#   bash bench/run.sh --before 7c925b5   # also runs that commit as "dotproxy-before"
 #   bash bench/run.sh --help
 set -euo pipefail
 # Deno would otherwise look up its own update server through the system resolver.
@@ -34,16 +35,19 @@ LOAD_CORE=1          # dnsperf and the upstream Unbound
 ALL_TARGETS="dotproxy stubby dnsdist unbound-fwd deno-responder unbound-direct"
 TARGETS="$ALL_TARGETS"
 DOTPROXY_ARGS="${DOTPROXY_ARGS:-}"  # extra arguments for main.ts (e.g. to turn a cache off)
+BEFORE_REV=""        # --before REV: that commit of dotproxy runs beside the working tree
+BEFORE_ARGS="${BEFORE_ARGS:-}"  # extra arguments for the "before" build's main.ts
 
 # Ports (all on 127.0.0.1).
 UP_TLS_PORT=8853
 UP_PLAIN_PORT=8053
 declare -A PORT=(
   [dotproxy]=5301 [stubby]=5302 [dnsdist]=5303 [unbound-fwd]=5304
-  [deno-responder]=5305 [unbound-direct]=$UP_PLAIN_PORT
+  [deno-responder]=5305 [unbound-direct]=$UP_PLAIN_PORT [dotproxy-before]=5306
 )
 declare -A DESC=(
   [dotproxy]="dotproxy (main.ts), DoT to Unbound"
+  [dotproxy-before]="dotproxy at the --before commit, DoT to Unbound"
   [stubby]="Stubby, DoT to Unbound"
   [dnsdist]="dnsdist, DoT to Unbound, no packet cache"
   [unbound-fwd]="Unbound as TLS forwarder, cache off"
@@ -54,13 +58,15 @@ declare -A DESC=(
 usage() {
   cat <<EOF
 usage: bash bench/run.sh [--quick] [--duration S] [--rounds N] [--targets a,b,...]
-                         [--sat-latency] [--keep-tmp]
+                         [--sat-latency] [--keep-tmp] [--before REV]
   --quick            smoke run: 3 s runs, 1 round, 1 s warm-up
   --duration S       seconds per saturation run (default $DURATION)
   --rounds N         saturation rounds, target order rotated (default $ROUNDS)
   --targets LIST     comma-separated subset of: ${ALL_TARGETS// /,}
   --sat-latency      dnsperf -v in saturation runs too, for their p99 (costs load-core CPU)
   --keep-tmp         keep the temp dir (configs, logs) for debugging
+  --before REV       also run dotproxy as of git commit REV (target dotproxy-before, port 5306),
+                     for a before/after comparison in one run (BEFORE_ARGS: its extra args)
 env: DOTPROXY_ARGS   extra arguments passed to main.ts
      UDP_CLIENTS, UDP_OUTSTANDING, TCP_CLIENTS, TCP_OUTSTANDING   dnsperf -c/-q (8/256, 16/256)
 EOF
@@ -75,11 +81,15 @@ while (($#)); do
     --targets) TARGETS="${2//,/ }"; shift ;;
     --sat-latency) SAT_LATENCY=1 ;;
     --keep-tmp) KEEP_TMP=1 ;;
+    --before) BEFORE_REV="$2"; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
   shift
 done
+if [[ -n "$BEFORE_REV" && " $TARGETS " != *" dotproxy-before "* ]]; then
+  TARGETS="dotproxy-before $TARGETS"
+fi
 for t in $TARGETS; do
   [[ -n "${PORT[$t]:-}" ]] || { echo "unknown target: $t" >&2; exit 2; }
 done
@@ -274,18 +284,29 @@ start_upstream() {
   log "upstream Unbound up (pid ${PID[upstream]}, core $LOAD_CORE): DoT :$UP_TLS_PORT, plain :$UP_PLAIN_PORT"
 }
 
-start_dotproxy() {
-  if [[ ! -f "$REPO/main.ts" ]]; then
-    DEAD[dotproxy]="main.ts not found"
+start_dotproxy() { # target source-dir extra-args
+  local t="$1" dir="$2" extra="$3"
+  if [[ ! -f "$dir/main.ts" ]]; then
+    DEAD[$t]="main.ts not found in $dir"
     return 1
   fi
-  # shellcheck disable=SC2086 # DOTPROXY_ARGS is a word list on purpose
-  (cd "$REPO" && DOTPROXY_CA_CERTS="$(cat "$TMP/ca.pem")" exec taskset -c "$PROXY_CORE" \
-    deno run --allow-net --allow-env --v8-flags=--max-semi-space-size=2 main.ts --listen "127.0.0.1:${PORT[dotproxy]}" \
-    --upstream "127.0.0.1:$UP_TLS_PORT#dns.test" --log-level warn $DOTPROXY_ARGS \
-    >"$TMP/dotproxy.log" 2>&1 </dev/null) &
-  PID[dotproxy]=$!
+  # shellcheck disable=SC2086 # the extra arguments are a word list on purpose
+  (cd "$dir" && DOTPROXY_CA_CERTS="$(cat "$TMP/ca.pem")" exec taskset -c "$PROXY_CORE" \
+    deno run --allow-net --allow-env --v8-flags=--max-semi-space-size=2 main.ts --listen "127.0.0.1:${PORT[$t]}" \
+    --upstream "127.0.0.1:$UP_TLS_PORT#dns.test" --log-level warn $extra \
+    >"$TMP/$t.log" 2>&1 </dev/null) &
+  PID[$t]=$!
   STARTED_PIDS+=("$!")
+}
+
+# The --before commit, exported from git into the temp dir (no worktree left behind).
+start_dotproxy_before() {
+  mkdir -p "$TMP/before"
+  if ! git -C "$REPO" archive "$BEFORE_REV" | tar -x -C "$TMP/before"; then
+    DEAD[dotproxy-before]="git archive $BEFORE_REV failed"
+    return 1
+  fi
+  start_dotproxy dotproxy-before "$TMP/before" "$BEFORE_ARGS"
 }
 
 start_stubby() {
@@ -376,7 +397,8 @@ start_target() { # target
   local t="$1"
   case "$t" in
     unbound-direct) return 0 ;; # the upstream itself
-    dotproxy) start_dotproxy || { warn "dotproxy: ${DEAD[dotproxy]}"; return 0; } ;;
+    dotproxy) start_dotproxy dotproxy "$REPO" "$DOTPROXY_ARGS" || { warn "dotproxy: ${DEAD[dotproxy]}"; return 0; } ;;
+    dotproxy-before) start_dotproxy_before || { warn "dotproxy-before: ${DEAD[dotproxy-before]}"; return 0; } ;;
     stubby) start_stubby ;;
     dnsdist) start_dnsdist ;;
     unbound-fwd) start_unbound_fwd ;;
@@ -535,7 +557,7 @@ measure() { # kind(sat|fixed) round target mode
         sprintf("%.2f", ((dbusy(c0, c1) + dbusy(l0, l1) - dp - (same ? 0 : du)) / tck - gen) / dur)
     }' >>"$RUNS_TSV"
   log "  -> $(tail -n 1 "$RUNS_TSV" | awk -F'\t' '{ printf "qps %s, lost %s, mean %s ms, p99 %s ms, CPU %s s/1k, core%s busy %s, load core busy %s, other load %s cores", $6, $9, $11, $14, $18, '"$PROXY_CORE"', $20, $21, $25 }')"
-  if ((wrapped)) && [[ "$t" == dotproxy || "$t" == unbound-fwd ]]; then
+  if ((wrapped)) && [[ "$t" == dotproxy* || "$t" == unbound-fwd ]]; then
     warn "$t: names repeated within the run (sent $sent > $lines names): a cache could help"
   fi
 }
@@ -572,10 +594,12 @@ write_meta() {
     --arg nproc "$(nproc)" --arg kernel "$(uname -r)" \
     --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
     --arg dotproxy_args "$DOTPROXY_ARGS" --arg idle "$IDLE_CHECK" \
+    --arg before_rev "$BEFORE_REV" --arg before_args "$BEFORE_ARGS" \
     '{stamp: $stamp, quick: ($quick == "1"), duration_s: ($duration | tonumber),
       rounds: ($rounds | tonumber), fixed_rate_qps: ($fixed_rate | tonumber),
       fixed_duration_s: ($fixed_duration | tonumber), dnsperf_udp: $udp, dnsperf_tcp: $tcp,
       saturation_latency: ($sat_latency == "1"), dotproxy_args: $dotproxy_args,
+      before_rev: $before_rev, before_args: $before_args,
       load_before_start_cores: ($idle | tonumber),
       versions: {dotproxy: $dotproxy, deno: $deno, unbound: $unbound, stubby: $stubby,
                  dnsdist: $dnsdist, dnsperf: $dnsperf, openssl: $openssl},

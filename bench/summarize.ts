@@ -44,6 +44,7 @@ interface Check {
 
 const ORDER = [
   "dotproxy",
+  "dotproxy-before",
   "stubby",
   "dnsdist",
   "unbound-fwd",
@@ -227,6 +228,14 @@ function main(): void {
       (r) => r >= 1.0,
     ),
     {
+      check: `UDP at ${meta.fixed_rate_qps} qps: dotproxy p50 (ms)`,
+      dotproxy: dpFixed?.p50Ms ?? null,
+      peer: find("fixed", "dnsdist", "udp")?.p50Ms ?? null,
+      ratio: null,
+      goal: "≤ 0.4 ms",
+      pass: dpFixed?.p50Ms == null ? null : dpFixed.p50Ms <= 0.4,
+    },
+    {
       check: `UDP at ${meta.fixed_rate_qps} qps: dotproxy p99 (ms)`,
       dotproxy: dpFixed?.p99Ms ?? null,
       peer: null,
@@ -250,6 +259,25 @@ function main(): void {
       (r) => r <= 1.3,
     ),
   ];
+  // With --before: the working tree against that commit, same run (issue 8: within 5%).
+  if (find("sat", "dotproxy-before", "udp")) {
+    checks.push(
+      ratioCheck(
+        `UDP: qps, dotproxy / dotproxy at ${meta.before_rev}`,
+        find("sat", "dotproxy", "udp")?.qps,
+        find("sat", "dotproxy-before", "udp")?.qps,
+        "≥ 0.95",
+        (r) => r >= 0.95,
+      ),
+      ratioCheck(
+        `UDP: CPU s per 1k queries, dotproxy / dotproxy at ${meta.before_rev}`,
+        find("sat", "dotproxy", "udp")?.cpuSPer1k,
+        find("sat", "dotproxy-before", "udp")?.cpuSPer1k,
+        "≤ 1.05",
+        (r) => r <= 1.05,
+      ),
+    );
+  }
 
   const md: string[] = [];
   const v = meta.versions;
@@ -278,6 +306,12 @@ function main(): void {
           " costs load-core CPU, and at saturation p99 is mostly queueing.") +
       (meta.dotproxy_args ? ` dotproxy args: \`${meta.dotproxy_args}\`.` : ""),
   );
+  if (meta.before_rev) {
+    md.push(
+      `dotproxy-before: commit ${meta.before_rev}, the same harness and flags` +
+        (meta.before_args ? ` plus \`${meta.before_args}\`` : "") + ".",
+    );
+  }
   md.push("");
 
   md.push("## Saturation");

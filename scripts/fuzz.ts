@@ -25,11 +25,18 @@ interface Options {
   listenerEvery: number;
 }
 
+const USAGE = `usage: deno task fuzz [--count N] [--seconds S] [--seed N] [--listener-every N]
+
+  --count N           messages to check (default 1,000,000; with --seconds alone: no limit)
+  --seconds S         stop after S seconds, whatever the count
+  --seed N            replay a run (a 32-bit unsigned integer; also FUZZ_SEED=N)
+  --listener-every N  messages between two batches through a running proxy's UDP and TCP
+                      listeners (default 100,000; at least 1,000)
+  -h, --help          this text`;
+
 function usage(message: string): never {
   console.error(`fuzz: ${message}`);
-  console.error(
-    "usage: deno task fuzz [--count N] [--seconds S] [--seed N] [--listener-every N]",
-  );
+  console.error(USAGE);
   Deno.exit(2);
 }
 
@@ -41,6 +48,10 @@ function parseArgs(args: string[]): Options {
     seed: envSeed !== undefined && envSeed !== "" ? Number(envSeed) : randomSeed(),
     listenerEvery: 100_000,
   };
+  if (args.includes("--help") || args.includes("-h")) {
+    console.log(USAGE);
+    Deno.exit(0);
+  }
   for (let i = 0; i < args.length; i++) {
     const [flag, inline] = args[i].split("=", 2);
     const value = inline ?? args[++i];
@@ -51,7 +62,10 @@ function parseArgs(args: string[]): Options {
     if (flag === "--count") options.count = number;
     else if (flag === "--seconds") {
       options.seconds = number;
-      if (!args.includes("--count")) options.count = Infinity;
+      // --seconds alone runs for that long, whatever the count.
+      if (!args.some((arg) => arg === "--count" || arg.startsWith("--count="))) {
+        options.count = Infinity;
+      }
     } else if (flag === "--seed") options.seed = number;
     else if (flag === "--listener-every") options.listenerEvery = Math.max(1000, number);
     else usage(`unknown flag ${flag}`);

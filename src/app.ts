@@ -193,12 +193,12 @@ export async function startProxy(
       await pool.healthChange(STARTUP_READY_WAIT_MS - waited);
       if (draining) return { ready: false, reason: "shutting down" };
     }
-    const reasons = pool.upstreams.map((u) =>
-      `${u.spec.label}: ${
-        u.health.lastError?.message ??
-          (u.health.state === "unknown" ? "not checked yet" : "down")
-      }`
-    );
+    const reasons = pool.upstreams.map((u) => {
+      const why = u.health.lastError?.message ??
+        (u.health.state === "unknown" ? "not checked yet" : "down");
+      // Most upstream errors name the upstream already.
+      return why.includes(u.spec.label) ? why : `${u.spec.label}: ${why}`;
+    });
     return { ready: false, reason: `no upstream answers: ${reasons.join("; ")}` };
   };
 

@@ -11,6 +11,7 @@
  */
 
 import { LOG_LEVELS, type LogFormat, type LogLevel } from "./log.ts";
+import { RCODE_MNEMONICS } from "./dns/wire.ts";
 
 /** An address to listen on. */
 export interface ListenAddress {
@@ -335,30 +336,15 @@ const DEFAULT_ALLOW = [
 ];
 const DEFAULT_FAILOVER_RCODES = "SERVFAIL,REFUSED";
 
-/** Response code mnemonics (RFC 1035, RFC 2136), by value. */
-const RCODES = [
-  "NOERROR",
-  "FORMERR",
-  "SERVFAIL",
-  "NXDOMAIN",
-  "NOTIMP",
-  "REFUSED",
-  "YXDOMAIN",
-  "YXRRSET",
-  "NXRRSET",
-  "NOTAUTH",
-  "NOTZONE",
-];
-
 function parseRcodes(text: string, what: string): number[] {
   const codes: number[] = [];
   for (const item of splitList(text)) {
     const upper = item.toUpperCase();
-    let code = RCODES.indexOf(upper);
+    let code = RCODE_MNEMONICS.indexOf(upper);
     if (code < 0 && /^\d{1,2}$/.test(item) && Number(item) <= 15) code = Number(item);
     if (code < 0) {
       throw new ConfigError(
-        `${what}: "${item}" is not a response code (${RCODES.join(", ")}, or 0-15)`,
+        `${what}: "${item}" is not a response code (${RCODE_MNEMONICS.join(", ")}, or 0-15)`,
       );
     }
     if (!codes.includes(code)) codes.push(code);
@@ -473,7 +459,8 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     arg: "N",
     group: "Serving",
     ...whole(10_000, 1, 1_000_000),
-    help: "most queries in flight in the whole proxy; more are dropped",
+    help: "most queries waiting on upstreams; beyond it UDP queries that need an upstream " +
+      "are dropped (cache hits are still answered) and TCP reading pauses",
   },
   allow: {
     flag: "allow",
@@ -1060,7 +1047,14 @@ export function parseUpstream(text: string, what: string): UpstreamSpec {
   const scheme = /^([A-Za-z][A-Za-z0-9+.-]*):\/\//.exec(trimmed);
   if (scheme) {
     const why = scheme[1].toLowerCase() === "tls" ? "" : "; dotproxy speaks DNS over TLS only";
-    throw new ConfigError(`${context}: ${UPSTREAM_FORM} (no scheme${why})`);
+    // The address the user meant, in the right form: "tls://9.9.9.9" -> "9.9.9.9#TLS_NAME".
+    const rest = trimmed.slice(scheme[0].length).replace(/\/.*$/, "");
+    const known = Object.entries(KNOWN_RESOLVERS).find(([name, ip]) =>
+      rest === ip || rest.toLowerCase() === name
+    );
+    const form = known ? `${known[1]}#${known[0]}` : rest.includes("#") ? rest : `${rest}#TLS_NAME`;
+    const meant = rest === "" ? "" : `: ${form}`;
+    throw new ConfigError(`${context}: ${UPSTREAM_FORM} (no scheme${why}${meant})`);
   }
   const hash = trimmed.indexOf("#");
   const hostPort = hash >= 0 ? trimmed.slice(0, hash) : trimmed;
@@ -1340,7 +1334,11 @@ export function parseConfig(args: string[], env: EnvReader): ConfigRequest {
   if (positionals.length > 0) {
     if (!COMMANDS.includes(positionals[0]) || positionals.length > 1) {
       const extra = COMMANDS.includes(positionals[0]) ? positionals[1] : positionals[0];
-      throw new ConfigError(`unknown command "${extra}" (see --help)`);
+      // `deno task start -- --listen ...` (npm's habit) passes the `--` through: say so.
+      const hint = extra.startsWith("-")
+        ? `; flags go before any "--" (deno task start --listen ..., no "--")`
+        : "; see --help";
+      throw new ConfigError(`unknown command "${extra}"${hint}`);
     }
     command = "healthcheck";
   }

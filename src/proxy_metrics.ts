@@ -30,6 +30,229 @@ export interface ProxyState {
   cacheEntries(): number;
 }
 
+/** A gauge's scrape-time callback. */
+type Collect = NonNullable<Parameters<Registry["gauge"]>[3]>;
+
+/** What {@linkcode ProxyState.upstreams} says of one upstream. */
+type UpstreamState = ReturnType<ProxyState["upstreams"]>[number];
+
+/**
+ * One family: its kind, name, help text and label names, and for a gauge computed at scrape
+ * time, how it reads the proxy's state.
+ */
+type FamilyRow =
+  | readonly [kind: "counter" | "histogram", name: string, help: string, labels: readonly string[]]
+  | readonly [
+    kind: "gauge",
+    name: string,
+    help: string,
+    labels: readonly string[],
+    collect?: (state: ProxyState) => Collect,
+  ];
+
+/** A gauge with one series per upstream: `value` of what the state says of it. */
+function perUpstream(value: (upstream: UpstreamState) => number): (state: ProxyState) => Collect {
+  return (state) => (set) => {
+    for (const u of state.upstreams()) set(value(u), u.label);
+  };
+}
+
+/**
+ * Every family, by the {@linkcode ProxyMetrics} field that holds it, in the order of the
+ * exposition.
+ */
+const FAMILIES = {
+  queries: [
+    "counter",
+    "dotproxy_queries_total",
+    "Responses sent to clients, by client transport and response code.",
+    ["transport", "rcode"],
+  ],
+  queryDuration: [
+    "histogram",
+    "dotproxy_query_duration_seconds",
+    "Time from receiving a query to having its response, as the client sees it.",
+    ["transport"],
+  ],
+  dropped: [
+    "counter",
+    "dotproxy_dropped_total",
+    "Client messages dropped without a response (malformed: header unreadable or bad TCP " +
+    "frame; response: QR=1 from a client; overload: too many queries in flight; " +
+    "rate_limit: over --rate-limit).",
+    ["transport", "reason"],
+  ],
+  truncated: [
+    "counter",
+    "dotproxy_udp_truncated_total",
+    "UDP answers truncated (TC=1) because they exceeded the client's size.",
+    [],
+  ],
+  upstreamQueries: [
+    "counter",
+    "dotproxy_upstream_answers_total",
+    "Answers received from each upstream.",
+    ["upstream"],
+  ],
+  upstreamDuration: [
+    "histogram",
+    "dotproxy_upstream_query_duration_seconds",
+    "Time from writing a query to an upstream to reading its answer.",
+    ["upstream"],
+  ],
+  upstreamErrors: [
+    "counter",
+    "dotproxy_upstream_errors_total",
+    "Upstream failures by reason (timeout, tls, refused, unreachable, reset, bad_response, " +
+    "unavailable).",
+    ["upstream", "reason"],
+  ],
+  handshakes: [
+    "counter",
+    "dotproxy_upstream_tls_handshakes_total",
+    "Connection attempts to upstreams (TCP connect plus TLS handshake), by result (ok, error).",
+    ["upstream", "result"],
+  ],
+  reconnects: [
+    "counter",
+    "dotproxy_upstream_reconnects_total",
+    "Connections reopened because an upstream closed or broke one with queries in flight.",
+    ["upstream"],
+  ],
+  upstreamHealthy: [
+    "gauge",
+    "dotproxy_upstream_healthy",
+    "1 while the upstream answers (or has not failed yet); 0 while it is down: a connection " +
+    "failed, stopped answering or kept breaking, and no query or health check has been " +
+    "answered since.",
+    ["upstream"],
+    perUpstream((u) => u.healthy ? 1 : 0),
+  ],
+  upstreamInflight: [
+    "gauge",
+    "dotproxy_upstream_inflight",
+    "Queries written to the upstream and not yet answered.",
+    ["upstream"],
+    perUpstream((u) => u.inflight),
+  ],
+  upstreamConnections: [
+    "gauge",
+    "dotproxy_upstream_connections",
+    "Open or opening TLS connections to the upstream.",
+    ["upstream"],
+    perUpstream((u) => u.connections),
+  ],
+  hedges: [
+    "counter",
+    "dotproxy_upstream_hedges_total",
+    "Hedged attempts (the question also sent to this upstream because the first was slow), " +
+    "by result: won (answered first) or lost.",
+    ["upstream", "result"],
+  ],
+  retries: [
+    "counter",
+    "dotproxy_upstream_retries_total",
+    "Questions also sent to another upstream because an attempt on this one failed (reason: " +
+    "the error), was slow (slow), or answered with an rcode in --failover-rcodes (rcode).",
+    ["upstream", "reason"],
+  ],
+  healthChecks: [
+    "counter",
+    "dotproxy_upstream_health_checks_total",
+    "Health checks (. IN NS over the upstream's own TLS connection), by result (ok, error).",
+    ["upstream", "result"],
+  ],
+  refused: [
+    "counter",
+    "dotproxy_refused_total",
+    "Queries answered REFUSED by policy: acl (client not in --allow), rate_limit (over " +
+    "--rate-limit, TCP).",
+    ["reason"],
+  ],
+  slips: [
+    "counter",
+    "dotproxy_rate_limit_slips_total",
+    "Rate-limited UDP queries answered with an empty TC=1 response (every second one).",
+    [],
+  ],
+  cacheLookups: [
+    "counter",
+    "dotproxy_cache_lookups_total",
+    "Answers by how the cache took part: hit (fresh entry), miss (asked upstream), stale " +
+    "(expired entry served, RFC 8767), coalesced (joined an identical question in flight).",
+    ["result"],
+  ],
+  cachePrefetches: [
+    "counter",
+    "dotproxy_cache_prefetches_total",
+    "Background refreshes of popular entries in the last tenth of their TTL.",
+    [],
+  ],
+  cacheEvictions: [
+    "counter",
+    "dotproxy_cache_evictions_total",
+    "Entries evicted (least recently used first) to stay within --cache-size.",
+    [],
+  ],
+  cacheEntries: [
+    "gauge",
+    "dotproxy_cache_entries",
+    "Entries in the answer cache.",
+    [],
+    (state) => (set) => set(state.cacheEntries()),
+  ],
+  tcpAccepted: [
+    "counter",
+    "dotproxy_tcp_connections_total",
+    "TCP client connections accepted.",
+    [],
+  ],
+  tcpRejected: [
+    "counter",
+    "dotproxy_tcp_connections_rejected_total",
+    "TCP client connections closed on accept at the connection limit.",
+    [],
+  ],
+  tcpOpen: [
+    "gauge",
+    "dotproxy_tcp_connections_open",
+    "TCP client connections open now.",
+    [],
+    (state) => (set) => set(state.tcpConnections()),
+  ],
+} as const satisfies Record<string, FamilyRow>;
+
+/** The families of {@linkcode FAMILIES}, by field. */
+type Families = {
+  readonly [F in keyof typeof FAMILIES]: {
+    counter: Counter;
+    histogram: Histogram;
+    gauge: Gauge;
+  }[(typeof FAMILIES)[F][0]];
+};
+
+/**
+ * The fields of {@linkcode ProxyMetrics} that hold a family (each must be in
+ * {@linkcode FAMILIES}).
+ */
+type FamilyField = {
+  [K in keyof ProxyMetrics]: ProxyMetrics[K] extends Counter | Gauge | Histogram ? K : never;
+}[keyof ProxyMetrics];
+
+/** Registers every family of {@linkcode FAMILIES} in `registry`, in order. */
+function registerFamilies(registry: Registry, state: ProxyState): Families {
+  const families: Record<string, Counter | Histogram | Gauge> = {};
+  for (const [field, row] of Object.entries(FAMILIES) as [string, FamilyRow][]) {
+    const [kind, name, help, labels] = row;
+    families[field] = kind === "counter"
+      ? registry.counter(name, help, labels)
+      : kind === "histogram"
+      ? registry.histogram(name, help, labels)
+      : registry.gauge(name, help, labels, row[4]?.(state));
+  }
+  return families as Families;
+}
+
 const DROP_REASONS: readonly DropReason[] = ["malformed", "response", "overload", "rate_limit"];
 const REFUSED_REASONS: readonly RefusedReason[] = ["acl", "rate_limit"];
 const CACHE_RESULTS = ["hit", "miss", "stale", "coalesced"] as const;
@@ -47,54 +270,56 @@ const CACHE_RESULTS = ["hit", "miss", "stale", "coalesced"] as const;
 export class ProxyMetrics {
   /** The registry the families live in. */
   readonly registry: Registry;
+  // The families are assigned from FAMILIES, the one list of them, by the constructor;
+  // `declare` makes each field a type only, checked against that table.
   /** `dotproxy_queries_total{transport,rcode}`. */
-  readonly queries: Counter;
+  declare readonly queries: Counter;
   /** `dotproxy_query_duration_seconds{transport}`. */
-  readonly queryDuration: Histogram;
+  declare readonly queryDuration: Histogram;
   /** `dotproxy_dropped_total{transport,reason}`. */
-  readonly dropped: Counter;
+  declare readonly dropped: Counter;
   /** `dotproxy_udp_truncated_total`. */
-  readonly truncated: Counter;
-  /** `dotproxy_upstream_queries_total{upstream}`. */
-  readonly upstreamQueries: Counter;
+  declare readonly truncated: Counter;
+  /** `dotproxy_upstream_answers_total{upstream}`. */
+  declare readonly upstreamQueries: Counter;
   /** `dotproxy_upstream_query_duration_seconds{upstream}`. */
-  readonly upstreamDuration: Histogram;
+  declare readonly upstreamDuration: Histogram;
   /** `dotproxy_upstream_errors_total{upstream,reason}`. */
-  readonly upstreamErrors: Counter;
+  declare readonly upstreamErrors: Counter;
   /** `dotproxy_upstream_tls_handshakes_total{upstream,result}`. */
-  readonly handshakes: Counter;
+  declare readonly handshakes: Counter;
   /** `dotproxy_upstream_reconnects_total{upstream}`. */
-  readonly reconnects: Counter;
+  declare readonly reconnects: Counter;
   /** `dotproxy_tcp_connections_total`. */
-  readonly tcpAccepted: Counter;
+  declare readonly tcpAccepted: Counter;
   /** `dotproxy_tcp_connections_rejected_total`. */
-  readonly tcpRejected: Counter;
+  declare readonly tcpRejected: Counter;
   /** `dotproxy_tcp_connections_open`, computed at scrape time. */
-  readonly tcpOpen: Gauge;
+  declare readonly tcpOpen: Gauge;
   /** `dotproxy_upstream_healthy{upstream}`, computed at scrape time. */
-  readonly upstreamHealthy: Gauge;
+  declare readonly upstreamHealthy: Gauge;
   /** `dotproxy_upstream_inflight{upstream}`, computed at scrape time. */
-  readonly upstreamInflight: Gauge;
+  declare readonly upstreamInflight: Gauge;
   /** `dotproxy_upstream_connections{upstream}`, computed at scrape time. */
-  readonly upstreamConnections: Gauge;
+  declare readonly upstreamConnections: Gauge;
   /** `dotproxy_upstream_hedges_total{upstream,result}`. */
-  readonly hedges: Counter;
+  declare readonly hedges: Counter;
   /** `dotproxy_upstream_retries_total{upstream,reason}`. */
-  readonly retries: Counter;
+  declare readonly retries: Counter;
   /** `dotproxy_upstream_health_checks_total{upstream,result}`. */
-  readonly healthChecks: Counter;
+  declare readonly healthChecks: Counter;
   /** `dotproxy_refused_total{reason}`. */
-  readonly refused: Counter;
+  declare readonly refused: Counter;
   /** `dotproxy_rate_limit_slips_total`. */
-  readonly slips: Counter;
+  declare readonly slips: Counter;
   /** `dotproxy_cache_lookups_total{result}`. */
-  readonly cacheLookups: Counter;
+  declare readonly cacheLookups: Counter;
   /** `dotproxy_cache_prefetches_total`. */
-  readonly cachePrefetches: Counter;
+  declare readonly cachePrefetches: Counter;
   /** `dotproxy_cache_evictions_total`. */
-  readonly cacheEvictions: Counter;
+  declare readonly cacheEvictions: Counter;
   /** `dotproxy_cache_entries`, computed at scrape time. */
-  readonly cacheEntries: Gauge;
+  declare readonly cacheEntries: Gauge;
 
   /** Hooks for the resolver. */
   readonly resolver: ResolverStats;
@@ -106,140 +331,11 @@ export class ProxyMetrics {
   /** Registers every family in `registry`. */
   constructor(registry: Registry, state: ProxyState, startTimeSeconds = Date.now() / 1000) {
     this.registry = registry;
-    this.queries = registry.counter(
-      "dotproxy_queries_total",
-      "Responses sent to clients, by client transport and response code.",
-      ["transport", "rcode"],
+    const families: Pick<ProxyMetrics, FamilyField | keyof Families> = registerFamilies(
+      registry,
+      state,
     );
-    this.queryDuration = registry.histogram(
-      "dotproxy_query_duration_seconds",
-      "Time from receiving a query to having its response, as the client sees it.",
-      ["transport"],
-    );
-    this.dropped = registry.counter(
-      "dotproxy_dropped_total",
-      "Client messages dropped without a response (malformed: header unreadable or bad TCP " +
-        "frame; response: QR=1 from a client; overload: too many queries in flight; " +
-        "rate_limit: over --rate-limit).",
-      ["transport", "reason"],
-    );
-    this.truncated = registry.counter(
-      "dotproxy_udp_truncated_total",
-      "UDP answers truncated (TC=1) because they exceeded the client's size.",
-    );
-    this.upstreamQueries = registry.counter(
-      "dotproxy_upstream_answers_total",
-      "Answers received from each upstream.",
-      ["upstream"],
-    );
-    this.upstreamDuration = registry.histogram(
-      "dotproxy_upstream_query_duration_seconds",
-      "Time from writing a query to an upstream to reading its answer.",
-      ["upstream"],
-    );
-    this.upstreamErrors = registry.counter(
-      "dotproxy_upstream_errors_total",
-      "Upstream failures by reason (timeout, tls, refused, unreachable, reset, bad_response, " +
-        "unavailable).",
-      ["upstream", "reason"],
-    );
-    this.handshakes = registry.counter(
-      "dotproxy_upstream_tls_handshakes_total",
-      "Connection attempts to upstreams (TCP connect plus TLS handshake), by result (ok, error).",
-      ["upstream", "result"],
-    );
-    this.reconnects = registry.counter(
-      "dotproxy_upstream_reconnects_total",
-      "Connections reopened because an upstream closed or broke one with queries in flight.",
-      ["upstream"],
-    );
-    this.upstreamHealthy = registry.gauge(
-      "dotproxy_upstream_healthy",
-      "1 while the upstream answers (or has not failed yet); 0 while it is down: a connection " +
-        "failed, stopped answering or kept breaking, and no query or health check has been " +
-        "answered since.",
-      ["upstream"],
-      (set) => {
-        for (const u of state.upstreams()) set(u.healthy ? 1 : 0, u.label);
-      },
-    );
-    this.upstreamInflight = registry.gauge(
-      "dotproxy_upstream_inflight",
-      "Queries written to the upstream and not yet answered.",
-      ["upstream"],
-      (set) => {
-        for (const u of state.upstreams()) set(u.inflight, u.label);
-      },
-    );
-    this.upstreamConnections = registry.gauge(
-      "dotproxy_upstream_connections",
-      "Open or opening TLS connections to the upstream.",
-      ["upstream"],
-      (set) => {
-        for (const u of state.upstreams()) set(u.connections, u.label);
-      },
-    );
-    this.hedges = registry.counter(
-      "dotproxy_upstream_hedges_total",
-      "Hedged attempts (the question also sent to this upstream because the first was slow), " +
-        "by result: won (answered first) or lost.",
-      ["upstream", "result"],
-    );
-    this.retries = registry.counter(
-      "dotproxy_upstream_retries_total",
-      "Questions also sent to another upstream because an attempt on this one failed (reason: " +
-        "the error), was slow (slow), or answered with an rcode in --failover-rcodes (rcode).",
-      ["upstream", "reason"],
-    );
-    this.healthChecks = registry.counter(
-      "dotproxy_upstream_health_checks_total",
-      "Health checks (. IN NS over the upstream's own TLS connection), by result (ok, error).",
-      ["upstream", "result"],
-    );
-    this.refused = registry.counter(
-      "dotproxy_refused_total",
-      "Queries answered REFUSED by policy: acl (client not in --allow), rate_limit (over " +
-        "--rate-limit, TCP).",
-      ["reason"],
-    );
-    this.slips = registry.counter(
-      "dotproxy_rate_limit_slips_total",
-      "Rate-limited UDP queries answered with an empty TC=1 response (every second one).",
-    );
-    this.cacheLookups = registry.counter(
-      "dotproxy_cache_lookups_total",
-      "Answers by how the cache took part: hit (fresh entry), miss (asked upstream), stale " +
-        "(expired entry served, RFC 8767), coalesced (joined an identical question in flight).",
-      ["result"],
-    );
-    this.cachePrefetches = registry.counter(
-      "dotproxy_cache_prefetches_total",
-      "Background refreshes of popular entries in the last tenth of their TTL.",
-    );
-    this.cacheEvictions = registry.counter(
-      "dotproxy_cache_evictions_total",
-      "Entries evicted (least recently used first) to stay within --cache-size.",
-    );
-    this.cacheEntries = registry.gauge(
-      "dotproxy_cache_entries",
-      "Entries in the answer cache.",
-      [],
-      (set) => set(state.cacheEntries()),
-    );
-    this.tcpAccepted = registry.counter(
-      "dotproxy_tcp_connections_total",
-      "TCP client connections accepted.",
-    );
-    this.tcpRejected = registry.counter(
-      "dotproxy_tcp_connections_rejected_total",
-      "TCP client connections closed on accept at the connection limit.",
-    );
-    this.tcpOpen = registry.gauge(
-      "dotproxy_tcp_connections_open",
-      "TCP client connections open now.",
-      [],
-      (set) => set(state.tcpConnections()),
-    );
+    Object.assign(this, families);
     registry.gauge(
       "dotproxy_process_start_time_seconds",
       "Start time of the process since the Unix epoch, in seconds.",

@@ -7,8 +7,9 @@
  *    here (`dns/query.ts`), and ANY over UDP gets an empty TC=1 answer (RFC 8482);
  * 3. **cache**: a fresh entry answers at once; an expired one may be served stale later
  *    (`cache/answer_cache.ts`);
- * 4. **forward**: the question joins a flight already out for the same key, or starts one
- *    (`resolver/flight.ts`), through the {@linkcode Forwarder};
+ * 4. **forward**: at `--max-inflight` a UDP query is shed here (after the cache, so hits
+ *    are still answered); otherwise the question joins a flight already out for the same
+ *    key, or starts one (`resolver/flight.ts`), through the {@linkcode Forwarder};
  * 5. **finish**: the client's own ID, question casing and EDNS shape, truncation for UDP,
  *    statistics, the query log, and delivery to the listener's sink.
  *
@@ -89,7 +90,10 @@ export const NO_RESOLVER_STATS: ResolverStats = {
 export interface ResolverOptions {
   /** Largest UDP answer sent to any client. */
   udpMaxSize: number;
-  /** Most queries waiting on upstreams at once; beyond it UDP queries are dropped. */
+  /**
+   * Most queries waiting on upstreams at once; beyond it UDP queries that would have to wait
+   * too are dropped (cache hits are still answered, expired entries served stale).
+   */
   maxInflight: number;
   /** Deadline for an upstream answer, milliseconds. */
   timeoutMs: number;
@@ -288,14 +292,6 @@ export class Resolver implements JobOwner, FlightOwner {
       this.#finish(job, buildErrorResponse(query, info, Rcode.NOERROR, { truncated: true }));
       return false;
     }
-    if (!this.hasCapacity && job.transport === "udp") {
-      this.#stats.dropped("udp", "overload");
-      this.#overloadLog.warn("too many queries in flight; dropping UDP queries", {
-        limit: this.#options.maxInflight,
-      });
-      this.#drop(job);
-      return false;
-    }
     return true;
   }
 
@@ -404,6 +400,8 @@ export class Resolver implements JobOwner, FlightOwner {
   #maybePrefetch(job: ClientJob, entry: CacheEntry, now: number): void {
     if (!this.#prefetch || entry.prefetched || entry.ttl < 10) return;
     if (entry.expiresAt - now > entry.ttl * 100) return; // not yet in the last tenth
+    // At --max-inflight no optional work goes upstream; a later hit may still prefetch.
+    if (!this.hasCapacity) return;
     entry.prefetched = true;
     const hash = entry.hash;
     if (this.#flights.find(job.query, job.questionEnd, hash, job.keyFlags) !== null) return;
@@ -436,6 +434,13 @@ export class Resolver implements JobOwner, FlightOwner {
   }
 
   #forward(job: ClientJob): void {
+    // Overload sheds only what would wait on an upstream: cache hits were answered above,
+    // and a query with an expired entry gets it stale rather than nothing. TCP is never
+    // shed here; its listener stops reading instead.
+    if (!this.hasCapacity && job.transport === "udp") {
+      this.#shed(job);
+      return;
+    }
     const now = this.#clock.now();
     const info = this.#info;
     const coalesce = this.cache !== null && !info.hasClientSubnet && info.ednsVersion === 0;
@@ -459,6 +464,21 @@ export class Resolver implements JobOwner, FlightOwner {
     if (coalesce && out === null) this.#flights.add(flight);
     this.#armStale(job, now);
     this.#forwarder.forward(flight);
+  }
+
+  /** At `--max-inflight`: serves a stale entry if the job has one, else drops the UDP query. */
+  #shed(job: ClientJob): void {
+    const now = this.#clock.now();
+    const entry = this.#fallbackFor(job, now);
+    if (entry !== null) {
+      this.#serveFallback(job, entry, now);
+      return;
+    }
+    this.#stats.dropped("udp", "overload");
+    this.#overloadLog.warn("too many queries in flight; dropping UDP queries", {
+      limit: this.#options.maxInflight,
+    });
+    this.#drop(job);
   }
 
   #armStale(job: ClientJob, now: number): void {

@@ -16,6 +16,7 @@ import { Logger } from "../src/log.ts";
 import { type CacheStatus, Resolver, type ResolverOptions } from "../src/resolver.ts";
 import { Flight, type FlightOwner, FlightTable } from "../src/resolver/flight.ts";
 import { ManualClock } from "../src/timers.ts";
+import { TEST_CACHE } from "./support/cache.ts";
 import type { UpstreamRequest } from "../src/upstream/request.ts";
 import { type Forwarder, UpstreamError } from "../src/upstream/types.ts";
 import { buildQuery, encodeName, type ParsedMessage, parseMessage } from "./support/dns.ts";
@@ -184,16 +185,7 @@ function setup(cache: Partial<CacheOptions> = {}, options: Partial<ResolverOptio
       cacheLookup: (result) => harness.lookups.push(result),
       prefetched: () => harness.prefetches++,
     },
-    cache: {
-      maxEntries: 100,
-      minTtl: 0,
-      maxTtl: 86_400,
-      maxNegativeTtl: 3600,
-      serveStaleSeconds: 86_400,
-      prefetch: true,
-      staleAnswerTimeoutMs: 1800,
-      ...cache,
-    },
+    cache: { ...TEST_CACHE, ...cache },
     cacheStats: { evicted: () => harness.evictions++ },
     ...options,
   });

@@ -574,7 +574,10 @@ Deno.test("command line: last value wins, repeated lists add up, -- ends the fla
     ["10.0.0.0/8", "192.168.0.0/16", "::1/128"],
   );
   assert.equal(config(["--", "healthcheck"]).command, "healthcheck");
-  assert.match(failure(["--", "--timeout"]), /unknown command "--timeout"/);
+  assert.match(
+    failure(["--", "--timeout"]),
+    /unknown command "--timeout"; flags go before any "--"/,
+  );
   assert.equal(failure(["--help=yes"]), "flag --help takes no value");
   assert.equal(failure(["-x"]), "unknown flag -x (see --help)");
   assert.equal(
@@ -594,16 +597,20 @@ Deno.test("upstreams written as URLs or names get a hint in the right form", () 
   const form = "write upstreams as IP[:PORT][#TLS_NAME], e.g. 1.1.1.1#cloudflare-dns.com";
   assert.equal(
     failure(["--upstream", "tls://1.1.1.1"]),
-    `--upstream "tls://1.1.1.1": ${form} (no scheme)`,
+    `--upstream "tls://1.1.1.1": ${form} (no scheme: 1.1.1.1#cloudflare-dns.com)`,
   );
   assert.equal(
     failure(["--upstream", "tls://1.1.1.1:853"]),
-    `--upstream "tls://1.1.1.1:853": ${form} (no scheme)`,
+    `--upstream "tls://1.1.1.1:853": ${form} (no scheme: 1.1.1.1:853#TLS_NAME)`,
+  );
+  assert.equal(
+    failure(["--upstream", "tls://9.9.9.9"]),
+    `--upstream "tls://9.9.9.9": ${form} (no scheme: 9.9.9.9#dns.quad9.net)`,
   );
   assert.equal(
     failure([], { DOTPROXY_UPSTREAMS: "9.9.9.9, https://dns.google/dns-query" }),
     `DOTPROXY_UPSTREAMS "https://dns.google/dns-query": ${form} ` +
-      "(no scheme; dotproxy speaks DNS over TLS only)",
+      "(no scheme; dotproxy speaks DNS over TLS only: 8.8.8.8#dns.google)",
   );
   assert.equal(
     failure(["--upstream", "dns.google"]),
@@ -851,7 +858,7 @@ Deno.test("main: invalid configuration is one line on stderr and exit code 2", a
       [[], { DOTPROXY_LOG_LEVEL: "chatty" }, "DOTPROXY_LOG_LEVEL"],
       [[], { DOTPROXY_CA_CERTS: "garbage" }, "DOTPROXY_CA_CERTS"],
       [["--timeout", "-5"], {}, '--timeout: "-5" is not a whole number'],
-      [["--upstream", "tls://1.1.1.1"], {}, "e.g. 1.1.1.1#cloudflare-dns.com (no scheme)"],
+      [["--upstream", "tls://1.1.1.1"], {}, "(no scheme: 1.1.1.1#cloudflare-dns.com)"],
       [["--allow", "10.0.0.1/8"], {}, "did you mean 10.0.0.0/8?"],
     ] as [string[], Record<string, string>, string][]
   ) {

@@ -293,4 +293,8 @@ Deno.test("buildProbeQuery: . IN NS with EDNS 1232 and a random ID", () => {
     assert.equal(info.qtype, 2);
   }
   assert.ok(ids.size > 1, "IDs are random");
+  // The upstream health check asks without RD: no server recurses for it.
+  const plain = buildProbeQuery(false);
+  assert.deepEqual(Array.from(plain.subarray(3)), expected.slice(1));
+  assert.equal(plain[2], 0);
 });

@@ -1,8 +1,9 @@
 /**
- * Every port survives descriptor exhaustion: `main.ts` under `ulimit -n 1024` with 1,000 idle
- * DNS-over-TCP clients (the case that used to end the process at the first /healthz). While
- * descriptors are gone UDP still answers; once the clients leave, /healthz and a TCP query
- * work again; the process never exits; accept failures are logged rate limited.
+ * The process survives what used to end it: `main.ts` under `ulimit -n 1024` with 1,000 idle
+ * DNS-over-TCP clients (the case that used to end the process at the first /healthz), and an
+ * unhandled rejection or uncaught exception. While descriptors are gone UDP still answers;
+ * once the clients leave, /healthz and a TCP query work again; the process never exits;
+ * accept failures are logged rate limited.
  */
 import assert from "node:assert/strict";
 import { CA_PEM } from "./fixtures/certs.ts";
@@ -25,6 +26,74 @@ async function httpStatus(url: string, timeoutMs: number): Promise<number | stri
   }
 }
 
+/** `main.ts` running as its own process, its stderr collected. */
+interface MainChild {
+  /** Everything written to stderr so far. */
+  stderr(): string;
+  /** True once the process ended. */
+  exited(): boolean;
+  /** Sends `signal`. */
+  kill(signal: Deno.Signal): void;
+  /** SIGTERM, then waits for the exit; resolves with the exit code. */
+  stop(): Promise<number>;
+}
+
+/**
+ * Starts `deno run [denoArgs] main.ts [args]` under `ulimit -n` (when given) with the test CA
+ * and a clean `DOTPROXY_*` environment; killed after 60 s whatever happens.
+ */
+function startMain(options: { ulimit?: number; denoArgs?: string[]; args: string[] }): MainChild {
+  const inherited = Object.fromEntries(
+    Object.entries(Deno.env.toObject()).filter(([name]) => !name.startsWith("DOTPROXY_")),
+  );
+  const limit = options.ulimit === undefined ? "" : `ulimit -n ${options.ulimit} && `;
+  const child = new Deno.Command("bash", {
+    args: [
+      "-c",
+      `${limit}exec "$0" run --allow-net --allow-env "$@"`,
+      Deno.execPath(),
+      ...(options.denoArgs ?? []),
+      "main.ts",
+      ...options.args,
+      "--log-format",
+      "json",
+    ],
+    cwd: ROOT,
+    clearEnv: true,
+    env: { ...inherited, NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", DOTPROXY_CA_CERTS: CA_PEM },
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  let stderr = "";
+  const collected = (async () => {
+    const decoder = new TextDecoder();
+    for await (const chunk of child.stderr) stderr += decoder.decode(chunk, { stream: true });
+  })();
+  let exited = false;
+  const status = child.status.then((s) => {
+    exited = true;
+    return s;
+  });
+  const killer = setTimeout(() => child.kill("SIGKILL"), 60_000);
+  return {
+    stderr: () => stderr,
+    exited: () => exited,
+    kill: (signal) => child.kill(signal),
+    stop: async () => {
+      clearTimeout(killer);
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // Already gone.
+      }
+      const { code } = await status;
+      await collected;
+      return code;
+    },
+  };
+}
+
 Deno.test({
   name: "exhaustion: 1,000 idle TCP clients under ulimit -n 1024; every port comes back",
   ignore: Deno.build.os === "windows",
@@ -32,14 +101,9 @@ Deno.test({
     const upstream = DotServer.start();
     const dnsPort = freeStablePort();
     const httpPort = freeStablePort();
-    const inherited = Object.fromEntries(
-      Object.entries(Deno.env.toObject()).filter(([name]) => !name.startsWith("DOTPROXY_")),
-    );
-    const child = new Deno.Command("bash", {
+    const main = startMain({
+      ulimit: 1024,
       args: [
-        "-c",
-        'ulimit -n 1024 && exec "$0" run --allow-net --allow-env main.ts "$@"',
-        Deno.execPath(),
         "--listen",
         `127.0.0.1:${dnsPort}`,
         "--http",
@@ -54,33 +118,14 @@ Deno.test({
         "5000",
         "--tcp-idle-timeout",
         "120000",
-        "--log-format",
-        "json",
       ],
-      cwd: ROOT,
-      clearEnv: true,
-      env: { ...inherited, NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", DOTPROXY_CA_CERTS: CA_PEM },
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    let stderr = "";
-    const collected = (async () => {
-      const decoder = new TextDecoder();
-      for await (const chunk of child.stderr) stderr += decoder.decode(chunk, { stream: true });
-    })();
-    let exited = false;
-    const status = child.status.then((s) => {
-      exited = true;
-      return s;
     });
-    const killer = setTimeout(() => child.kill("SIGKILL"), 60_000);
     const clients: Deno.TcpConn[] = [];
     try {
       const healthz = `http://127.0.0.1:${httpPort}/healthz`;
       assert.ok(
-        await waitFor(() => stderr.includes("dotproxy started"), 15_000),
-        `started: ${stderr}`,
+        await waitFor(() => main.stderr().includes("dotproxy started"), 15_000),
+        `started: ${main.stderr()}`,
       );
       assert.equal(await httpStatus(healthz, 2000), 200);
 
@@ -90,7 +135,7 @@ Deno.test({
         clients.push(await Deno.connect({ hostname: "127.0.0.1", port: dnsPort }));
       }
       assert.ok(
-        await waitFor(() => stderr.includes("out of file descriptors"), 10_000),
+        await waitFor(() => main.stderr().includes("out of file descriptors"), 10_000),
         "the proxy ran out of descriptors",
       );
       // Meanwhile: /healthz may not get a descriptor, but must not end the process...
@@ -100,7 +145,7 @@ Deno.test({
       const udp = await udpExchange(dnsPort, buildQuery("during.test", { id: 1 }));
       assert.ok(udp, "UDP answered while descriptors are gone");
       assert.equal(formatA(parseMessage(udp).answers[0].data), addressFor("during.test"));
-      assert.equal(exited, false, "still running");
+      assert.equal(main.exited(), false, "still running");
 
       for (const conn of clients.splice(0)) conn.close();
       let health: number | string = 0;
@@ -118,7 +163,8 @@ Deno.test({
       } finally {
         tcp.close();
       }
-      assert.equal(exited, false, "never exited");
+      assert.equal(main.exited(), false, "never exited");
+      const stderr = main.stderr();
       assert.ok(!stderr.includes("unhandled"), "no unhandled rejection");
       assert.ok(!stderr.includes("uncaught"), "no uncaught exception");
       const pauses = stderr.split("\n").filter((l) => l.includes("out of file descriptors"));
@@ -126,15 +172,70 @@ Deno.test({
       assert.ok(pauses.length <= 4, `accept failures logged ${pauses.length} times`);
     } finally {
       for (const conn of clients) conn.close();
-      clearTimeout(killer);
-      try {
-        child.kill("SIGTERM");
-      } catch {
-        // Already gone.
-      }
-      await status;
-      await collected;
+      await main.stop();
       await upstream.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "exhaustion: an unhandled rejection or uncaught exception is logged; the process serves on",
+  ignore: Deno.build.os === "windows",
+  fn: async () => {
+    // A module loaded before main.ts (deno run --preload) that, on SIGUSR2, leaves a promise
+    // rejected with no handler and throws from a timer: what a bug anywhere would do.
+    const bug = await Deno.makeTempFile({ dir: "/tmp", prefix: "dotproxy-bug-", suffix: ".ts" });
+    await Deno.writeTextFile(
+      bug,
+      [
+        'Deno.addSignalListener("SIGUSR2", () => {',
+        '  Promise.reject(new Error("injected rejection"));',
+        '  setTimeout(() => { throw new Error("injected exception"); }, 0);',
+        "});",
+      ].join("\n"),
+    );
+    const upstream = DotServer.start();
+    const dnsPort = freeStablePort();
+    const main = startMain({
+      denoArgs: ["--preload", bug],
+      args: ["--listen", `127.0.0.1:${dnsPort}`, "--upstream", upstream.upstream()],
+    });
+    try {
+      assert.ok(
+        await waitFor(() => main.stderr().includes("dotproxy started"), 15_000),
+        `started: ${main.stderr()}`,
+      );
+      for (let round = 1; round <= 2; round++) {
+        main.kill("SIGUSR2");
+        assert.ok(
+          await waitFor(() => main.stderr().split("injected exception").length > round, 5000),
+          `round ${round}: ${main.stderr()}`,
+        );
+        const reply = await udpExchange(dnsPort, buildQuery(`after${round}.test`, { id: round }));
+        assert.ok(reply, `answered after round ${round}`);
+        assert.equal(
+          formatA(parseMessage(reply).answers[0].data),
+          addressFor(`after${round}.test`),
+        );
+        assert.equal(main.exited(), false, "still running");
+      }
+      const records: { level: string; msg: string }[] = main.stderr().split("\n")
+        .filter((line) => line.startsWith("{")).map((line) => JSON.parse(line));
+      const messages = records.filter((r) => r.level === "error").map((r) => r.msg);
+      assert.equal(
+        messages.filter((m) => m === "unhandled rejection (a bug; please report it)").length,
+        2,
+        main.stderr(),
+      );
+      assert.equal(
+        messages.filter((m) => m === "uncaught exception (a bug; please report it)").length,
+        2,
+      );
+      assert.equal(await main.stop(), 0, "a clean exit on SIGTERM");
+    } finally {
+      await main.stop();
+      await upstream.close();
+      await Deno.remove(bug);
     }
   },
 });

@@ -1,7 +1,7 @@
 /**
  * Unit tests of the hardening rules that need no sockets: the size limit on what goes
- * upstream, the client key (IPv4 address, IPv6 /64), the rate limiter's bounded table and
- * the budget of REFUSED answers over UDP.
+ * upstream, the client key (IPv4 address, IPv6 /64), the rate limiter's bounded table, the
+ * budget of REFUSED answers over UDP, and what the resolver sheds at `--max-inflight`.
  */
 import assert from "node:assert/strict";
 import { parseCidr } from "../src/config.ts";
@@ -15,8 +15,12 @@ import {
 } from "../src/dns/query.ts";
 import { buildErrorResponse } from "../src/dns/response.ts";
 import { Admission, Admit, clientKey, UDP_REFUSALS_PER_SECOND } from "../src/resolver/admission.ts";
+import { Logger } from "../src/log.ts";
+import { NO_RESOLVER_STATS, Resolver } from "../src/resolver.ts";
 import { ManualClock } from "../src/timers.ts";
-import { encodeName, parseMessage } from "./support/dns.ts";
+import { buildQuery, encodeName, parseMessage } from "./support/dns.ts";
+import { HeldForwarder } from "./support/hostile.ts";
+import { TEST_CACHE } from "./support/cache.ts";
 
 /** A query for `name` with one OPT carrying `options` (code, data length) in that order. */
 function queryWithOptions(name: string, options: [number, number][]): Uint8Array {
@@ -232,4 +236,64 @@ Deno.test("analyzeResponse: octets after the last field of record data are relay
   cut[12 + question.length + 12 + 6] = 40; // the SRV target's first label runs past the data
   assert.equal(analyzeResponse(cut, info), false);
   assert.equal(info.reason, "malformed record data");
+});
+
+Deno.test("Resolver: at --max-inflight cache hits are answered; only UDP bound upstream is shed", () => {
+  const clock = new ManualClock();
+  const forwarder = new HeldForwarder();
+  const drops: string[] = [];
+  const r = new Resolver(forwarder, {
+    udpMaxSize: 1232,
+    maxInflight: 1,
+    timeoutMs: 4000,
+    logQueries: false,
+    log: new Logger({ level: "error", sink: () => {} }),
+    clock,
+    stats: { ...NO_RESOLVER_STATS, dropped: (_transport, reason) => drops.push(reason) },
+    cache: TEST_CACHE,
+  });
+  const ask = (name: string, id: number, transport: "udp" | "tcp" = "udp") => {
+    const out: (Uint8Array | null)[] = [];
+    r.resolveWith(buildQuery(name, { id }), transport, addr("127.0.0.1"), {
+      deliver: (response) => out.push(response),
+    });
+    return out;
+  };
+  try {
+    // stale.test is cached, then expires (TTL 60); hit.test is cached and fresh.
+    ask("stale.test", 1);
+    forwarder.release();
+    clock.advance(61_000);
+    ask("hit.test", 2);
+    forwarder.release();
+    // One query held upstream: the resolver is at its limit.
+    const held = ask("busy.test", 3);
+    assert.equal(r.hasCapacity, false);
+    // hit.test is in the last tenth of its TTL: a hit would prefetch it, but not now.
+    clock.advance(55_000);
+
+    const [hit] = ask("hit.test", 4);
+    assert.ok(hit, "a cache hit is answered under overload");
+    assert.equal(parseMessage(hit).answers.length, 1);
+    const [stale] = ask("stale.test", 5);
+    assert.ok(stale, "an expired entry is served stale rather than dropped");
+    assert.equal(parseMessage(stale).answers[0].ttl, 30);
+    assert.deepEqual(ask("miss.test", 6), [null], "a miss over UDP is shed");
+    assert.deepEqual(drops, ["overload"]);
+    assert.equal(forwarder.forwarded, 3, "nothing else went upstream, no prefetch either");
+    // TCP is never shed by the resolver (its listener pauses reading instead).
+    const tcp = ask("miss.test", 7, "tcp");
+    assert.equal(forwarder.forwarded, 4);
+    forwarder.release();
+    assert.equal(held.length, 1);
+    assert.equal(tcp.length, 1);
+    assert.equal(r.inflight, 0);
+    assert.equal(r.hasCapacity, true);
+    // With capacity back, the next hit prefetches.
+    assert.equal(ask("hit.test", 8).length, 1);
+    assert.equal(forwarder.forwarded, 5);
+    forwarder.release();
+  } finally {
+    r.close();
+  }
 });

@@ -433,6 +433,7 @@ Deno.test("readyz: 503 with a reason when the upstream dies, 200 when it returns
         assert.equal(first.status, 200);
         assert.equal(first.body, `ready: ${label} answered a probe\n`);
         assert.ok(upstream.probes >= 1);
+        assert.equal(upstream.probesWithRd, 0, "health checks ask without RD");
 
         const reply = await udpExchange(port, buildQuery("before.example"));
         assert.ok(reply);

@@ -219,7 +219,7 @@ class FakeConnection implements UpstreamConnection {
       assert.ok(analyzeResponse(response, info), "the fake's answer is valid");
       this.lastReadAt = now;
       this.answered++;
-      this.owner.onAnswer(this, exchange, response, info, now - exchange.sentAt);
+      this.owner.onAnswer(this, exchange, response, info);
     });
   }
 

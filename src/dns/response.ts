@@ -9,6 +9,9 @@
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "./message.ts";
 import type { QueryInfo } from "./query.ts";
 import {
+  ADVERTISED_UDP_SIZE,
+  CLASSIC_UDP_SIZE,
+  EdnsOption,
   getArcount,
   getQdcount,
   HEADER_SIZE,
@@ -22,8 +25,9 @@ import {
   writeU16,
 } from "./wire.ts";
 
-/** The UDP payload size the proxy advertises in OPT records it writes (DNS flag day 2020). */
-export const ADVERTISED_UDP_SIZE = 1232;
+// Declared with the other wire constants; still exported here for the modules that took it
+// from here.
+export { ADVERTISED_UDP_SIZE } from "./wire.ts";
 
 /** Extended DNS Error info codes (RFC 8914) the proxy uses. */
 export const EdeCode = {
@@ -33,7 +37,6 @@ export const EdeCode = {
   NETWORK_ERROR: 23,
 } as const;
 
-const EDE_OPTION = 15;
 const encoder = new TextEncoder();
 
 /** TSIG error BADKEY (RFC 8945 section 5.2). */
@@ -150,7 +153,7 @@ export function buildErrorResponse(
     writeU16(out, at + 8, edeLength);
     at += 10;
     if (options.ede) {
-      writeU16(out, at, EDE_OPTION);
+      writeU16(out, at, EdnsOption.EDE);
       writeU16(out, at + 2, 2 + (edeText?.length ?? 0));
       writeU16(out, at + 4, options.ede.code);
       if (edeText) out.set(edeText, at + 6);
@@ -241,7 +244,7 @@ export function answersQuestion(
  * advertised size clamped to `[512, cap]` (RFC 6891 section 6.2.5).
  */
 export function clientUdpLimit(info: QueryInfo, cap: number): number {
-  if (!info.hasEdns) return 512;
+  if (!info.hasEdns) return CLASSIC_UDP_SIZE;
   const size = info.ednsUdpSize;
-  return size < 512 ? 512 : size > cap ? cap : size;
+  return size < CLASSIC_UDP_SIZE ? CLASSIC_UDP_SIZE : size > cap ? cap : size;
 }

@@ -53,6 +53,29 @@ function toTtl(n: number): number {
 }
 
 /**
+ * The one rewrite the functions below are made of: each TTL field listed in
+ * `offsets[0..count)`, as read from `source`, less `elapsed`, clamped into `[low, high]`,
+ * written into `out` (which may be `source`). `elapsed`, `low` and `high` are integers in
+ * `[0, MAX_TTL]` with `low <= high`.
+ */
+function rewriteTtls(
+  out: Uint8Array,
+  source: Uint8Array,
+  offsets: Uint32Array,
+  count: number,
+  elapsed: number,
+  low: number,
+  high: number,
+): void {
+  const n = Math.min(count, offsets.length);
+  for (let i = 0; i < n; i++) {
+    const offset = offsets[i];
+    const ttl = readTtl(source, offset) - elapsed;
+    writeTtl(out, offset, ttl < low ? low : ttl > high ? high : ttl);
+  }
+}
+
+/**
  * Clamps every TTL field of `msg` listed in `offsets[0..count)` into `[min, max]`, in place
  * (a TTL with the top bit set counts as 0 first, so it becomes `min`). `min` and `max` are
  * themselves clamped into `[0, MAX_TTL]`; when `min > max`, `max` wins.
@@ -74,15 +97,7 @@ export function clampTtls(
   max: number,
 ): void {
   const high = toTtl(max);
-  const low = Math.min(toTtl(min), high);
-  const n = Math.min(count, offsets.length);
-  for (let i = 0; i < n; i++) {
-    const offset = offsets[i];
-    const ttl = readTtl(msg, offset);
-    if (ttl < low) writeTtl(msg, offset, low);
-    else if (ttl > high) writeTtl(msg, offset, high);
-    else if (msg[offset] & 0x80) writeTtl(msg, offset, 0); // top bit set and min 0
-  }
+  rewriteTtls(msg, msg, offsets, count, 0, Math.min(toTtl(min), high), high);
 }
 
 /**
@@ -108,13 +123,7 @@ export function writeAgedTtls(
   count: number,
   elapsedSeconds: number,
 ): void {
-  const elapsed = toTtl(elapsedSeconds);
-  const n = Math.min(count, offsets.length);
-  for (let i = 0; i < n; i++) {
-    const offset = offsets[i];
-    const ttl = readTtl(source, offset);
-    writeTtl(out, offset, ttl > elapsed ? ttl - elapsed : 0);
-  }
+  rewriteTtls(out, source, offsets, count, toTtl(elapsedSeconds), 0, MAX_TTL);
 }
 
 /**
@@ -137,6 +146,5 @@ export function writeTtls(
   value: number,
 ): void {
   const ttl = toTtl(value);
-  const n = Math.min(count, offsets.length);
-  for (let i = 0; i < n; i++) writeTtl(out, offsets[i], ttl);
+  rewriteTtls(out, out, offsets, count, 0, ttl, ttl); // clamped into [ttl, ttl]: all become ttl
 }

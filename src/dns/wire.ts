@@ -14,6 +14,9 @@ export const MAX_MESSAGE_SIZE = 65535;
 /** Largest UDP answer for a client that sent no EDNS (RFC 1035 section 4.2.1). */
 export const CLASSIC_UDP_SIZE = 512;
 
+/** The UDP payload size the proxy advertises in OPT records it writes (DNS flag day 2020). */
+export const ADVERTISED_UDP_SIZE = 1232;
+
 /** Response codes (RFC 1035, RFC 6895). */
 export const Rcode = {
   NOERROR: 0,
@@ -73,7 +76,11 @@ export const EdnsOption = {
   EDE: 15,
 } as const;
 
-const RCODE_NAMES = [
+/**
+ * The mnemonics of the header rcodes RFC 1035 and RFC 2136 define (0 to 10), by value: the
+ * names a user may write where a setting takes response codes.
+ */
+export const RCODE_MNEMONICS: readonly string[] = [
   "NOERROR",
   "FORMERR",
   "SERVFAIL",
@@ -85,12 +92,10 @@ const RCODE_NAMES = [
   "NXRRSET",
   "NOTAUTH",
   "NOTZONE",
-  "DSOTYPENI",
-  "RCODE12",
-  "RCODE13",
-  "RCODE14",
-  "RCODE15",
 ];
+
+/** Every 4-bit header rcode's name: the mnemonics, then RFC 8490's, then numbered ones. */
+const RCODE_NAMES = [...RCODE_MNEMONICS, "DSOTYPENI", "RCODE12", "RCODE13", "RCODE14", "RCODE15"];
 
 /**
  * The mnemonic of a 4-bit header rcode, for logs and metric labels.

@@ -7,6 +7,7 @@
  * @module
  */
 
+import { HashChains, MAX_CHAIN } from "../cache/hash_chains.ts";
 import { questionKeyEquals } from "../dns/cache_key.ts";
 import type { ResponseInfo } from "../dns/message.ts";
 import { UpstreamRequest } from "../upstream/request.ts";
@@ -28,9 +29,6 @@ export interface FlightOwner {
 
 /** Most clients waiting on one flight; beyond it, queries go upstream on their own. */
 export const MAX_WAITERS = 256;
-
-/** Most flights registered under one hash value (see `MAX_CHAIN` of the answer cache). */
-export const MAX_CHAIN = 8;
 
 /**
  * One question out to the upstreams.
@@ -100,19 +98,16 @@ export class Flight extends UpstreamRequest {
  * ```
  */
 export class FlightTable {
-  /** Hash buckets, a power of two (see the answer cache: cheaper than a `Map` here too). */
-  #buckets: (Flight | null)[] = new Array(64).fill(null);
-  #mask = 63;
-  #size = 0;
+  readonly #table = new HashChains<Flight>(64);
 
   /** Flights registered. */
   get size(): number {
-    return this.#size;
+    return this.#table.size;
   }
 
   /** The flight out for the key of `query`, if any. */
   find(query: Uint8Array, questionEnd: number, hash: number, flags: number): Flight | null {
-    let flight = this.#buckets[hash & this.#mask];
+    let flight = this.#table.first(hash);
     while (flight !== null) {
       if (
         flight.hash === hash && flight.keyFlags === flags &&
@@ -128,14 +123,9 @@ export class FlightTable {
    * {@linkcode MAX_CHAIN} flights already share its hash, which bounds the cost of `find`.
    */
   add(flight: Flight): boolean {
-    const index = flight.hash & this.#mask;
-    let same = 0;
-    for (let f = this.#buckets[index]; f !== null; f = f.chain) if (f.hash === flight.hash) same++;
-    if (same >= MAX_CHAIN) return false;
-    flight.chain = this.#buckets[index];
-    this.#buckets[index] = flight;
+    if (this.#table.countHash(flight.hash) >= MAX_CHAIN) return false;
+    this.#table.add(flight);
     flight.registered = true;
-    if (++this.#size > this.#buckets.length) this.#grow();
     return true;
   }
 
@@ -143,33 +133,6 @@ export class FlightTable {
   remove(flight: Flight): void {
     if (!flight.registered) return;
     flight.registered = false;
-    this.#size--;
-    const index = flight.hash & this.#mask;
-    let head = this.#buckets[index];
-    if (head === flight) {
-      this.#buckets[index] = flight.chain;
-    } else {
-      while (head !== null && head.chain !== flight) head = head.chain;
-      if (head !== null) head.chain = flight.chain;
-    }
-    flight.chain = null;
-  }
-
-  #grow(): void {
-    const old = this.#buckets;
-    const buckets: (Flight | null)[] = new Array(old.length * 2).fill(null);
-    const mask = buckets.length - 1;
-    for (let i = 0; i < old.length; i++) {
-      let flight = old[i];
-      while (flight !== null) {
-        const next = flight.chain;
-        const index = flight.hash & mask;
-        flight.chain = buckets[index];
-        buckets[index] = flight;
-        flight = next;
-      }
-    }
-    this.#buckets = buckets;
-    this.#mask = mask;
+    this.#table.remove(flight);
   }
 }

@@ -8,6 +8,7 @@
  */
 
 import type { CacheEntry } from "../cache/answer_cache.ts";
+import { MAX_MESSAGE_SIZE } from "../dns/wire.ts";
 import type { Timed } from "../timers.ts";
 import type { Flight } from "./flight.ts";
 
@@ -60,7 +61,7 @@ export class ClientJob implements Timed {
   /** True when the client sent an OPT record. */
   hasEdns = false;
   /** Largest response the client takes (UDP: 512 or its EDNS size, capped). */
-  limit = 65535;
+  limit: number = MAX_MESSAGE_SIZE;
   /** Cache key flags (DO, CD, AD, RD). */
   keyFlags = 0;
   /** How the cache took part. */

@@ -366,8 +366,9 @@ const EXHAUSTED_PAUSE_MIN_MS = 10;
 /** Longest pause: short enough that a probe arriving as descriptors free up is served. */
 const EXHAUSTED_PAUSE_MAX_MS = 50;
 /**
- * Consecutive accept errors of other kinds after which the loop pauses once anyway, so that an
- * unforeseen persistent error cannot spin a core.
+ * Consecutive accept errors of other kinds (neither out of descriptors nor a connection reset
+ * before accept) after which the loop pauses once anyway, so that an unforeseen persistent
+ * error cannot spin a core.
  */
 const SPIN_GUARD_ERRORS = 100;
 /** After a response with `Connection: close`, unread bytes are drained this long at most... */
@@ -392,6 +393,18 @@ export function isDescriptorExhaustion(error: unknown): boolean {
   const code = "code" in error ? error.code : undefined;
   if (code === "EMFILE" || code === "ENFILE") return true;
   return /\(os error (23|24|10024)\)|too many open files/i.test(error.message);
+}
+
+/**
+ * True for accept errors about one connection that is already gone (ECONNABORTED,
+ * ECONNRESET, ENOTCONN: a client that reset before accept), as opposed to the listener's.
+ */
+function isConnectionGone(error: unknown): boolean {
+  if (
+    error instanceof Deno.errors.ConnectionAborted ||
+    error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.NotConnected
+  ) return true;
+  return error instanceof Error && /\(os error (103|104|107)\)/.test(error.message);
 }
 
 function describeError(error: unknown): string {
@@ -558,7 +571,6 @@ export class HttpServer {
           });
           break;
         }
-        failures++;
         if (isDescriptorExhaustion(error)) {
           // The connection waits in the kernel's backlog; retry once descriptors free up.
           pauseMs = pauseMs === 0
@@ -572,7 +584,11 @@ export class HttpServer {
         } else {
           // A client that reset before accept (ECONNABORTED) and the like: next one at once.
           this.#acceptErrorLog.warn("http accept failed", { error: describeError(error) });
-          if (failures % SPIN_GUARD_ERRORS === 0) await this.#pause(EXHAUSTED_PAUSE_MAX_MS);
+          // Only errors of other kinds count towards the guard: resets cost an attacker
+          // nothing, and must not make it pause.
+          if (!isConnectionGone(error) && ++failures % SPIN_GUARD_ERRORS === 0) {
+            await this.#pause(EXHAUSTED_PAUSE_MAX_MS);
+          }
         }
         continue;
       }

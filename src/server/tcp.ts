@@ -35,6 +35,7 @@ import type { ListenAddress } from "../config.ts";
 import { clientKey } from "../resolver/admission.ts";
 import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
 import { FrameBuffer } from "../frame_buffer.ts";
+import { isDescriptorExhaustion } from "./http.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
 import type { Resolver, ResponseSink } from "../resolver.ts";
 import { SlabCopier } from "../slab.ts";
@@ -118,12 +119,6 @@ export const MAX_QUERY_FRAME = 4096;
 export const MAX_OUTSIDER_CONNECTIONS = 16;
 /** An outsider's connection with no complete query for this long is closed. */
 export const OUTSIDER_IDLE_MS = 2000;
-
-/** True for "out of file descriptors" (EMFILE, ENFILE): the one accept error worth a pause. */
-export function isDescriptorExhaustion(error: unknown): boolean {
-  const message = error instanceof Error ? error.message : String(error);
-  return /too many open files|os error 2[34]\b/i.test(message);
-}
 
 /** Unsent bytes across every connection of every listener (they share one process). */
 let globalUnsent = 0;

@@ -109,79 +109,76 @@ export function clearlyFaster(a: Candidate, b: Candidate): boolean {
  */
 export function createPolicy(strategy: Strategy, random: Random = Math.random): Policy {
   const scratch: Candidate[] = [];
-  let cursor = 0;
-  let choices = 0;
-  const pick = <C extends Candidate>(chosen: C | null, now: number): C | null => {
-    if (chosen !== null) chosen.lastChosenAt = now;
-    return chosen;
+  const pick = PICKERS[strategy](random);
+  return {
+    name: strategy,
+    choose(upstreams, exclude, now) {
+      const list = candidates(upstreams, exclude, scratch as typeof upstreams[number][]);
+      if (list.length === 0) return null;
+      const chosen = pick(list);
+      chosen.lastChosenAt = now;
+      return chosen;
+    },
   };
-  switch (strategy) {
-    case "least-outstanding":
-      return {
-        name: strategy,
-        choose(upstreams, exclude, now) {
-          const list = candidates(upstreams, exclude, scratch as typeof upstreams[number][]);
-          let best = null;
-          for (const upstream of list) {
-            if (
-              best === null || upstream.load < best.load ||
-              (upstream.load === best.load &&
-                ((upstream.latency.samples === 0 && best.latency.samples > 0) ||
-                  clearlyFaster(upstream, best)))
-            ) best = upstream;
-          }
-          return pick(best, now);
-        },
-      };
-    case "fastest":
-      return {
-        name: strategy,
-        choose(upstreams, exclude, now) {
-          const list = candidates(upstreams, exclude, scratch as typeof upstreams[number][]);
-          if (list.length === 0) return null;
-          if (list.length > 1 && ++choices % EXPLORE_EVERY === 0) {
-            let stalest = list[0];
-            for (const upstream of list) {
-              if (upstream.lastChosenAt < stalest.lastChosenAt) stalest = upstream;
-            }
-            return pick(stalest, now);
-          }
-          let best = list[0];
-          for (const upstream of list) {
-            // An upstream never timed yet goes first: that is how it gets timed.
-            const time = upstream.latency.samples === 0 ? -1 : upstream.latency.srtt;
-            const bestTime = best.latency.samples === 0 ? -1 : best.latency.srtt;
-            if (time < bestTime) best = upstream;
-          }
-          return pick(best, now);
-        },
-      };
-    case "round-robin":
-      return {
-        name: strategy,
-        choose(upstreams, exclude, now) {
-          const list = candidates(upstreams, exclude, scratch as typeof upstreams[number][]);
-          if (list.length === 0) return null;
-          cursor = (cursor + 1) % 1_000_000;
-          return pick(list[cursor % list.length], now);
-        },
-      };
-    case "failover":
-      return {
-        name: strategy,
-        choose(upstreams, exclude, now) {
-          const list = candidates(upstreams, exclude, scratch as typeof upstreams[number][]);
-          return pick(list[0] ?? null, now);
-        },
-      };
-    case "random":
-      return {
-        name: strategy,
-        choose(upstreams, exclude, now) {
-          const list = candidates(upstreams, exclude, scratch as typeof upstreams[number][]);
-          if (list.length === 0) return null;
-          return pick(list[Math.min(list.length - 1, Math.floor(random() * list.length))], now);
-        },
-      };
+}
+
+/** A strategy's choice among candidates (never none); its state lives in its closure. */
+type Pick = <C extends Candidate>(list: readonly C[]) => C;
+
+/** Each strategy, as the maker of its {@linkcode Pick} (once per policy). */
+const PICKERS: Record<Strategy, (random: Random) => Pick> = {
+  "least-outstanding": () => leastOutstanding,
+  fastest: () => {
+    let choices = 0;
+    // Now and then the least recently chosen, so a recovered or faster-again one is noticed.
+    return (list) =>
+      list.length > 1 && ++choices % EXPLORE_EVERY === 0 ? stalest(list) : fastest(list);
+  },
+  "round-robin": () => {
+    let cursor = 0;
+    return (list) => {
+      cursor = (cursor + 1) % 1_000_000;
+      return list[cursor % list.length];
+    };
+  },
+  failover: () => (list) => list[0],
+  random: (random) => (list) => list[Math.min(list.length - 1, Math.floor(random() * list.length))],
+};
+
+/**
+ * The fewest queries owed an answer; among equals one never timed yet, then the clearly
+ * faster, else the first.
+ */
+function leastOutstanding<C extends Candidate>(list: readonly C[]): C {
+  let best = list[0];
+  for (const upstream of list) {
+    if (
+      upstream.load < best.load ||
+      (upstream.load === best.load &&
+        ((upstream.latency.samples === 0 && best.latency.samples > 0) ||
+          clearlyFaster(upstream, best)))
+    ) best = upstream;
   }
+  return best;
+}
+
+/** The lowest smoothed answer time; an upstream never timed yet goes first. */
+function fastest<C extends Candidate>(list: readonly C[]): C {
+  let best = list[0];
+  for (const upstream of list) {
+    // An upstream never timed yet goes first: that is how it gets timed.
+    const time = upstream.latency.samples === 0 ? -1 : upstream.latency.srtt;
+    const bestTime = best.latency.samples === 0 ? -1 : best.latency.srtt;
+    if (time < bestTime) best = upstream;
+  }
+  return best;
+}
+
+/** The one chosen least recently. */
+function stalest<C extends Candidate>(list: readonly C[]): C {
+  let best = list[0];
+  for (const upstream of list) {
+    if (upstream.lastChosenAt < best.lastChosenAt) best = upstream;
+  }
+  return best;
 }

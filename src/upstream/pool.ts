@@ -78,35 +78,35 @@ export interface PoolOptions {
   random?: Random;
 }
 
-/** The shortest and longest automatic hedge delay. */
-const HEDGE_MIN_MS = 10;
-const HEDGE_MAX_MS = 1000;
-/** Hedge delay before an upstream's answer time is known. */
-const HEDGE_DEFAULT_MS = 100;
+/**
+ * The automatic hedge delay (`--hedge-delay auto`), milliseconds: the shortest and the
+ * longest, and the one used before any upstream's answer time is known.
+ */
+const AUTO_HEDGE_MS = { min: 10, max: 1000, unknown: 100 } as const;
 /** Most exchanges for one question (first try, retries, hedge, failover). */
 const MAX_EXCHANGES = 6;
-/** Hedges that may be spent at once before the budget refills. */
-const HEDGE_BURST = 10;
 /** How often idle connections and late answers are tidied. */
 const MAINTAIN_EVERY_MS = 1000;
 
 /**
  * Hedges earned per question and spent per hedge (a token bucket): at most `percent` of the
- * questions plus a burst of {@linkcode HEDGE_BURST}, which is also what it starts with, so
- * the first questions after a start (when nothing is measured yet) can be hedged too.
+ * questions plus a burst of {@linkcode HedgeBudget.BURST}, which is also what it starts with,
+ * so the first questions after a start (when nothing is measured yet) can be hedged too.
  */
 class HedgeBudget {
+  /** Hedges that may be spent at once before the budget refills. */
+  static readonly BURST = 10;
   #tokens: number;
   readonly #rate: number;
 
   constructor(percent: number) {
     this.#rate = percent / 100;
-    this.#tokens = percent > 0 ? HEDGE_BURST : 0;
+    this.#tokens = percent > 0 ? HedgeBudget.BURST : 0;
   }
 
   earn(): void {
     const next = this.#tokens + this.#rate;
-    this.#tokens = next > HEDGE_BURST ? HEDGE_BURST : next;
+    this.#tokens = next > HedgeBudget.BURST ? HedgeBudget.BURST : next;
   }
 
   take(): boolean {
@@ -208,8 +208,8 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
         best = other.latency.p95;
       }
     }
-    if (best === Infinity) return HEDGE_DEFAULT_MS;
-    return Math.min(HEDGE_MAX_MS, Math.max(HEDGE_MIN_MS, best));
+    if (best === Infinity) return AUTO_HEDGE_MS.unknown;
+    return Math.min(AUTO_HEDGE_MS.max, Math.max(AUTO_HEDGE_MS.min, best));
   }
 
   /** The shortest attempt timeout among upstreams that answered (0: none did). */
@@ -340,7 +340,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
 
   #hedgeDelayFor(exchange: Exchange): number {
     const upstream = this.upstreams[exchange.upstreamIndex];
-    if (upstream === undefined) return this.#hedgeDelay === "auto" ? HEDGE_DEFAULT_MS : 0;
+    if (upstream === undefined) return this.#hedgeDelay === "auto" ? AUTO_HEDGE_MS.unknown : 0;
     return this.hedgeDelay(upstream);
   }
 

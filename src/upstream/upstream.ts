@@ -121,7 +121,7 @@ export class Probe implements Timed, ExchangeWaiter {
   /** Creates a probe of `upstream`. */
   constructor(upstream: Upstream) {
     this.#upstream = upstream;
-    this.exchange = new Exchange(buildProbeQuery(), PROBE_QUESTION_END, this, "probe");
+    this.exchange = new Exchange(buildProbeQuery(false), PROBE_QUESTION_END, this, "probe");
   }
 
   /** The probe's deadline passed. */
@@ -672,8 +672,9 @@ export class Upstream implements ConnectionOwner, Timed {
     exchange: Exchange,
     response: Uint8Array,
     info: ResponseInfo,
-    ms: number,
   ): void {
+    const now = connection.lastReadAt;
+    const ms = now - exchange.sentAt;
     // An answer to what was written before the connection settled measures the connection's
     // warm-up (a server holding answers behind its session tickets, see SETTLE_MS), not the
     // upstream: one such sample of 40 ms would keep `fastest` off an upstream for long.
@@ -683,7 +684,6 @@ export class Upstream implements ConnectionOwner, Timed {
     this.#badAnswers = 0;
     this.#silentCloses = 0;
     this.health.lastAnswerWasProbe = exchange.kind === "probe";
-    const now = this.clock.now();
     if (this.health.state !== "up" || this.slowSince !== 0) this.#markUp(now);
     else this.health.lastAnswerAt = now;
     exchange.answer(response, info);

@@ -44,6 +44,8 @@ export class DotServer {
   queries = 0;
   /** Health probes (`. IN NS`) received. */
   probes = 0;
+  /** Health probes received with RD set. */
+  probesWithRd = 0;
   /** Answers written. */
   answers = 0;
   /** Connections accepted (handshake completed or not). */
@@ -169,8 +171,10 @@ export class DotServer {
           // The proxy's health checks ask `. IN NS`; tests count client queries.
           const isProbe = query.length >= 17 && query[12] === 0 && query[13] === 0 &&
             query[14] === 2;
-          if (isProbe) this.probes++;
-          else {
+          if (isProbe) {
+            this.probes++;
+            this.probesWithRd += query[2] & 0x01;
+          } else {
             this.queries++;
             ids.push((query[0] << 8) | query[1]);
           }
