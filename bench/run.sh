@@ -662,6 +662,10 @@ main() {
   log "warm-up: ${WARMUP}s per target and transport"
   for t in $TARGETS; do warm_up "$t"; done
 
+  # Fixed rate first, UDP: latency on a warmed-up but not yet exhausted upstream (after
+  # minutes of saturation the upstream Unbound itself answers every target more slowly).
+  for t in $TARGETS; do measure fixed 1 "$t" udp; done
+
   # Saturation runs: each round visits every target, UDP then TCP; the order rotates.
   local -a order
   read -ra order <<<"$TARGETS"
@@ -672,8 +676,6 @@ main() {
       for mode in udp tcp; do measure sat "$r" "$t" "$mode"; done
     done
   done
-  # Fixed rate, UDP.
-  for t in $TARGETS; do measure fixed 1 "$t" udp; done
 
   for t in $TARGETS upstream; do
     if [[ -f "$TMP/$t.log" ]]; then cp "$TMP/$t.log" "$OUT/logs/"; fi
