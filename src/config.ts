@@ -84,9 +84,12 @@ export interface Config {
   maxTcpQueriesPerConnection: number;
   /** Idle TCP client connections close after this many milliseconds. */
   tcpIdleTimeoutMs: number;
-  /** Most queries in flight in the whole proxy; beyond it new queries are dropped. */
+  /**
+   * Most queries in flight upstream in the whole proxy; beyond it new UDP queries that need an
+   * upstream are dropped (cache hits are still answered) and TCP reading pauses.
+   */
   maxInflight: number;
-  /** Client networks allowed to query; queries from anywhere else are not answered. */
+  /** Client networks allowed to query; queries from anywhere else get REFUSED. */
   allow: Cidr[];
   /** Queries per second allowed from one client address; 0 means no limit. */
   rateLimit: number;
@@ -499,7 +502,8 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     env: "DOTPROXY_REFUSE_ANY",
     group: "Clients",
     ...toggle(true),
-    help: "refuse queries for type ANY (RFC 8482), a favourite of amplification attacks",
+    help: "answer ANY over UDP at once with an empty TC=1 reply (RFC 8482), so it cannot " +
+      "amplify; over TCP ANY is forwarded",
   },
   upstreams: {
     flag: "upstream",

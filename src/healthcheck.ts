@@ -102,7 +102,9 @@ async function checkDns(address: ListenAddress, timeoutMs: number): Promise<Heal
     hostname: local.hostname.includes(":") ? "::1" : "127.0.0.1",
     port: 0,
   });
-  const query = buildProbeQuery();
+  // Without RD, as the proxy's own health checks: the upstream answers at once, whether or not
+  // it can reach the root servers (an isolated private resolver answers REFUSED).
+  const query = buildProbeQuery(false);
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
     await socket.send(query, { transport: "udp", hostname: local.hostname, port: local.port });
@@ -120,7 +122,9 @@ async function checkDns(address: ListenAddress, timeoutMs: number): Promise<Heal
       }
       const rcode = getRcode(response);
       return {
-        healthy: rcode === Rcode.NOERROR || rcode === Rcode.NXDOMAIN,
+        // Any answer relayed from an upstream proves the path; SERVFAIL is the proxy's own
+        // "no upstream answered".
+        healthy: rcode === Rcode.NOERROR || rcode === Rcode.NXDOMAIN || rcode === Rcode.REFUSED,
         detail: `${shown}: answered ${rcodeName(rcode)}`,
       };
     }
@@ -134,7 +138,7 @@ async function checkDns(address: ListenAddress, timeoutMs: number): Promise<Heal
 
 /**
  * Checks the proxy described by `config`: `GET /readyz` when `--http` is set, otherwise a
- * DNS query for `. NS` to its first listen address over UDP.
+ * DNS query for `. NS` without RD to its first listen address over UDP.
  *
  * @example
  * ```ts ignore

@@ -349,7 +349,7 @@ Deno.test("healthcheck: does not load the proxy (src/app.ts)", async () => {
   assert.ok(!modules.some((m) => m.endsWith("/src/app.ts")), modules.join("\n"));
 });
 
-Deno.test("healthcheck: the DNS probe is `. NS` with EDNS, and NOERROR is healthy", async () => {
+Deno.test("healthcheck: the DNS probe is `. NS` with EDNS and no RD, and NOERROR is healthy", async () => {
   const server = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
   const port = (server.addr as Deno.NetAddr).port;
   const answering = (async () => {
@@ -363,14 +363,35 @@ Deno.test("healthcheck: the DNS probe is `. NS` with EDNS, and NOERROR is health
     const result = await healthcheck({ http: null, listen: [{ hostname: "127.0.0.1", port }] });
     assert.deepEqual(result, { healthy: true, detail: `127.0.0.1:${port}: answered NOERROR` });
     const query = await answering;
-    // Header: RD, one question, one additional record; then ". NS IN"; then an OPT record
-    // advertising 1232 bytes (DNS flag day 2020).
+    // Header: no RD (no upstream recurses for it), one question, one additional record; then
+    // ". NS IN"; then an OPT record advertising 1232 bytes (DNS flag day 2020).
     assert.deepEqual([...query.subarray(2)], [
-      ...[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1],
+      ...[0x00, 0x00, 0, 1, 0, 0, 0, 0, 0, 1],
       ...[0, 0, 2, 0, 1],
       ...[0, 0, 41, 1232 >> 8, 1232 & 0xff, 0, 0, 0, 0, 0, 0],
     ]);
   } finally {
     server.close();
+  }
+});
+
+Deno.test("healthcheck: REFUSED relayed from an upstream is healthy, SERVFAIL is not", async () => {
+  for (const [rcode, name, healthy] of [[5, "REFUSED", true], [2, "SERVFAIL", false]] as const) {
+    const server = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+    const port = (server.addr as Deno.NetAddr).port;
+    const answering = (async () => {
+      const [query, from] = await server.receive();
+      const response = query.slice();
+      response[2] |= 0x80; // QR
+      response[3] = (response[3] & 0xf0) | rcode;
+      await server.send(response, from);
+    })();
+    try {
+      const result = await healthcheck({ http: null, listen: [{ hostname: "127.0.0.1", port }] });
+      assert.deepEqual(result, { healthy, detail: `127.0.0.1:${port}: answered ${name}` });
+      await answering;
+    } finally {
+      server.close();
+    }
   }
 });

@@ -102,7 +102,7 @@ function lessBusy(a: UpstreamConnection, b: UpstreamConnection): boolean {
 }
 
 const PROBE_QUESTION_END = (() => {
-  const probe = buildProbeQuery();
+  const probe = buildProbeQuery(false);
   return skipUncompressedName(probe, HEADER_SIZE, probe.length) + 4;
 })();
 
