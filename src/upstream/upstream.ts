@@ -17,6 +17,7 @@ import {
   type ConnectionOwner,
   DotConnection,
   MAX_QUERIES_PER_CONNECTION,
+  NUDGE_BURST,
   type UpstreamConnection,
 } from "./dot_connection.ts";
 import { Exchange, type ExchangeWaiter } from "./exchange.ts";
@@ -156,6 +157,8 @@ export class Upstream implements ConnectionOwner, Timed {
   readonly spec: UpstreamSpec;
   /** Statistics hooks. */
   readonly stats: UpstreamStats;
+  /** See {@linkcode ConnectionOwner}. */
+  nudgeTokens: number = NUDGE_BURST;
   /** Health state. */
   readonly health = new UpstreamHealth();
   /** Answer times. */
