@@ -21,6 +21,8 @@
  * @module
  */
 
+import { appendChunk } from "../tests/support/dns.ts";
+
 const MAX_FRAMES = 1_000_000_000;
 
 function arg(name: string, fallback?: string): string {
@@ -113,10 +115,7 @@ async function serve(conn: Deno.TlsConn, slowMs: number, every: number): Promise
     for (let i = 0; i < MAX_FRAMES && !closed; i++) {
       const n = await conn.read(chunk);
       if (n === null) break;
-      const joined = new Uint8Array(buffer.length + n);
-      joined.set(buffer);
-      joined.set(chunk.subarray(0, n), buffer.length);
-      buffer = joined;
+      buffer = appendChunk(buffer, chunk, n);
       // Everything answerable now goes out in one write, as a server that batches does.
       const now: Uint8Array[] = [];
       while (buffer.length >= 2) {

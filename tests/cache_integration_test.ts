@@ -11,6 +11,7 @@ import { DotServer } from "./support/dot_server.ts";
 import { addressFor, answerFor, buildQuery, formatA, parseMessage } from "./support/dns.ts";
 import { metricValue } from "./support/prometheus.ts";
 import { spawnMain, TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { unboundServerHead } from "./support/unbound.ts";
 
 async function toolAvailable(command: string, args: string[]): Promise<boolean> {
   try {
@@ -336,21 +337,7 @@ async function withUnboundConfig(
 /** Unbound serving DoT on `port` from `zoneLines` (inside `server:`), never recursing. */
 function dotUnboundConfig(port: number, zoneLines: string[], tail = ""): string {
   return [
-    "server:",
-    `  interface: 127.0.0.1@${port}`,
-    `  tls-port: ${port}`,
-    `  tls-service-key: "DIR/server.key"`,
-    `  tls-service-pem: "DIR/server.pem"`,
-    `  username: ""`,
-    `  chroot: ""`,
-    `  directory: "DIR"`,
-    `  pidfile: "DIR/unbound.pid"`,
-    "  do-daemonize: no",
-    "  use-syslog: no",
-    "  verbosity: 1",
-    "  num-threads: 1",
-    "  so-reuseport: no",
-    `  module-config: "iterator"`,
+    ...unboundServerHead(port, "DIR"),
     // Answer the proxy's `. NS` health probe at once, and never go to the internet.
     `  local-zone: "." refuse`,
     ...zoneLines.map((line) => `  ${line}`),

@@ -274,3 +274,15 @@ export function answerFor(query: Uint8Array): Uint8Array {
   out.set(opt, header.length + records.length);
   return out;
 }
+
+/** `buffer` followed by the first `n` octets of `chunk`, in a new array (stream reassembly). */
+export function appendChunk(
+  buffer: Uint8Array,
+  chunk: Uint8Array,
+  n: number,
+): Uint8Array<ArrayBuffer> {
+  const joined = new Uint8Array(buffer.length + n);
+  joined.set(buffer);
+  joined.set(chunk.subarray(0, n), buffer.length);
+  return joined;
+}

@@ -7,7 +7,7 @@
  */
 
 import { SERVER_KEY, SERVER_PEM } from "../fixtures/certs.ts";
-import { answerFor } from "./dns.ts";
+import { answerFor, appendChunk } from "./dns.ts";
 
 /** Options of {@linkcode DotServer}. */
 export interface DotServerOptions {
@@ -159,10 +159,7 @@ export class DotServer {
             for (const one of held.splice(0)) writeFrame(one);
           }
         }
-        const joined = new Uint8Array(buffer.length + n);
-        joined.set(buffer);
-        joined.set(chunk.subarray(0, n), buffer.length);
-        buffer = joined;
+        buffer = appendChunk(buffer, chunk, n);
         while (buffer.length >= 2) {
           const length = (buffer[0] << 8) | buffer[1];
           if (buffer.length < 2 + length) break;

@@ -27,7 +27,7 @@
  */
 
 import { SERVER_KEY, SERVER_PEM, WRONG_KEY, WRONG_PEM } from "../fixtures/certs.ts";
-import { answerFor } from "./dns.ts";
+import { answerFor, appendChunk } from "./dns.ts";
 
 /** What a {@linkcode FaultyUpstream} does wrong. See {@linkcode FAULTS} for each one. */
 export type Fault =
@@ -763,10 +763,7 @@ export class FaultyUpstream {
       for (let i = 0; i < MAX_CHUNKS && !closed; i++) {
         const n = await conn.read(chunk);
         if (n === null) break;
-        const joined = new Uint8Array(buffer.length + n);
-        joined.set(buffer);
-        joined.set(chunk.subarray(0, n), buffer.length);
-        buffer = joined;
+        buffer = appendChunk(buffer, chunk, n);
         for (let f = 0; f < MAX_CHUNKS && buffer.length >= 2 && !closed; f++) {
           const length = (buffer[0] << 8) | buffer[1];
           if (buffer.length < 2 + length) break;

@@ -8,7 +8,7 @@
  */
 
 import { analyzeResponse, ResponseInfo } from "../../src/dns/message.ts";
-import { addressFor, answerFor, buildQuery, formatA, parseMessage } from "./dns.ts";
+import { addressFor, answerFor, appendChunk, buildQuery, formatA, parseMessage } from "./dns.ts";
 import { DotServer } from "./dot_server.ts";
 import { fuzzQuery, fuzzResponse, hex, Rng } from "./fuzz.ts";
 import { LogCapture, TcpDnsClient, testConfig } from "./proxy.ts";
@@ -87,10 +87,7 @@ async function drainTcp(conn: Deno.TcpConn, quietMs: number, out: Uint8Array[]):
     clearTimeout(timer);
     if (n === "quiet") break;
     if (n === null) break;
-    const joined = new Uint8Array(buffer.length + n);
-    joined.set(buffer);
-    joined.set(chunk.subarray(0, n), buffer.length);
-    buffer = joined;
+    buffer = appendChunk(buffer, chunk, n);
     while (buffer.length >= 2 && buffer.length >= 2 + ((buffer[0] << 8) | buffer[1])) {
       const length = (buffer[0] << 8) | buffer[1];
       out.push(buffer.slice(2, 2 + length));

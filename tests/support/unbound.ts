@@ -39,6 +39,30 @@ export type UnboundState = "running" | "stopped" | "dead";
 const STDERR_KEEP = 8192;
 
 /**
+ * The `server:` lines every test Unbound shares: DoT on `port` with the test certificate in
+ * `dir`, in the foreground, one thread, iterator only (no validator).
+ */
+export function unboundServerHead(port: number, dir: string): string[] {
+  return [
+    "server:",
+    `  interface: 127.0.0.1@${port}`,
+    `  tls-port: ${port}`,
+    `  tls-service-key: "${dir}/server.key"`,
+    `  tls-service-pem: "${dir}/server.pem"`,
+    `  username: ""`,
+    `  chroot: ""`,
+    `  directory: "${dir}"`,
+    `  pidfile: "${dir}/unbound.pid"`,
+    "  do-daemonize: no",
+    "  use-syslog: no",
+    "  verbosity: 1",
+    "  num-threads: 1",
+    "  so-reuseport: no",
+    `  module-config: "iterator"`,
+  ];
+}
+
+/**
  * One `unbound -d` process serving DoT on 127.0.0.1 at a fixed port. Close it at the end of
  * the test (it kills the process and removes its directory).
  *
@@ -104,21 +128,7 @@ export class UnboundUpstream {
       await Deno.writeTextFile(
         `${dir}/unbound.conf`,
         [
-          "server:",
-          `  interface: 127.0.0.1@${port}`,
-          `  tls-port: ${port}`,
-          `  tls-service-key: "${dir}/server.key"`,
-          `  tls-service-pem: "${dir}/server.pem"`,
-          `  username: ""`,
-          `  chroot: ""`,
-          `  directory: "${dir}"`,
-          `  pidfile: "${dir}/unbound.pid"`,
-          "  do-daemonize: no",
-          "  use-syslog: no",
-          "  verbosity: 1",
-          "  num-threads: 1",
-          "  so-reuseport: no",
-          `  module-config: "iterator"`,
+          ...unboundServerHead(port, dir),
           "  incoming-num-tcp: 64",
           `  local-zone: "${zone}" static`,
           ...data.map((record) => `  local-data: '${record}'`),
