@@ -24,9 +24,28 @@ export interface Clock {
   cancel(handle: TimerHandle): void;
 }
 
-/** The real clock: `performance.now()` and `setTimeout`. */
+/**
+ * The time read by the current run of JavaScript, or -1 once it ended. One query's path (UDP
+ * receive, cache, forward, write) and one upstream read (every answer in it, and every client
+ * waiting on them) each read the clock several times; `performance.now()` is an op and
+ * costs about 0.3 us, 4% of the CPU of a query at saturation (V8 sampling profile). Time is
+ * therefore read once per run of synchronous work, and forgotten when the microtasks already
+ * queued have run: every reading within a run lags the true time by at most that run's length.
+ */
+let readAt = -1;
+const forgetTime = () => {
+  readAt = -1;
+};
+
+/** The real clock: `performance.now()` (once per run of synchronous work) and `setTimeout`. */
 export const SYSTEM_CLOCK: Clock = {
-  now: () => performance.now(),
+  now: () => {
+    if (readAt < 0) {
+      readAt = performance.now();
+      queueMicrotask(forgetTime);
+    }
+    return readAt;
+  },
   schedule: (callback, delayMs) => setTimeout(callback, delayMs),
   cancel: (handle) => clearTimeout(handle as ReturnType<typeof setTimeout>),
 };

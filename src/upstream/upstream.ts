@@ -169,6 +169,8 @@ export class Upstream implements ConnectionOwner, Timed {
   outstanding = 0;
   /** Clock time from which it counts as slow (an attempt passed its timeout), 0 if not. */
   slowSince = 0;
+  /** When {@linkcode noticeStall} last looked (it looks once per clock reading). */
+  #stallCheckedAt = -1;
   /** Clock time it was last chosen by the policy. */
   lastChosenAt = 0;
   /** Last TLS handshake time in milliseconds (0: none yet). */
@@ -435,7 +437,11 @@ export class Upstream implements ConnectionOwner, Timed {
    * any one question's attempt deadline. Cheap: a look at each connection.
    */
   noticeStall(now: number): void {
-    if (this.slowSince !== 0 || this.health.state === "down") return;
+    // Once per clock reading: a burst of queries handled in one go reads the same time.
+    if (now === this.#stallCheckedAt || this.slowSince !== 0 || this.health.state === "down") {
+      return;
+    }
+    this.#stallCheckedAt = now;
     const timeout = this.attemptTimeout();
     const burstTimeout = Math.min(timeout, Math.max(STALL_BURST_MIN_MS, 4 * this.latency.p95));
     for (const connection of this.connections) {
