@@ -349,7 +349,9 @@ export class Resolver implements JobOwner, FlightOwner {
     const cache = this.cache!;
     // The job was stamped a moment ago; one clock read per hit is enough.
     const now = job.started;
-    const entry = cache.lookup(job.query, job.questionEnd, job.keyFlags, now);
+    const hash = cacheKeyHash(job.query, job.questionEnd, job.keyFlags);
+    job.hash = hash;
+    const entry = cache.lookup(job.query, job.questionEnd, job.keyFlags, now, hash);
     if (entry === null) return false;
     if (now < entry.expiresAt) {
       job.cache = "hit";
@@ -444,7 +446,8 @@ export class Resolver implements JobOwner, FlightOwner {
     const now = this.#clock.now();
     const info = this.#info;
     const coalesce = this.cache !== null && !info.hasClientSubnet && info.ednsVersion === 0;
-    const hash = coalesce ? cacheKeyHash(job.query, job.questionEnd, job.keyFlags) : 0;
+    // The cache stage computed the key's hash (it ran: `coalesce` implies a cache).
+    const hash = coalesce ? job.hash : 0;
     const out = coalesce
       ? this.#flights.find(job.query, job.questionEnd, hash, job.keyFlags)
       : null;

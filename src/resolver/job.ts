@@ -64,6 +64,8 @@ export class ClientJob implements Timed {
   limit: number = MAX_MESSAGE_SIZE;
   /** Cache key flags (DO, CD, AD, RD). */
   keyFlags = 0;
+  /** The cache key's hash (see `cacheKeyHash`), once the cache stage looked it up. */
+  hash = 0;
   /** How the cache took part. */
   cache: CacheStatus = "off";
   /** Who answered (upstream label), empty when the proxy did. */
