@@ -89,8 +89,11 @@ const BUSY_OUTSTANDING = 8;
 /** Most questions in flight on a connection before a busy upstream spreads to another. */
 const BATCH_LIMIT = 128;
 
+/** What {@linkcode overflowBetter} reads of a connection. */
+export type OverflowCandidate = Pick<UpstreamConnection, "load" | "lastWriteAt" | "stalledSince">;
+
 /** Under load: the connection written most recently, unless it carries too much already. */
-function batchesBetter(a: UpstreamConnection, b: UpstreamConnection): boolean {
+function batchesBetter(a: OverflowCandidate, b: OverflowCandidate): boolean {
   const aFull = a.load >= BATCH_LIMIT;
   const bFull = b.load >= BATCH_LIMIT;
   if (aFull !== bFull) return bFull;
@@ -101,9 +104,22 @@ function batchesBetter(a: UpstreamConnection, b: UpstreamConnection): boolean {
  * Where a query goes when no connection is clean: a connection that answered since it was
  * last written, or was written less than {@linkcode REST_MS} ago, before one that has been
  * silent longer (a connection that died on its own would otherwise draw every query until the
- * stall is noticed); among those, as {@linkcode batchesBetter}.
+ * stall is noticed); among those, the one written most recently unless it carries
+ * `BATCH_LIMIT` (128) queries already, then the less loaded.
+ *
+ * @example
+ * ```ts
+ * import { overflowBetter } from "./upstream.ts";
+ * const answering = { load: 3, lastWriteAt: 100, stalledSince: 0 };
+ * const silent = { load: 1, lastWriteAt: 180, stalledSince: 120 };
+ * overflowBetter(answering, silent, 200); // true: silent for 80 ms
+ * ```
  */
-function overflowBetter(a: UpstreamConnection, b: UpstreamConnection, now: number): boolean {
+export function overflowBetter(
+  a: OverflowCandidate,
+  b: OverflowCandidate,
+  now: number,
+): boolean {
   const aAnswering = a.stalledSince === 0 || now - a.stalledSince < REST_MS;
   const bAnswering = b.stalledSince === 0 || now - b.stalledSince < REST_MS;
   if (aAnswering !== bAnswering) return aAnswering;
