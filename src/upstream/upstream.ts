@@ -330,7 +330,12 @@ export class Upstream implements ConnectionOwner, Timed {
       if (!busy && connection.cleanIdle(now)) {
         if (clean === null || connection.lastWriteAt > clean.lastWriteAt) clean = connection;
       } else if (connection.state === "open" && connection.settled(now)) {
-        if (dirty === null || overflowBetter(connection, dirty, now)) dirty = connection;
+        if (
+          dirty === null ||
+          (busy ? batchesBetter(connection, dirty) : overflowBetter(connection, dirty, now))
+        ) {
+          dirty = connection;
+        }
       }
       if (
         best === null || (connection.state === "open" && best.state !== "open") ||
