@@ -34,7 +34,6 @@ import {
 } from "../src/upstream/health.ts";
 import { type PoolOptions, UpstreamPool } from "../src/upstream/pool.ts";
 import { UpstreamRequest } from "../src/upstream/request.ts";
-import { overflowBetter } from "../src/upstream/upstream.ts";
 import {
   type RetryReason,
   UpstreamError,
@@ -1065,27 +1064,4 @@ Deno.test("strategy least-outstanding: idle, the clearly faster upstream; about 
     const counts = spread(h, 50, 40);
     assert.deepEqual(counts, { a: 50 }, "about as fast: the first, every time");
   });
-});
-
-Deno.test("overflow (no clean connection): the one written last, unless silent for 50 ms or full", () => {
-  const now = 1000;
-  const conn = (load: number, lastWriteAt: number, stalledSince: number) => ({
-    load,
-    lastWriteAt,
-    stalledSince,
-  });
-  // Both answering: the one written most recently takes the query (its write releases the
-  // answers the server holds on it), even with more in flight.
-  assert.ok(overflowBetter(conn(5, 999, 0), conn(1, 990, 0), now));
-  assert.ok(!overflowBetter(conn(1, 990, 0), conn(5, 999, 0), now));
-  // Written to for 49 ms without an answer still counts as answering (a delayed ACK's hold).
-  assert.ok(overflowBetter(conn(5, 999, 951), conn(1, 990, 0), now));
-  // Silent for 50 ms: last, however recently it was written.
-  assert.ok(!overflowBetter(conn(1, 999, 950), conn(5, 990, 0), now));
-  assert.ok(overflowBetter(conn(5, 990, 0), conn(1, 999, 950), now));
-  // Two silent ones: as two answering ones.
-  assert.ok(overflowBetter(conn(1, 999, 900), conn(1, 990, 800), now));
-  // Full (128 in flight): the other, even if written earlier; both full: the less loaded.
-  assert.ok(overflowBetter(conn(3, 990, 0), conn(128, 999, 0), now));
-  assert.ok(overflowBetter(conn(128, 990, 0), conn(200, 999, 0), now));
 });

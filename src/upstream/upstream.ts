@@ -18,7 +18,6 @@ import {
   DotConnection,
   MAX_QUERIES_PER_CONNECTION,
   NUDGE_BURST,
-  REST_MS,
   type UpstreamConnection,
 } from "./dot_connection.ts";
 import { Exchange, type ExchangeWaiter } from "./exchange.ts";
@@ -89,41 +88,12 @@ const BUSY_OUTSTANDING = 8;
 /** Most questions in flight on a connection before a busy upstream spreads to another. */
 const BATCH_LIMIT = 128;
 
-/** What {@linkcode overflowBetter} reads of a connection. */
-export type OverflowCandidate = Pick<UpstreamConnection, "load" | "lastWriteAt" | "stalledSince">;
-
 /** Under load: the connection written most recently, unless it carries too much already. */
-function batchesBetter(a: OverflowCandidate, b: OverflowCandidate): boolean {
+function batchesBetter(a: UpstreamConnection, b: UpstreamConnection): boolean {
   const aFull = a.load >= BATCH_LIMIT;
   const bFull = b.load >= BATCH_LIMIT;
   if (aFull !== bFull) return bFull;
   return aFull ? a.load < b.load : a.lastWriteAt > b.lastWriteAt;
-}
-
-/**
- * Where a query goes when no connection is clean: a connection that answered since it was
- * last written, or was written less than {@linkcode REST_MS} ago, before one that has been
- * silent longer (a connection that died on its own would otherwise draw every query until the
- * stall is noticed); among those, the one written most recently unless it carries
- * `BATCH_LIMIT` (128) queries already, then the less loaded.
- *
- * @example
- * ```ts
- * import { overflowBetter } from "./upstream.ts";
- * const answering = { load: 3, lastWriteAt: 100, stalledSince: 0 };
- * const silent = { load: 1, lastWriteAt: 180, stalledSince: 120 };
- * overflowBetter(answering, silent, 200); // true: silent for 80 ms
- * ```
- */
-export function overflowBetter(
-  a: OverflowCandidate,
-  b: OverflowCandidate,
-  now: number,
-): boolean {
-  const aAnswering = a.stalledSince === 0 || now - a.stalledSince < REST_MS;
-  const bAnswering = b.stalledSince === 0 || now - b.stalledSince < REST_MS;
-  if (aAnswering !== bAnswering) return aAnswering;
-  return batchesBetter(a, b);
 }
 
 function lessBusy(a: UpstreamConnection, b: UpstreamConnection): boolean {
@@ -307,15 +277,9 @@ export class Upstream implements ConnectionOwner, Timed {
     // on the connection is unacknowledged, and Linux delays this side's ACK by up to 40 ms.
     // A query written on a clean idle connection (see REST_MS) is answered at once, so each
     // query goes to one, the most recently used (the others can idle out); with none, another
-    // connection opens, up to the limit, and meanwhile the query goes to the dirty connection
-    // written most recently rather than dirtying a clean one: writes kept on one connection
-    // release its held answers (each carries the ACK) while the others drain and come clean
-    // again. Spread over the least loaded instead, every connection is written only every few
-    // milliseconds, each write releasing one held answer while the next is held: measured
-    // after the upstream connections idled out and reopened at 2,000 qps, median p99 22 ms
-    // that way and 11 ms this way over 12-16 runs each (both still fall into that state in some
-    // runs). A connection silent for REST_MS comes last (see overflowBetter). Failing that: the
-    // least loaded open connection, then the least loaded of any.
+    // connection opens, up to the limit, and meanwhile the query goes to the least loaded
+    // connection already dirty rather than dirtying a clean one. Failing that: the least
+    // loaded open connection, then the least loaded of any.
     //
     // Under load none of that matters (the stream of writes carries the ACKs) and what costs
     // is the number of TLS writes: every query goes to the settled connection written most
@@ -331,8 +295,7 @@ export class Upstream implements ConnectionOwner, Timed {
         if (clean === null || connection.lastWriteAt > clean.lastWriteAt) clean = connection;
       } else if (connection.state === "open" && connection.settled(now)) {
         if (
-          dirty === null ||
-          (busy ? batchesBetter(connection, dirty) : overflowBetter(connection, dirty, now))
+          dirty === null || (busy ? batchesBetter(connection, dirty) : lessBusy(connection, dirty))
         ) {
           dirty = connection;
         }
