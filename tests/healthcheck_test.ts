@@ -349,16 +349,26 @@ Deno.test("healthcheck: does not load the proxy (src/app.ts)", async () => {
   assert.ok(!modules.some((m) => m.endsWith("/src/app.ts")), modules.join("\n"));
 });
 
-Deno.test("healthcheck: the DNS probe is `. NS` with EDNS and no RD, and NOERROR is healthy", async () => {
+/**
+ * A UDP DNS server on loopback that answers one query by echoing it with QR set and `rcode`;
+ * `answered` resolves with the query it saw.
+ */
+function answerOnce(rcode: number) {
   const server = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
   const port = (server.addr as Deno.NetAddr).port;
-  const answering = (async () => {
+  const answered = (async () => {
     const [query, from] = await server.receive();
     const response = query.slice();
     response[2] |= 0x80; // QR
+    response[3] = (response[3] & 0xf0) | rcode;
     await server.send(response, from);
     return query;
   })();
+  return { server, port, answered };
+}
+
+Deno.test("healthcheck: the DNS probe is `. NS` with EDNS and no RD, and NOERROR is healthy", async () => {
+  const { server, port, answered: answering } = answerOnce(0);
   try {
     const result = await healthcheck({ http: null, listen: [{ hostname: "127.0.0.1", port }] });
     assert.deepEqual(result, { healthy: true, detail: `127.0.0.1:${port}: answered NOERROR` });
@@ -377,15 +387,7 @@ Deno.test("healthcheck: the DNS probe is `. NS` with EDNS and no RD, and NOERROR
 
 Deno.test("healthcheck: REFUSED relayed from an upstream is healthy, SERVFAIL is not", async () => {
   for (const [rcode, name, healthy] of [[5, "REFUSED", true], [2, "SERVFAIL", false]] as const) {
-    const server = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
-    const port = (server.addr as Deno.NetAddr).port;
-    const answering = (async () => {
-      const [query, from] = await server.receive();
-      const response = query.slice();
-      response[2] |= 0x80; // QR
-      response[3] = (response[3] & 0xf0) | rcode;
-      await server.send(response, from);
-    })();
+    const { server, port, answered: answering } = answerOnce(rcode);
     try {
       const result = await healthcheck({ http: null, listen: [{ hostname: "127.0.0.1", port }] });
       assert.deepEqual(result, { healthy, detail: `127.0.0.1:${port}: answered ${name}` });
