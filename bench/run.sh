@@ -32,7 +32,7 @@ SAT_LATENCY=0        # per-query latencies (dnsperf -v) in saturation runs too, 
                      # off by default, it costs dnsperf ~6 us of load-core CPU per query
 PROXY_CORE=0         # the target under test
 LOAD_CORE=1          # dnsperf and the upstream Unbound
-ALL_TARGETS="dotproxy stubby dnsdist unbound-fwd deno-responder unbound-direct"
+ALL_TARGETS="dotproxy stubby dnsdist unbound-fwd deno-forwarder deno-responder unbound-direct"
 TARGETS="$ALL_TARGETS"
 DOTPROXY_ARGS="${DOTPROXY_ARGS:-}"  # extra arguments for main.ts (e.g. to turn a cache off)
 BEFORE_REV=""        # --before REV: that commit of dotproxy runs beside the working tree
@@ -44,6 +44,7 @@ UP_PLAIN_PORT=8053
 declare -A PORT=(
   [dotproxy]=5301 [stubby]=5302 [dnsdist]=5303 [unbound-fwd]=5304
   [deno-responder]=5305 [unbound-direct]=$UP_PLAIN_PORT [dotproxy-before]=5306
+  [deno-forwarder]=5307
 )
 declare -A DESC=(
   [dotproxy]="dotproxy (main.ts), DoT to Unbound"
@@ -52,6 +53,7 @@ declare -A DESC=(
   [dnsdist]="dnsdist, DoT to Unbound, no packet cache"
   [unbound-fwd]="Unbound as TLS forwarder, cache off"
   [deno-responder]="trivial Deno responder, no upstream (runtime ceiling)"
+  [deno-forwarder]="bare Deno DoT forwarder, 8 connections (a Deno forwarder's floor)"
   [unbound-direct]="upstream Unbound plain DNS, no proxy (load ceiling)"
 )
 
@@ -393,6 +395,13 @@ start_deno_responder() {
     "$BENCH/udp_responder.ts" --listen "127.0.0.1:${PORT[deno-responder]}"
 }
 
+start_deno_forwarder() {
+  DENO_FORWARDER_CA="$(cat "$TMP/ca.pem")" spawn deno-forwarder "$PROXY_CORE" \
+    deno run --unstable-net --allow-net --allow-env --v8-flags=--max-semi-space-size=2 \
+    "$BENCH/deno_forwarder.ts" \
+    --listen "127.0.0.1:${PORT[deno-forwarder]}" --upstream "127.0.0.1:$UP_TLS_PORT#dns.test"
+}
+
 start_target() { # target
   local t="$1"
   case "$t" in
@@ -403,6 +412,7 @@ start_target() { # target
     dnsdist) start_dnsdist ;;
     unbound-fwd) start_unbound_fwd ;;
     deno-responder) start_deno_responder ;;
+    deno-forwarder) start_deno_forwarder ;;
   esac
 }
 

@@ -48,6 +48,7 @@ const ORDER = [
   "stubby",
   "dnsdist",
   "unbound-fwd",
+  "deno-forwarder",
   "deno-responder",
   "unbound-direct",
 ];
