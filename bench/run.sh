@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Benchmark harness of issue 5: dotproxy against Stubby, dnsdist and Unbound as DNS-over-TLS
-# forwarders, plus a trivial Deno responder (the runtime's ceiling) and Unbound answering
-# directly (the load generator's ceiling). Everything runs on loopback, in a temp dir that is
-# deleted at exit. See bench/README.md.
+# forwarders, plus a bare Deno DoT forwarder (a Deno forwarder's floor), a trivial Deno
+# responder (the runtime's ceiling) and Unbound answering directly (the load generator's
+# ceiling). Everything runs on loopback, in a temp dir that is deleted at exit. See
+# bench/README.md.
 #
-#   bash bench/run.sh            # full run, about 9 minutes
+#   bash bench/run.sh            # full run, about 10 minutes
 #   bash bench/run.sh --quick    # smoke run, about 1.5 minutes
 #   bash bench/run.sh --before 7c925b5   # also runs that commit as "dotproxy-before"
 #   bash bench/run.sh --help
@@ -292,8 +293,10 @@ start_dotproxy() { # target source-dir extra-args
     DEAD[$t]="main.ts not found in $dir"
     return 1
   fi
+  # DOTPROXY_ARGS is the harness's own setting, not the proxy's (it would warn about it).
   # shellcheck disable=SC2086 # the extra arguments are a word list on purpose
-  (cd "$dir" && DOTPROXY_CA_CERTS="$(cat "$TMP/ca.pem")" exec taskset -c "$PROXY_CORE" \
+  (cd "$dir" && unset DOTPROXY_ARGS &&
+    DOTPROXY_CA_CERTS="$(cat "$TMP/ca.pem")" exec taskset -c "$PROXY_CORE" \
     deno run --allow-net --allow-env --v8-flags=--max-semi-space-size=2 main.ts --listen "127.0.0.1:${PORT[$t]}" \
     --upstream "127.0.0.1:$UP_TLS_PORT#dns.test" --log-level warn $extra \
     >"$TMP/$t.log" 2>&1 </dev/null) &
