@@ -17,6 +17,8 @@
  *     [--connections 8]
  */
 
+import { eachFrame, readFramed } from "./framed_reader.ts";
+
 const HEADER_LEN = 12;
 const SWEEP_MS = 1000;
 const GIVE_UP_MS = 5000;
@@ -121,40 +123,22 @@ class Carrier {
   }
 
   async #readLoop(conn: Deno.TlsConn): Promise<void> {
-    let buf = new Uint8Array(65536 + 2);
-    let have = 0;
+    const answered = (buf: Uint8Array, start: number, end: number) => {
+      if (end - start < HEADER_LEN) return;
+      const id = (buf[start] << 8) | buf[start + 1];
+      const w = this.waiting.get(id);
+      if (w === undefined) return;
+      this.waiting.delete(id);
+      const answer = buf.slice(start, end); // the one copy
+      answer[0] = w.clientId >> 8;
+      answer[1] = w.clientId & 0xff;
+      w.reply(answer);
+    };
     try {
-      for (;;) {
-        if (have === buf.length) {
-          const bigger = new Uint8Array(buf.length * 2);
-          bigger.set(buf);
-          buf = bigger;
-        }
-        const n = await conn.read(buf.subarray(have));
-        if (n === null) break;
-        have += n;
-        let off = 0;
-        while (have - off >= 2) {
-          const len = (buf[off] << 8) | buf[off + 1];
-          if (have - off - 2 < len) break;
-          if (len >= HEADER_LEN) {
-            const id = (buf[off + 2] << 8) | buf[off + 3];
-            const w = this.waiting.get(id);
-            if (w !== undefined) {
-              this.waiting.delete(id);
-              const answer = buf.slice(off + 2, off + 2 + len); // the one copy
-              answer[0] = w.clientId >> 8;
-              answer[1] = w.clientId & 0xff;
-              w.reply(answer);
-            }
-          }
-          off += 2 + len;
-        }
-        if (off > 0) {
-          buf.copyWithin(0, off, have);
-          have -= off;
-        }
-      }
+      await readFramed(
+        conn,
+        (buf, have) => eachFrame(buf, have, (start, end) => answered(buf, start, end)),
+      );
     } catch (err) {
       console.error(`upstream read failed: ${err}`);
     }
@@ -225,8 +209,6 @@ async function receiveLoop(sock: Deno.DatagramConn, fwd: Forwarder): Promise<voi
 }
 
 async function serveTcpConn(conn: Deno.Conn, fwd: Forwarder): Promise<void> {
-  let buf = new Uint8Array(65536 + 2);
-  let have = 0;
   let writes = Promise.resolve();
   const reply: Reply = (answer) => {
     const frame = new Uint8Array(answer.length + 2);
@@ -239,27 +221,12 @@ async function serveTcpConn(conn: Deno.Conn, fwd: Forwarder): Promise<void> {
     }).catch(() => {});
   };
   try {
-    for (;;) {
-      if (have === buf.length) {
-        const bigger = new Uint8Array(buf.length * 2);
-        bigger.set(buf);
-        buf = bigger;
-      }
-      const n = await conn.read(buf.subarray(have));
-      if (n === null) return;
-      have += n;
-      let off = 0;
-      while (have - off >= 2) {
-        const len = (buf[off] << 8) | buf[off + 1];
-        if (have - off - 2 < len) break;
-        fwd.forward(buf.subarray(off + 2, off + 2 + len), reply);
-        off += 2 + len;
-      }
-      if (off > 0) {
-        buf.copyWithin(0, off, have);
-        have -= off;
-      }
-    }
+    // Each query is copied into its TLS frame before the buffer moves on.
+    await readFramed(
+      conn,
+      (buf, have) =>
+        eachFrame(buf, have, (start, end) => fwd.forward(buf.subarray(start, end), reply)),
+    );
   } catch {
     // the client went away
   } finally {

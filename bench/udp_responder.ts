@@ -7,6 +7,8 @@
  * Usage: deno run --unstable-net --allow-net bench/udp_responder.ts --listen 127.0.0.1:5399
  */
 
+import { eachFrame, readFramed } from "./framed_reader.ts";
+
 const HEADER_LEN = 12;
 
 /** Parses `host:port` (an IPv6 host in brackets: `[::1]:53`). */
@@ -36,34 +38,17 @@ async function serveUdp(hostname: string, port: number): Promise<void> {
 }
 
 async function serveTcpConn(conn: Deno.Conn): Promise<void> {
-  let buf = new Uint8Array(65536 + 2);
-  let have = 0;
   try {
-    for (;;) {
-      if (have === buf.length) {
-        const bigger = new Uint8Array(buf.length * 2);
-        bigger.set(buf);
-        buf = bigger;
-      }
-      const n = await conn.read(buf.subarray(have));
-      if (n === null) return;
-      have += n;
-      // Answer every complete frame from this read with one write.
-      let off = 0;
-      while (have - off >= 2) {
-        const len = (buf[off] << 8) | buf[off + 1];
-        if (have - off - 2 < len) break;
-        makeAnswer(buf.subarray(off + 2, off + 2 + len));
-        off += 2 + len;
-      }
-      if (off > 0) {
-        const out = buf.slice(0, off);
-        buf.copyWithin(0, off, have);
-        have -= off;
+    // Every complete frame of a read is answered in place, all of them with one write.
+    await readFramed(conn, async (buf, have) => {
+      const used = eachFrame(buf, have, (start, end) => makeAnswer(buf.subarray(start, end)));
+      if (used > 0) {
+        const out = buf.slice(0, used);
         let sent = 0;
         while (sent < out.length) sent += await conn.write(out.subarray(sent));
       }
-    }
+      return used;
+    });
   } catch {
     // the client went away: nothing to do
   } finally {
