@@ -126,9 +126,25 @@ export class CounterChild {
   }
 }
 
-/** A counter family. Use `inc()` directly when it has no labels. */
+/**
+ * A counter family. Use `inc()` directly when it has no labels, or give a `collect` callback
+ * that reports the current totals at scrape time (for a total another party keeps, like the
+ * process's CPU time).
+ */
 export class Counter extends LabelledFamily<CounterChild> {
+  #collect?: (set: (value: number, ...labels: string[]) => void) => void;
   #unlabelled: CounterChild | undefined;
+
+  /** Creates a counter; prefer {@linkcode Registry.counter}. */
+  constructor(
+    name: string,
+    help: string,
+    labelNames: readonly string[],
+    collect?: (set: (value: number, ...labels: string[]) => void) => void,
+  ) {
+    super(name, help, labelNames);
+    this.#collect = collect;
+  }
   /** Makes a zeroed series. */
   protected create(): CounterChild {
     return new CounterChild();
@@ -139,10 +155,19 @@ export class Counter extends LabelledFamily<CounterChild> {
   }
   /** Value for these label values (0 if never touched); for tests and health logic. */
   get(...values: string[]): number {
+    this.#runCollect();
     return this.children.get(values.join("\u0000"))?.child.value ?? 0;
   }
-  /** Appends the counter's lines in the text exposition format to `out`. */
+  #runCollect(): void {
+    if (this.#collect) {
+      this.#collect((value, ...labels) => {
+        this.labels(...labels).value = value;
+      });
+    }
+  }
+  /** Runs the `collect` callback, then appends the counter's lines to `out`. */
   render(out: string[]): void {
+    this.#runCollect();
     this.header(out, "counter");
     for (const { values, child } of this.children.values()) {
       out.push(`${this.name}${labelText(this.labelNames, values)} ${formatNumber(child.value)}`);
@@ -308,9 +333,14 @@ export class Registry {
     return family;
   }
 
-  /** Registers a counter family. */
-  counter(name: string, help: string, labelNames: readonly string[] = []): Counter {
-    return this.#add(new Counter(name, help, labelNames));
+  /** Registers a counter family, optionally read at scrape time by `collect`. */
+  counter(
+    name: string,
+    help: string,
+    labelNames: readonly string[] = [],
+    collect?: (set: (value: number, ...labels: string[]) => void) => void,
+  ): Counter {
+    return this.#add(new Counter(name, help, labelNames, collect));
   }
 
   /** Registers a gauge family, optionally computed at scrape time by `collect`. */

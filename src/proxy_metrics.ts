@@ -6,6 +6,7 @@
  * @module
  */
 
+import process from "node:process";
 import { Counter, Gauge, Histogram, Registry } from "./metrics.ts";
 import { rcodeName } from "./dns/wire.ts";
 import type { CacheStats } from "./cache/answer_cache.ts";
@@ -345,6 +346,34 @@ export class ProxyMetrics {
       "Always 1; labels carry the dotproxy and Deno versions.",
       ["version", "deno"],
     ).labels(VERSION, Deno.version.deno).set(1);
+    // The standard process families (the names every Prometheus client library exports), so
+    // that dashboards and alerts written for any exporter work; read at scrape time, with no
+    // permission beyond what the proxy runs with.
+    registry.counter(
+      "process_cpu_seconds_total",
+      "User and system CPU time the process has used, in seconds.",
+      [],
+      (set) => {
+        const used = process.cpuUsage();
+        set((used.user + used.system) / 1e6);
+      },
+    );
+    registry.gauge(
+      "process_resident_memory_bytes",
+      "Resident memory of the process, in bytes.",
+      [],
+      (set) => set(Deno.memoryUsage().rss),
+    );
+    registry.gauge(
+      "process_start_time_seconds",
+      "Start time of the process since the Unix epoch, in seconds.",
+    ).set(startTimeSeconds);
+    registry.gauge(
+      "dotproxy_heap_used_bytes",
+      "JavaScript heap in use (V8), in bytes.",
+      [],
+      (set) => set(Deno.memoryUsage().heapUsed),
+    );
 
     for (const transport of ["udp", "tcp"] as const) {
       for (const rcode of [0, 1, 2, 3, 4, 5]) this.queries.labels(transport, rcodeName(rcode));

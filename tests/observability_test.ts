@@ -28,7 +28,12 @@ import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/prox
 /** dotproxy's own conventions on top of the format. */
 function checkConventions(families: Map<string, MetricFamily>): void {
   for (const family of families.values()) {
-    assert.match(family.name, /^dotproxy_[a-z0-9_]+$/, `${family.name}: not prefixed dotproxy_`);
+    // Every family is dotproxy's own, but for the standard process families.
+    assert.match(
+      family.name,
+      /^(dotproxy|process)_[a-z0-9_]+$/,
+      `${family.name}: not prefixed dotproxy_ (or process_)`,
+    );
     assert.ok(family.help.trim().length > 0, `${family.name}: empty HELP`);
     if (family.type === "counter") {
       assert.match(family.name, /_total$/, `${family.name}: a counter not named *_total`);
@@ -347,6 +352,23 @@ Deno.test("metrics: exact counters after known traffic, scraped over HTTP", asyn
         const startTime = value("dotproxy_process_start_time_seconds");
         assert.ok(startTime !== undefined && startTime >= started - 1, `start ${startTime}`);
         assert.ok(startTime <= Date.now() / 1000 + 1, `start ${startTime} in the future`);
+        // The standard process families, of this (test) process: plausible, and typed.
+        assert.equal(value("process_start_time_seconds"), startTime);
+        assert.equal(metrics.get("process_cpu_seconds_total")?.type, "counter");
+        assert.equal(metrics.get("process_resident_memory_bytes")?.type, "gauge");
+        const cpu = value("process_cpu_seconds_total");
+        const elapsed = Date.now() / 1000 - started;
+        // Two cores at most, and at least the TLS handshakes and parsing done above.
+        assert.ok(cpu !== undefined && cpu > 0 && cpu <= 2 * (elapsed + 60), `cpu ${cpu}`);
+        const rss = value("process_resident_memory_bytes");
+        assert.ok(rss !== undefined && rss > 16 * 2 ** 20 && rss < 4 * 2 ** 30, `rss ${rss}`);
+        const heap = value("dotproxy_heap_used_bytes");
+        assert.ok(heap !== undefined && heap > 2 ** 20 && heap < rss, `heap ${heap}`);
+        // CPU time only grows: a scrape after more work reads more.
+        const busyUntil = performance.now() + 30;
+        while (performance.now() < busyUntil) crypto.getRandomValues(new Uint8Array(1024));
+        const cpuLater = sampleValue(await scrape(web), "process_cpu_seconds_total");
+        assert.ok(cpuLater !== undefined && cpuLater > cpu, `cpu ${cpu} then ${cpuLater}`);
 
         // The histogram sums are plausible: positive, below count * deadline.
         for (
