@@ -126,32 +126,29 @@ export class CounterChild {
   }
 }
 
-/**
- * A counter family. Use `inc()` directly when it has no labels, or give a `collect` callback
- * that reports the current totals at scrape time (for a total another party keeps, like the
- * process's CPU time).
- */
-export class Counter extends LabelledFamily<CounterChild> {
-  #collect?: (set: (value: number, ...labels: string[]) => void) => void;
-  #unlabelled: CounterChild | undefined;
+/** Reports current values at scrape time: `set(value, ...labelValues)` per series. */
+export type Collect = (set: (value: number, ...labels: string[]) => void) => void;
 
-  /** Creates a counter; prefer {@linkcode Registry.counter}. */
+/**
+ * Base of the families with one number per series (counters and gauges): set in place, or
+ * reported at scrape time by a `collect` callback (for state another module or the runtime
+ * owns, like open connections or the process's CPU time).
+ */
+export abstract class ValueFamily<Child extends { value: number }> extends LabelledFamily<Child> {
+  readonly #collect?: Collect;
+  readonly #type: "counter" | "gauge";
+
+  /** Creates a family of `type`; prefer the {@linkcode Registry} factory methods. */
   constructor(
     name: string,
     help: string,
     labelNames: readonly string[],
-    collect?: (set: (value: number, ...labels: string[]) => void) => void,
+    type: "counter" | "gauge",
+    collect?: Collect,
   ) {
     super(name, help, labelNames);
+    this.#type = type;
     this.#collect = collect;
-  }
-  /** Makes a zeroed series. */
-  protected create(): CounterChild {
-    return new CounterChild();
-  }
-  /** Increments the unlabelled counter. */
-  inc(n = 1): void {
-    (this.#unlabelled ??= this.labels()).inc(n);
   }
   /** Value for these label values (0 if never touched); for tests and health logic. */
   get(...values: string[]): number {
@@ -165,13 +162,34 @@ export class Counter extends LabelledFamily<CounterChild> {
       });
     }
   }
-  /** Runs the `collect` callback, then appends the counter's lines to `out`. */
+  /** Runs the `collect` callback, then appends the family's lines to `out`. */
   render(out: string[]): void {
     this.#runCollect();
-    this.header(out, "counter");
+    this.header(out, this.#type);
     for (const { values, child } of this.children.values()) {
       out.push(`${this.name}${labelText(this.labelNames, values)} ${formatNumber(child.value)}`);
     }
+  }
+}
+
+/**
+ * A counter family. Use `inc()` directly when it has no labels, or give a `collect` callback
+ * that reports the current totals at scrape time.
+ */
+export class Counter extends ValueFamily<CounterChild> {
+  #unlabelled: CounterChild | undefined;
+
+  /** Creates a counter; prefer {@linkcode Registry.counter}. */
+  constructor(name: string, help: string, labelNames: readonly string[], collect?: Collect) {
+    super(name, help, labelNames, "counter", collect);
+  }
+  /** Makes a zeroed series. */
+  protected create(): CounterChild {
+    return new CounterChild();
+  }
+  /** Increments the unlabelled counter. */
+  inc(n = 1): void {
+    (this.#unlabelled ??= this.labels()).inc(n);
   }
 }
 
@@ -195,21 +213,14 @@ export class GaugeChild {
 
 /**
  * A gauge family. Either set in place, or give a `collect` callback that reports current
- * values at scrape time (for state another module owns, like open connections).
+ * values at scrape time.
  */
-export class Gauge extends LabelledFamily<GaugeChild> {
-  #collect?: (set: (value: number, ...labels: string[]) => void) => void;
+export class Gauge extends ValueFamily<GaugeChild> {
   #unlabelled: GaugeChild | undefined;
 
   /** Creates a gauge; prefer {@linkcode Registry.gauge}. */
-  constructor(
-    name: string,
-    help: string,
-    labelNames: readonly string[],
-    collect?: (set: (value: number, ...labels: string[]) => void) => void,
-  ) {
-    super(name, help, labelNames);
-    this.#collect = collect;
+  constructor(name: string, help: string, labelNames: readonly string[], collect?: Collect) {
+    super(name, help, labelNames, "gauge", collect);
   }
   /** Makes a zeroed series. */
   protected create(): GaugeChild {
@@ -218,22 +229,6 @@ export class Gauge extends LabelledFamily<GaugeChild> {
   /** Sets the unlabelled gauge. */
   set(v: number): void {
     (this.#unlabelled ??= this.labels()).set(v);
-  }
-  /** Value for these label values (0 if never set). */
-  get(...values: string[]): number {
-    this.#runCollect();
-    return this.children.get(values.join("\u0000"))?.child.value ?? 0;
-  }
-  #runCollect(): void {
-    if (this.#collect) this.#collect((value, ...labels) => this.labels(...labels).set(value));
-  }
-  /** Runs the `collect` callback, then appends the gauge's lines to `out`. */
-  render(out: string[]): void {
-    this.#runCollect();
-    this.header(out, "gauge");
-    for (const { values, child } of this.children.values()) {
-      out.push(`${this.name}${labelText(this.labelNames, values)} ${formatNumber(child.value)}`);
-    }
   }
 }
 
@@ -338,7 +333,7 @@ export class Registry {
     name: string,
     help: string,
     labelNames: readonly string[] = [],
-    collect?: (set: (value: number, ...labels: string[]) => void) => void,
+    collect?: Collect,
   ): Counter {
     return this.#add(new Counter(name, help, labelNames, collect));
   }
@@ -348,7 +343,7 @@ export class Registry {
     name: string,
     help: string,
     labelNames: readonly string[] = [],
-    collect?: (set: (value: number, ...labels: string[]) => void) => void,
+    collect?: Collect,
   ): Gauge {
     return this.#add(new Gauge(name, help, labelNames, collect));
   }

@@ -7,7 +7,7 @@
  */
 
 import process from "node:process";
-import { Counter, Gauge, Histogram, Registry } from "./metrics.ts";
+import { type Collect, Counter, Gauge, Histogram, Registry } from "./metrics.ts";
 import { rcodeName } from "./dns/wire.ts";
 import type { CacheStats } from "./cache/answer_cache.ts";
 import type { DropReason, RefusedReason, ResolverStats, Transport } from "./resolver.ts";
@@ -30,9 +30,6 @@ export interface ProxyState {
   /** Entries in the answer cache (0 with the cache off). */
   cacheEntries(): number;
 }
-
-/** A gauge's scrape-time callback. */
-type Collect = NonNullable<Parameters<Registry["gauge"]>[3]>;
 
 /** What {@linkcode ProxyState.upstreams} says of one upstream. */
 type UpstreamState = ReturnType<ProxyState["upstreams"]>[number];
