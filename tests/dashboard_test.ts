@@ -1,6 +1,6 @@
 /**
  * The Grafana dashboard in `deploy/grafana/dotproxy.json` only uses metrics the proxy
- * exposes: every `dotproxy_*` name in a PromQL expression (panels and template variables)
+ * exposes: every `dotproxy_*` and `process_*` name in a PromQL expression (panels and template variables)
  * must be a series a running proxy's `/metrics` serves, `rate()` only ever wraps counters,
  * and every label a query groups or filters by exists on the metrics it names.
  *
@@ -35,6 +35,8 @@ const REQUIRED = [
   "dotproxy_upstream_retries_total",
   "dotproxy_upstream_health_checks_total",
   "dotproxy_cache_lookups_total",
+  "process_cpu_seconds_total",
+  "process_resident_memory_bytes",
 ];
 
 type Obj = Record<string, unknown>;
@@ -105,7 +107,9 @@ function expressions(dashboard: Obj): [string, string][] {
 
 /** The `dotproxy_*` identifiers an expression names. */
 function metricNames(expr: string): string[] {
-  return [...expr.matchAll(/(?<![a-zA-Z0-9_:])dotproxy_[a-zA-Z0-9_:]*/g)].map((m) => m[0]);
+  return [...expr.matchAll(/(?<![a-zA-Z0-9_:])(?:dotproxy|process)_[a-zA-Z0-9_:]*/g)].map((m) =>
+    m[0]
+  );
 }
 
 /** A scrape reduced to what the dashboard needs: series names, types, labels. */
@@ -253,7 +257,7 @@ Deno.test("dashboard: PromQL is balanced, rate() wraps counters over $__rate_int
     const rates = [...expr.matchAll(/\b(rate|increase|irate)\(/g)].length;
     const wellFormed = [
       ...expr.matchAll(
-        /\b(?:rate|increase|irate)\((dotproxy_[a-zA-Z0-9_:]*)(?:\{[^}]*\})?\[\$__rate_interval\]\)/g,
+        /\b(?:rate|increase|irate)\(((?:dotproxy|process)_[a-zA-Z0-9_:]*)(?:\{[^}]*\})?\[\$__rate_interval\]\)/g,
       ),
     ];
     assert.equal(wellFormed.length, rates, `${where}: rate() not over a [$__rate_interval] range`);
