@@ -137,6 +137,8 @@ export type Collect = (set: (value: number, ...labels: string[]) => void) => voi
 export abstract class ValueFamily<Child extends { value: number }> extends LabelledFamily<Child> {
   readonly #collect?: Collect;
   readonly #type: "counter" | "gauge";
+  readonly #makeChild: () => Child;
+  #unlabelled: Child | undefined;
 
   /** Creates a family of `type`; prefer the {@linkcode Registry} factory methods. */
   constructor(
@@ -144,11 +146,21 @@ export abstract class ValueFamily<Child extends { value: number }> extends Label
     help: string,
     labelNames: readonly string[],
     type: "counter" | "gauge",
+    makeChild: () => Child,
     collect?: Collect,
   ) {
     super(name, help, labelNames);
     this.#type = type;
+    this.#makeChild = makeChild;
     this.#collect = collect;
+  }
+  /** Makes a zeroed series. */
+  protected create(): Child {
+    return this.#makeChild();
+  }
+  /** The series of a family without labels. */
+  protected get unlabelled(): Child {
+    return this.#unlabelled ??= this.labels();
   }
   /** Value for these label values (0 if never touched); for tests and health logic. */
   get(...values: string[]): number {
@@ -177,19 +189,13 @@ export abstract class ValueFamily<Child extends { value: number }> extends Label
  * that reports the current totals at scrape time.
  */
 export class Counter extends ValueFamily<CounterChild> {
-  #unlabelled: CounterChild | undefined;
-
   /** Creates a counter; prefer {@linkcode Registry.counter}. */
   constructor(name: string, help: string, labelNames: readonly string[], collect?: Collect) {
-    super(name, help, labelNames, "counter", collect);
-  }
-  /** Makes a zeroed series. */
-  protected create(): CounterChild {
-    return new CounterChild();
+    super(name, help, labelNames, "counter", () => new CounterChild(), collect);
   }
   /** Increments the unlabelled counter. */
   inc(n = 1): void {
-    (this.#unlabelled ??= this.labels()).inc(n);
+    this.unlabelled.inc(n);
   }
 }
 
@@ -216,19 +222,13 @@ export class GaugeChild {
  * values at scrape time.
  */
 export class Gauge extends ValueFamily<GaugeChild> {
-  #unlabelled: GaugeChild | undefined;
-
-  /** Creates a gauge; prefer {@linkcode Registry.gauge}. */
-  constructor(name: string, help: string, labelNames: readonly string[], collect?: Collect) {
-    super(name, help, labelNames, "gauge", collect);
-  }
-  /** Makes a zeroed series. */
-  protected create(): GaugeChild {
-    return new GaugeChild();
-  }
   /** Sets the unlabelled gauge. */
   set(v: number): void {
-    (this.#unlabelled ??= this.labels()).set(v);
+    this.unlabelled.set(v);
+  }
+  /** Creates a gauge; prefer {@linkcode Registry.gauge}. */
+  constructor(name: string, help: string, labelNames: readonly string[], collect?: Collect) {
+    super(name, help, labelNames, "gauge", () => new GaugeChild(), collect);
   }
 }
 
@@ -329,23 +329,13 @@ export class Registry {
   }
 
   /** Registers a counter family, optionally read at scrape time by `collect`. */
-  counter(
-    name: string,
-    help: string,
-    labelNames: readonly string[] = [],
-    collect?: Collect,
-  ): Counter {
-    return this.#add(new Counter(name, help, labelNames, collect));
+  counter(name: string, help: string, labels: readonly string[] = [], collect?: Collect): Counter {
+    return this.#add(new Counter(name, help, labels, collect));
   }
 
   /** Registers a gauge family, optionally computed at scrape time by `collect`. */
-  gauge(
-    name: string,
-    help: string,
-    labelNames: readonly string[] = [],
-    collect?: Collect,
-  ): Gauge {
-    return this.#add(new Gauge(name, help, labelNames, collect));
+  gauge(name: string, help: string, labels: readonly string[] = [], collect?: Collect): Gauge {
+    return this.#add(new Gauge(name, help, labels, collect));
   }
 
   /** Registers a histogram family. */
