@@ -1,8 +1,9 @@
 /**
  * The Grafana dashboard in `deploy/grafana/dotproxy.json` only uses metrics the proxy
- * exposes: every `dotproxy_*` and `process_*` name in a PromQL expression (panels and template variables)
- * must be a series a running proxy's `/metrics` serves, `rate()` only ever wraps counters,
- * and every label a query groups or filters by exists on the metrics it names.
+ * exposes: every `dotproxy_*` and `process_*` name in a PromQL expression (panels and
+ * template variables) must be a series a running proxy's `/metrics` serves, `rate()` only
+ * ever wraps counters, and every label a query groups or filters by exists on the metrics
+ * it names.
  *
  * Run with `deno test --allow-net --allow-env --allow-read tests/dashboard_test.ts`.
  *
@@ -105,7 +106,7 @@ function expressions(dashboard: Obj): [string, string][] {
   return out;
 }
 
-/** The `dotproxy_*` identifiers an expression names. */
+/** The `dotproxy_*` and `process_*` identifiers an expression names. */
 function metricNames(expr: string): string[] {
   return [...expr.matchAll(/(?<![a-zA-Z0-9_:])(?:dotproxy|process)_[a-zA-Z0-9_:]*/g)].map((m) =>
     m[0]
