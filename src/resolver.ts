@@ -29,7 +29,7 @@ import {
   KEY_RECURSION_DESIRED,
   STALE_RECHECK_MS,
 } from "./cache/answer_cache.ts";
-import { buildUpstreamQuery, stripResponseOpt } from "./dns/edns.ts";
+import { buildUpstreamQuery, stripResponseOpt, trimResponseOpt } from "./dns/edns.ts";
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "./dns/message.ts";
 import { inspectQuery, QueryInfo, QueryVerdict, verdictRcode } from "./dns/query.ts";
 import { buildErrorResponse, clientUdpLimit, EdeCode, truncateResponse } from "./dns/response.ts";
@@ -537,14 +537,21 @@ export class Resolver implements JobOwner, FlightOwner {
         return;
       }
     }
-    // Hop-by-hop EDNS options (padding, cookies) do not go to clients or into the cache.
-    // (A slab buffer for the result: a fresh array would cost a microsecond per answer.)
-    const canonical = info.optEnd - info.optStart > 11
-      ? stripResponseOpt(response, info, true, copier.reserve(response.length))
-      : response;
-    if (canonical !== response) {
-      info = this.#responseInfo;
-      analyzeResponse(canonical, info);
+    // Hop-by-hop EDNS options (padding, cookies) do not go to clients or into the cache:
+    // cut off the end of the answer (ours to change) where servers put them, else left out
+    // of a copy (a slab buffer: a fresh array would cost a microsecond per answer).
+    let canonical = response;
+    if (info.optEnd - info.optStart > 11) {
+      const trimmed = trimResponseOpt(response, info);
+      if (trimmed !== null) {
+        canonical = trimmed;
+      } else {
+        canonical = stripResponseOpt(response, info, true, copier.reserve(response.length));
+        if (canonical !== response) {
+          info = this.#responseInfo;
+          analyzeResponse(canonical, info);
+        }
+      }
     }
     const now = this.#clock.now();
     const rcode = info.extendedRcode;
@@ -579,7 +586,15 @@ export class Resolver implements JobOwner, FlightOwner {
       job.flight = null;
       this.#timers.cancel(job);
       let out: Uint8Array;
-      if (!job.hasEdns && optStart >= 0) {
+      const last = i === count - 1;
+      if (!job.hasEdns && optStart >= 0 && last && optEnd === canonical.length) {
+        // The OPT ends the message (where servers put it): the last waiter's answer is the
+        // bytes before it, no copy.
+        out = canonical.subarray(0, optStart);
+        const arcount = ((out[10] << 8) | out[11]) - 1;
+        out[10] = arcount >> 8;
+        out[11] = arcount & 0xff;
+      } else if (!job.hasEdns && optStart >= 0) {
         // One copy, without the OPT record, for a client that sent none.
         const scratch = this.#stripInfo;
         scratch.optStart = optStart;
@@ -592,7 +607,7 @@ export class Resolver implements JobOwner, FlightOwner {
         );
       } else {
         // The last waiter may take the bytes themselves (the cache copied what it keeps).
-        out = i === count - 1 ? canonical : copier.copy(canonical, 0, canonical.length);
+        out = last ? canonical : copier.copy(canonical, 0, canonical.length);
       }
       const query = job.query;
       out[0] = query[0];

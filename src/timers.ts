@@ -1,12 +1,14 @@
 /**
  * Time for the whole proxy: a {@linkcode Clock} (real, or manual in tests) and a
- * {@linkcode TimerQueue}, a binary heap of deadlines driven by one platform timer.
+ * {@linkcode TimerQueue}, deadlines in a timer wheel driven by one platform timer.
  *
- * Every client job, upstream request and exchange has its own deadline, and most of them are
- * cancelled long before they fire (the answer came first). A platform timer per deadline would
- * cost an op and a closure per query; a FIFO swept on an interval assumes one timeout for
- * everything and keeps finished entries until they reach its head. The heap removes an entry
- * in O(log n) the moment it is cancelled, so memory follows what is pending, not what passed.
+ * Every client job and upstream request has its own deadline, and most of them are cancelled
+ * long before they fire (the answer came first). A platform timer per deadline would cost an
+ * op and a closure per query; a FIFO swept on an interval assumes one timeout for everything
+ * and keeps finished entries until they reach its head; a binary heap removes an entry in
+ * O(log n), which measured 1.5 us per query at saturation (V8 sampling profile). The wheel
+ * adds and removes in O(1), the moment an entry is scheduled or cancelled, so memory follows
+ * what is pending, not what passed.
  *
  * @module
  */
@@ -126,21 +128,34 @@ export class ManualClock implements Clock {
 export interface Timed {
   /** When it is due; written by the queue. */
   timerAt: number;
-  /** Position in the heap, -1 when not queued; written by the queue. */
+  /** Position in the queue, -1 when not queued; written by the queue. */
   timerIndex: number;
+  /** Which list of the queue holds it; written by the queue. */
+  timerSlot: number;
   /** Called once when due (after removal from the queue). */
   onTimer(now: number): void;
 }
 
+/** Milliseconds the wheel reaches ahead; later deadlines wait in a heap. */
+const WHEEL_SLOTS = 1024;
+const SLOT_MASK = WHEEL_SLOTS - 1;
+/** `timerSlot` of an entry in the heap of far deadlines. */
+const IN_HEAP = -1;
+/** `timerIndex` of an entry taken out to fire in the current run (a cancel still stops it). */
+const FIRING = -2;
+
 /**
- * Deadlines in a binary min-heap, fired by one platform timer armed for the earliest.
+ * Deadlines fired by one platform timer armed for the earliest. Deadlines within about a
+ * second sit in a wheel of one-millisecond slots (the hedge, attempt and stale-answer
+ * timers: O(1) to add and to cancel); later ones in a binary min-heap. Due entries fire in
+ * time order.
  *
  * @example
  * ```ts
  * import { ManualClock, type Timed, TimerQueue } from "./timers.ts";
  * const clock = new ManualClock();
  * const timers = new TimerQueue(clock);
- * const job: Timed = { timerAt: 0, timerIndex: -1, onTimer: () => console.log("due") };
+ * const job: Timed = { timerAt: 0, timerIndex: -1, timerSlot: -1, onTimer: () => {} };
  * timers.schedule(job, clock.now() + 50);
  * timers.cancel(job); // answered in time
  * timers.close();
@@ -149,7 +164,13 @@ export interface Timed {
 export class TimerQueue {
   /** The clock the deadlines are read from. */
   readonly clock: Clock;
+  /** Slot `t & SLOT_MASK` holds the entries due within millisecond `t`, for `t` from `#cursor`. */
+  readonly #slots: Timed[][] = Array.from({ length: WHEEL_SLOTS }, () => []);
+  #cursor: number;
+  #inWheel = 0;
   readonly #heap: Timed[] = [];
+  /** Entries taken out by the current run, fired after (reused). */
+  readonly #due: Timed[] = [];
   #armedAt = Infinity;
   #handle: TimerHandle | null = null;
   #closed = false;
@@ -158,67 +179,105 @@ export class TimerQueue {
   /** Creates an empty queue on `clock`. */
   constructor(clock: Clock = SYSTEM_CLOCK) {
     this.clock = clock;
+    this.#cursor = Math.floor(clock.now());
   }
 
   /** Entries waiting. */
   get size(): number {
-    return this.#heap.length;
+    return this.#inWheel + this.#heap.length;
   }
 
   /** Queues `entry` at time `at`, moving it if it was queued already. */
   schedule(entry: Timed, at: number): void {
     if (this.#closed) return;
-    if (entry.timerIndex >= 0) {
-      const index = entry.timerIndex;
-      const earlier = at < entry.timerAt;
-      entry.timerAt = at;
-      if (earlier) this.#up(index);
-      else this.#down(index);
+    this.#remove(entry);
+    entry.timerAt = at;
+    if (this.#inWheel === 0) this.#cursor = Math.floor(this.clock.now());
+    // Already due: the current slot (its run fires what is due by then).
+    const tick = Math.max(Math.floor(at), this.#cursor);
+    if (tick - this.#cursor < WHEEL_SLOTS) {
+      const slot = this.#slots[tick & SLOT_MASK];
+      entry.timerSlot = tick & SLOT_MASK;
+      entry.timerIndex = slot.length;
+      slot.push(entry);
+      this.#inWheel++;
     } else {
-      entry.timerAt = at;
+      entry.timerSlot = IN_HEAP;
       entry.timerIndex = this.#heap.length;
       this.#heap.push(entry);
       this.#up(entry.timerIndex);
     }
-    this.#arm();
+    // Under load new deadlines are later than the ones queued: re-arming is rare.
+    if (at < this.#armedAt) this.#armFor(at);
   }
 
   /** Removes `entry` if queued. */
   cancel(entry: Timed): void {
-    const index = entry.timerIndex;
-    if (index < 0) return;
-    const heap = this.#heap;
-    const last = heap.pop()!;
-    entry.timerIndex = -1;
-    if (index < heap.length) {
-      heap[index] = last;
-      last.timerIndex = index;
-      this.#up(index);
-      this.#down(last.timerIndex);
-    }
+    this.#remove(entry);
     // The platform timer stays armed; when it fires early it re-arms for the new earliest.
   }
 
   /** Drops every entry and the platform timer. */
   close(): void {
     this.#closed = true;
+    for (const slot of this.#slots) {
+      for (const entry of slot) entry.timerIndex = -1;
+      slot.length = 0;
+    }
     for (const entry of this.#heap) entry.timerIndex = -1;
+    for (const entry of this.#due) entry.timerIndex = -1;
+    this.#inWheel = 0;
     this.#heap.length = 0;
     this.#disarm();
   }
 
-  #arm(): void {
-    const first = this.#heap[0];
-    if (first === undefined) {
-      this.#disarm();
+  #remove(entry: Timed): void {
+    const index = entry.timerIndex;
+    if (index < 0) {
+      // Not queued, or taken out to fire in this run: then it must not fire.
+      entry.timerIndex = -1;
       return;
     }
-    // Re-arm only when the earliest moved earlier (or nothing is armed): under load new
-    // deadlines are later than the ones queued, so this is rare.
-    if (first.timerAt >= this.#armedAt) return;
+    entry.timerIndex = -1;
+    if (entry.timerSlot !== IN_HEAP) {
+      const slot = this.#slots[entry.timerSlot];
+      const last = slot.pop()!;
+      if (last !== entry) {
+        slot[index] = last;
+        last.timerIndex = index;
+      }
+      this.#inWheel--;
+      return;
+    }
+    const heap = this.#heap;
+    const last = heap.pop()!;
+    if (index < heap.length) {
+      heap[index] = last;
+      last.timerIndex = index;
+      this.#up(index);
+      this.#down(last.timerIndex);
+    }
+  }
+
+  #armFor(at: number): void {
     this.#disarm();
-    this.#armedAt = first.timerAt;
-    this.#handle = this.clock.schedule(this.#fire, Math.max(0, first.timerAt - this.clock.now()));
+    this.#armedAt = at;
+    this.#handle = this.clock.schedule(this.#fire, Math.max(0, at - this.clock.now()));
+  }
+
+  /** Arms the platform timer for the earliest entry, or for nothing. */
+  #arm(): void {
+    let earliest = this.#heap.length > 0 ? this.#heap[0].timerAt : Infinity;
+    if (this.#inWheel > 0) {
+      for (let tick = this.#cursor; tick < this.#cursor + WHEEL_SLOTS; tick++) {
+        const slot = this.#slots[tick & SLOT_MASK];
+        if (slot.length === 0) continue;
+        for (const entry of slot) if (entry.timerAt < earliest) earliest = entry.timerAt;
+        break;
+      }
+    }
+    if (earliest === Infinity) this.#disarm();
+    else if (earliest < this.#armedAt) this.#armFor(earliest);
   }
 
   #disarm(): void {
@@ -230,16 +289,43 @@ export class TimerQueue {
   #run(): void {
     this.#handle = null;
     this.#armedAt = Infinity;
-    const heap = this.#heap;
-    // Bounded: each pass removes one entry; entries re-queued for "now" would loop, so anything
-    // scheduled during this run at or before `now` waits for the next turn.
     const now = this.clock.now();
-    let budget = heap.length;
-    while (budget-- > 0 && heap.length > 0 && heap[0].timerAt <= now) {
+    const due = this.#due;
+    const nowTick = Math.floor(now);
+    if (this.#inWheel > 0) {
+      // Every slot before the current millisecond is wholly due; at most a turn of the wheel.
+      const last = Math.min(nowTick, this.#cursor + WHEEL_SLOTS - 1);
+      for (let tick = this.#cursor; tick <= last && this.#inWheel > 0; tick++) {
+        const slot = this.#slots[tick & SLOT_MASK];
+        for (let i = slot.length - 1; i >= 0; i--) {
+          const entry = slot[i];
+          if (entry.timerAt > now) continue;
+          this.#remove(entry);
+          entry.timerIndex = FIRING;
+          due.push(entry);
+        }
+      }
+    }
+    if (this.#inWheel === 0 || nowTick > this.#cursor) {
+      this.#cursor = Math.max(this.#cursor, Math.min(nowTick, this.#cursor + WHEEL_SLOTS));
+    }
+    const heap = this.#heap;
+    while (heap.length > 0 && heap[0].timerAt <= now) {
       const entry = heap[0];
-      this.cancel(entry);
+      this.#remove(entry);
+      entry.timerIndex = FIRING;
+      due.push(entry);
+    }
+    if (due.length > 1) due.sort(byTime);
+    // Entries scheduled from a callback, even for "now", wait for the next run: no loop.
+    for (let i = 0; i < due.length; i++) {
+      const entry = due[i];
+      // A callback before it may have cancelled or moved it.
+      if (entry.timerIndex !== FIRING) continue;
+      entry.timerIndex = -1;
       entry.onTimer(now);
     }
+    due.length = 0;
     if (!this.#closed) this.#arm();
   }
 
@@ -275,4 +361,8 @@ export class TimerQueue {
     heap[index] = entry;
     entry.timerIndex = index;
   }
+}
+
+function byTime(a: Timed, b: Timed): number {
+  return a.timerAt - b.timerAt;
 }

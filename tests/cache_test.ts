@@ -43,6 +43,8 @@ interface Shape {
   opt?: { udpSize?: number; dnssecOk?: boolean; padding?: number } | null;
   /** Answer without a question section (some servers do for errors). */
   noQuestion?: boolean;
+  /** The OPT record first in the additional section rather than last. */
+  optFirst?: boolean;
 }
 
 const A = 1;
@@ -83,10 +85,14 @@ function respond(query: Uint8Array, shape: Shape = {}): Uint8Array {
   out.push(...u16(shape.noQuestion ? 0 : 1), ...u16(answers.length), ...u16(authority.length));
   out.push(...u16(additional.length + (opt ? 1 : 0)));
   if (!shape.noQuestion) out.push(...query.subarray(12, end));
-  for (const rec of [...answers, ...authority, ...additional]) {
-    out.push(...(rec.name === undefined ? [0xc0, 12] : encodeName(rec.name)));
-    out.push(...u16(rec.type), ...u16(1), ...u32(rec.ttl), ...u16(rec.rdata.length), ...rec.rdata);
-  }
+  const records = (list: Rec[]) => {
+    for (const rec of list) {
+      out.push(...(rec.name === undefined ? [0xc0, 12] : encodeName(rec.name)));
+      out.push(...u16(rec.type), ...u16(1), ...u32(rec.ttl), ...u16(rec.rdata.length));
+      out.push(...rec.rdata);
+    }
+  };
+  records([...answers, ...authority, ...(shape.optFirst ? [] : additional)]);
   if (opt) {
     const options = opt.padding !== undefined
       ? [...u16(12), ...u16(opt.padding), ...new Array(opt.padding).fill(0)]
@@ -94,6 +100,7 @@ function respond(query: Uint8Array, shape: Shape = {}): Uint8Array {
     out.push(0, ...u16(41), ...u16(opt.udpSize ?? 1232), rcode >> 4, 0);
     out.push(opt.dnssecOk ? 0x80 : 0, 0, ...u16(options.length), ...options);
   }
+  if (shape.optFirst) records(additional);
   return new Uint8Array(out);
 }
 
@@ -810,6 +817,34 @@ Deno.test("coalescing: 100 concurrent identical misses make 1 upstream query and
   assert.equal(r.flights, 0);
   assert.equal(lookups.filter((l) => l === "miss").length, 1);
   assert.equal(lookups.filter((l) => l === "coalesced").length, 99);
+});
+
+Deno.test("coalescing: clients without EDNS get the answer without the OPT, wherever it sits", () => {
+  // Servers put the OPT last (then the last waiter's answer is cut short in place) but may put
+  // it anywhere in the additional section (then it is copied out around it).
+  for (const optFirst of [false, true]) {
+    const { r, up } = setup();
+    const replies: Uint8Array[][] = [];
+    for (let i = 0; i < 3; i++) {
+      replies.push(ask(r, q("glue.coalesce.test", 2000 + i, i === 1 ? { ednsUdpSize: 1232 } : {})));
+    }
+    assert.equal(up.requests.length, 1);
+    const glue = { name: "ns.glue.coalesce.test", type: A, ttl: 300, rdata: [192, 0, 2, 53] };
+    up.answer(0, { answers: [a(300)], additional: [glue], optFirst, opt: { padding: 20 } });
+    for (let i = 0; i < 3; i++) {
+      const what = `optFirst=${optFirst} client ${i}`;
+      const bytes = replies[i][0];
+      const reply = parseMessage(bytes);
+      assert.equal(reply.id, 2000 + i, what);
+      assert.equal(reply.opt !== null, i === 1, what);
+      const glueBack = reply.additional.filter((rec) => rec.type !== 41);
+      assert.equal(glueBack.length, 1, what);
+      assert.equal(glueBack[0].data.join("."), "192.0.2.53", what);
+      // ARCOUNT says exactly what is there: no OPT counted that was cut off.
+      assert.equal((bytes[10] << 8) | bytes[11], i === 1 ? 2 : 1, what);
+      assert.equal(reply.answers[0].data.join("."), "192.0.2.1", what);
+    }
+  }
 });
 
 Deno.test("coalescing: waiters are bounded: beyond 256 a query goes upstream on its own", () => {

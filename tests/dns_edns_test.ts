@@ -1,5 +1,10 @@
 import assert from "node:assert/strict";
-import { buildUpstreamQuery, isHopByHopOption, stripResponseOpt } from "../src/dns/edns.ts";
+import {
+  buildUpstreamQuery,
+  isHopByHopOption,
+  stripResponseOpt,
+  trimResponseOpt,
+} from "../src/dns/edns.ts";
 import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
 import { inspectQuery, QueryInfo, QueryVerdict } from "../src/dns/query.ts";
 import { answerFor, buildQuery, encodeName, parseMessage } from "./support/dns.ts";
@@ -291,4 +296,38 @@ Deno.test("stripResponseOpt writes into a caller buffer when it fits", () => {
   }
   const clean = response([opt([NSID])]);
   assert.equal(stripResponseOpt(clean, analyzed(clean), true, new Uint8Array(512)), clean);
+});
+
+Deno.test("trimResponseOpt cuts trailing hop-by-hop options in place, as a copy would strip them", () => {
+  const ttl = [0, 0, 0x80, 0];
+  const layouts: [string, Uint8Array[], boolean][] = [
+    ["padding alone, OPT last", [GLUE_A, opt([PADDING], 1232, ttl)], true],
+    ["kept options then padding", [opt([NSID, ECS, PADDING], 1232, ttl)], true],
+    ["kept, then cookie, keepalive and padding", [opt([NSID, COOKIE, KEEPALIVE, PADDING])], true],
+    ["nothing to remove", [GLUE_A, opt([NSID, ECS])], true],
+    ["padding before a kept option", [opt([PADDING, NSID])], false],
+    ["OPT not last", [opt([PADDING]), GLUE_A], false],
+  ];
+  for (const [what, layout, inPlace] of layouts) {
+    const msg = response(layout);
+    const expected = stripResponseOpt(msg, analyzed(msg), true).slice();
+    const info = analyzed(msg);
+    const before = msg.slice();
+    const trimmed = trimResponseOpt(msg, info);
+    if (!inPlace) {
+      assert.equal(trimmed, null, what);
+      assert.deepEqual(msg, before, `${what}: untouched`);
+      continue;
+    }
+    assert.ok(trimmed !== null, what);
+    assert.equal(trimmed.buffer, msg.buffer, `${what}: no copy`);
+    assert.deepEqual(trimmed, expected, what);
+    // The info still describes the trimmed answer: as analysing it afresh finds.
+    const fresh = analyzed(trimmed);
+    assert.equal(info.optEnd, fresh.optEnd, what);
+    assert.equal(info.optEnd, trimmed.length, what);
+    assert.deepEqual([info.ttlCount, info.minTtl], [fresh.ttlCount, fresh.minTtl], what);
+  }
+  const noOpt = response([GLUE_A]);
+  assert.equal(trimResponseOpt(noOpt, analyzed(noOpt)), null);
 });

@@ -200,6 +200,52 @@ export function stripResponseOpt(
   return msg;
 }
 
+/**
+ * {@linkcode stripResponseOpt} with `keepOpt`, without a copy, for the layout servers use:
+ * the OPT record ends the message and the hop-by-hop options (padding, usually alone) end
+ * the OPT. Then `resp` itself is cut short: its OPT RDLENGTH is lowered in place, `info.optEnd`
+ * moves to the new end (every other offset in `info` stays valid), and the shorter view is
+ * returned (`resp` when there is nothing to remove). Null for any other layout, `resp`
+ * untouched: strip a copy with {@linkcode stripResponseOpt} instead.
+ *
+ * @example
+ * ```ts
+ * import { analyzeResponse, ResponseInfo } from "./message.ts";
+ * import { stripResponseOpt, trimResponseOpt } from "./edns.ts";
+ * declare const answer: Uint8Array; // our own copy: it may change
+ * const info = new ResponseInfo();
+ * if (analyzeResponse(answer, info)) {
+ *   const canonical = trimResponseOpt(answer, info) ?? stripResponseOpt(answer, info, true);
+ * }
+ * ```
+ */
+export function trimResponseOpt(resp: Uint8Array, info: ResponseInfo): Uint8Array | null {
+  const optStart = info.optStart;
+  const optEnd = info.optEnd;
+  if (optStart < HEADER_SIZE || optEnd !== resp.length || optEnd < optStart + OPT_FIXED) {
+    return null;
+  }
+  const optionsStart = optStart + OPT_FIXED;
+  let offset = optionsStart;
+  /** Where the trailing run of hop-by-hop options starts (-1: none so far). */
+  let cut = -1;
+  for (let i = 0; i < 16384 && offset + 4 <= optEnd; i++) {
+    const next = offset + 4 + readU16(resp, offset + 2);
+    if (next > optEnd) return null;
+    if (isHopByHopOption(readU16(resp, offset))) {
+      if (cut < 0) cut = offset;
+    } else if (cut >= 0) {
+      return null; // a hop-by-hop option before one that stays: only a copy removes it
+    }
+    offset = next;
+  }
+  if (offset !== optEnd) return null;
+  if (cut < 0) return resp;
+  writeU16(resp, optStart + 9, cut - optionsStart);
+  info.optEnd = cut;
+  return resp.subarray(0, cut);
+}
+
 /** `out[0, length)` when `out` is large enough, else a new array of `length`. */
 function room(out: Uint8Array | undefined, length: number): Uint8Array {
   return out !== undefined && out.length >= length

@@ -82,6 +82,8 @@ export class ClientJob implements Timed {
   timerAt = 0;
   /** See {@linkcode Timed}. */
   timerIndex: number = -1;
+  /** See {@linkcode Timed}. */
+  timerSlot: number = -1;
   readonly #owner: JobOwner;
 
   /** Creates a job for `query`. */

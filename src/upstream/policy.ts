@@ -113,6 +113,13 @@ export function createPolicy(strategy: Strategy, random: Random = Math.random): 
   return {
     name: strategy,
     choose(upstreams, exclude, now) {
+      if (upstreams.length === 1) {
+        // Every strategy picks the only one worth asking (slow or connecting included).
+        const only = upstreams[0];
+        if (!only.usable || (exclude & (1 << only.index)) !== 0) return null;
+        only.lastChosenAt = now;
+        return only;
+      }
       const list = candidates(upstreams, exclude, scratch as typeof upstreams[number][]);
       if (list.length === 0) return null;
       const chosen = pick(list);

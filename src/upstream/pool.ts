@@ -120,6 +120,7 @@ class HedgeBudget {
 class Maintenance implements Timed {
   timerAt = 0;
   timerIndex = -1;
+  timerSlot = -1;
   constructor(readonly run: (now: number) => void) {}
   onTimer(now: number): void {
     this.run(now);
@@ -480,8 +481,15 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
   #finish(request: UpstreamRequest, winner: Exchange | null): void {
     this.timers.cancel(request);
     const exchanges = request.exchanges;
-    request.exchanges = [];
-    for (const exchange of exchanges) exchange.cancel();
+    if (exchanges.length === 1) {
+      // The common case, without a new array: emptied before the cancel can call back.
+      const only = exchanges[0];
+      exchanges.length = 0;
+      only.cancel();
+    } else if (exchanges.length > 1) {
+      request.exchanges = [];
+      for (const exchange of exchanges) exchange.cancel();
+    }
     const hedge = request.hedge;
     if (hedge !== null) {
       request.hedge = null;

@@ -71,6 +71,8 @@ export abstract class UpstreamRequest implements AnswerSink, Timed {
   timerAt = 0;
   /** See {@linkcode Timed}. */
   timerIndex: number = -1;
+  /** See {@linkcode Timed}. */
+  timerSlot: number = -1;
 
   /** Creates a request for `query` (question ending at `questionEnd`) due by `deadline`. */
   constructor(query: Uint8Array, questionEnd: number, deadline: number) {

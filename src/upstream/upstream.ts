@@ -113,6 +113,8 @@ export class Probe implements Timed, ExchangeWaiter {
   timerAt = 0;
   /** See {@linkcode Timed}. */
   timerIndex: number = -1;
+  /** See {@linkcode Timed}. */
+  timerSlot: number = -1;
   /** The probe on the wire. */
   readonly exchange: Exchange;
   /** True once its deadline was extended because its timer fired late (see probeTimedOut). */
@@ -189,6 +191,8 @@ export class Upstream implements ConnectionOwner, Timed {
   timerAt = 0;
   /** See {@linkcode Timed}. */
   timerIndex: number = -1;
+  /** See {@linkcode Timed}. */
+  timerSlot: number = -1;
   readonly #settings: UpstreamSettings;
   readonly #timers: TimerQueue;
   readonly #connect: ConnectionFactory;
