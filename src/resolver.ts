@@ -302,7 +302,8 @@ export class Resolver implements JobOwner, FlightOwner {
     job.qtype = info.qtype;
     job.hasEdns = info.hasEdns;
     job.limit = job.transport === "udp" ? clientUdpLimit(info, this.#options.udpMaxSize) : 65535;
-    job.keyFlags = cacheKeyFlags(job.query, info.dnssecOk, info.cd);
+    // The cache key and the flight table (coalescing) need them; both come with the cache.
+    if (this.cache !== null) job.keyFlags = cacheKeyFlags(job.query, info.dnssecOk, info.cd);
   }
 
   #refuse(job: ClientJob, info: QueryInfo, verdict: QueryVerdict): void {
