@@ -619,8 +619,8 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     env: "DOTPROXY_UPSTREAM_NUDGE",
     group: "Upstreams",
     ...toggle(true),
-    help: "re-send a waiting query so that servers holding answers back under Nagle's " +
-      "algorithm (Unbound) release them; costs a duplicate upstream query now and then",
+    help: "when answers are due, send the upstream a byte so that servers holding them back " +
+      "under Nagle's algorithm (Unbound) release them; now and then a duplicate query",
   },
   padding: {
     flag: "padding",

@@ -48,21 +48,40 @@ export class FrameBuffer {
     return this.#out;
   }
 
-  /** Queues `message` behind its length prefix; returns the offset of the message in `bytes`. */
-  append(message: Uint8Array): number {
-    const needed = this.#length + 2 + message.length;
-    if (needed > this.#out.length) {
-      let size = this.#out.length * 2;
-      while (size < needed) size *= 2;
-      const bigger = new Uint8Array(size);
-      bigger.set(this.#out.subarray(0, this.#length));
-      this.#out = bigger;
-    }
-    writeU16(this.#out, this.#length, message.length);
-    this.#out.set(message, this.#length + 2);
-    const at = this.#length + 2;
-    this.#length = needed;
+  /**
+   * Queues `message` behind its length prefix; returns the offset of the message in `bytes`.
+   * With `continued`, the prefix's first octet was queued already by
+   * {@linkcode appendLengthHigh} (then `message` must be shorter than 256 octets).
+   */
+  append(message: Uint8Array, continued = false): number {
+    const prefix = continued ? 1 : 2;
+    this.#reserve(prefix + message.length);
+    if (continued) this.#out[this.#length] = message.length;
+    else writeU16(this.#out, this.#length, message.length);
+    const at = this.#length + prefix;
+    this.#out.set(message, at);
+    this.#length = at + message.length;
     return at;
+  }
+
+  /**
+   * Queues the first octet (0) of the next frame's length prefix alone. The next
+   * {@linkcode append} must be `continued`. A stream is a stream: the peer reads on until the
+   * frame is whole, and answers nothing meanwhile.
+   */
+  appendLengthHigh(): void {
+    this.#reserve(1);
+    this.#out[this.#length++] = 0;
+  }
+
+  #reserve(more: number): void {
+    const needed = this.#length + more;
+    if (needed <= this.#out.length) return;
+    let size = this.#out.length * 2;
+    while (size < needed) size *= 2;
+    const bigger = new Uint8Array(size);
+    bigger.set(this.#out.subarray(0, this.#length));
+    this.#out = bigger;
   }
 
   /** Drops everything queued. */

@@ -54,3 +54,17 @@ Deno.test("FrameBuffer: edits in place at the returned offset, stops when closed
   frames.clear();
   assert.equal(frames.length, 0);
 });
+
+Deno.test("frame buffer: a lone length octet, then the frame it starts", async () => {
+  const frames = new FrameBuffer(4);
+  frames.append(new Uint8Array([1, 2, 3]));
+  frames.appendLengthHigh();
+  const at = frames.append(new Uint8Array([9, 8]), true);
+  assert.equal(at, 7);
+  const written: number[] = [];
+  await frames.drainTo({
+    write: (p: Uint8Array) => (written.push(...p), Promise.resolve(p.length)),
+  }, () => true);
+  // Two whole frames on the wire: [0 3 1 2 3] [0 2 9 8].
+  assert.deepEqual(written, [0, 3, 1, 2, 3, 0, 2, 9, 8]);
+});

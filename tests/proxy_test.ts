@@ -565,7 +565,11 @@ netTest("answers held back by a Nagle-bound upstream are released by a nudge", a
         names.map((name, i) => udpExchange(port, buildQuery(name, { id: i }), 2500)),
       );
       replies.forEach((reply, i) => expectAnswer(reply, i, names[i]));
-      assert.ok(upstream.queries > names.length, "at least one query was written again");
+      // A nudge is the first octet of the next frame's length alone (nothing to answer), or,
+      // with that octet out already, a query written again (its echo absorbed).
+      assert.ok(upstream.lengthOctets >= 1, "a lone length octet released the held answers");
+      const nudges = upstream.lengthOctets + (upstream.queries - names.length);
+      assert.ok(nudges >= 1 && nudges <= 3 * names.length, `${nudges} nudges`);
       // The echoes of the nudges are absorbed quietly.
       await new Promise((resolve) => setTimeout(resolve, 50));
       assert.equal(logs.find("does not match").length, 0);
@@ -573,3 +577,38 @@ netTest("answers held back by a Nagle-bound upstream are released by a nudge", a
     });
   });
 });
+netTest(
+  "after nudges (a lone length octet among them), a query of 256 octets or more goes out whole",
+  async () => {
+    await withUpstream({ nagle: true }, async (upstream) => {
+      const config = testConfig([upstream.upstream()], { upstreamConnections: 1, timeoutMs: 3000 });
+      await withProxy(config, async ({ port, logs }) => {
+        // Two at once: the second answer is held until a nudge sends the lone length octet.
+        const first = await Promise.all(
+          ["a.octet.test", "b.octet.test"].map((name, i) =>
+            udpExchange(port, buildQuery(name, { id: i }), 2500)
+          ),
+        );
+        first.forEach((reply, i) => expectAnswer(reply, i, ["a", "b"][i] + ".octet.test"));
+        assert.ok(upstream.lengthOctets >= 1, "a lone length octet was sent");
+        // Over 255 octets: if the octet is still pending, its frame is completed first.
+        const long = `${"l".repeat(63)}.${"m".repeat(63)}.${"n".repeat(63)}.${
+          "o".repeat(40)
+        }.octet.test`;
+        const query = buildQuery(long, { id: 77 });
+        const queriesBefore = upstream.queries;
+        expectAnswer(await udpExchange(port, query, 2500), 77, long);
+        // One more question, and, when the octet was still pending, the header-only query that
+        // completed its frame (its answer ignored as an echo).
+        assert.ok(upstream.queries - queriesBefore <= 2);
+        expectAnswer(
+          await udpExchange(port, buildQuery("c.octet.test", { id: 5 })),
+          5,
+          "c.octet.test",
+        );
+        assert.equal(logs.find("does not match").length, 0);
+        assert.equal(logs.find("malformed").length, 0);
+      });
+    });
+  },
+);

@@ -26,8 +26,10 @@ import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./t
  * algorithm (Unbound's DoT does) holds every answer after the first until the client
  * acknowledges, and Linux delays that ACK by up to 40 ms when the client has nothing to send.
  * When queries are still in flight that long after the last read with no write since, the
- * oldest is written again under the same ID: the write carries the ACK, the held answers
- * come at once, and the echo of the duplicate is ignored.
+ * connection is nudged: the first octet of the next frame's length prefix goes out alone (the
+ * segment carries the ACK, the held answers come at once, and the server waits for the rest
+ * of the frame with nothing to answer); when that octet is out already, the oldest query is
+ * written again under the same ID, and the echo of the duplicate is ignored.
  */
 export const NUDGE_MS = 2;
 
@@ -314,6 +316,8 @@ export class DotConnection implements UpstreamConnection {
   #nudgeTimer: ReturnType<typeof setTimeout> | undefined;
   /** IDs of answered exchanges whose duplicate (see `NUDGE_MS`) may still be answered. */
   readonly #echoes = new Map<number, number>();
+  /** The last octet queued or written is the first of a length prefix, sent as a nudge. */
+  #lengthHighSent = false;
   readonly #nudge = () => this.#nudgeNow();
   readonly #owner: ConnectionOwner;
   readonly #clock: Clock;
@@ -388,6 +392,7 @@ export class DotConnection implements UpstreamConnection {
     exchange.nudged = false;
     exchange.nudges = 0;
     exchange.nudgedAt = 0;
+    exchange.echoes = 0;
     exchange.writes++;
     if (this.#owner.nudgeTokens < NUDGE_BURST) this.#owner.nudgeTokens += NUDGE_SHARE;
     const now = this.#clock.now();
@@ -450,10 +455,34 @@ export class DotConnection implements UpstreamConnection {
 
   /** Appends `exchange`'s frame under `id` to the write buffer. */
   #enqueue(exchange: Exchange, id: number): void {
-    const at = this.#frames.append(exchange.message);
+    const message = exchange.message;
+    let continued = this.#lengthHighSent;
+    if (continued && message.length > 0xff) {
+      // The octet a nudge sent says "shorter than 256": a header-only query completes that
+      // frame (its answer, an error, is ignored as an echo), and this one follows whole.
+      const filler = this.#fillerQuery();
+      this.#frames.append(filler, true);
+      this.#expectEcho(readU16(filler, 0), 1);
+      continued = false;
+    }
+    this.#lengthHighSent = false;
+    const at = this.#frames.append(message, continued);
     const bytes = this.#frames.bytes;
     bytes[at] = id >> 8;
     bytes[at + 1] = id & 0xff;
+  }
+
+  /** A 12-octet query with no question under an ID free on this connection. */
+  #fillerQuery(): Uint8Array {
+    let id = nextRandomId();
+    while (this.inflight.has(id) || this.#echoes.has(id)) id = nextRandomId();
+    return new Uint8Array([id >> 8, id & 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+  }
+
+  /** `count` more answers under `id` are echoes, to be read and ignored. */
+  #expectEcho(id: number, count: number): void {
+    if (this.#echoes.size > 1024) this.#echoes.clear();
+    this.#echoes.set(id, (this.#echoes.get(id) ?? 0) + count);
   }
 
   async #run(): Promise<void> {
@@ -649,10 +678,7 @@ export class DotConnection implements UpstreamConnection {
     const valid = analyzeResponse(response, info) &&
       responseAnswersQuery(response, info, exchange.message, exchange.questionEnd);
     this.inflight.delete(id);
-    if (exchange.nudges > 0) {
-      if (this.#echoes.size > 1024) this.#echoes.clear();
-      this.#echoes.set(id, exchange.nudges);
-    }
+    if (exchange.echoes > 0) this.#expectEcho(id, exchange.echoes);
     const now = this.#clock.now();
     this.lastActive = now;
     // Any frame for a query in flight is progress: the server reads and answers.
@@ -704,15 +730,28 @@ export class DotConnection implements UpstreamConnection {
     }
   }
 
-  /** Writes `exchange` again under the same ID. */
+  /**
+   * Sends the server a segment, whose ACK releases what it holds for `exchange`. Bytes already
+   * queued carry it; else the first octet of the next frame's length prefix alone (the server
+   * reads it and waits for the rest: nothing to answer, nothing held after it); else, when
+   * that octet went out already, `exchange` again under the same ID, whose answer is an echo.
+   */
   #nudgeExchange(exchange: Exchange, now: number): void {
     this.#owner.nudgeTokens--;
     exchange.nudged = true;
     exchange.nudges++;
     exchange.nudgedAt = now;
-    this.#enqueue(exchange, exchange.wireId);
     this.lastWriteAt = now;
-    this.dirtyUntil = now + REST_MS;
+    if (this.#frames.length > 0) return;
+    if (!this.#lengthHighSent) {
+      this.#frames.appendLengthHigh();
+      this.#lengthHighSent = true;
+    } else {
+      exchange.echoes++;
+      this.#enqueue(exchange, exchange.wireId);
+      // Its echo will be held behind the answer, as one more answer on the connection.
+      this.dirtyUntil = now + REST_MS;
+    }
     if (!this.#flushScheduled && !this.#writing) {
       this.#flushScheduled = true;
       queueMicrotask(this.#flush);

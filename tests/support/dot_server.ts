@@ -50,6 +50,11 @@ export class DotServer {
   answers = 0;
   /** Connections accepted (handshake completed or not). */
   connections = 0;
+  /**
+   * Times a read ended one octet into a length prefix: what a client's nudge sends (the first
+   * octet of the next frame's length, alone, to carry its ACK).
+   */
+  lengthOctets = 0;
   /** Query IDs seen, per connection, in arrival order. */
   readonly idsPerConnection: number[][] = [];
 
@@ -188,6 +193,7 @@ export class DotServer {
             send(response);
           }
         }
+        if (buffer.length === 1) this.lengthOctets++;
       }
     } catch {
       // A client that breaks the connection is part of what we test.
