@@ -392,7 +392,6 @@ export class DotConnection implements UpstreamConnection {
     exchange.nudged = false;
     exchange.nudges = 0;
     exchange.nudgedAt = 0;
-    exchange.echoes = 0;
     exchange.writes++;
     if (this.#owner.nudgeTokens < NUDGE_BURST) this.#owner.nudgeTokens += NUDGE_SHARE;
     const now = this.#clock.now();
@@ -678,7 +677,6 @@ export class DotConnection implements UpstreamConnection {
     const valid = analyzeResponse(response, info) &&
       responseAnswersQuery(response, info, exchange.message, exchange.questionEnd);
     this.inflight.delete(id);
-    if (exchange.echoes > 0) this.#expectEcho(id, exchange.echoes);
     const now = this.#clock.now();
     this.lastActive = now;
     // Any frame for a query in flight is progress: the server reads and answers.
@@ -747,7 +745,8 @@ export class DotConnection implements UpstreamConnection {
       this.#frames.appendLengthHigh();
       this.#lengthHighSent = true;
     } else {
-      exchange.echoes++;
+      // Whichever of the two answers comes second is the echo.
+      this.#expectEcho(exchange.wireId, 1);
       this.#enqueue(exchange, exchange.wireId);
       // Its echo will be held behind the answer, as one more answer on the connection.
       this.dirtyUntil = now + REST_MS;

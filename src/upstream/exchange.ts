@@ -84,8 +84,6 @@ export class Exchange {
   nudges = 0;
   /** Clock time of the last nudge (0: none). */
   nudgedAt = 0;
-  /** Nudges that wrote it again whole: each has an answer of its own still to come. */
-  echoes = 0;
   /** True once it ended (answered, failed or cancelled). */
   ended = false;
 
