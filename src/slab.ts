@@ -24,55 +24,33 @@ const LARGEST_CARVED = 4096;
  * ```
  */
 export class SlabCopier {
-  readonly #slabSize: number;
-  #slab: ArrayBuffer;
+  #slab = new ArrayBuffer(SLAB_SIZE);
   #offset = 0;
-
-  /** Carves from slabs of `slabSize` bytes (larger for {@linkcode window}s). */
-  constructor(slabSize: number = SLAB_SIZE) {
-    this.#slabSize = slabSize;
-    this.#slab = new ArrayBuffer(slabSize);
-  }
 
   /** A new zeroed view of `length` bytes (its own buffer when large). */
   reserve(length: number): Uint8Array {
     if (length > LARGEST_CARVED) return new Uint8Array(length);
-    const view = this.#view(length);
+    if (this.#offset + length > SLAB_SIZE) {
+      this.#slab = new ArrayBuffer(SLAB_SIZE);
+      this.#offset = 0;
+    }
+    const view = new Uint8Array(this.#slab, this.#offset, length);
     this.#offset += (length + 7) & ~7;
     return view;
-  }
-
-  /**
-   * The next `length` free bytes, not yet handed out: a receive buffer whose first bytes
-   * become a message (see {@linkcode keep}) without a copy. `length` must fit a slab.
-   */
-  window(length: number): Uint8Array {
-    return this.#view(length);
-  }
-
-  /** Hands out `used`, the start of the last {@linkcode window} (what was received into it). */
-  keep(used: Uint8Array): Uint8Array {
-    this.#offset += (used.length + 7) & ~7;
-    return used;
   }
 
   /** A new view holding a copy of `source[start, end)`. */
   copy(source: Uint8Array, start: number, end: number): Uint8Array {
     const length = end - start;
     if (length > LARGEST_CARVED) return source.slice(start, end);
-    const view = this.#view(length);
+    if (this.#offset + length > SLAB_SIZE) {
+      this.#slab = new ArrayBuffer(SLAB_SIZE);
+      this.#offset = 0;
+    }
+    const view = new Uint8Array(this.#slab, this.#offset, length);
     view.set(source.subarray(start, end));
     // Keep views 8-byte aligned so neighbours never share a cache line needlessly.
     this.#offset += (length + 7) & ~7;
     return view;
-  }
-
-  /** A view of `length` bytes at the offset, on a new slab when this one is full. */
-  #view(length: number): Uint8Array {
-    if (this.#offset + length > this.#slabSize) {
-      this.#slab = new ArrayBuffer(this.#slabSize);
-      this.#offset = 0;
-    }
-    return new Uint8Array(this.#slab, this.#offset, length);
   }
 }

@@ -12,8 +12,6 @@ import { SlabCopier } from "../slab.ts";
 
 /** Largest datagram read; anything longer is cut by the kernel and fails validation. */
 const RECEIVE_BUFFER_SIZE = 65535;
-/** Slabs received into: about 3,000 typical queries each before a new one. */
-const RECEIVE_SLAB_SIZE = 256 * 1024;
 /**
  * Receives kept outstanding at once. With one, each event-loop turn delivers one datagram;
  * with several, a burst arrives in one turn and its queries leave in one TLS write.
@@ -66,12 +64,12 @@ export class UdpServer implements ResponseSink {
   }
 
   async #serve(): Promise<void> {
-    // Each datagram lands in a slab, where it stays as the query's own bytes: no copy.
-    const slabs = new SlabCopier(RECEIVE_SLAB_SIZE);
+    const buffer = new Uint8Array(RECEIVE_BUFFER_SIZE);
+    const copier = new SlabCopier();
     for (;;) {
       let received: [Uint8Array, Deno.Addr];
       try {
-        received = await this.#socket.receive(slabs.window(RECEIVE_BUFFER_SIZE));
+        received = await this.#socket.receive(buffer);
       } catch (error) {
         if (
           this.#socketClosed || error instanceof Deno.errors.BadResource ||
@@ -83,7 +81,8 @@ export class UdpServer implements ResponseSink {
       }
       const [data, addr] = received;
       if (this.#closing) continue;
-      this.#handle(slabs.keep(data), addr);
+      // The receive buffer is reused, so the query needs its own bytes while in flight.
+      this.#handle(copier.copy(data, 0, data.length), addr);
     }
   }
 
