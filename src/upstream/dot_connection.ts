@@ -316,6 +316,8 @@ export class DotConnection implements UpstreamConnection {
   #nudgeTimer: ReturnType<typeof setTimeout> | undefined;
   /** IDs of answered exchanges whose duplicate (see `NUDGE_MS`) may still be answered. */
   readonly #echoes = new Map<number, number>();
+  /** Echoes read (see `#echoes`): reads that, like answers, may call for a nudge. */
+  #echoesRead = 0;
   /** The last octet queued or written is the first of a length prefix, sent as a nudge. */
   #lengthHighSent = false;
   readonly #nudge = () => this.#nudgeNow();
@@ -608,7 +610,7 @@ export class DotConnection implements UpstreamConnection {
         }
         end += n;
         const readAt = this.#clock.now();
-        const answeredBefore = this.answered;
+        const heardBefore = this.answered + this.#echoesRead;
         while (end - start >= 2) {
           const length = readU16(buffer, start);
           if (end - start < 2 + length) break;
@@ -622,7 +624,7 @@ export class DotConnection implements UpstreamConnection {
         if (start === end) start = end = 0;
         if (this.#owner.nudge && this.inflight.size > 0) {
           if (
-            this.answered > answeredBefore &&
+            this.answered + this.#echoesRead > heardBefore &&
             this.#owner.outstanding <= NUDGE_ON_READ_MAX_OUTSTANDING && !this.#flushScheduled
           ) {
             this.#nudgeOnRead(readAt);
@@ -660,9 +662,12 @@ export class DotConnection implements UpstreamConnection {
     if (exchange === undefined) {
       const echoes = this.#echoes.get(id);
       if (echoes !== undefined) {
-        // The echo of a nudge.
+        // The echo of a nudge (or the answer to a frame-completing filler): ours, and like an
+        // answer it may hold the next ones behind it until acknowledged.
         if (echoes <= 1) this.#echoes.delete(id);
         else this.#echoes.set(id, echoes - 1);
+        this.#echoesRead++;
+        this.lastReadAt = this.#clock.now();
         return true;
       }
       // A late answer to something no longer tracked: harmless.

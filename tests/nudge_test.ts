@@ -1,0 +1,102 @@
+/**
+ * The nudge on one real TLS connection to a server that holds answers the way a server under
+ * Nagle's algorithm does: the lone length octet releases them and asks for nothing, and the
+ * frame it starts is completed by whatever is written next, a long query included.
+ */
+
+import assert from "node:assert/strict";
+import { Logger } from "../src/log.ts";
+import { SYSTEM_CLOCK } from "../src/timers.ts";
+import {
+  type ConnectionOwner,
+  DotConnection,
+  type UpstreamConnection,
+} from "../src/upstream/dot_connection.ts";
+import { Exchange } from "../src/upstream/exchange.ts";
+import { NO_UPSTREAM_STATS, type UpstreamError } from "../src/upstream/types.ts";
+import { CA_PEM } from "./fixtures/certs.ts";
+import { DotServer } from "./support/dot_server.ts";
+import { buildQuery, parseMessage } from "./support/dns.ts";
+
+/** Records what the connection reports; `nudgeTokens` bounds how many nudges it may send. */
+class RecordingOwner implements ConnectionOwner {
+  readonly caCerts = [CA_PEM];
+  readonly log = new Logger({ level: "error", sink: () => {} });
+  readonly stats = NO_UPSTREAM_STATS("test");
+  readonly connectTimeoutMs = 2000;
+  readonly nudge = true;
+  readonly outstanding = 1;
+  readonly clock = SYSTEM_CLOCK;
+  readonly answered: { exchange: Exchange; response: Uint8Array }[] = [];
+  readonly problems: string[] = [];
+  #opened: () => void = () => {};
+  readonly opened = new Promise<void>((resolve) => this.#opened = resolve);
+  constructor(readonly spec: ConnectionOwner["spec"], public nudgeTokens: number) {}
+  onOpen(): void {
+    this.#opened();
+  }
+  onAnswer(_c: UpstreamConnection, exchange: Exchange, response: Uint8Array): void {
+    this.answered.push({ exchange, response });
+  }
+  onBadAnswer(_c: UpstreamConnection, _e: Exchange, reason: string): void {
+    this.problems.push(`bad answer: ${reason}`);
+  }
+  onClosed(_c: UpstreamConnection, _o: Exchange[], failure: UpstreamError | null): void {
+    if (failure) this.problems.push(`closed: ${failure.message}`);
+  }
+}
+
+function exchangeFor(name: string): Exchange {
+  const message = buildQuery(name, { id: 0 });
+  // Header, the name (one length octet per label, and the root), type and class.
+  const questionEnd = 12 + name.length + 2 + 4;
+  return new Exchange(message, questionEnd, null, "query");
+}
+
+async function until(what: string, done: () => boolean): Promise<void> {
+  for (let i = 0; i < 200 && !done(); i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(done(), what);
+}
+
+Deno.test("nudge: a lone length octet releases held answers; a long query then completes the frame first", async () => {
+  const server = DotServer.start({ nagle: true });
+  const port = server.port;
+  // Tokens for exactly one nudge once two queries have been written (each earns 0.2).
+  const owner = new RecordingOwner(
+    { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` },
+    0.6,
+  );
+  const connection = new DotConnection(owner);
+  connection.start();
+  try {
+    await owner.opened;
+    // Two at once: the server answers the first and holds the second until it reads more.
+    connection.send(exchangeFor("a.octet.test"));
+    connection.send(exchangeFor("b.octet.test"));
+    await until("both answered", () => owner.answered.length === 2);
+    assert.equal(server.lengthOctets, 1, "the nudge was one octet alone");
+    assert.equal(server.queries, 2, "and no query written again");
+    assert.equal(owner.nudgeTokens < 1, true);
+    // Over 255 octets: its length cannot follow the octet sent, so a 12-octet query completes
+    // that frame first, and this one goes whole.
+    const long = `${"l".repeat(63)}.${"m".repeat(63)}.${"n".repeat(63)}.${"o".repeat(50)}.test`;
+    const longExchange = exchangeFor(long);
+    assert.ok(longExchange.message.length > 255);
+    // The filler's answer comes first and holds the long query's: one more nudge releases it.
+    owner.nudgeTokens = 1;
+    connection.send(longExchange);
+    await until("the long query answered", () => owner.answered.length === 3);
+    const reply = parseMessage(owner.answered[2].response);
+    assert.equal(reply.question?.name, `${long}.`);
+    assert.equal(server.queries, 4, "the filler and the long query");
+    // The filler's answer is an echo: read and ignored, no complaint, connection still open.
+    connection.send(exchangeFor("c.octet.test"));
+    await until("one more answered", () => owner.answered.length === 4);
+    assert.deepEqual(owner.problems, []);
+    assert.equal(connection.state, "open");
+  } finally {
+    connection.close();
+    await connection.finished;
+    await server.close();
+  }
+});
