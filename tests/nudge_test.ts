@@ -61,10 +61,10 @@ async function until(what: string, done: () => boolean): Promise<void> {
 Deno.test("nudge: a lone length octet releases held answers; a long query then completes the frame first", async () => {
   const server = DotServer.start({ nagle: true });
   const port = server.port;
-  // Tokens for exactly one nudge once two queries have been written (each earns 0.2).
+  // No budget for a duplicate (two queries written earn 0.4): only octets can be sent.
   const owner = new RecordingOwner(
     { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` },
-    0.6,
+    0,
   );
   const connection = new DotConnection(owner);
   connection.start();
@@ -76,19 +76,18 @@ Deno.test("nudge: a lone length octet releases held answers; a long query then c
     await until("both answered", () => owner.answered.length === 2);
     assert.equal(server.lengthOctets, 1, "the nudge was one octet alone");
     assert.equal(server.queries, 2, "and no query written again");
-    assert.equal(owner.nudgeTokens < 1, true);
     // Over 255 octets: its length cannot follow the octet sent, so a 12-octet query completes
     // that frame first, and this one goes whole.
     const long = `${"l".repeat(63)}.${"m".repeat(63)}.${"n".repeat(63)}.${"o".repeat(50)}.test`;
     const longExchange = exchangeFor(long);
     assert.ok(longExchange.message.length > 255);
-    // The filler's answer comes first and holds the long query's: one more nudge releases it.
-    owner.nudgeTokens = 1;
+    // The filler's answer comes first and holds the long query's: another octet releases it.
     connection.send(longExchange);
     await until("the long query answered", () => owner.answered.length === 3);
     const reply = parseMessage(owner.answered[2].response);
     assert.equal(reply.question?.name, `${long}.`);
-    assert.equal(server.queries, 4, "the filler and the long query");
+    assert.equal(server.queries, 4, "the filler and the long query, no duplicate");
+    assert.equal(server.lengthOctets, 2);
     // The filler's answer is an echo: read and ignored, no complaint, connection still open.
     connection.send(exchangeFor("c.octet.test"));
     await until("one more answered", () => owner.answered.length === 4);

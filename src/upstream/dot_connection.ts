@@ -66,7 +66,8 @@ const MAX_NUDGES = 3;
  */
 const NUDGE_MAX_AGE_MS = REST_MS;
 /**
- * Nudges are paid for from a budget: each query written earns this share of one, and at most
+ * Nudges that write a query again are paid for from a budget (the lone length octet costs the
+ * server nothing and needs none): each query written earns this share of one, and at most
  * {@linkcode NUDGE_BURST} can be saved up. Whatever the traffic, duplicates stay under a fifth
  * of the queries an upstream's connections carry; the budget is the upstream's, so a connection
  * no longer written to under load can still be nudged for its held answers (measured: 8-19% more
@@ -719,7 +720,7 @@ export class DotConnection implements UpstreamConnection {
    * the ACKs anyway.
    */
   #nudgeOnRead(readAt: number): void {
-    if (this.#owner.nudgeTokens < 1) return;
+    if (!this.#mayNudge()) return;
     const onWire = Math.min(readAt, this.#writeIssuedAt);
     const now = this.#clock.now();
     for (const exchange of this.inflight.values()) {
@@ -734,13 +735,20 @@ export class DotConnection implements UpstreamConnection {
   }
 
   /**
+   * True when a nudge can be sent: one that costs the server nothing (bytes already queued, or
+   * the lone length octet) always; a duplicate query only within the budget.
+   */
+  #mayNudge(): boolean {
+    return this.#frames.length > 0 || !this.#lengthHighSent || this.#owner.nudgeTokens >= 1;
+  }
+
+  /**
    * Sends the server a segment, whose ACK releases what it holds for `exchange`. Bytes already
    * queued carry it; else the first octet of the next frame's length prefix alone (the server
    * reads it and waits for the rest: nothing to answer, nothing held after it); else, when
    * that octet went out already, `exchange` again under the same ID, whose answer is an echo.
    */
   #nudgeExchange(exchange: Exchange, now: number): void {
-    this.#owner.nudgeTokens--;
     exchange.nudged = true;
     exchange.nudges++;
     exchange.nudgedAt = now;
@@ -750,6 +758,7 @@ export class DotConnection implements UpstreamConnection {
       this.#frames.appendLengthHigh();
       this.#lengthHighSent = true;
     } else {
+      this.#owner.nudgeTokens--;
       // Whichever of the two answers comes second is the echo.
       this.#expectEcho(exchange.wireId, 1);
       this.#enqueue(exchange, exchange.wireId);
@@ -765,7 +774,7 @@ export class DotConnection implements UpstreamConnection {
   #nudgeNow(): void {
     this.#nudgeTimer = undefined;
     // Out of budget: the next query written earns some back, and the next read re-arms.
-    if (this.state !== "open" || !this.owesAck || this.#owner.nudgeTokens < 1) return;
+    if (this.state !== "open" || !this.owesAck || !this.#mayNudge()) return;
     const now = this.#clock.now();
     // Held answers inflate the average RTT; the fastest answer seen says what prompt is.
     const patience = Math.max(NUDGE_MS, 4 * this.minRttMs);
