@@ -158,7 +158,7 @@ export interface UpstreamConnection extends ExchangeCarrier {
   readonly lastWriteAt: number;
   /** Clock time of the last send or answer. */
   readonly lastActive: number;
-  /** Clock time of the last valid answer (0: none yet). */
+  /** Clock time of the last valid answer, or echo of a nudge (0: none yet). */
   readonly lastReadAt: number;
   /**
    * Clock time of the first write since the last answer (0 when an answer came after the
