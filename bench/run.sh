@@ -38,6 +38,10 @@ TARGETS="$ALL_TARGETS"
 DOTPROXY_ARGS="${DOTPROXY_ARGS:-}"  # extra arguments for main.ts (e.g. to turn a cache off)
 BEFORE_REV=""        # --before REV: that commit of dotproxy runs beside the working tree
 BEFORE_ARGS="${BEFORE_ARGS:-}"  # extra arguments for the "before" build's main.ts
+# The V8 flags dotproxy ships with (deno.json's compile task; the Dockerfile, scripts/release.sh
+# and `deno task start` carry the same), so that peak RSS and CPU are those of what users run. The
+# --before build and the bare Deno forwarder get them too. Override with V8_FLAGS=... to compare.
+V8_FLAGS="${V8_FLAGS:-$(grep -o -- '--v8-flags=[^ "]*' "$REPO/deno.json" | head -n 1)}"
 
 # Ports (all on 127.0.0.1).
 UP_TLS_PORT=8853
@@ -61,7 +65,7 @@ declare -A DESC=(
 usage() {
   cat <<EOF
 usage: bash bench/run.sh [--quick] [--duration S] [--rounds N] [--targets a,b,...]
-                         [--sat-latency] [--keep-tmp] [--before REV]
+                         [--sat-latency] [--keep-tmp] [--before REV] [--wire]
   --quick            smoke run: 3 s runs, 1 round, 1 s warm-up
   --duration S       seconds per saturation run (default $DURATION)
   --rounds N         saturation rounds, target order rotated (default $ROUNDS)
@@ -70,12 +74,16 @@ usage: bash bench/run.sh [--quick] [--duration S] [--rounds N] [--targets a,b,..
   --keep-tmp         keep the temp dir (configs, logs) for debugging
   --before REV       also run dotproxy as of git commit REV (target dotproxy-before, port 5306),
                      for a before/after comparison in one run (BEFORE_ARGS: its extra args)
+  --wire             capture loopback from before dotproxy starts (its TLS keys via SSLKEYLOGFILE)
+                     and break each query of its fixed-rate run down on the wire (wire.txt);
+                     needs --targets dotproxy, dumpcap and tshark
 env: DOTPROXY_ARGS   extra arguments passed to main.ts
      UDP_CLIENTS, UDP_OUTSTANDING, TCP_CLIENTS, TCP_OUTSTANDING   dnsperf -c/-q (8/256, 16/256)
 EOF
 }
 
 KEEP_TMP=0
+WIRE=0
 while (($#)); do
   case "$1" in
     --quick) QUICK=1; DURATION=3; ROUNDS=1; FIXED_DURATION=3; WARMUP=1 ;;
@@ -85,6 +93,7 @@ while (($#)); do
     --sat-latency) SAT_LATENCY=1 ;;
     --keep-tmp) KEEP_TMP=1 ;;
     --before) BEFORE_REV="$2"; shift ;;
+    --wire) WIRE=1 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -96,6 +105,10 @@ fi
 for t in $TARGETS; do
   [[ -n "${PORT[$t]:-}" ]] || { echo "unknown target: $t" >&2; exit 2; }
 done
+if ((WIRE)) && [[ "$TARGETS" != dotproxy ]]; then
+  echo "--wire needs --targets dotproxy (the capture would hold every target's traffic)" >&2
+  exit 2
+fi
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="$BENCH/results/$STAMP"
@@ -147,6 +160,9 @@ proc_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null 
 # "busy total" jiffies of one core from /proc/stat (busy includes irq and softirq time, where
 # much of loopback networking runs; processes' stime includes most of it too)
 core_ticks() { awk -v c="cpu$1" '$1 == c { print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8 }' /proc/stat; }
+# Stolen and all jiffies of the whole machine: time the hypervisor ran something else while this
+# VM wanted the CPU. A round with steal slows every stage of every target.
+steal_ticks() { awk '$1 == "cpu" { print $9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat; }
 
 # CPU seconds (user+system) of this shell's reaped children so far (dnsperf and its mawk),
 # into the variable named $1. `times` must run in this shell, not in a $(...) subshell.
@@ -295,9 +311,11 @@ start_dotproxy() { # target source-dir extra-args
   fi
   # DOTPROXY_ARGS is the harness's own setting, not the proxy's (it would warn about it).
   # shellcheck disable=SC2086 # the extra arguments are a word list on purpose
-  (cd "$dir" && unset DOTPROXY_ARGS &&
+  local keylog=""
+  ((WIRE)) && [[ "$t" == dotproxy ]] && keylog="$TMP/tls-keys.log"
+  (cd "$dir" && unset DOTPROXY_ARGS && if [[ -n "$keylog" ]]; then export SSLKEYLOGFILE="$keylog"; fi &&
     DOTPROXY_CA_CERTS="$(cat "$TMP/ca.pem")" exec taskset -c "$PROXY_CORE" \
-    deno run --allow-net --allow-env --v8-flags=--max-semi-space-size=2 main.ts --listen "127.0.0.1:${PORT[$t]}" \
+    deno run --allow-net --allow-env ${V8_FLAGS:+"$V8_FLAGS"} main.ts --listen "127.0.0.1:${PORT[$t]}" \
     --upstream "127.0.0.1:$UP_TLS_PORT#dns.test" --log-level warn $extra \
     >"$TMP/$t.log" 2>&1 </dev/null) &
   PID[$t]=$!
@@ -400,7 +418,7 @@ start_deno_responder() {
 
 start_deno_forwarder() {
   DENO_FORWARDER_CA="$(cat "$TMP/ca.pem")" spawn deno-forwarder "$PROXY_CORE" \
-    deno run --unstable-net --allow-net --allow-env --v8-flags=--max-semi-space-size=2 \
+    deno run --unstable-net --allow-net --allow-env ${V8_FLAGS:+"$V8_FLAGS"} \
     "$BENCH/deno_forwarder.ts" \
     --listen "127.0.0.1:${PORT[deno-forwarder]}" --upstream "127.0.0.1:$UP_TLS_PORT#dns.test"
 }
@@ -514,9 +532,10 @@ measure() { # kind(sat|fixed) round target mode
   lines=$(wc -l <"$qfile")
 
   local pid="${PID[$t]}" up="${PID[upstream]}"
-  local p0 u0 c0 l0 g0 p1 u1 c1 l1 g1
+  local p0 u0 c0 l0 g0 s0 p1 u1 c1 l1 g1 s1
   children_cpu g0
   p0=$(proc_ticks "$pid") u0=$(proc_ticks "$up") c0=$(core_ticks "$PROXY_CORE") l0=$(core_ticks "$LOAD_CORE")
+  s0=$(steal_ticks)
   log "$kind round $round: $t $mode ${dur}s (${args[*]})"
   {
     echo "# target=$t (${DESC[$t]}) mode=$mode kind=$kind round=$round port=$port"
@@ -526,6 +545,7 @@ measure() { # kind(sat|fixed) round target mode
     set -e
   } >"$raw"
   p1=$(proc_ticks "$pid") u1=$(proc_ticks "$up") c1=$(core_ticks "$PROXY_CORE") l1=$(core_ticks "$LOAD_CORE")
+  s1=$(steal_ticks)
   children_cpu g1
 
   local sent completed lost qps mean sd noerror p50 p99 p999 pmax hwm rss wrapped=0
@@ -556,10 +576,12 @@ measure() { # kind(sat|fixed) round target mode
     -v qps="$qps" -v sent="$sent" -v comp="$completed" -v lost="$lost" -v noerr="${noerror:-0}" \
     -v mean="$mean" -v sd="$sd" -v p50="$p50" -v p99="$p99" -v p999="$p999" -v pmax="$pmax" \
     -v dp=$((p1 - p0)) -v du=$((u1 - u0)) -v tck="$tck" -v hwm="$hwm" -v rss="$rss" -v wrapped="$wrapped" \
-    -v c0="$c0" -v c1="$c1" -v l0="$l0" -v l1="$l1" -v gen="$(awk -v a="$g0" -v b="$g1" 'BEGIN { print b - a }')" \
+    -v c0="$c0" -v c1="$c1" -v l0="$l0" -v l1="$l1" -v s0="$s0" -v s1="$s1" -v gen="$(awk -v a="$g0" -v b="$g1" 'BEGIN { print b - a }')" \
     -v same="$([[ "$pid" == "$up" ]] && echo 1 || echo 0)" '
     function busy(a, b,   x, y) { split(a, x, " "); split(b, y, " ");
       return (y[2] - x[2]) > 0 ? sprintf("%.2f", (y[1] - x[1]) / (y[2] - x[2])) : "-" }
+    function share(a, b,   x, y) { split(a, x, " "); split(b, y, " ");
+      return (y[2] - x[2]) > 0 ? sprintf("%.4f", (y[1] - x[1]) / (y[2] - x[2])) : "-" }
     function dbusy(a, b,   x, y) { split(a, x, " "); split(b, y, " "); return y[1] - x[1] }
     BEGIN {
       cpu = dp / tck; k = comp / 1000
@@ -567,9 +589,10 @@ measure() { # kind(sat|fixed) round target mode
         sprintf("%.3f", mean * 1000), sprintf("%.3f", sd * 1000), p50, p99, p999, pmax,
         sprintf("%.2f", cpu), (k > 0 ? sprintf("%.5f", cpu / k) : "-"),
         (k > 0 ? sprintf("%.5f", du / tck / k) : "-"), busy(c0, c1), busy(l0, l1), hwm, rss, wrapped,
-        sprintf("%.2f", ((dbusy(c0, c1) + dbusy(l0, l1) - dp - (same ? 0 : du)) / tck - gen) / dur)
+        sprintf("%.2f", ((dbusy(c0, c1) + dbusy(l0, l1) - dp - (same ? 0 : du)) / tck - gen) / dur),
+        share(s0, s1)
     }' >>"$RUNS_TSV"
-  log "  -> $(tail -n 1 "$RUNS_TSV" | awk -F'\t' '{ printf "qps %s, lost %s, mean %s ms, p99 %s ms, CPU %s s/1k, core%s busy %s, load core busy %s, other load %s cores", $6, $9, $11, $14, $18, '"$PROXY_CORE"', $20, $21, $25 }')"
+  log "  -> $(tail -n 1 "$RUNS_TSV" | awk -F'\t' '{ printf "qps %s, lost %s, mean %s ms, p99 %s ms, CPU %s s/1k, core%s busy %s, load core busy %s, other load %s cores, steal %s", $6, $9, $11, $14, $18, '"$PROXY_CORE"', $20, $21, $25, $26 }')"
   if ((wrapped)) && [[ "$t" == dotproxy* || "$t" == unbound-fwd ]]; then
     warn "$t: names repeated within the run (sent $sent > $lines names): a cache could help"
   fi
@@ -585,6 +608,32 @@ warm_up() { # target
       -m "$mode" -d "$TMP/warm.txt" -l "$WARMUP" -c 8 -q 256 -t 2 \
       >"$OUT/raw/warmup-$t-$mode.txt" 2>&1 || true
   done
+}
+
+# ---------------------------------------------------------------- --wire
+# dumpcap on lo from before dotproxy's upstream handshakes (tshark needs them, with the keys
+# Deno writes to SSLKEYLOGFILE, to decrypt the TLS leg).
+start_capture() {
+  spawn capture "$LOAD_CORE" dumpcap -q -i lo -B 64 \
+    -f "udp port ${PORT[dotproxy]} or tcp port $UP_TLS_PORT" -w "$TMP/wire.pcapng"
+  sleep 1
+  alive capture || die "dumpcap did not start (see $TMP/capture.log)"
+}
+
+wire_breakdown() { # name prefix of the fixed-rate run
+  sleep 0.5
+  kill -TERM "${PID[capture]}" 2>/dev/null || true
+  wait "${PID[capture]}" 2>/dev/null || true
+  log "wire breakdown: decrypting the capture (tshark)"
+  tshark -r "$TMP/wire.pcapng" -o "tls.keylog_file:$TMP/tls-keys.log" \
+    -d "tcp.port==$UP_TLS_PORT,tls" -d "tls.port==$UP_TLS_PORT,dns" -T fields -E separator='|' \
+    -e frame.time_epoch -e udp.srcport -e udp.dstport -e tcp.srcport -e tcp.dstport \
+    -e tcp.stream -e tcp.len -e dns.flags.response -e dns.qry.name >"$TMP/wire-fields.txt" 2>/dev/null
+  deno run --allow-read "$BENCH/wire_join.ts" "$TMP/wire-fields.txt" "${PORT[dotproxy]}" \
+    "$UP_TLS_PORT" "$1" >"$OUT/wire.txt"
+  rm -f "$TMP/wire.pcapng"
+  log "wire breakdown (ms, $OUT/wire.txt):"
+  sed 's/^/  /' "$OUT/wire.txt" >&2
 }
 
 # ---------------------------------------------------------------- report
@@ -606,12 +655,12 @@ write_meta() {
     --arg dotproxy "$dotproxy_rev" \
     --arg nproc "$(nproc)" --arg kernel "$(uname -r)" \
     --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
-    --arg dotproxy_args "$DOTPROXY_ARGS" --arg idle "$IDLE_CHECK" \
+    --arg dotproxy_args "$DOTPROXY_ARGS" --arg idle "$IDLE_CHECK" --arg v8_flags "$V8_FLAGS" \
     --arg before_rev "$BEFORE_REV" --arg before_args "$BEFORE_ARGS" \
     '{stamp: $stamp, quick: ($quick == "1"), duration_s: ($duration | tonumber),
       rounds: ($rounds | tonumber), fixed_rate_qps: ($fixed_rate | tonumber),
       fixed_duration_s: ($fixed_duration | tonumber), dnsperf_udp: $udp, dnsperf_tcp: $tcp,
-      saturation_latency: ($sat_latency == "1"), dotproxy_args: $dotproxy_args,
+      saturation_latency: ($sat_latency == "1"), dotproxy_args: $dotproxy_args, v8_flags: $v8_flags,
       before_rev: $before_rev, before_args: $before_args,
       load_before_start_cores: ($idle | tonumber),
       versions: {dotproxy: $dotproxy, deno: $deno, unbound: $unbound, stubby: $stubby,
@@ -643,6 +692,7 @@ main() {
   local t tool
   for tool in deno unbound unbound-checkconf stubby dnsdist dnsperf dig kdig openssl taskset \
     mawk jq ss getconf; do need "$tool"; done
+  if ((WIRE)); then for tool in dumpcap tshark; do need "$tool"; done; fi
   (($(nproc) >= 2)) || die "needs 2 cores (proxy on core $PROXY_CORE, load on core $LOAD_CORE)"
   for t in $TARGETS; do
     [[ "$t" == unbound-direct ]] && continue
@@ -662,13 +712,14 @@ main() {
     warn "the machine is not idle ($IDLE_CHECK cores busy): numbers will be noisy"
 
   mkdir -p "$OUT/raw" "$OUT/logs"
-  printf 'kind\tround\ttarget\tmode\tduration_s\tqps\tsent\tcompleted\tlost\tnoerror\tmean_ms\tsd_ms\tp50_ms\tp99_ms\tp999_ms\tmax_ms\tcpu_s\tcpu_s_per_1k\tupstream_cpu_s_per_1k\tproxy_core_busy\tload_core_busy\tvmhwm_kb\tvmrss_kb\tnames_wrapped\tforeign_cores\n' >"$RUNS_TSV"
+  printf 'kind\tround\ttarget\tmode\tduration_s\tqps\tsent\tcompleted\tlost\tnoerror\tmean_ms\tsd_ms\tp50_ms\tp99_ms\tp999_ms\tmax_ms\tcpu_s\tcpu_s_per_1k\tupstream_cpu_s_per_1k\tproxy_core_busy\tload_core_busy\tvmhwm_kb\tvmrss_kb\tnames_wrapped\tforeign_cores\tsteal\n' >"$RUNS_TSV"
   : >"$OUT/failures.tsv"
   log "results to $OUT; temp dir $TMP; targets: $TARGETS"
   write_meta
 
   make_certs
   start_upstream
+  ((WIRE)) && start_capture
   for t in $TARGETS; do start_target "$t"; done
   for t in $TARGETS; do check_target_started "$t"; done
 
@@ -678,6 +729,7 @@ main() {
   # Fixed rate first, UDP: latency on a warmed-up but not yet exhausted upstream (after
   # minutes of saturation the upstream Unbound itself answers every target more slowly).
   for t in $TARGETS; do measure fixed 1 "$t" udp; done
+  ((WIRE)) && wire_breakdown "m$RUN_SEQ-"
 
   # Saturation runs: each round visits every target, UDP then TCP; the order rotates.
   local -a order

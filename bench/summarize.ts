@@ -30,6 +30,8 @@ interface Group {
   proxyCoreBusy: number | null;
   loadCoreBusy: number | null;
   foreignCores: number | null;
+  /** Share of the machine's CPU time the hypervisor stole during the run (0-1). */
+  steal: number | null;
   namesWrapped: boolean;
 }
 
@@ -131,6 +133,7 @@ function group(rows: Row[]): Group[] {
       proxyCoreBusy: mean(list.map((r) => num(r.proxy_core_busy))),
       loadCoreBusy: mean(list.map((r) => num(r.load_core_busy))),
       foreignCores: mean(list.map((r) => num(r.foreign_cores))),
+      steal: mean(list.map((r) => num(r.steal))),
       namesWrapped: list.some((r) => r.names_wrapped === "1"),
     });
   }
@@ -305,7 +308,11 @@ function main(): void {
         ? ""
         : " p99 of saturation runs not measured (`--sat-latency` turns it on): dnsperf -v" +
           " costs load-core CPU, and at saturation p99 is mostly queueing.") +
-      (meta.dotproxy_args ? ` dotproxy args: \`${meta.dotproxy_args}\`.` : ""),
+      (meta.dotproxy_args ? ` dotproxy args: \`${meta.dotproxy_args}\`.` : "") +
+      (meta.v8_flags
+        ? ` dotproxy, dotproxy-before and the bare Deno forwarder ran with \`${meta.v8_flags}\`` +
+          " (the flags dotproxy ships with)."
+        : ""),
   );
   if (meta.before_rev) {
     md.push(
@@ -344,15 +351,22 @@ function main(): void {
 
   md.push(`## Fixed rate, ${fmt(meta.fixed_rate_qps)} qps, UDP`);
   md.push("");
-  md.push("| target | qps | lost | mean ms | p50 ms | p99 ms | p99.9 ms | max ms | CPU s / 1k q |");
-  md.push("|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+  md.push(
+    "| target | qps | lost | mean ms | p50 ms | p99 ms | p99.9 ms | max ms | CPU s / 1k q | CPU steal |",
+  );
+  md.push("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
   for (const g of groups.filter((g) => g.kind === "fixed")) {
     md.push(
       `| ${g.target} | ${fmt(g.qps)} | ${fmt(g.lost)} | ${fmt(g.meanMs, 3)} | ` +
         `${fmt(g.p50Ms, 3)} | ${fmt(g.p99Ms, 3)} | ${fmt(g.p999Ms, 3)} | ${fmt(g.maxMs, 1)} | ` +
-        `${fmtSig(g.cpuSPer1k)} |`,
+        `${fmtSig(g.cpuSPer1k)} | ${g.steal === null ? "–" : `${(g.steal * 100).toFixed(1)}%`} |`,
     );
   }
+  md.push("");
+  md.push(
+    "CPU steal: the share of the machine's CPU time the hypervisor gave to other guests during " +
+      "the run (/proc/stat); with a few percent of it, every stage of every target is slower.",
+  );
   md.push("");
 
   md.push("## Peak RSS (VmHWM of the target process over the whole run)");
