@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import { Logger } from "../src/log.ts";
 import { SYSTEM_CLOCK } from "../src/timers.ts";
 import {
+  COMPLETE_FRAME_AFTER_MS,
   type ConnectionOwner,
   DotConnection,
   type UpstreamConnection,
@@ -58,10 +59,16 @@ async function until(what: string, done: () => boolean): Promise<void> {
   assert.ok(done(), what);
 }
 
-Deno.test("nudge: a lone length octet releases held answers; a long query then completes the frame first", async () => {
+/**
+ * One DotConnection to a Nagle-like server, with no budget for a duplicate (two queries
+ * written earn 0.4): only octets can be sent. Two queries go out at once: the server answers
+ * the first and holds the second until it reads more, so a nudge's octet goes out.
+ */
+async function withNudgedConnection(
+  body: (server: DotServer, owner: RecordingOwner, connection: DotConnection) => Promise<void>,
+): Promise<void> {
   const server = DotServer.start({ nagle: true });
   const port = server.port;
-  // No budget for a duplicate (two queries written earn 0.4): only octets can be sent.
   const owner = new RecordingOwner(
     { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` },
     0,
@@ -70,12 +77,23 @@ Deno.test("nudge: a lone length octet releases held answers; a long query then c
   connection.start();
   try {
     await owner.opened;
-    // Two at once: the server answers the first and holds the second until it reads more.
     connection.send(exchangeFor("a.octet.test"));
     connection.send(exchangeFor("b.octet.test"));
     await until("both answered", () => owner.answered.length === 2);
     assert.equal(server.lengthOctets, 1, "the nudge was one octet alone");
     assert.equal(server.queries, 2, "and no query written again");
+    await body(server, owner, connection);
+    assert.deepEqual(owner.problems, []);
+    assert.equal(connection.state, "open");
+  } finally {
+    connection.close();
+    await connection.finished;
+    await server.close();
+  }
+}
+
+Deno.test("nudge: a lone length octet releases held answers; a long query then completes the frame first", async () => {
+  await withNudgedConnection(async (server, owner, connection) => {
     // Over 255 octets: its length cannot follow the octet sent, so a 12-octet query completes
     // that frame first, and this one goes whole.
     const long = `${"l".repeat(63)}.${"m".repeat(63)}.${"n".repeat(63)}.${"o".repeat(50)}.test`;
@@ -91,11 +109,24 @@ Deno.test("nudge: a lone length octet releases held answers; a long query then c
     // The filler's answer is an echo: read and ignored, no complaint, connection still open.
     connection.send(exchangeFor("c.octet.test"));
     await until("one more answered", () => owner.answered.length === 4);
-    assert.deepEqual(owner.problems, []);
-    assert.equal(connection.state, "open");
-  } finally {
-    connection.close();
-    await connection.finished;
-    await server.close();
-  }
+  });
+});
+
+Deno.test("nudge: an idle connection gets the rest of the frame its last octet began", async () => {
+  await withNudgedConnection(async (server, owner, connection) => {
+    const now = SYSTEM_CLOCK.now();
+    assert.equal(
+      connection.completePendingFrame(connection.lastWriteAt + COMPLETE_FRAME_AFTER_MS - 1),
+      false,
+      "not before the connection has been idle a while",
+    );
+    assert.equal(connection.completePendingFrame(now + COMPLETE_FRAME_AFTER_MS), true);
+    // The server reads the completed frame as a (question-less) query: no partial frame left.
+    await until("the frame completed", () => server.queries === 3);
+    assert.equal(connection.completePendingFrame(now + 2 * COMPLETE_FRAME_AFTER_MS), false);
+    // Its answer is an echo; the connection goes on answering what comes next.
+    connection.send(exchangeFor("c.idle.test"));
+    await until("the next query answered", () => owner.answered.length === 3);
+    assert.equal(parseMessage(owner.answered[2].response).question?.name, "c.idle.test.");
+  });
 });

@@ -244,6 +244,11 @@ class FakeConnection implements UpstreamConnection {
     if (this.inflight.size === 0) this.stalledSince = 0;
   }
 
+  /** The fake server reads whole frames only: no nudge leaves one begun. */
+  completePendingFrame(_now: number): boolean {
+    return false;
+  }
+
   #shutdown(failure: UpstreamError | null): void {
     if (this.state === "closed") return;
     this.state = "closed";

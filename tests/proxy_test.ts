@@ -288,6 +288,23 @@ netTest(
   },
 );
 
+netTest("an upstream that closes idle connections is not reconnected to in a loop", async () => {
+  await withUpstream({ idleCloseMs: 100 }, async (upstream) => {
+    await withProxy(testConfig([upstream.upstream()]), async ({ port }) => {
+      const reply = parseMessage((await udpExchange(port, buildQuery("a.idle.test", { id: 1 })))!);
+      assert.equal(reply.rcode, 0);
+      // The server closes each connection 100 ms after the last bytes it read, and for a
+      // second no client asks anything.
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      // The start-up probe's connection (the query's too, or one more for it), and one probe
+      // after the first idle close: not one more handshake every 100 ms.
+      assert.ok(upstream.connections <= 3, `connections opened: ${upstream.connections}`);
+      const again = parseMessage((await udpExchange(port, buildQuery("b.idle.test", { id: 2 })))!);
+      assert.equal(again.rcode, 0, "and the next question is answered on a new connection");
+    });
+  });
+});
+
 netTest("a certificate for the wrong name is refused: SERVFAIL and an error log", async () => {
   await withUpstream({}, async (upstream) => {
     const config = testConfig([upstream.upstream("not-the-server.test")]);

@@ -36,6 +36,11 @@ const STALL_BURST_MIN_MS = 50;
 
 /** Least time a probe on an open connection is given to be answered. */
 const PROBE_ANSWER_MS = 500;
+/**
+ * With health checks off, the least time between two probes sent because the server closed
+ * the last connection (see `onClosed`).
+ */
+const CLOSE_PROBE_SPACING_MS = 10_000;
 
 /** A timer this late says the process was stalled, not the upstream (see probeTimedOut). */
 const LATE_TIMER_MS = 50;
@@ -173,6 +178,8 @@ export class Upstream implements ConnectionOwner, Timed {
   slowSince = 0;
   /** When {@linkcode noticeStall} last looked (it looks once per clock reading). */
   #stallCheckedAt = -1;
+  /** When the last probe went out because the server closed the last connection. */
+  #closeProbeAt = -Infinity;
   /** Clock time it was last chosen by the policy. */
   lastChosenAt = 0;
   /** Last TLS handshake time in milliseconds (0: none yet). */
@@ -466,6 +473,7 @@ export class Upstream implements ConnectionOwner, Timed {
   maintain(now: number, idleSince: number, lateBefore: number): void {
     for (const connection of [...this.connections]) {
       connection.purge(lateBefore);
+      connection.completePendingFrame(now);
       if (
         connection.state === "open" && connection.load === 0 && connection.lastActive < idleSince
       ) {
@@ -809,8 +817,18 @@ export class Upstream implements ConnectionOwner, Timed {
       !this.connections.some((c) => c.state === "open")
     ) {
       // The server closed our last connection: find out now whether it is still there,
-      // rather than when a client asks.
-      this.#sendProbe(null);
+      // rather than when a client asks. Servers also close idle connections (dnsdist after 2
+      // s by default): the connection the probe opens would be closed again, so an idle close
+      // is followed by at most one such probe per health-check interval, not a handshake
+      // every few seconds for as long as no client asks anything.
+      const now = this.clock.now();
+      const spacing = this.#settings.healthCheckIntervalMs > 0
+        ? this.#settings.healthCheckIntervalMs
+        : CLOSE_PROBE_SPACING_MS;
+      if (orphans.length > 0 || now - this.#closeProbeAt >= spacing) {
+        this.#closeProbeAt = now;
+        this.#sendProbe(null);
+      }
     }
   }
 }

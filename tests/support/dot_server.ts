@@ -22,6 +22,11 @@ export interface DotServerOptions {
   /** Close each connection after writing this many answers. */
   closeAfterAnswers?: number;
   /**
+   * Close a connection that has sent nothing for this many milliseconds (dnsdist closes idle
+   * client connections after 2 s by default).
+   */
+  idleCloseMs?: number;
+  /**
    * Behave like a server under Nagle's algorithm with a client that never acknowledges on
    * its own: after each write, further answers are held until the client sends more bytes.
    */
@@ -152,11 +157,28 @@ export class DotServer {
         }
       });
     };
+    let idleTimer: ReturnType<typeof setTimeout> | undefined;
+    const idleCloseMs = this.#options.idleCloseMs;
+    const armIdle = () => {
+      if (idleCloseMs === undefined) return;
+      if (idleTimer !== undefined) {
+        clearTimeout(idleTimer);
+        this.#timers.delete(idleTimer);
+      }
+      const timer = setTimeout(() => {
+        this.#timers.delete(timer);
+        close();
+      }, idleCloseMs);
+      idleTimer = timer;
+      this.#timers.add(timer);
+    };
     try {
       const chunk = new Uint8Array(65536);
+      armIdle();
       while (!closed) {
         const n = await conn.read(chunk);
         if (n === null) break;
+        armIdle();
         if (this.#options.nagle) {
           acknowledged = true;
           if (held.length > 0) {
@@ -197,6 +219,10 @@ export class DotServer {
       }
     } catch {
       // A client that breaks the connection is part of what we test.
+    }
+    if (idleTimer !== undefined) {
+      clearTimeout(idleTimer);
+      this.#timers.delete(idleTimer);
     }
     await writing;
     close();
