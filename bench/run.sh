@@ -79,6 +79,8 @@ usage: bash bench/run.sh [--quick] [--duration S] [--rounds N] [--targets a,b,..
                      needs --targets dotproxy, dumpcap and tshark
 env: DOTPROXY_ARGS   extra arguments passed to main.ts
      UDP_CLIENTS, UDP_OUTSTANDING, TCP_CLIENTS, TCP_OUTSTANDING   dnsperf -c/-q (8/256, 16/256)
+     V8_FLAGS        V8 flags of dotproxy, the --before build and the bare forwarder
+                     (default: those of deno.json's tasks, what ships: $V8_FLAGS)
 EOF
 }
 
