@@ -420,10 +420,7 @@ export class DotConnection implements UpstreamConnection {
     exchange.sentAt = now;
     this.lastActive = now;
     this.lastWriteAt = now;
-    if (this.state === "open" && !this.#flushScheduled && !this.#writing) {
-      this.#flushScheduled = true;
-      queueMicrotask(this.#flush);
-    }
+    if (this.state === "open") this.#scheduleFlush();
   }
 
   /**
@@ -452,18 +449,11 @@ export class DotConnection implements UpstreamConnection {
     ) {
       return false;
     }
-    // A header-only query of 12 octets fits the "shorter than 256" the octet said; its answer
-    // (an error) is an echo, and an answer the server may hold like any other.
-    const filler = this.#fillerQuery();
-    this.#frames.append(filler, true);
-    this.#expectEcho(readU16(filler, 0), 1);
-    this.#lengthHighSent = false;
+    // The filler's answer is an echo the server may hold like any other answer.
+    this.#completeWithFiller();
     this.lastWriteAt = now;
     this.dirtyUntil = now + REST_MS;
-    if (!this.#flushScheduled && !this.#writing) {
-      this.#flushScheduled = true;
-      queueMicrotask(this.#flush);
-    }
+    this.#scheduleFlush();
     return true;
   }
 
@@ -494,27 +484,33 @@ export class DotConnection implements UpstreamConnection {
   /** Appends `exchange`'s frame under `id` to the write buffer. */
   #enqueue(exchange: Exchange, id: number): void {
     const message = exchange.message;
-    let continued = this.#lengthHighSent;
-    if (continued && message.length > 0xff) {
-      // The octet a nudge sent says "shorter than 256": a header-only query completes that
-      // frame (its answer, an error, is ignored as an echo), and this one follows whole.
-      const filler = this.#fillerQuery();
-      this.#frames.append(filler, true);
-      this.#expectEcho(readU16(filler, 0), 1);
-      continued = false;
-    }
+    // The octet a nudge sent says "shorter than 256": a longer message follows whole.
+    if (this.#lengthHighSent && message.length > 0xff) this.#completeWithFiller();
+    const at = this.#frames.append(message, this.#lengthHighSent);
     this.#lengthHighSent = false;
-    const at = this.#frames.append(message, continued);
     const bytes = this.#frames.bytes;
     bytes[at] = id >> 8;
     bytes[at + 1] = id & 0xff;
   }
 
-  /** A 12-octet query with no question under an ID free on this connection. */
-  #fillerQuery(): Uint8Array {
+  /**
+   * Completes the frame a nudge's octet began with a 12-octet query with no question (it fits
+   * the "shorter than 256" the octet said), under an ID free on this connection; its answer,
+   * an error, is read and ignored as an echo.
+   */
+  #completeWithFiller(): void {
     let id = nextRandomId();
     while (this.inflight.has(id) || this.#echoes.has(id)) id = nextRandomId();
-    return new Uint8Array([id >> 8, id & 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    this.#frames.append(new Uint8Array([id >> 8, id & 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), true);
+    this.#expectEcho(id, 1);
+    this.#lengthHighSent = false;
+  }
+
+  /** Writes what is queued once the current task's other writes have joined it. */
+  #scheduleFlush(): void {
+    if (this.#flushScheduled || this.#writing) return;
+    this.#flushScheduled = true;
+    queueMicrotask(this.#flush);
   }
 
   /** `count` more answers under `id` are echoes, to be read and ignored. */
@@ -801,10 +797,7 @@ export class DotConnection implements UpstreamConnection {
       // Its echo will be held behind the answer, as one more answer on the connection.
       this.dirtyUntil = now + REST_MS;
     }
-    if (!this.#flushScheduled && !this.#writing) {
-      this.#flushScheduled = true;
-      queueMicrotask(this.#flush);
-    }
+    this.#scheduleFlush();
   }
 
   #nudgeNow(): void {
