@@ -5,59 +5,11 @@
  */
 
 import assert from "node:assert/strict";
-import { Logger } from "../src/log.ts";
 import { SYSTEM_CLOCK } from "../src/timers.ts";
-import {
-  COMPLETE_FRAME_AFTER_MS,
-  type ConnectionOwner,
-  DotConnection,
-  type UpstreamConnection,
-} from "../src/upstream/dot_connection.ts";
-import { Exchange } from "../src/upstream/exchange.ts";
-import { NO_UPSTREAM_STATS, type UpstreamError } from "../src/upstream/types.ts";
-import { CA_PEM } from "./fixtures/certs.ts";
+import { COMPLETE_FRAME_AFTER_MS, DotConnection } from "../src/upstream/dot_connection.ts";
 import { DotServer } from "./support/dot_server.ts";
-import { buildQuery, parseMessage } from "./support/dns.ts";
-
-/** Records what the connection reports; `nudgeTokens` bounds how many nudges it may send. */
-class RecordingOwner implements ConnectionOwner {
-  readonly caCerts = [CA_PEM];
-  readonly log = new Logger({ level: "error", sink: () => {} });
-  readonly stats = NO_UPSTREAM_STATS("test");
-  readonly connectTimeoutMs = 2000;
-  readonly nudge = true;
-  readonly outstanding = 1;
-  readonly clock = SYSTEM_CLOCK;
-  readonly answered: { exchange: Exchange; response: Uint8Array }[] = [];
-  readonly problems: string[] = [];
-  #opened: () => void = () => {};
-  readonly opened = new Promise<void>((resolve) => this.#opened = resolve);
-  constructor(readonly spec: ConnectionOwner["spec"], public nudgeTokens: number) {}
-  onOpen(): void {
-    this.#opened();
-  }
-  onAnswer(_c: UpstreamConnection, exchange: Exchange, response: Uint8Array): void {
-    this.answered.push({ exchange, response });
-  }
-  onBadAnswer(_c: UpstreamConnection, _e: Exchange, reason: string): void {
-    this.problems.push(`bad answer: ${reason}`);
-  }
-  onClosed(_c: UpstreamConnection, _o: Exchange[], failure: UpstreamError | null): void {
-    if (failure) this.problems.push(`closed: ${failure.message}`);
-  }
-}
-
-function exchangeFor(name: string): Exchange {
-  const message = buildQuery(name, { id: 0 });
-  // Header, the name (one length octet per label, and the root), type and class.
-  const questionEnd = 12 + name.length + 2 + 4;
-  return new Exchange(message, questionEnd, null, "query");
-}
-
-async function until(what: string, done: () => boolean): Promise<void> {
-  for (let i = 0; i < 200 && !done(); i++) await new Promise((r) => setTimeout(r, 10));
-  assert.ok(done(), what);
-}
+import { parseMessage } from "./support/dns.ts";
+import { exchangeFor, RecordingOwner, until } from "./support/connection_owner.ts";
 
 /**
  * One DotConnection to a Nagle-like server, with no budget for a duplicate (two queries

@@ -604,7 +604,13 @@ export class DotConnection implements UpstreamConnection {
     if (this.#writing || this.state !== "open" || conn === null) return;
     this.#writing = true;
     try {
-      await this.#frames.drainTo(conn, this.#isOpen, this.#onWrite);
+      // drainTo settles a microtask or more after its last look at the queue: frames queued
+      // in between found #writing still set and scheduled no flush, so look again here, in
+      // the same synchronous step that clears it (else they wait for the next send, which
+      // may never come: a query lost, its client's deadline spent).
+      do {
+        await this.#frames.drainTo(conn, this.#isOpen, this.#onWrite);
+      } while (this.#frames.length > 0 && this.#isOpen());
     } catch (error) {
       if (this.state === "open") {
         const reason = classifyError(error);

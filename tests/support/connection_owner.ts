@@ -1,0 +1,63 @@
+/**
+ * A {@linkcode ConnectionOwner} for tests that drive one {@linkcode DotConnection} by hand:
+ * it records what the connection reports.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { Logger } from "../../src/log.ts";
+import { SYSTEM_CLOCK } from "../../src/timers.ts";
+import type { ConnectionOwner, UpstreamConnection } from "../../src/upstream/dot_connection.ts";
+import { Exchange } from "../../src/upstream/exchange.ts";
+import { NO_UPSTREAM_STATS, type UpstreamError } from "../../src/upstream/types.ts";
+import { CA_PEM } from "../fixtures/certs.ts";
+import { buildQuery } from "./dns.ts";
+
+/**
+ * Records answers and problems; `nudgeTokens` bounds how many duplicate nudges the
+ * connection may send, `nudge` turns nudging off.
+ */
+export class RecordingOwner implements ConnectionOwner {
+  readonly caCerts = [CA_PEM];
+  readonly log = new Logger({ level: "error", sink: () => {} });
+  readonly stats = NO_UPSTREAM_STATS("test");
+  readonly connectTimeoutMs = 2000;
+  readonly outstanding = 1;
+  readonly clock = SYSTEM_CLOCK;
+  readonly answered: { exchange: Exchange; response: Uint8Array }[] = [];
+  readonly problems: string[] = [];
+  #opened: () => void = () => {};
+  readonly opened = new Promise<void>((resolve) => this.#opened = resolve);
+  constructor(
+    readonly spec: ConnectionOwner["spec"],
+    public nudgeTokens: number,
+    readonly nudge = true,
+  ) {}
+  onOpen(): void {
+    this.#opened();
+  }
+  onAnswer(_c: UpstreamConnection, exchange: Exchange, response: Uint8Array): void {
+    this.answered.push({ exchange, response });
+  }
+  onBadAnswer(_c: UpstreamConnection, _e: Exchange, reason: string): void {
+    this.problems.push(`bad answer: ${reason}`);
+  }
+  onClosed(_c: UpstreamConnection, _o: Exchange[], failure: UpstreamError | null): void {
+    if (failure) this.problems.push(`closed: ${failure.message}`);
+  }
+}
+
+/** An exchange asking `name` (A, IN), not tied to any request. */
+export function exchangeFor(name: string): Exchange {
+  const message = buildQuery(name, { id: 0 });
+  // Header, the name (one length octet per label, and the root), type and class.
+  const questionEnd = 12 + name.length + 2 + 4;
+  return new Exchange(message, questionEnd, null, "query");
+}
+
+/** Waits (at most 2 s, in 10 ms steps) until `done()`; fails with `what` otherwise. */
+export async function until(what: string, done: () => boolean): Promise<void> {
+  for (let i = 0; i < 200 && !done(); i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(done(), what);
+}
