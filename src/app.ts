@@ -139,6 +139,7 @@ export async function startProxy(
       failoverRcodes: config.failoverRcodes,
       strategy: config.strategy,
       nudge: config.upstreamNudge,
+      padding: config.padding,
       log,
       stats: metrics.upstream,
       clock,

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { buildUpstreamQuery } from "../src/dns/edns.ts";
 import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
 import { buildProbeQuery } from "../src/dns/probe.ts";
 import { inspectQuery, QueryInfo, QueryVerdict, verdictRcode } from "../src/dns/query.ts";
@@ -297,4 +298,26 @@ Deno.test("buildProbeQuery: . IN NS with EDNS 1232 and a random ID", () => {
   const plain = buildProbeQuery(false);
   assert.deepEqual(Array.from(plain.subarray(3)), expected.slice(1));
   assert.equal(plain[2], 0);
+});
+
+Deno.test("buildProbeQuery: padded, one 128-octet block like the queries --padding sends", () => {
+  const padded = buildProbeQuery(false, true);
+  assert.equal(padded.length, 128);
+  const flags = [0x00, 0x00, ...u16(1), ...u16(0), ...u16(0), ...u16(1)]; // QD 1, AR 1
+  const question = [0, ...u16(2), ...u16(1)]; // . NS IN
+  // OPT: RDLENGTH 100 = the PADDING option (code 12) with 96 zero octets (RFC 7830).
+  const optRecord = [0, ...u16(41), ...u16(1232), 0, 0, 0, 0, ...u16(100), ...u16(12), ...u16(96)];
+  assert.deepEqual(Array.from(padded.subarray(2)), [
+    ...flags,
+    ...question,
+    ...optRecord,
+    ...new Array(96).fill(0),
+  ]);
+  assert.equal(inspect(padded).verdict, QueryVerdict.FORWARD);
+  // The same bytes the upstream form of the unpadded probe has with padding on.
+  const plain = buildProbeQuery(false);
+  const info = new QueryInfo();
+  inspectQuery(plain, info);
+  const upstream = buildUpstreamQuery(plain, info, true, new Uint8Array(plain.length + 142));
+  assert.deepEqual(Array.from(upstream.subarray(2)), Array.from(padded.subarray(2)));
 });

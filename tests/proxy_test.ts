@@ -629,3 +629,34 @@ netTest(
     });
   },
 );
+
+netTest(
+  "padding: queries and health probes reach the upstream in 128-octet blocks; with --padding false, unpadded",
+  async () => {
+    for (const padding of [true, false]) {
+      await withUpstream({}, async (upstream) => {
+        await withProxy(testConfig([upstream.upstream()], { padding }), async ({ port }) => {
+          const names = ["a.pad.test", `${"long-label.".repeat(10)}pad.test`];
+          for (const [i, name] of names.entries()) {
+            expectAnswer(await udpExchange(port, buildQuery(name, { id: 70 + i })), 70 + i, name);
+          }
+          // The pool probes each upstream at start.
+          for (let i = 0; i < 100 && upstream.probes === 0; i++) {
+            await new Promise((r) => setTimeout(r, 20));
+          }
+          const probes = upstream.messageLengths.filter((m) => m.probe);
+          const queries = upstream.messageLengths.filter((m) => !m.probe);
+          assert.ok(probes.length >= 1, "a health probe reached the upstream");
+          assert.equal(queries.length, 2);
+          if (padding) {
+            assert.deepEqual(probes.map((m) => m.length % 128), probes.map(() => 0));
+            assert.deepEqual(queries.map((m) => m.length), [128, 256]);
+          } else {
+            assert.deepEqual(probes.map((m) => m.length), probes.map(() => 28));
+            assert.ok(queries.every((m) => m.length % 128 !== 0), JSON.stringify(queries));
+          }
+        });
+      });
+    }
+  },
+);

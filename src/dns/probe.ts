@@ -5,8 +5,12 @@
  * @module
  */
 
+import { QUERY_PADDING_BLOCK } from "./edns.ts";
 import { ADVERTISED_UDP_SIZE } from "./response.ts";
-import { RRClass, RRType } from "./wire.ts";
+import { EdnsOption, RRClass, RRType, writeU16 } from "./wire.ts";
+
+/** Length of the unpadded probe. */
+const PROBE_SIZE = 28;
 
 /**
  * Builds a probe query: a random ID (`crypto.getRandomValues`), RD set unless
@@ -18,6 +22,10 @@ import { RRClass, RRType } from "./wire.ts";
  * (an isolated network, a forwarder whose own upstream is down) still answers at once,
  * typically REFUSED or a cached referral, instead of after its own timeouts.
  *
+ * With `padded`, the OPT record carries a PADDING option that makes the probe one block of
+ * 128 octets, the size of every short query sent upstream with `--padding` (RFC 8467): the
+ * probes look like the queries they travel with.
+ *
  * @example
  * ```ts
  * import { buildProbeQuery } from "./probe.ts";
@@ -25,8 +33,9 @@ import { RRClass, RRType } from "./wire.ts";
  * probe.length; // 28
  * ```
  */
-export function buildProbeQuery(recursionDesired = true): Uint8Array {
-  const out = new Uint8Array([
+export function buildProbeQuery(recursionDesired = true, padded = false): Uint8Array {
+  const out = new Uint8Array(padded ? QUERY_PADDING_BLOCK : PROBE_SIZE);
+  out.set([
     0, // ID, random below
     0,
     0x01, // RD
@@ -56,6 +65,13 @@ export function buildProbeQuery(recursionDesired = true): Uint8Array {
     0, // no options
     0,
   ]);
+  if (padded) {
+    // RDLENGTH, then the PADDING option's code and length; its octets stay zero (RFC 7830).
+    const paddingLength = QUERY_PADDING_BLOCK - PROBE_SIZE - 4;
+    writeU16(out, PROBE_SIZE - 2, 4 + paddingLength);
+    writeU16(out, PROBE_SIZE, EdnsOption.PADDING);
+    writeU16(out, PROBE_SIZE + 2, paddingLength);
+  }
   if (!recursionDesired) out[2] = 0;
   crypto.getRandomValues(out.subarray(0, 2));
   return out;

@@ -66,6 +66,8 @@ export interface PoolOptions {
   strategy: Strategy;
   /** Whether to nudge Nagle-bound servers. */
   nudge: boolean;
+  /** Pad health probes to 128 octets, as `--padding` pads queries (default false). */
+  padding?: boolean;
   /** Logger. */
   log: Logger;
   /** Statistics hooks per upstream. */
@@ -173,6 +175,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
       connectTimeoutMs: options.connectTimeoutMs,
       healthCheckIntervalMs: options.healthCheckIntervalMs,
       nudge: options.nudge,
+      padProbes: options.padding ?? false,
       log: options.log,
       clock: this.#clock,
       timers: this.timers,

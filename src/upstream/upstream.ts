@@ -62,6 +62,8 @@ export interface UpstreamSettings {
   healthCheckIntervalMs: number;
   /** Whether to nudge Nagle-bound servers. */
   nudge: boolean;
+  /** Pad health probes to 128 octets, as queries are with `--padding` (default false). */
+  padProbes?: boolean;
   /** Logger. */
   log: Logger;
   /** The clock. */
@@ -129,7 +131,12 @@ export class Probe implements Timed, ExchangeWaiter {
   /** Creates a probe of `upstream`. */
   constructor(upstream: Upstream) {
     this.#upstream = upstream;
-    this.exchange = new Exchange(buildProbeQuery(false), PROBE_QUESTION_END, this, "probe");
+    this.exchange = new Exchange(
+      buildProbeQuery(false, upstream.padProbes),
+      PROBE_QUESTION_END,
+      this,
+      "probe",
+    );
   }
 
   /** The probe's deadline passed. */
@@ -192,6 +199,8 @@ export class Upstream implements ConnectionOwner, Timed {
   readonly connectTimeoutMs: number;
   /** See {@linkcode ConnectionOwner}. */
   readonly nudge: boolean;
+  /** True when its health probes are padded like queries (see `UpstreamSettings`). */
+  readonly padProbes: boolean;
   /** See {@linkcode ConnectionOwner}. */
   readonly clock: Clock;
   /** See {@linkcode Timed} (the probe schedule). */
@@ -226,6 +235,7 @@ export class Upstream implements ConnectionOwner, Timed {
     this.log = settings.log;
     this.connectTimeoutMs = settings.connectTimeoutMs;
     this.nudge = settings.nudge;
+    this.padProbes = settings.padProbes ?? false;
     this.clock = settings.clock;
     this.#settings = settings;
     this.#timers = settings.timers;

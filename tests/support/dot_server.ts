@@ -51,6 +51,8 @@ export class DotServer {
   probes = 0;
   /** Health probes received with RD set. */
   probesWithRd = 0;
+  /** Lengths of the messages received, in order: queries and probes alike. */
+  readonly messageLengths: { probe: boolean; length: number }[] = [];
   /** Answers written. */
   answers = 0;
   /** Connections accepted (handshake completed or not). */
@@ -195,6 +197,9 @@ export class DotServer {
           // The proxy's health checks ask `. IN NS`; tests count client queries.
           const isProbe = query.length >= 17 && query[12] === 0 && query[13] === 0 &&
             query[14] === 2;
+          if (this.messageLengths.length < 10_000) {
+            this.messageLengths.push({ probe: isProbe, length: query.length });
+          }
           if (isProbe) {
             this.probes++;
             this.probesWithRd += query[2] & 0x01;
