@@ -124,6 +124,7 @@ export async function startProxy(
         connections: u.connections.length,
       })) ?? [],
     cacheEntries: () => resolver?.cache?.size ?? 0,
+    queriesInflight: () => resolver?.inflight ?? 0,
   });
   if (!options.forwarder) {
     await primeTls();

@@ -29,6 +29,8 @@ export interface ProxyState {
   upstreams(): { label: string; healthy: boolean; inflight: number; connections: number }[];
   /** Entries in the answer cache (0 with the cache off). */
   cacheEntries(): number;
+  /** Client queries waiting for an upstream answer. */
+  queriesInflight(): number;
 }
 
 /** What {@linkcode ProxyState.upstreams} says of one upstream. */
@@ -79,6 +81,15 @@ const FAMILIES = {
     "frame; response: QR=1 from a client; overload: too many queries in flight; " +
     "rate_limit: over --rate-limit).",
     ["transport", "reason"],
+  ],
+  queriesInflight: [
+    "gauge",
+    "dotproxy_queries_inflight",
+    "Client queries waiting for an upstream answer now (each of a coalesced question's " +
+    "clients counts). At --max-inflight new UDP queries are dropped (reason overload) and TCP " +
+    "connections are not read until it falls.",
+    [],
+    (state) => (set) => set(state.queriesInflight()),
   ],
   truncated: [
     "counter",
@@ -276,6 +287,8 @@ export class ProxyMetrics {
   declare readonly queryDuration: Histogram;
   /** `dotproxy_dropped_total{transport,reason}`. */
   declare readonly dropped: Counter;
+  /** `dotproxy_queries_inflight`, computed at scrape time. */
+  declare readonly queriesInflight: Gauge;
   /** `dotproxy_udp_truncated_total`. */
   declare readonly truncated: Counter;
   /** `dotproxy_upstream_answers_total{upstream}`. */

@@ -599,3 +599,46 @@ Deno.test("metrics: a wrong TLS name counts a tls error and a failed handshake",
     await upstream.close();
   }
 });
+
+Deno.test("dotproxy_queries_inflight: the client queries waiting on the upstream now, back to 0 when answered", async () => {
+  // Questions under slow.test are answered after a second.
+  const upstream = DotServer.start({
+    delayMs: (query) => parseMessage(query).question?.name.endsWith("slow.test.") ? 1000 : 0,
+  });
+  try {
+    await withProxy(
+      testConfig([upstream.upstream()], { ...HTTP, hedgeDelay: 0 }),
+      async ({ proxy, port }) => {
+        const web = httpPort(proxy);
+        const inflight = async () =>
+          sampleValue(
+            parsePrometheus((await http(web, "/metrics")).body),
+            "dotproxy_queries_inflight",
+          );
+        assert.equal(await inflight(), 0);
+        // Three different slow questions, and the first asked again by another client
+        // (coalesced: it waits too), then a fast one that must not count once answered.
+        const waiting = [
+          udpExchange(port, buildQuery("a.slow.test", { id: 1 }), 3000),
+          udpExchange(port, buildQuery("b.slow.test", { id: 2 }), 3000),
+          udpExchange(port, buildQuery("c.slow.test", { id: 3 }), 3000),
+          udpExchange(port, buildQuery("a.slow.test", { id: 4 }), 3000),
+        ];
+        assert.ok(await udpExchange(port, buildQuery("fast.test", { id: 5 })));
+        assert.equal(
+          await pollUntil("four queries waiting", async () => {
+            const value = await inflight();
+            return value === 4 ? value : undefined;
+          }, { timeoutMs: 800 }),
+          4,
+        );
+        for (const reply of await Promise.all(waiting)) {
+          assert.ok(reply, "every slow query answered");
+        }
+        assert.equal(await inflight(), 0);
+      },
+    );
+  } finally {
+    await upstream.close();
+  }
+});
