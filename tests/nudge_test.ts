@@ -46,8 +46,8 @@ async function withNudgedConnection(
 
 Deno.test("nudge: a lone length octet releases held answers; a long query then completes the frame first", async () => {
   await withNudgedConnection(async (server, owner, connection) => {
-    // Over 255 octets: its length cannot follow the octet sent, so a 12-octet query completes
-    // that frame first, and this one goes whole.
+    // Over 255 octets: its length cannot follow the octet sent, so a health probe (28 octets)
+    // completes that frame first, and this one goes whole.
     const long = `${"l".repeat(63)}.${"m".repeat(63)}.${"n".repeat(63)}.${"o".repeat(50)}.test`;
     const longExchange = exchangeFor(long);
     assert.ok(longExchange.message.length > 255);
@@ -56,7 +56,9 @@ Deno.test("nudge: a lone length octet releases held answers; a long query then c
     await until("the long query answered", () => owner.answered.length === 3);
     const reply = parseMessage(owner.answered[2].response);
     assert.equal(reply.question?.name, `${long}.`);
-    assert.equal(server.queries, 4, "the filler and the long query, no duplicate");
+    assert.equal(server.queries, 3, "the long query, no duplicate");
+    assert.equal(server.probes, 1, "the frame completed by a probe");
+    assert.deepEqual(server.messageLengths.at(-2), { probe: true, length: 28 });
     assert.equal(server.lengthOctets, 2);
     // The filler's answer is an echo: read and ignored, no complaint, connection still open.
     connection.send(exchangeFor("c.octet.test"));
@@ -73,8 +75,9 @@ Deno.test("nudge: an idle connection gets the rest of the frame its last octet b
       "not before the connection has been idle a while",
     );
     assert.equal(connection.completePendingFrame(now + COMPLETE_FRAME_AFTER_MS), true);
-    // The server reads the completed frame as a (question-less) query: no partial frame left.
-    await until("the frame completed", () => server.queries === 3);
+    // The server reads the completed frame as a health probe: no partial frame left.
+    await until("the frame completed", () => server.probes === 1);
+    assert.equal(server.queries, 2);
     assert.equal(connection.completePendingFrame(now + 2 * COMPLETE_FRAME_AFTER_MS), false);
     // Its answer is an echo; the connection goes on answering what comes next.
     connection.send(exchangeFor("c.idle.test"));

@@ -12,6 +12,7 @@
 
 import type { UpstreamSpec } from "../config.ts";
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "../dns/message.ts";
+import { buildProbeQuery } from "../dns/probe.ts";
 import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
 import { FrameBuffer } from "../frame_buffer.ts";
 import type { Logger } from "../log.ts";
@@ -106,6 +107,8 @@ export interface ConnectionOwner {
   readonly connectTimeoutMs: number;
   /** Whether to nudge Nagle-bound servers (see {@linkcode NUDGE_MS}). */
   readonly nudge: boolean;
+  /** Pads the filler that completes a nudge's frame like a padded health probe. */
+  readonly padProbes?: boolean;
   /** Questions the upstream owes answers to, over all its connections (its load). */
   readonly outstanding: number;
   /** The clock. */
@@ -494,14 +497,18 @@ export class DotConnection implements UpstreamConnection {
   }
 
   /**
-   * Completes the frame a nudge's octet began with a 12-octet query with no question (it fits
-   * the "shorter than 256" the octet said), under an ID free on this connection; its answer,
-   * an error, is read and ignored as an echo.
+   * Completes the frame a nudge's octet began with a health probe (`. IN NS` without RD, 28
+   * octets, or 128 padded: shorter than the 256 the octet said) under an ID free on this
+   * connection. Any server answers it at once with no error and no recursion; the answer is
+   * read and ignored as an echo.
    */
   #completeWithFiller(): void {
     let id = nextRandomId();
     while (this.inflight.has(id) || this.#echoes.has(id)) id = nextRandomId();
-    this.#frames.append(new Uint8Array([id >> 8, id & 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), true);
+    const filler = buildProbeQuery(false, this.#owner.padProbes ?? false);
+    filler[0] = id >> 8;
+    filler[1] = id & 0xff;
+    this.#frames.append(filler, true);
     this.#expectEcho(id, 1);
     this.#lengthHighSent = false;
   }

@@ -62,7 +62,7 @@ export interface UpstreamSettings {
   healthCheckIntervalMs: number;
   /** Whether to nudge Nagle-bound servers. */
   nudge: boolean;
-  /** Pad health probes to 128 octets, as queries are with `--padding` (default false). */
+  /** Pad health probes (and frame fillers) to 128 octets, as `--padding` pads queries. */
   padProbes?: boolean;
   /** Logger. */
   log: Logger;
@@ -199,7 +199,10 @@ export class Upstream implements ConnectionOwner, Timed {
   readonly connectTimeoutMs: number;
   /** See {@linkcode ConnectionOwner}. */
   readonly nudge: boolean;
-  /** True when its health probes are padded like queries (see `UpstreamSettings`). */
+  /**
+   * True when its health probes, and the probes that complete a nudge's frame, are padded
+   * like queries (see `UpstreamSettings`).
+   */
   readonly padProbes: boolean;
   /** See {@linkcode ConnectionOwner}. */
   readonly clock: Clock;
