@@ -1070,3 +1070,31 @@ Deno.test("strategy least-outstanding: idle, the clearly faster upstream; about 
     assert.deepEqual(counts, { a: 50 }, "about as fast: the first, every time");
   });
 });
+
+Deno.test("under load a burst shares the connection written most recently, up to 128 owed on each", async () => {
+  await withHarness(1, { hedgeDelay: 0, connectionsPerUpstream: 3 }, (h) => {
+    h.start();
+    // Nothing is answered: every question stays owed, so the upstream is busy from the 8th on.
+    h.server("a").behaviour.reply = () => ({ kind: "never" });
+    h.askMany("open", 8, 1);
+    h.clock.advance(SETTLE_MS + 10);
+    const connections = h.server("a").connections;
+    assert.equal(connections.length, 3, "light load opened every connection");
+    assert.ok(connections.every((c) => c.state === "open"));
+    const burst = 300;
+    for (let i = 0; i < burst; i++) h.ask(`burst${i}.example`);
+    const carriers = h.server("a").seen.filter((s) => s.name.startsWith("burst")).map((s) =>
+      connections.indexOf(s.connection)
+    );
+    assert.equal(carriers.length, burst);
+    let switches = 0;
+    for (let i = 1; i < burst; i++) if (carriers[i] !== carriers[i - 1]) switches++;
+    assert.equal(switches, 2, "one connection until it owes 128, then the next");
+    // The burst used each connection once, in turn, the first two until they owed 128 (health
+    // probes sent on a connection that stopped answering count as owed too).
+    const order = [...new Set(carriers)];
+    assert.equal(order.length, 3);
+    assert.deepEqual(order.slice(0, 2).map((c) => connections[c].load), [128, 128]);
+    assert.ok(connections[order[2]].load < 128);
+  });
+});
