@@ -499,8 +499,8 @@ export class DotConnection implements UpstreamConnection {
   /**
    * Completes the frame a nudge's octet began with a health probe (`. IN NS` without RD, 28
    * octets, or 128 padded: shorter than the 256 the octet said) under an ID free on this
-   * connection. Any server answers it at once with no error and no recursion; the answer is
-   * read and ignored as an echo.
+   * connection. Any server answers it at once without recursing (a referral, or REFUSED), never
+   * FORMERR; the answer is read and ignored as an echo.
    */
   #completeWithFiller(): void {
     let id = nextRandomId();
