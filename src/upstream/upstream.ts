@@ -63,7 +63,7 @@ export interface UpstreamSettings {
   /** Whether to nudge Nagle-bound servers. */
   nudge: boolean;
   /** Pad health probes (and frame fillers) to 128 octets, as `--padding` pads queries. */
-  padProbes?: boolean;
+  padProbes: boolean;
   /** Logger. */
   log: Logger;
   /** The clock. */
@@ -240,7 +240,7 @@ export class Upstream implements ConnectionOwner, Timed {
     this.log = settings.log;
     this.connectTimeoutMs = settings.connectTimeoutMs;
     this.nudge = settings.nudge;
-    this.padProbes = settings.padProbes ?? false;
+    this.padProbes = settings.padProbes;
     this.clock = settings.clock;
     this.#settings = settings;
     this.#timers = settings.timers;
