@@ -416,6 +416,7 @@ export class Resolver implements JobOwner, FlightOwner {
 
   // ---- forward ----------------------------------------------------------------------------
 
+  /** A flight for `job`'s question: `job` waits on it, unless it is a prefetch. */
   #newFlight(job: ClientJob, hash: number, prefetch: boolean, now: number): Flight {
     const query = job.query;
     const info = this.#info;
@@ -431,6 +432,7 @@ export class Resolver implements JobOwner, FlightOwner {
       hash,
       job.keyFlags,
       prefetch,
+      prefetch ? null : job,
     );
     flight.cacheable = this.cache !== null && !info.hasClientSubnet && info.ednsVersion === 0;
     return flight;
@@ -462,7 +464,6 @@ export class Resolver implements JobOwner, FlightOwner {
     }
     if (this.cache !== null) job.cache = "miss";
     const flight = this.#newFlight(job, hash, false, now);
-    flight.waiters.push(job);
     job.flight = flight;
     // A full flight stays the one others join; this one goes on its own.
     if (coalesce && out === null) this.#flights.add(flight);

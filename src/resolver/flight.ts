@@ -35,14 +35,13 @@ export const MAX_WAITERS = 256;
  *
  * @example
  * ```ts ignore
- * const flight = new Flight(owner, upstreamMessage, questionEnd, deadline, keyQuery, hash, flags);
- * flight.waiters.push(job);
+ * const flight = new Flight(owner, upstreamMessage, questionEnd, deadline, keyQuery, hash, flags, false, job);
  * pool.forward(flight);
  * ```
  */
 export class Flight extends UpstreamRequest {
   /** Clients waiting for it. */
-  readonly waiters: ClientJob[] = [];
+  readonly waiters: ClientJob[];
   /** A message carrying the key's question (the first client's query). */
   readonly keyQuery: Uint8Array;
   /** The key's hash (`cacheKeyHash` of the answer cache). */
@@ -59,7 +58,7 @@ export class Flight extends UpstreamRequest {
   cacheable = false;
   readonly #owner: FlightOwner;
 
-  /** Creates a flight for the upstream-bound `message`. */
+  /** Creates a flight for the upstream-bound `message`, with `firstWaiter` waiting on it. */
   constructor(
     owner: FlightOwner,
     message: Uint8Array,
@@ -69,8 +68,12 @@ export class Flight extends UpstreamRequest {
     hash: number,
     keyFlags: number,
     prefetch = false,
+    firstWaiter: ClientJob | null = null,
   ) {
     super(message, questionEnd, deadline);
+    // Sized for the one waiter most flights ever have: a push onto an empty array reserves
+    // 17 slots, garbage for every question.
+    this.waiters = firstWaiter === null ? [] : [firstWaiter];
     this.#owner = owner;
     this.keyQuery = keyQuery;
     this.hash = hash;

@@ -130,6 +130,15 @@ class Maintenance implements Timed {
 }
 
 /**
+ * Adds `exchange` to `request`'s list. The first goes into an array of one: a push onto an
+ * empty array reserves 17 slots, garbage for every question.
+ */
+function addExchange(request: UpstreamRequest, exchange: Exchange): void {
+  if (request.exchanges.length === 0) request.exchanges = [exchange];
+  else request.exchanges.push(exchange);
+}
+
+/**
  * Forwards questions to a set of DoT upstreams.
  *
  * @example
@@ -317,7 +326,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     );
     exchange.request = request;
     exchange.startedAt = now;
-    request.exchanges.push(exchange);
+    addExchange(request, exchange);
     request.tried |= 1 << upstream.index;
     request.started++;
     if (hedgeOf !== null) request.hedge = exchange;
@@ -443,7 +452,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
           const retry = new Exchange(request.query, request.questionEnd, this, "query");
           retry.request = request;
           retry.startedAt = now;
-          request.exchanges.push(retry);
+          addExchange(request, retry);
           request.tried |= 1 << target.index;
           if (target !== upstream) upstream?.stats.retry(error.reason);
           target.sendIsolated(retry);
@@ -473,8 +482,12 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
   }
 
   #remove(request: UpstreamRequest, exchange: Exchange): void {
-    const index = request.exchanges.indexOf(exchange);
-    if (index >= 0) request.exchanges.splice(index, 1);
+    // In place: `splice` returns a new array of what it removed.
+    const exchanges = request.exchanges;
+    const index = exchanges.indexOf(exchange);
+    if (index < 0) return;
+    for (let i = index + 1; i < exchanges.length; i++) exchanges[i - 1] = exchanges[i];
+    exchanges.pop();
   }
 
   /**
