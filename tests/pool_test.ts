@@ -1071,6 +1071,47 @@ Deno.test("strategy least-outstanding: idle, the clearly faster upstream; about 
   });
 });
 
+Deno.test("under load the next burst goes where answers were read since the last write and more are owed", async () => {
+  await withHarness(1, { hedgeDelay: 0, connectionsPerUpstream: 3 }, (h) => {
+    h.start();
+    // Only "quick" questions are answered; the rest stay owed: a busy upstream.
+    h.server("a").behaviour.reply = (name) =>
+      name.startsWith("quick") ? { kind: "answer", ms: 5 } : { kind: "never" };
+    h.askMany("open", 8, 1);
+    h.clock.advance(SETTLE_MS + 10);
+    const connections = h.server("a").connections;
+    assert.equal(connections.length, 3);
+    const carrier = (name: string) =>
+      connections.indexOf(h.server("a").seen.find((s) => s.name === `${name}.`)?.connection!);
+    // One batch: quick questions, then owed ones until their connection is full (128)...
+    for (let i = 0; i < 4; i++) h.ask(`quick${i}.example`);
+    for (let i = 0; i < 128; i++) h.ask(`fill${i}.example`);
+    const owing = carrier("quick0.example");
+    assert.equal(carrier("quick3.example"), owing);
+    assert.equal(connections[owing].load, 128);
+    // ...and a millisecond later one more, which goes to another connection, written last.
+    h.clock.advance(1);
+    h.ask("spill.example");
+    const writtenLast = carrier("spill.example");
+    assert.notEqual(owing, writtenLast);
+    // The quick answers are read: their connection owes the server an ACK, and 124 answers.
+    h.clock.advance(5);
+    assert.equal(connections[owing].load, 124);
+    assert.ok(connections[writtenLast].lastWriteAt > connections[owing].lastWriteAt);
+    assert.ok(connections[owing].lastReadAt > connections[owing].lastWriteAt);
+    // A server under Nagle holds the answers behind the one read until this side's next
+    // segment: the next batch's write carries it, rather than going where it wrote last.
+    h.ask("next.example");
+    h.ask("next2.example");
+    assert.equal(carrier("next.example"), owing);
+    assert.equal(carrier("next2.example"), owing, "its batch stays there");
+    // Written to now, it owes nothing: the rule falls back to the connection written last.
+    h.clock.advance(1);
+    h.ask("after.example");
+    assert.equal(carrier("after.example"), owing);
+  });
+});
+
 Deno.test("under load a burst shares the connection written most recently, up to 128 owed on each", async () => {
   await withHarness(1, { hedgeDelay: 0, connectionsPerUpstream: 3 }, (h) => {
     h.start();
