@@ -40,6 +40,7 @@ async function withNudgedConnection(
   } finally {
     connection.close();
     await connection.finished;
+    owner.timers.close();
     await server.close();
   }
 }

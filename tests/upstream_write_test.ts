@@ -90,6 +90,7 @@ Deno.test("upstream writes: a query queued as a write completes is written, what
   } finally {
     connection.close();
     await connection.finished;
+    owner.timers.close();
     await server.close();
   }
 });

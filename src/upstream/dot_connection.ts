@@ -17,7 +17,7 @@ import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
 import { FrameBuffer } from "../frame_buffer.ts";
 import type { Logger } from "../log.ts";
 import { SlabCopier } from "../slab.ts";
-import type { Clock } from "../timers.ts";
+import type { Clock, Timed, TimerQueue } from "../timers.ts";
 import type { Exchange, ExchangeCarrier } from "./exchange.ts";
 import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./types.ts";
 
@@ -113,6 +113,12 @@ export interface ConnectionOwner {
   readonly outstanding: number;
   /** The clock. */
   readonly clock: Clock;
+  /**
+   * The timer queue the connection's nudge timer goes in: one platform timer for every
+   * connection (a `setTimeout` per connection every few milliseconds under load cost about
+   * 2 us per query).
+   */
+  readonly timers: TimerQueue;
   /**
    * Nudges its connections may still make, earned and spent by all of them (see
    * {@linkcode NUDGE_SHARE}): a connection no longer written to can still be nudged for the
@@ -330,14 +336,19 @@ export class DotConnection implements UpstreamConnection {
   readonly #onWrite = () => {
     this.#writeIssuedAt = this.#clock.now();
   };
-  #nudgeTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The nudge timer, queued in the owner's timer queue while armed. */
+  readonly #nudgeTimer: Timed = {
+    timerAt: 0,
+    timerIndex: -1,
+    timerSlot: -1,
+    onTimer: () => this.#nudgeNow(),
+  };
   /** IDs of answered exchanges whose duplicate (see `NUDGE_MS`) may still be answered. */
   readonly #echoes = new Map<number, number>();
   /** Echoes read (see `#echoes`): reads that, like answers, may call for a nudge. */
   #echoesRead = 0;
   /** The last octet queued or written is the first of a length prefix, sent as a nudge. */
   #lengthHighSent = false;
-  readonly #nudge = () => this.#nudgeNow();
   readonly #owner: ConnectionOwner;
   readonly #clock: Clock;
   #conn: Deno.TlsConn | null = null;
@@ -675,7 +686,7 @@ export class DotConnection implements UpstreamConnection {
           ) {
             this.#nudgeOnRead(readAt);
           }
-          if (this.#nudgeTimer === undefined) this.#nudgeTimer = setTimeout(this.#nudge, NUDGE_MS);
+          if (this.#nudgeTimer.timerIndex < 0) this.#armNudge(readAt);
         }
       }
     } catch (error) {
@@ -813,8 +824,11 @@ export class DotConnection implements UpstreamConnection {
     this.#scheduleFlush();
   }
 
+  #armNudge(now: number): void {
+    this.#owner.timers.schedule(this.#nudgeTimer, now + NUDGE_MS);
+  }
+
   #nudgeNow(): void {
-    this.#nudgeTimer = undefined;
     // Out of budget: the next query written earns some back, and the next read re-arms.
     if (this.state !== "open" || !this.owesAck || !this.#mayNudge()) return;
     const now = this.#clock.now();
@@ -833,14 +847,11 @@ export class DotConnection implements UpstreamConnection {
       this.#nudgeExchange(exchange, now);
       return;
     }
-    if (young) this.#nudgeTimer = setTimeout(this.#nudge, NUDGE_MS);
+    if (young) this.#armNudge(now);
   }
 
   #shutdown(failure: UpstreamError | null): void {
-    if (this.#nudgeTimer !== undefined) {
-      clearTimeout(this.#nudgeTimer);
-      this.#nudgeTimer = undefined;
-    }
+    this.#owner.timers.cancel(this.#nudgeTimer);
     if (this.state === "closed") return;
     const wasConnecting = this.state === "connecting";
     this.state = "closed";

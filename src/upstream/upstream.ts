@@ -231,6 +231,10 @@ export class Upstream implements ConnectionOwner, Timed {
   timerSlot: number = -1;
   readonly #settings: UpstreamSettings;
   readonly #timers: TimerQueue;
+  /** See {@linkcode ConnectionOwner}. */
+  get timers(): TimerQueue {
+    return this.#timers;
+  }
   readonly #connect: ConnectionFactory;
   readonly #random: () => number;
   readonly #warnings: RateLimitedLog;

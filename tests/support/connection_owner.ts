@@ -7,7 +7,7 @@
 
 import assert from "node:assert/strict";
 import { Logger } from "../../src/log.ts";
-import { SYSTEM_CLOCK } from "../../src/timers.ts";
+import { SYSTEM_CLOCK, TimerQueue } from "../../src/timers.ts";
 import type { ConnectionOwner, UpstreamConnection } from "../../src/upstream/dot_connection.ts";
 import { Exchange } from "../../src/upstream/exchange.ts";
 import { NO_UPSTREAM_STATS, type UpstreamError } from "../../src/upstream/types.ts";
@@ -25,6 +25,8 @@ export class RecordingOwner implements ConnectionOwner {
   readonly connectTimeoutMs = 2000;
   readonly outstanding = 1;
   readonly clock = SYSTEM_CLOCK;
+  /** Close it when done: a cancelled nudge leaves its platform timer armed until it fires. */
+  readonly timers = new TimerQueue(SYSTEM_CLOCK);
   readonly answered: { exchange: Exchange; response: Uint8Array }[] = [];
   readonly problems: string[] = [];
   #opened: () => void = () => {};
