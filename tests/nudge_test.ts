@@ -6,7 +6,12 @@
 
 import assert from "node:assert/strict";
 import { SYSTEM_CLOCK } from "../src/timers.ts";
-import { COMPLETE_FRAME_AFTER_MS, DotConnection } from "../src/upstream/dot_connection.ts";
+import {
+  COMPLETE_FRAME_AFTER_MS,
+  DotConnection,
+  NUDGE_MS,
+  SETTLE_MS,
+} from "../src/upstream/dot_connection.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { parseMessage } from "./support/dns.ts";
 import { exchangeFor, RecordingOwner, until } from "./support/connection_owner.ts";
@@ -85,4 +90,52 @@ Deno.test("nudge: an idle connection gets the rest of the frame its last octet b
     await until("the next query answered", () => owner.answered.length === 3);
     assert.equal(parseMessage(owner.answered[2].response).question?.name, "c.idle.test.");
   });
+});
+
+/**
+ * Two queries to a Nagle-like server on a connection whose upstream owes many answers: a read
+ * does not nudge (the stream of queries is expected to carry the ACK), so when none comes the
+ * timer must. With `settleFirst`, the queries wait until the connection has settled.
+ */
+async function timerNudge(settleFirst: boolean): Promise<void> {
+  const server = DotServer.start({ nagle: true });
+  const port = server.port;
+  const owner = new RecordingOwner(
+    { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` },
+    0,
+    true,
+    100,
+  );
+  const connection = new DotConnection(owner);
+  connection.start();
+  try {
+    await owner.opened;
+    if (settleFirst) await new Promise((r) => setTimeout(r, SETTLE_MS + 10));
+    const sentAt = performance.now();
+    connection.send(exchangeFor("a.timer.test"));
+    connection.send(exchangeFor("b.timer.test"));
+    await until("both answered", () => owner.answered.length === 2);
+    const took = performance.now() - sentAt;
+    assert.equal(server.lengthOctets, 1, "released by one octet");
+    assert.equal(server.queries, 2, "and no query written again");
+    // Not at read time: after the timer (NUDGE_MS, later by the platform timer's slack).
+    assert.ok(took >= NUDGE_MS, `answered after ${took.toFixed(2)} ms`);
+    assert.deepEqual(owner.problems, []);
+  } finally {
+    connection.close();
+    await connection.finished;
+    owner.timers.close();
+    await server.close();
+  }
+}
+
+Deno.test("nudge: under load (no nudge at read time) the nudge timer releases a held answer", async () => {
+  await timerNudge(true);
+});
+
+Deno.test("nudge: an answer held behind the session tickets does not stop the timer nudge", async () => {
+  // Written at once after the handshake, the first answer may wait for the ACK of the
+  // tickets (40 ms): it must not count as the connection's fastest answer, or the patience
+  // (four times that) would outlast the age a query may still be nudged at.
+  await timerNudge(false);
 });

@@ -755,9 +755,14 @@ export class DotConnection implements UpstreamConnection {
     // Only a valid answer counts as the server having written: a frame that answers nothing
     // (garbage, another question) is not a reason to nudge (see NUDGE_MS).
     this.lastReadAt = now;
-    const rtt = now - exchange.sentAt;
-    // The fastest answer seen, drifting up slowly so a path that got slower is relearnt.
-    this.minRttMs = this.minRttMs === 0 || rtt < this.minRttMs ? rtt : this.minRttMs * 1.01;
+    // The fastest answer seen, drifting up slowly so a path that got slower is relearnt. Not
+    // from a query written before the connection settled: the server may have held its answer
+    // behind the session tickets for a delayed ACK (40 ms), and a patience of four times that
+    // would outlast NUDGE_MAX_AGE_MS: no timer nudge at all on this connection.
+    if (this.settled(exchange.sentAt)) {
+      const rtt = now - exchange.sentAt;
+      this.minRttMs = this.minRttMs === 0 || rtt < this.minRttMs ? rtt : this.minRttMs * 1.01;
+    }
     this.answered++;
     this.#owner.onAnswer(this, exchange, response, info);
     return true;

@@ -16,14 +16,13 @@ import { buildQuery } from "./dns.ts";
 
 /**
  * Records answers and problems; `nudgeTokens` bounds how many duplicate nudges the
- * connection may send, `nudge` turns nudging off.
+ * connection may send, `nudge` turns nudging off, `outstanding` is the upstream's load.
  */
 export class RecordingOwner implements ConnectionOwner {
   readonly caCerts = [CA_PEM];
   readonly log = new Logger({ level: "error", sink: () => {} });
   readonly stats = NO_UPSTREAM_STATS("test");
   readonly connectTimeoutMs = 2000;
-  readonly outstanding = 1;
   readonly clock = SYSTEM_CLOCK;
   /** Close it when done: a cancelled nudge leaves its platform timer armed until it fires. */
   readonly timers = new TimerQueue(SYSTEM_CLOCK);
@@ -35,6 +34,8 @@ export class RecordingOwner implements ConnectionOwner {
     readonly spec: ConnectionOwner["spec"],
     public nudgeTokens: number,
     readonly nudge = true,
+    /** What the upstream owes over all its connections: above 4, no nudge at read time. */
+    readonly outstanding = 1,
   ) {}
   onOpen(): void {
     this.#opened();
