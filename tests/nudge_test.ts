@@ -17,11 +17,13 @@ import { parseMessage } from "./support/dns.ts";
 import { exchangeFor, RecordingOwner, until } from "./support/connection_owner.ts";
 
 /**
- * One DotConnection to a Nagle-like server, with no budget for a duplicate (two queries
- * written earn 0.4): only octets can be sent. Two queries go out at once: the server answers
- * the first and holds the second until it reads more, so a nudge's octet goes out.
+ * Runs `body` with one open DotConnection to a Nagle-like server (it answers the first of two
+ * queries and holds the second until it reads more), with no budget for a duplicate: only
+ * octets can be sent. `outstanding` is what the upstream owes in all: above 4, a read does not
+ * nudge and only the timer can.
  */
-async function withNudgedConnection(
+async function withNagleConnection(
+  outstanding: number,
   body: (server: DotServer, owner: RecordingOwner, connection: DotConnection) => Promise<void>,
 ): Promise<void> {
   const server = DotServer.start({ nagle: true });
@@ -29,16 +31,13 @@ async function withNudgedConnection(
   const owner = new RecordingOwner(
     { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` },
     0,
+    true,
+    outstanding,
   );
   const connection = new DotConnection(owner);
   connection.start();
   try {
     await owner.opened;
-    connection.send(exchangeFor("a.octet.test"));
-    connection.send(exchangeFor("b.octet.test"));
-    await until("both answered", () => owner.answered.length === 2);
-    assert.equal(server.lengthOctets, 1, "the nudge was one octet alone");
-    assert.equal(server.queries, 2, "and no query written again");
     await body(server, owner, connection);
     assert.deepEqual(owner.problems, []);
     assert.equal(connection.state, "open");
@@ -48,6 +47,20 @@ async function withNudgedConnection(
     owner.timers.close();
     await server.close();
   }
+}
+
+/** Two queries go out at once at light load: the read of the first answer sends the octet. */
+function withNudgedConnection(
+  body: (server: DotServer, owner: RecordingOwner, connection: DotConnection) => Promise<void>,
+): Promise<void> {
+  return withNagleConnection(1, async (server, owner, connection) => {
+    connection.send(exchangeFor("a.octet.test"));
+    connection.send(exchangeFor("b.octet.test"));
+    await until("both answered", () => owner.answered.length === 2);
+    assert.equal(server.lengthOctets, 1, "the nudge was one octet alone");
+    assert.equal(server.queries, 2, "and no query written again");
+    await body(server, owner, connection);
+  });
 }
 
 Deno.test("nudge: a lone length octet releases held answers; a long query then completes the frame first", async () => {
@@ -93,23 +106,12 @@ Deno.test("nudge: an idle connection gets the rest of the frame its last octet b
 });
 
 /**
- * Two queries to a Nagle-like server on a connection whose upstream owes many answers: a read
- * does not nudge (the stream of queries is expected to carry the ACK), so when none comes the
- * timer must. With `settleFirst`, the queries wait until the connection has settled.
+ * Two queries on a connection whose upstream owes many answers: a read does not nudge (the
+ * stream of queries is expected to carry the ACK), so when none comes the timer must. With
+ * `settleFirst`, the queries wait until the connection has settled.
  */
-async function timerNudge(settleFirst: boolean): Promise<void> {
-  const server = DotServer.start({ nagle: true });
-  const port = server.port;
-  const owner = new RecordingOwner(
-    { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` },
-    0,
-    true,
-    100,
-  );
-  const connection = new DotConnection(owner);
-  connection.start();
-  try {
-    await owner.opened;
+function timerNudge(settleFirst: boolean): Promise<void> {
+  return withNagleConnection(100, async (server, owner, connection) => {
     if (settleFirst) await new Promise((r) => setTimeout(r, SETTLE_MS + 10));
     const sentAt = performance.now();
     connection.send(exchangeFor("a.timer.test"));
@@ -120,13 +122,7 @@ async function timerNudge(settleFirst: boolean): Promise<void> {
     assert.equal(server.queries, 2, "and no query written again");
     // Not at read time: after the timer (NUDGE_MS, later by the platform timer's slack).
     assert.ok(took >= NUDGE_MS, `answered after ${took.toFixed(2)} ms`);
-    assert.deepEqual(owner.problems, []);
-  } finally {
-    connection.close();
-    await connection.finished;
-    owner.timers.close();
-    await server.close();
-  }
+  });
 }
 
 Deno.test("nudge: under load (no nudge at read time) the nudge timer releases a held answer", async () => {
