@@ -244,8 +244,12 @@ class FakeConnection implements UpstreamConnection {
     if (this.inflight.size === 0) this.stalledSince = 0;
   }
 
+  /** When the maintenance pass asked it to complete a begun frame. */
+  readonly completeAsked: number[] = [];
+
   /** The fake server reads whole frames only: no nudge leaves one begun. */
-  completePendingFrame(_now: number): boolean {
+  completePendingFrame(now: number): boolean {
+    this.completeAsked.push(now);
     return false;
   }
 
@@ -1068,6 +1072,20 @@ Deno.test("strategy least-outstanding: idle, the clearly faster upstream; about 
     spread(h, 10, 40);
     const counts = spread(h, 50, 40);
     assert.deepEqual(counts, { a: 50 }, "about as fast: the first, every time");
+  });
+});
+
+Deno.test("maintenance asks every connection, once a second, to complete a frame a nudge began", async () => {
+  await withHarness(1, { hedgeDelay: 0, connectionsPerUpstream: 2 }, (h) => {
+    h.start();
+    h.warm();
+    const connections = h.server("a").connections.filter((c) => c.state === "open");
+    assert.ok(connections.length >= 1);
+    const asked = connections.map((c) => c.completeAsked.length);
+    h.clock.advance(1000);
+    // A server with a short read timeout for a begun message (dnsdist: 2 s) would close a
+    // connection left holding a nudge's lone octet.
+    connections.forEach((c, i) => assert.ok(c.completeAsked.length > asked[i], `connection ${i}`));
   });
 });
 
