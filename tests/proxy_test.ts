@@ -396,12 +396,16 @@ netTest("malformed udp input: FORMERR when the header is readable, dropped other
 netTest("tcp abuse costs only that connection", async () => {
   await withUpstream({}, async (upstream) => {
     const config = testConfig([upstream.upstream()], { tcpIdleTimeoutMs: 300 });
-    await withProxy(config, async ({ port }) => {
-      // A zero length prefix closes the connection.
-      const zero = await TcpDnsClient.connect(port);
-      await zero.writeRaw(new Uint8Array([0, 0]));
-      assert.equal(await zero.closedByPeer(2000), true);
-      zero.close();
+    await withProxy(config, async ({ port, logs }) => {
+      // A zero length prefix, or a frame too short for a DNS header, closes the connection at
+      // once (not when it idles out): the stream cannot be answered or resynchronised.
+      for (const frame of [[0, 0], [0, 5, 1, 2, 3, 4, 5]]) {
+        const short = await TcpDnsClient.connect(port);
+        await short.writeRaw(new Uint8Array(frame));
+        assert.equal(await short.closedByPeer(2000), true);
+        short.close();
+      }
+      assert.equal(logs.find("frame too short").length, 2);
       // A frame cut short, then the client vanishes.
       const cut = await TcpDnsClient.connect(port);
       const query = buildQuery("cut.test");
