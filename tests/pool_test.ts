@@ -711,6 +711,35 @@ Deno.test("failover rcodes: when every upstream gives one, the client gets the l
   });
 });
 
+Deno.test("failover rcodes: asked once more, not of every upstream in turn", async () => {
+  await withHarness(3, { hedgeDelay: 0 }, (h) => {
+    h.start();
+    for (const name of ["a", "b", "c"]) {
+      h.server(name).behaviour.reply = (q) =>
+        q === "." ? { kind: "answer", ms: 1 } : { kind: "answer", ms: 1, rcode: 2 };
+    }
+    const question = h.ask("all.example");
+    h.clock.advance(10);
+    assert.equal(question.rcode, 2, "SERVFAIL, the last answer");
+    const asked = ["a", "b", "c"].filter((n) => h.server(n).queries().includes("all.example."));
+    assert.equal(asked.length, 2, `asked of ${asked.join(", ")}`);
+  });
+});
+
+Deno.test("health: three invalid answers in a row mark an upstream down; its questions go elsewhere", async () => {
+  await withHarness(2, { hedgeDelay: 0, strategy: "failover" }, (h) => {
+    h.start();
+    h.warm();
+    // a answers every question with a frame that is not an answer (probes are answered).
+    h.server("a").behaviour.reply = (q) =>
+      q === "." ? { kind: "answer", ms: 1 } : { kind: "garbage", ms: 1 };
+    const questions = h.askMany("bad", 3, 5);
+    h.clock.advance(20);
+    assert.ok(questions.every((q) => q.rcode === 0 && q.upstream === "b"), "answered by b");
+    assert.equal(h.upstream("a").health.state, "down", "a run of bad answers is a broken server");
+  });
+});
+
 // ---------------------------------------------------------------------------------------------
 // Health.
 
