@@ -12,6 +12,7 @@ import {
   MAX_CACHED_ANSWER,
   MAX_CHAIN,
 } from "../src/cache/answer_cache.ts";
+import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
 import { Logger } from "../src/log.ts";
 import { type CacheStatus, Resolver, type ResolverOptions } from "../src/resolver.ts";
 import { Flight, type FlightOwner, FlightTable } from "../src/resolver/flight.ts";
@@ -945,6 +946,31 @@ Deno.test("cache: AnswerCache keys, hash and flush, directly", () => {
   );
   assert.ok(cacheKeyHash(lower, questionEnd(lower), 8) < 2 ** 30);
   assert.equal(cache.flush(), 0);
+});
+
+Deno.test("cache: at most MAX_CHAIN entries share a hash (a flood of colliding names stores no more)", () => {
+  const cache = new AnswerCache({
+    maxEntries: 100,
+    minTtl: 0,
+    maxTtl: 86_400,
+    maxNegativeTtl: 3600,
+    serveStaleSeconds: 0,
+  });
+  // Every name stored under one forced hash, as colliding names would be.
+  const collide = 42;
+  const info = new ResponseInfo();
+  const queries = Array.from({ length: MAX_CHAIN + 2 }, (_, i) => q(`collide${i}.test`));
+  const stored = queries.map((query) => {
+    const response = respond(query, { answers: [a(300)] });
+    assert.ok(analyzeResponse(response, info));
+    return cache.store(query, questionEnd(query), 0, response, info, 1000, collide) !== null;
+  });
+  assert.deepEqual(stored, queries.map((_, i) => i < MAX_CHAIN));
+  assert.equal(cache.size, MAX_CHAIN);
+  const found = queries.map((query) =>
+    cache.lookup(query, questionEnd(query), 0, 1000, collide) !== null
+  );
+  assert.deepEqual(found, stored, "each stored name found, by its own question");
 });
 
 // ---- off -----------------------------------------------------------------------------------------
