@@ -157,6 +157,24 @@ Deno.test("Admission: the rate limiter's table is bounded; the least recently se
   assert.equal(admission.admit(addr("2001:db8:5:7::1"), "tcp"), Admit.ALLOW);
 });
 
+Deno.test("Admission: remembered access-list verdicts are bounded under a spoofed flood", () => {
+  const admission = new Admission({
+    allow: [parseCidr("10.0.0.0/8", "--allow")],
+    rateLimit: 0,
+    rateLimitBurst: 0,
+    clock: new ManualClock(),
+  });
+  // 20,000 sources: inside the allowed prefix and out of it, each seen once.
+  let most = 0;
+  for (let i = 0; i < 20_000; i++) {
+    const a = `${i % 2 === 0 ? 10 : 11}.${(i >> 16) & 0xff}.${(i >> 8) & 0xff}.${i & 0xff}`;
+    assert.equal(admission.admit(addr(a), "udp"), i % 2 === 0 ? Admit.ALLOW : Admit.DENY);
+    most = Math.max(most, admission.rememberedVerdicts);
+  }
+  assert.ok(most <= 8192, `at most 8,192 remembered (${most})`);
+  assert.ok(admission.rememberedVerdicts > 0);
+});
+
 Deno.test("Admission: REFUSED over UDP is budgeted in all; TCP is always answered", () => {
   const clock = new ManualClock();
   const admission = new Admission({

@@ -160,6 +160,11 @@ export class Admission {
     return this.#buckets.size;
   }
 
+  /** Client addresses whose access-list verdict is remembered (bounded under spoofed floods). */
+  get rememberedVerdicts(): number {
+    return this.#verdicts.size;
+  }
+
   /** True when `client` is in an allowed prefix. */
   allowed(client: Deno.Addr | undefined): boolean {
     if (this.#everyone) return true;
