@@ -926,14 +926,19 @@ Deno.test("bounded memory: an endless stream of unique names keeps the cache at 
   assert.equal(ask(r, q("u19499.stream.test")).length, 0);
 });
 
-Deno.test("cache: AnswerCache keys, hash and flush, directly", () => {
-  const cache = new AnswerCache({
-    maxEntries: 10,
+/** An AnswerCache used directly (no resolver): `maxEntries`, no TTL clamps, no serve-stale. */
+function directCache(maxEntries: number): AnswerCache {
+  return new AnswerCache({
+    maxEntries,
     minTtl: 0,
     maxTtl: 86_400,
     maxNegativeTtl: 3600,
     serveStaleSeconds: 0,
   });
+}
+
+Deno.test("cache: AnswerCache keys, hash and flush, directly", () => {
+  const cache = directCache(10);
   const upper = q("CASE.test");
   const lower = q("case.test");
   assert.equal(
@@ -949,13 +954,7 @@ Deno.test("cache: AnswerCache keys, hash and flush, directly", () => {
 });
 
 Deno.test("cache: at most MAX_CHAIN entries share a hash (a flood of colliding names stores no more)", () => {
-  const cache = new AnswerCache({
-    maxEntries: 100,
-    minTtl: 0,
-    maxTtl: 86_400,
-    maxNegativeTtl: 3600,
-    serveStaleSeconds: 0,
-  });
+  const cache = directCache(100);
   // Every name stored under one forced hash, as colliding names would be.
   const collide = 42;
   const info = new ResponseInfo();

@@ -14,7 +14,13 @@ import {
 } from "../src/upstream/dot_connection.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { parseMessage } from "./support/dns.ts";
-import { exchangeFor, RecordingOwner, until } from "./support/connection_owner.ts";
+import {
+  closeAll,
+  exchangeFor,
+  loopbackSpec,
+  RecordingOwner,
+  until,
+} from "./support/connection_owner.ts";
 
 /**
  * Runs `body` with one open DotConnection to a Nagle-like server (it answers the first of two
@@ -27,9 +33,8 @@ async function withNagleConnection(
   body: (server: DotServer, owner: RecordingOwner, connection: DotConnection) => Promise<void>,
 ): Promise<void> {
   const server = DotServer.start({ nagle: true });
-  const port = server.port;
   const owner = new RecordingOwner(
-    { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` },
+    loopbackSpec(server.port),
     0,
     true,
     outstanding,
@@ -42,10 +47,7 @@ async function withNagleConnection(
     assert.deepEqual(owner.problems, []);
     assert.equal(connection.state, "open");
   } finally {
-    connection.close();
-    await connection.finished;
-    owner.timers.close();
-    await server.close();
+    await closeAll(connection, owner, server);
   }
 }
 

@@ -121,6 +121,10 @@ class FakeConnection implements UpstreamConnection {
     return this.inflight.size;
   }
 
+  get owesAck(): boolean {
+    return this.lastReadAt > this.lastWriteAt && this.inflight.size > 0;
+  }
+
   get dirtyUntil(): number {
     return this.state === "open" ? this.openedAt + SETTLE_MS : Infinity;
   }

@@ -7,7 +7,13 @@ import assert from "node:assert/strict";
 import { DotConnection } from "../src/upstream/dot_connection.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { answerFor, parseMessage } from "./support/dns.ts";
-import { exchangeFor, RecordingOwner, until } from "./support/connection_owner.ts";
+import {
+  closeAll,
+  exchangeFor,
+  loopbackSpec,
+  RecordingOwner,
+  until,
+} from "./support/connection_owner.ts";
 
 Deno.test("upstream connection: a question given up on stays owed until purged, then the connection is idle", async () => {
   // The server never answers "silent" names: their late answer never comes.
@@ -15,9 +21,8 @@ Deno.test("upstream connection: a question given up on stays owed until purged, 
     answer: (query) =>
       parseMessage(query).question?.name.startsWith("silent") ? null : answerFor(query),
   });
-  const port = server.port;
   const owner = new RecordingOwner(
-    { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` },
+    loopbackSpec(server.port),
     0,
     false,
   );
@@ -46,9 +51,6 @@ Deno.test("upstream connection: a question given up on stays owed until purged, 
     assert.equal(parseMessage(owner.answered[1].response).question?.name, "b.purge.test.");
     assert.deepEqual(owner.problems, []);
   } finally {
-    connection.close();
-    await connection.finished;
-    owner.timers.close();
-    await server.close();
+    await closeAll(connection, owner, server);
   }
 });

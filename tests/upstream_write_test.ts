@@ -8,7 +8,13 @@ import { DotConnection } from "../src/upstream/dot_connection.ts";
 import { CA_PEM } from "./fixtures/certs.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { parseMessage } from "./support/dns.ts";
-import { exchangeFor, RecordingOwner, until } from "./support/connection_owner.ts";
+import {
+  closeAll,
+  exchangeFor,
+  loopbackSpec,
+  RecordingOwner,
+  until,
+} from "./support/connection_owner.ts";
 
 type Write = (this: Deno.TlsConn, bytes: Uint8Array) => Promise<number>;
 
@@ -44,12 +50,7 @@ Deno.test("upstream writes: a query queued as a write completes is written, what
   const server = DotServer.start();
   // No nudges: nothing but the write path itself may put the second query on the wire.
   const owner = new RecordingOwner(
-    {
-      address: "127.0.0.1",
-      port: server.port,
-      tlsName: "dns.test",
-      label: `127.0.0.1:${server.port}#dns.test`,
-    },
+    loopbackSpec(server.port),
     0,
     false,
   );
@@ -88,9 +89,6 @@ Deno.test("upstream writes: a query queued as a write completes is written, what
     });
     assert.deepEqual(owner.problems, []);
   } finally {
-    connection.close();
-    await connection.finished;
-    owner.timers.close();
-    await server.close();
+    await closeAll(connection, owner, server);
   }
 });

@@ -108,7 +108,7 @@ export interface ConnectionOwner {
   /** Whether to nudge Nagle-bound servers (see {@linkcode NUDGE_MS}). */
   readonly nudge: boolean;
   /** Pads the filler that completes a nudge's frame like a padded health probe. */
-  readonly padProbes?: boolean;
+  readonly padProbes: boolean;
   /** Questions the upstream owes answers to, over all its connections (its load). */
   readonly outstanding: number;
   /** The clock. */
@@ -175,6 +175,11 @@ export interface UpstreamConnection extends ExchangeCarrier {
   readonly lastActive: number;
   /** Clock time of the last valid answer, or echo of a nudge (0: none yet). */
   readonly lastReadAt: number;
+  /**
+   * True when answers arrived after the last write while more are owed: a server under
+   * Nagle's algorithm holds those until this side's next segment carries the ACK.
+   */
+  readonly owesAck: boolean;
   /**
    * Clock time of the first write since the last answer (0 when an answer came after the
    * last write, or nothing was written): when it is set and old, the server has answered
@@ -516,7 +521,7 @@ export class DotConnection implements UpstreamConnection {
   #completeWithFiller(): void {
     let id = nextRandomId();
     while (this.inflight.has(id) || this.#echoes.has(id)) id = nextRandomId();
-    const filler = buildProbeQuery(false, this.#owner.padProbes ?? false);
+    const filler = buildProbeQuery(false, this.#owner.padProbes);
     filler[0] = id >> 8;
     filler[1] = id & 0xff;
     this.#frames.append(filler, true);
@@ -768,7 +773,7 @@ export class DotConnection implements UpstreamConnection {
     return true;
   }
 
-  /** True when answers arrived after the last write while exchanges are still in flight. */
+  /** See {@linkcode UpstreamConnection.owesAck}. */
   get owesAck(): boolean {
     return this.lastReadAt > this.lastWriteAt && this.inflight.size > 0;
   }

@@ -96,14 +96,6 @@ const BUSY_OUTSTANDING = 8;
 const BATCH_LIMIT = 128;
 
 /**
- * True when answers were read on `connection` since its last write and it still owes more: a
- * server under Nagle's algorithm holds those until this side's next segment carries the ACK.
- */
-function owesAck(connection: UpstreamConnection): boolean {
-  return connection.lastReadAt > connection.lastWriteAt && connection.load > 0;
-}
-
-/**
  * Under load: a connection that owes the server an ACK (the one owing longest), whose write
  * then releases the answers held on it; else the connection written most recently. Either
  * unless it carries too much already.
@@ -113,8 +105,8 @@ function batchesBetter(a: UpstreamConnection, b: UpstreamConnection): boolean {
   const bFull = b.load >= BATCH_LIMIT;
   if (aFull !== bFull) return bFull;
   if (aFull) return a.load < b.load;
-  const aOwes = owesAck(a);
-  if (aOwes !== owesAck(b)) return aOwes;
+  const aOwes = a.owesAck;
+  if (aOwes !== b.owesAck) return aOwes;
   return aOwes ? a.lastWriteAt < b.lastWriteAt : a.lastWriteAt > b.lastWriteAt;
 }
 

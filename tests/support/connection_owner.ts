@@ -8,7 +8,11 @@
 import assert from "node:assert/strict";
 import { Logger } from "../../src/log.ts";
 import { SYSTEM_CLOCK, TimerQueue } from "../../src/timers.ts";
-import type { ConnectionOwner, UpstreamConnection } from "../../src/upstream/dot_connection.ts";
+import type {
+  ConnectionOwner,
+  DotConnection,
+  UpstreamConnection,
+} from "../../src/upstream/dot_connection.ts";
 import { Exchange } from "../../src/upstream/exchange.ts";
 import { NO_UPSTREAM_STATS, type UpstreamError } from "../../src/upstream/types.ts";
 import { CA_PEM } from "../fixtures/certs.ts";
@@ -24,6 +28,7 @@ export class RecordingOwner implements ConnectionOwner {
   readonly stats = NO_UPSTREAM_STATS("test");
   readonly connectTimeoutMs = 2000;
   readonly clock = SYSTEM_CLOCK;
+  readonly padProbes = false;
   /** Close it when done: a cancelled nudge leaves its platform timer armed until it fires. */
   readonly timers = new TimerQueue(SYSTEM_CLOCK);
   readonly answered: { exchange: Exchange; response: Uint8Array }[] = [];
@@ -49,6 +54,23 @@ export class RecordingOwner implements ConnectionOwner {
   onClosed(_c: UpstreamConnection, _o: Exchange[], failure: UpstreamError | null): void {
     if (failure) this.problems.push(`closed: ${failure.message}`);
   }
+}
+
+/** The upstream spec of a test DoT server on loopback `port` (TLS name `dns.test`). */
+export function loopbackSpec(port: number): ConnectionOwner["spec"] {
+  return { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` };
+}
+
+/** Closes `connection` and waits for it, then its owner's timer queue, then `server`. */
+export async function closeAll(
+  connection: DotConnection,
+  owner: RecordingOwner,
+  server: { close(): Promise<void> },
+): Promise<void> {
+  connection.close();
+  await connection.finished;
+  owner.timers.close();
+  await server.close();
 }
 
 /** An exchange asking `name` (A, IN), not tied to any request. */
