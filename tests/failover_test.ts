@@ -490,15 +490,22 @@ Deno.test("hedging cuts the p99 when one upstream is slow for 10% of queries, wi
     const off = await run(0);
     const on = await run("auto");
     const p99Off = percentile(off.report.latencies, 0.99);
-    const p99On = percentile(on.report.latencies, 0.99);
+    const slowerThan = (report: LoadReport, ms: number) =>
+      report.latencies.filter((latency) => latency >= ms).length;
     const summary = `off: ${describe(off.report)}; auto: ${describe(on.report)}, ` +
       `${on.hedges} hedges (${on.won} won)`;
     assert.equal(off.hedges, 0, summary);
     assertUnnoticed(on.report, "hedging on");
     // Without hedging only the attempt deadline helps (at least 100 ms, more once the slow
-    // answers raise the slow upstream's p95).
+    // answers raise the slow upstream's p95): the slow tenth of the slow upstream's half,
+    // about 5% of all answers, waits that long.
     assert.ok(p99Off >= 90, summary);
-    assert.ok(p99On < p99Off / 3, summary);
+    assert.ok(slowerThan(off.report, 90) >= off.report.sent * 0.02, summary);
+    // With hedging the slow tenth is answered by the other upstream after the hedge delay
+    // (the fast upstream's p95: a few ms, tens when the test process itself pauses, which
+    // all of the samples see). Counted, not compared as two p99s: a pause in one run moves
+    // a p99 of 400 answers by tens of ms but not the number that waited 90 ms.
+    assert.ok(slowerThan(on.report, 90) <= on.report.sent * 0.01, summary);
     const questions = on.report.sent;
     assert.ok(on.hedges <= 10 + questions * 0.1, `budget: ${summary}`);
     assert.ok(on.won >= questions * 0.04, `the slow tenth of one upstream's half: ${summary}`);
