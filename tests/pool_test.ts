@@ -950,6 +950,39 @@ Deno.test("one late answer is not a dead upstream: others are answered, no failu
   });
 });
 
+Deno.test("a straggler past its attempt deadline makes its upstream slow until it answers again", async () => {
+  await withHarness(2, { strategy: "failover", hedgeDelay: 0, healthCheckIntervalMs: 0 }, (h) => {
+    h.start();
+    h.warm();
+    const a = h.upstream("a");
+    h.server("a").behaviour.reply = (name) =>
+      name.startsWith("late") ? { kind: "answer", ms: 1000 } : { kind: "answer", ms: 1 };
+    const timeout = a.attemptTimeout();
+    const probes = h.server("a").probeTimes().length;
+    const late = h.ask("late.example");
+    h.clock.advance(5);
+    // Answered after the straggler was written: the connection is not stalled, so only the
+    // straggler's own deadline can say that a is slow now.
+    const beside = h.ask("beside.example");
+    h.clock.advance(5);
+    assert.equal(beside.upstream, "a");
+    h.clock.advance(timeout - 10);
+    assert.equal(h.server("b").queries().at(-1), "late.example.", "the straggler also went to b");
+    assert.ok(a.slow, "a counts as slow");
+    const during = h.ask("during.example");
+    h.clock.advance(5);
+    assert.equal(during.upstream, "b", "the first upstream is passed over while slow");
+    assert.equal(late.upstream, "b");
+    // Its late answer comes: a is itself again and the first choice.
+    h.clock.advance(1000);
+    assert.ok(!a.slow, "no longer slow once it answered");
+    const after = h.ask("after.example");
+    h.clock.advance(5);
+    assert.equal(after.upstream, "a");
+    assert.equal(h.server("a").probeTimes().length, probes, "a straggler is not probed");
+  });
+});
+
 // ---------------------------------------------------------------------------------------------
 // Query of death.
 
