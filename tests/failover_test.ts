@@ -555,9 +555,11 @@ Deno.test("failover on SERVFAIL and REFUSED: one retry elsewhere; when all give 
 });
 
 Deno.test("strategies over real sockets: spread, and failover back to the first when it recovers", async () => {
-  // Three upstreams answering after 0, 15 and 30 ms, for each strategy at once.
+  // Three upstreams answering after 0, 30 and 60 ms, for each strategy at once (far enough
+  // apart that the lag of a loaded test process, which every answer time includes, does not
+  // reorder them).
   const spread = async (strategy: Strategy): Promise<number[]> => {
-    const recorded = [0, 1, 2].map((i) => recordingServer(() => i * 15));
+    const recorded = [0, 1, 2].map((i) => recordingServer(() => i * 30));
     const servers = recorded.map((r) => r.server);
     const { proxy } = await startTestProxy(
       testConfig(servers.map((s) => s.upstream()), {
