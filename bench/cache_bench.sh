@@ -72,42 +72,12 @@ OUT="$BENCH/results/cache-$STAMP"
 TMP="$(mktemp -d /tmp/dotproxy-cache-bench.XXXXXX)"
 RUNS="$OUT/runs.tsv"
 declare -A PID=()
-STARTED=()
+STARTED_PIDS=()
 SEQ=0
 
-log() { printf '[cache-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-warn() { printf '[cache-bench %(%H:%M:%S)T] WARNING: %s\n' -1 "$*" >&2; }
-die() { printf '[cache-bench] ERROR: %s\n' "$*" >&2; exit 1; }
-
-cleanup() {
-  local pid i
-  for pid in "${STARTED[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${STARTED[@]}"; do
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  if ((KEEP_TMP)); then echo "[cache-bench] temp dir kept: $TMP" >&2; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-need() { command -v "$1" >/dev/null || die "missing tool: $1"; }
-alive() { kill -0 "${PID[$1]:-0}" 2>/dev/null; }
-proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-proc_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
-core_ticks() { awk -v c="cpu$1" '$1 == c { print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8 }' /proc/stat; }
-port_busy() { ss -Hlntu "( sport = :$1 )" 2>/dev/null | grep -q .; }
-
-# Starts "$@" pinned to a core as the real process ($! is the server's pid).
-spawn() { # name core cmd...
-  local name="$1" core="$2"
-  shift 2
-  taskset -c "$core" "$@" >"$TMP/$name.log" 2>&1 </dev/null &
-  PID[$name]=$!
-  STARTED+=("$!")
-}
+BENCH_TAG=cache-bench
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 
 probe() { # port name type [dig opts]
   local port="$1" name="$2" type="$3" out
@@ -129,54 +99,12 @@ wait_ready() { # target seconds
 }
 
 # ---------------------------------------------------------------- setup
-make_certs() {
-  (
-    cd "$TMP"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-      -keyout ca.key -out ca.pem -subj "/CN=dotproxy cache bench CA" \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-      -keyout server.key -out server.csr -subj "/CN=dns.test"
-    printf '%s\n' "subjectAltName=DNS:dns.test" "basicConstraints=CA:FALSE" \
-      "keyUsage=digitalSignature" "extendedKeyUsage=serverAuth" >server.ext
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-      -extfile server.ext -out server.pem
-  ) >"$TMP/openssl.log" 2>&1 || { cat "$TMP/openssl.log" >&2; die "openssl failed"; }
-}
-
 # The upstream (as in bench/run.sh): n0..n9999.bench.test A 10.0.x.y (TTL 300), and
 # <anything>.u.bench.test A 192.0.2.1 (a redirect zone: an endless supply of unique names).
 start_upstream() {
   {
-    cat <<EOF
-server:
-  username: ""
-  chroot: ""
-  directory: "$TMP"
-  pidfile: "$TMP/upstream.pid"
-  do-daemonize: no
-  use-syslog: no
-  logfile: ""
-  verbosity: 1
-  num-threads: 1
-  so-reuseport: no
-  do-ip6: no
-  interface: 127.0.0.1@$UP_TLS_PORT
-  interface: 127.0.0.1@$UP_PLAIN_PORT
-  tls-port: $UP_TLS_PORT
-  tls-service-key: "$TMP/server.key"
-  tls-service-pem: "$TMP/server.pem"
-  module-config: "iterator"
-  incoming-num-tcp: 1000
-  tcp-idle-timeout: 120000
-  num-queries-per-thread: 4096
-  local-zone: "." refuse
-  local-zone: "bench.test." static
-  local-zone: "u.bench.test." redirect
-  local-data: "u.bench.test. 300 IN A 192.0.2.1"
-EOF
-    mawk 'BEGIN { for (i = 0; i < 10000; i++)
-      printf "  local-data: \"n%d.bench.test. 300 IN A 10.0.%d.%d\"\n", i, int(i / 256), i % 256 }'
+    upstream_server_clause upstream "$UP_TLS_PORT" "$UP_PLAIN_PORT"
+    numbered_names 10000
     printf 'remote-control:\n  control-enable: no\n'
   } >"$TMP/upstream.conf"
   spawn upstream "$LOAD_CORE" unbound -c "$TMP/upstream.conf" -d
@@ -199,7 +127,7 @@ start_dotproxy() { # name dir port [args...]
     --listen "127.0.0.1:$port" --upstream "127.0.0.1:$UP_TLS_PORT#dns.test" --log-level warn "$@" \
     >"$TMP/$name.log" 2>&1 </dev/null) &
   PID[$name]=$!
-  STARTED+=("$!")
+  STARTED_PIDS+=("$!")
 }
 
 start_dnsdist() {
@@ -217,19 +145,9 @@ EOF
 }
 
 start_unbound_cache() {
-  cat >"$TMP/unbound-cache.conf" <<EOF
-server:
-  username: ""
-  chroot: ""
-  directory: "$TMP"
-  pidfile: "$TMP/unbound-cache.pid"
-  do-daemonize: no
-  use-syslog: no
-  logfile: ""
-  verbosity: 1
-  num-threads: 1
-  so-reuseport: no
-  do-ip6: no
+  {
+    unbound_server_clause unbound-cache
+    cat <<EOF
   interface: 127.0.0.1@${PORT[unbound-cache]}
   module-config: "iterator"
   do-not-query-localhost: no
@@ -246,6 +164,7 @@ forward-zone:
 remote-control:
   control-enable: no
 EOF
+  } >"$TMP/unbound-cache.conf"
   spawn unbound-cache "$PROXY_CORE" unbound -c "$TMP/unbound-cache.conf" -d
 }
 
@@ -266,35 +185,10 @@ start_target() { # target
 hot_queries() { # file: the 1,000 hot names once each
   mawk 'BEGIN { for (i = 0; i < 1000; i++) printf "n%d.bench.test A\n", i }' >"$1"
 }
-unique_queries() { # file prefix count
-  mawk -v n="$3" -v p="$2" 'BEGIN { for (i = 0; i < n; i++) printf "%s%x.u.bench.test A\n", p, i }' >"$1"
-}
 mix_queries() { # file prefix count: 80% over the 1,000 hot names, 20% unique
   mawk -v n="$3" -v p="$2" 'BEGIN { srand(42); for (i = 0; i < n; i++)
     if (i % 5 == 4) printf "%s%x.u.bench.test A\n", p, i
     else printf "n%d.bench.test A\n", int(rand() * 1000) }' >"$1"
-}
-
-# shellcheck disable=SC2016
-LATENCY_AWK='
-/^> / { us = int($NF * 1e6 + 0.5); h[us]++; n++; if (us > mx) mx = us; next }
-/Query timed out/ { if (++to <= 5) print; next }
-/unexpected \(maybe timed out\) id/ { next }
-{ print }
-END {
-  if (to > 5) printf "[Timeout] ... %d timeouts in all\n", to
-  if (n == 0) { print "Latency percentiles (ms): none"; exit }
-  split("50 90 99 99.9", ps, " "); k = 1; c = 0
-  for (us = 0; us <= mx && k <= 4; us++) {
-    if (us in h) c += h[us]
-    while (k <= 4 && c >= n * ps[k] / 100) { v[k] = us; k++ }
-  }
-  printf "Latency percentiles (ms): p50 %.3f p90 %.3f p99 %.3f p99.9 %.3f max %.3f (of %d answers)\n",
-    v[1] / 1000, v[2] / 1000, v[3] / 1000, v[4] / 1000, mx / 1000, n
-}'
-
-stat_field() { # file label index
-  awk -v l="$2" -v f="$3" 'index($0, l) { sub(/^.*:[ \t]+/, ""); split($0, a, /[ (]+/); print a[f]; exit }' "$1"
 }
 
 # One dnsperf run against a target; one row in runs.tsv.
@@ -399,7 +293,7 @@ phase_miss() {
   local targets=(dotproxy dotproxy-nocache dotproxy-7c925b5) r i t n=3
   for t in "${targets[@]}"; do
     SEQ=$((SEQ + 1))
-    unique_queries "$TMP/warm.txt" "w$SEQ-" $((100000 * WARMUP))
+    make_queries "$TMP/warm.txt" "w$SEQ-" $((100000 * WARMUP))
     taskset -c "$LOAD_CORE" timeout $((WARMUP + 30)) dnsperf -s 127.0.0.1 -p "${PORT[$t]}" \
       -d "$TMP/warm.txt" -l "$WARMUP" -c 8 -q 256 -t 2 >"$OUT/raw/warm-miss-$t.txt" 2>&1 || true
   done
@@ -407,13 +301,13 @@ phase_miss() {
     for ((i = 0; i < n; i++)); do
       t="${targets[$(((i + r - 1) % n))]}"
       SEQ=$((SEQ + 1))
-      unique_queries "$TMP/unique.txt" "m$SEQ-" $((140000 * DURATION))
+      make_queries "$TMP/unique.txt" "m$SEQ-" $((140000 * DURATION))
       measure miss "$r" "$t" "$TMP/unique.txt" "$DURATION" 0 -c 8 -q 256 -t 2
     done
     for ((i = 0; i < n; i++)); do
       t="${targets[$(((i + r - 1) % n))]}"
       SEQ=$((SEQ + 1))
-      unique_queries "$TMP/unique.txt" "f$SEQ-" $((MISS_RATE * (DURATION + 1)))
+      make_queries "$TMP/unique.txt" "f$SEQ-" $((MISS_RATE * (DURATION + 1)))
       measure missfixed "$r" "$t" "$TMP/unique.txt" "$DURATION" 0 -Q "$MISS_RATE" -c 4 -q 500 -t 5
     done
   done
@@ -430,7 +324,7 @@ phase_rss() {
       "$(proc_kb "${PID[rss]}" VmHWM)" >>"$OUT/rss.tsv"
     for ((step = 1; step <= RSS_STEPS; step++)); do
       SEQ=$((SEQ + 1))
-      unique_queries "$TMP/rss.txt" "r$SEQ-" "$RSS_STEP"
+      make_queries "$TMP/rss.txt" "r$SEQ-" "$RSS_STEP"
       taskset -c "$LOAD_CORE" timeout 300 dnsperf -s 127.0.0.1 -p "${PORT[rss]}" -d "$TMP/rss.txt" \
         -n 1 -c 8 -q 256 -t 2 >"$OUT/raw/rss-$size-$step.txt" 2>&1 || true
       sleep 1

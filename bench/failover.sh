@@ -73,50 +73,9 @@ declare -A PID=()
 STARTED_PIDS=()
 RUN_SEQ=0
 
-log() { printf '[failover %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-warn() { printf '[failover %(%H:%M:%S)T] WARNING: %s\n' -1 "$*" >&2; }
-die() { printf '[failover] ERROR: %s\n' "$*" >&2; exit 1; }
-
-cleanup() {
-  local pid i
-  for pid in "${STARTED_PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
-  for pid in "${STARTED_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${STARTED_PIDS[@]}"; do
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  if ((KEEP_TMP)); then echo "[failover] temp dir kept: $TMP" >&2; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-need() { command -v "$1" >/dev/null || die "missing tool: $1"; }
-port_busy() { ss -Hlntu "( sport = :$1 )" 2>/dev/null | grep -q .; }
-
-# Starts "$@" in the background pinned to core $2, as the real process ($! is its pid).
-spawn() { # name core cmd...
-  local name="$1" core="$2"
-  shift 2
-  taskset -c "$core" "$@" >"$TMP/$name.log" 2>&1 </dev/null &
-  PID[$name]=$!
-  STARTED_PIDS+=("$!")
-}
-
-# Stops a process started by spawn (by its pid), resuming it first if it was stopped.
-stop() { # name
-  local pid="${PID[$1]:-}" i
-  [[ -n "$pid" ]] || return 0
-  kill -CONT "$pid" 2>/dev/null || true
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  unset "PID[$1]"
-}
-
-alive() { kill -0 "${PID[$1]:-0}" 2>/dev/null; }
+BENCH_TAG=failover
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 
 # "STATUS FIRSTANSWER" of one query through a port.
 probe() { # port name [dig opts...]
@@ -127,56 +86,14 @@ probe() { # port name [dig opts...]
          END { printf "%s %s\n", (s ? s : "NO-RESPONSE"), (f ? f : "-") }'
 }
 
-make_certs() {
-  (
-    cd "$TMP"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-      -keyout ca.key -out ca.pem -subj "/CN=dotproxy failover bench CA" \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-      -keyout server.key -out server.csr -subj "/CN=dns.test"
-    printf '%s\n' "subjectAltName=DNS:dns.test" "basicConstraints=CA:FALSE" \
-      "keyUsage=digitalSignature" "extendedKeyUsage=serverAuth" >server.ext
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-      -extfile server.ext -out server.pem
-  ) >"$TMP/openssl.log" 2>&1 || { cat "$TMP/openssl.log" >&2; die "openssl failed"; }
-}
-
 # An Unbound serving the bench zones over DoT on $2 and plain DNS on $3 (as bench/run.sh's).
 start_unbound_upstream() { # name tls-port plain-port
   local name="$1" f="$TMP/$1.conf"
-  cat >"$f" <<EOF
-server:
-  username: ""
-  chroot: ""
-  directory: "$TMP"
-  pidfile: "$TMP/$name.pid"
-  do-daemonize: no
-  use-syslog: no
-  logfile: ""
-  verbosity: 1
-  num-threads: 1
-  so-reuseport: no
-  do-ip6: no
-  interface: 127.0.0.1@$2
-  interface: 127.0.0.1@$3
-  tls-port: $2
-  tls-service-key: "$TMP/server.key"
-  tls-service-pem: "$TMP/server.pem"
-  module-config: "iterator"
-  incoming-num-tcp: 1000
-  tcp-idle-timeout: 120000
-  num-queries-per-thread: 4096
-  # Never recurse: the root (health checks' . NS included) is refused at once.
-  local-zone: "." refuse
-  local-zone: "bench.test." static
-  local-zone: "u.bench.test." redirect
-  local-data: "u.bench.test. 300 IN A 192.0.2.1"
-  local-data: "n0.bench.test. 300 IN A 10.0.0.0"
-  local-data: "n1.bench.test. 300 IN A 10.0.0.1"
-remote-control:
-  control-enable: no
-EOF
+  {
+    upstream_server_clause "$name" "$2" "$3"
+    numbered_names 2
+    printf 'remote-control:\n  control-enable: no\n'
+  } >"$f"
   unbound-checkconf "$f" >/dev/null || die "bad unbound config $f"
   spawn "$name" "$LOAD_CORE" unbound -c "$f" -d
   local i
@@ -242,19 +159,9 @@ EOF
       spawn "$t" "$PROXY_CORE" dnsdist --supervised --disable-syslog -C "$TMP/dnsdist.conf"
       ;;
     unbound-fwd)
-      cat >"$TMP/unbound-fwd.conf" <<EOF
-server:
-  username: ""
-  chroot: ""
-  directory: "$TMP"
-  pidfile: "$TMP/unbound-fwd.pid"
-  do-daemonize: no
-  use-syslog: no
-  logfile: ""
-  verbosity: 1
-  num-threads: 1
-  so-reuseport: no
-  do-ip6: no
+      {
+        unbound_server_clause unbound-fwd
+        cat <<EOF
   interface: 127.0.0.1@$TARGET_PORT
   module-config: "iterator"
   do-not-query-localhost: no
@@ -275,6 +182,7 @@ forward-zone:
 remote-control:
   control-enable: no
 EOF
+      } >"$TMP/unbound-fwd.conf"
       unbound-checkconf "$TMP/unbound-fwd.conf" >/dev/null || die "bad unbound-fwd config"
       spawn "$t" "$PROXY_CORE" unbound -c "$TMP/unbound-fwd.conf" -d
       ;;
@@ -316,34 +224,6 @@ wait_ready() { # target seconds
   return 1
 }
 
-make_queries() { # file prefix count
-  mawk -v n="$3" -v p="$2" 'BEGIN { for (i = 0; i < n; i++) printf "%s%x.u.bench.test A\n", p, i }' >"$1"
-}
-
-# Per-query latencies from dnsperf -v into percentiles (1-microsecond histogram), plus the
-# rest of dnsperf's output with timeouts collapsed.
-# shellcheck disable=SC2016 # awk program, not shell
-LATENCY_AWK='
-/^> / { us = int($NF * 1e6 + 0.5); h[us]++; n++; if (us > mx) mx = us; next }
-/Query timed out/ { if (++to <= 5) print; next }
-/unexpected \(maybe timed out\) id/ { if (++un <= 5) print; next }
-{ print }
-END {
-  if (to > 5) printf "[Timeout] ... %d timeouts in all\n", to
-  if (n == 0) { print "Latency percentiles (ms): none"; exit }
-  split("50 99 99.9", ps, " "); k = 1; c = 0
-  for (us = 0; us <= mx && k <= 3; us++) {
-    if (us in h) c += h[us]
-    while (k <= 3 && c >= n * ps[k] / 100) { v[k] = us; k++ }
-  }
-  printf "Latency percentiles (ms): p50 %.3f p99 %.3f p99.9 %.3f max %.3f (of %d answers)\n",
-    v[1] / 1000, v[2] / 1000, v[3] / 1000, mx / 1000, n
-}'
-
-stat_field() { # file label field-index
-  awk -v l="$2" -v f="$3" 'index($0, l) { sub(/^.*:[ \t]+/, ""); split($0, a, /[ (]+/); print a[f]; exit }' "$1"
-}
-
 # dnsperf at RATE for `seconds`; output to $2 (raw) when given.
 dnsperf_run() { # seconds raw-file prefix
   local qfile="$TMP/queries.txt"
@@ -379,7 +259,7 @@ measure() { # scenario target
   lost=$(stat_field "$raw" "Queries lost:" 1)
   noerror=$(awk '/Response codes:/ { for (i = 1; i < NF; i++) if ($i == "NOERROR") print $(i + 1) }' "$raw")
   servfail=$(awk '/Response codes:/ { for (i = 1; i < NF; i++) if ($i == "SERVFAIL") print $(i + 1) }' "$raw")
-  read -r p50 p99 p999 pmax < <(awk '/^Latency percentiles/ && $4 == "p50" { print $5, $7, $9, $11; f = 1 }
+  read -r p50 p99 p999 pmax < <(awk '/^Latency percentiles/ && $4 == "p50" { print $5, $9, $11, $13; f = 1 }
     END { if (!f) print "- - - -" }' "$raw")
   # load1: the 1-minute load average before and after (the benchmark alone keeps it near 2).
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$t" "$RATE" \

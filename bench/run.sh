@@ -122,50 +122,11 @@ STARTED_PIDS=()
 IDLE_CHECK=0
 RUN_SEQ=0           # measurements so far: each gets its own name prefix
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-warn() { printf '[bench %(%H:%M:%S)T] WARNING: %s\n' -1 "$*" >&2; }
-die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
-
-# ---------------------------------------------------------------- cleanup
-cleanup() {
-  local pid i
-  for pid in "${STARTED_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${STARTED_PIDS[@]}"; do
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  if ((KEEP_TMP)); then echo "[bench] temp dir kept: $TMP" >&2; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+BENCH_TAG=bench
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 
 # ---------------------------------------------------------------- helpers
-need() { command -v "$1" >/dev/null || die "missing tool: $1"; }
-
-# Starts "$@" in the background pinned to core $1 (after the name), as the real process
-# (taskset and the command exec in place, so $! is the server's own pid). Logs to $TMP/NAME.log.
-spawn() { # name core cmd...
-  local name="$1" core="$2"
-  shift 2
-  taskset -c "$core" "$@" >"$TMP/$name.log" 2>&1 </dev/null &
-  PID[$name]=$!
-  STARTED_PIDS+=("$!")
-}
-
-alive() { kill -0 "${PID[$1]:-0}" 2>/dev/null; }
-
-# utime+stime of a process in clock ticks (all threads); fields after the ")" of comm.
-proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-proc_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
-# "busy total" jiffies of one core from /proc/stat (busy includes irq and softirq time, where
-# much of loopback networking runs; processes' stime includes most of it too)
-core_ticks() { awk -v c="cpu$1" '$1 == c { print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8 }' /proc/stat; }
-# Stolen and all jiffies of the whole machine: time the hypervisor ran something else while this
-# VM wanted the CPU. A round with steal slows every stage of every target.
-steal_ticks() { awk '$1 == "cpu" { print $9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat; }
-
 # CPU seconds (user+system) of this shell's reaped children so far (dnsperf and its mawk),
 # into the variable named $1. `times` must run in this shell, not in a $(...) subshell.
 children_cpu() {
@@ -173,8 +134,6 @@ children_cpu() {
   printf -v "$1" '%s' "$(awk 'NR == 2 { for (i = 1; i <= 2; i++) {
     split($i, t, /[ms]/); s += t[1] * 60 + t[2] } print s }' "$TMP/times")"
 }
-
-port_busy() { ss -Hlntu "( sport = :$1 )" 2>/dev/null | grep -q .; }
 
 # dig a name through a target; prints "STATUS ANSWERCOUNT FIRSTANSWER"
 probe() { # port name type [dig opts...]
@@ -218,23 +177,6 @@ wait_ready() { # target seconds
 }
 
 # ---------------------------------------------------------------- setup
-make_certs() {
-  log "throwaway CA and certificate for dns.test"
-  (
-    cd "$TMP"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-      -keyout ca.key -out ca.pem -subj "/CN=dotproxy bench CA" \
-      -addext "basicConstraints=critical,CA:TRUE" \
-      -addext "keyUsage=critical,keyCertSign,cRLSign"
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-      -keyout server.key -out server.csr -subj "/CN=dns.test"
-    printf '%s\n' "subjectAltName=DNS:dns.test" "basicConstraints=CA:FALSE" \
-      "keyUsage=digitalSignature" "extendedKeyUsage=serverAuth" >server.ext
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-      -extfile server.ext -out server.pem
-  ) >"$TMP/openssl.log" 2>&1 || { cat "$TMP/openssl.log" >&2; die "openssl failed"; }
-}
-
 # Unbound serving the zone: DoT on UP_TLS_PORT, plain UDP/TCP on UP_PLAIN_PORT.
 # bench.test: n0..n9999 A 10.0.x.y and big TXT records; u.bench.test is a redirect zone, so
 # every <anything>.u.bench.test answers A 192.0.2.1: the source of unique, uncacheable names.
@@ -242,38 +184,8 @@ write_upstream_conf() {
   local f="$TMP/upstream.conf" s250
   s250="$(printf 'x%.0s' {1..250})"
   {
-    cat <<EOF
-server:
-  username: ""
-  chroot: ""
-  directory: "$TMP"
-  pidfile: "$TMP/upstream.pid"
-  do-daemonize: no
-  use-syslog: no
-  logfile: ""
-  verbosity: 1
-  num-threads: 1
-  so-reuseport: no
-  do-ip6: no
-  interface: 127.0.0.1@$UP_TLS_PORT
-  interface: 127.0.0.1@$UP_PLAIN_PORT
-  tls-port: $UP_TLS_PORT
-  tls-service-key: "$TMP/server.key"
-  tls-service-pem: "$TMP/server.pem"
-  module-config: "iterator"
-  # Enough TCP slots that the idle timeout never shrinks under load (it does when fewer
-  # than half are free), and a long idle timeout for the proxies' persistent connections.
-  incoming-num-tcp: 1000
-  tcp-idle-timeout: 120000
-  num-queries-per-thread: 4096
-  # Never recurse: anything outside the bench zones is refused (no traffic leaves loopback).
-  local-zone: "." refuse
-  local-zone: "bench.test." static
-  local-zone: "u.bench.test." redirect
-  local-data: "u.bench.test. 300 IN A 192.0.2.1"
-EOF
-    awk 'BEGIN { for (i = 0; i < 10000; i++)
-      printf "  local-data: \"n%d.bench.test. 300 IN A 10.0.%d.%d\"\n", i, int(i / 256), i % 256 }'
+    upstream_server_clause upstream "$UP_TLS_PORT" "$UP_PLAIN_PORT"
+    numbered_names 10000
     local name n strings i
     for spec in big1:12 big2:6 big3:32; do # ~3000, ~1500 and ~8000 bytes of TXT
       name="${spec%%:*}" n="${spec##*:}" strings=""
@@ -373,19 +285,9 @@ EOF
 }
 
 start_unbound_fwd() {
-  cat >"$TMP/unbound-fwd.conf" <<EOF
-server:
-  username: ""
-  chroot: ""
-  directory: "$TMP"
-  pidfile: "$TMP/unbound-fwd.pid"
-  do-daemonize: no
-  use-syslog: no
-  logfile: ""
-  verbosity: 1
-  num-threads: 1
-  so-reuseport: no
-  do-ip6: no
+  {
+    unbound_server_clause unbound-fwd
+    cat <<EOF
   interface: 127.0.0.1@${PORT[unbound-fwd]}
   module-config: "iterator"
   do-not-query-localhost: no
@@ -409,6 +311,7 @@ forward-zone:
 remote-control:
   control-enable: no
 EOF
+  } >"$TMP/unbound-fwd.conf"
   unbound-checkconf "$TMP/unbound-fwd.conf" >/dev/null || die "bad unbound-fwd config"
   spawn unbound-fwd "$PROXY_CORE" unbound -c "$TMP/unbound-fwd.conf" -d
 }
@@ -462,38 +365,6 @@ check_target_started() { # target
 }
 
 # ---------------------------------------------------------------- measuring
-# Unique names: <prefix><hex>.u.bench.test, a prefix per run, so no name repeats in the whole
-# benchmark (within a run only if a target answers more than NAMES_PER_SECOND per second).
-make_queries() { # file prefix count
-  mawk -v n="$3" -v p="$2" 'BEGIN { for (i = 0; i < n; i++) printf "%s%x.u.bench.test A\n", p, i }' >"$1"
-}
-
-# Reads dnsperf -v output: passes everything but the per-query lines through (timeouts
-# collapsed), and appends latency percentiles from a 1-microsecond histogram.
-# shellcheck disable=SC2016 # awk program, not shell
-LATENCY_AWK='
-/^> / { us = int($NF * 1e6 + 0.5); h[us]++; n++; if (us > mx) mx = us; next }
-/Query timed out/ { if (++to <= 5) print; next }
-/unexpected \(maybe timed out\) id/ { if (++un <= 5) print; next }
-{ print }
-END {
-  if (to > 5) printf "[Timeout] ... %d timeouts in all\n", to
-  if (un > 5) printf "Warning: ... %d late responses (after their timeout) in all\n", un
-  if (n == 0) { print "Latency percentiles (ms): none"; exit }
-  split("50 90 99 99.9", ps, " "); k = 1; c = 0
-  for (us = 0; us <= mx && k <= 4; us++) {
-    if (us in h) c += h[us]
-    while (k <= 4 && c >= n * ps[k] / 100) { v[k] = us; k++ }
-  }
-  printf "Latency percentiles (ms): p50 %.3f p90 %.3f p99 %.3f p99.9 %.3f max %.3f (of %d answers)\n",
-    v[1] / 1000, v[2] / 1000, v[3] / 1000, v[4] / 1000, mx / 1000, n
-}'
-
-# dnsperf "Statistics" field by label
-stat_field() { # file label field-index
-  awk -v l="$2" -v f="$3" 'index($0, l) { sub(/^.*:[ \t]+/, ""); split($0, a, /[ (]+/); print a[f]; exit }' "$1"
-}
-
 # One measurement: dnsperf against a target, with CPU and memory of the target process.
 # Appends one row to runs.tsv.
 measure() { # kind(sat|fixed) round target mode
@@ -719,6 +590,7 @@ main() {
   log "results to $OUT; temp dir $TMP; targets: $TARGETS"
   write_meta
 
+  log "throwaway CA and certificate for dns.test"
   make_certs
   start_upstream
   ((WIRE)) && start_capture
