@@ -109,6 +109,8 @@ class FakeConnection implements UpstreamConnection {
   stalledSince = 0;
   writesSinceAnswer = 0;
   closeRequested = false;
+  /** Set by a test: the server reads what comes on this connection and answers none of it. */
+  silent = false;
   readonly finished: Promise<void> = Promise.resolve();
   readonly #timers = new Set<number>();
 
@@ -197,10 +199,10 @@ class FakeConnection implements UpstreamConnection {
     const probe = exchange.kind === "probe";
     this.server.seen.push({ name, at: this.server.clock.now(), connection: this, probe });
     const reply = this.server.behaviour.reply(name);
-    if (reply.kind === "never") return;
+    if (reply.kind === "never" || this.silent) return;
     const id = exchange.wireId;
     this.#later(reply.ms ?? 0, () => {
-      if (this.state !== "open" || this.inflight.get(id) !== exchange) return;
+      if (this.state !== "open" || this.silent || this.inflight.get(id) !== exchange) return;
       if (reply.kind === "hangup") {
         this.#shutdown(null);
         return;
@@ -947,6 +949,37 @@ Deno.test("one late answer is not a dead upstream: others are answered, no failu
     assert.ok(others.every((q) => q.rcode === 0), "everyone else is answered");
     assert.equal(h.upstream("a").health.state, "up");
     assert.ok(h.server("a").probeTimes().length <= 2, "at most a probe or two");
+  });
+});
+
+Deno.test("a connection that stops answering while the upstream answers on another is closed, not the upstream taken down", async () => {
+  await withHarness(1, { healthCheckIntervalMs: 1000 }, (h) => {
+    h.start();
+    h.warm();
+    const a = h.upstream("a");
+    // The connection the next question goes to loses its path (a middlebox forgot it): what
+    // is written on it is read by nobody. New connections work.
+    const questions = [h.ask("first.example")];
+    const dead = h.server("a").seen.at(-1)!.connection;
+    assert.equal(h.server("a").seen.at(-1)!.name, "first.example.");
+    dead.silent = true;
+    let wentDown = false;
+    for (let i = 0; i < 300 && dead.state !== "closed"; i++) {
+      questions.push(h.ask(`q${i}.example`));
+      h.clock.advance(10);
+      wentDown ||= !a.usable;
+    }
+    assert.equal(dead.state, "closed", "the silent connection is closed");
+    assert.ok(!wentDown, "the upstream was never taken down");
+    assert.equal(h.log("closing an upstream connection that stopped answering").length, 1);
+    // Then idle: the health checks go over a working connection and are answered.
+    for (let i = 0; i < 50; i++) {
+      h.clock.advance(100);
+      wentDown ||= !a.usable;
+    }
+    assert.ok(!wentDown, "nor by an idle health check");
+    assert.ok(h.server("a").probeTimes().at(-1)! > h.clock.now() - 1500, "idle checks went on");
+    assert.ok(questions.every((q) => q.rcode === 0), "every question answered");
   });
 });
 

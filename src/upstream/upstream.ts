@@ -702,6 +702,20 @@ export class Upstream implements ConnectionOwner, Timed {
       this.log.debug("health check unanswered, but the upstream answers questions", {
         upstream: this.spec.label,
       });
+      if (
+        connection !== null && connection.state === "open" &&
+        connection.lastReadAt < probe.exchange.startedAt
+      ) {
+        // Unless the probe's connection itself has read nothing since: then it is that
+        // connection that went silent while others answer (a middlebox that lost its state
+        // drops what crosses it). Closed, not judged: what it still owes goes elsewhere now,
+        // and no later health check waits on it and takes the upstream down for it.
+        this.log.info("closing an upstream connection that stopped answering", {
+          upstream: this.spec.label,
+          owed: connection.load,
+        });
+        connection.close();
+      }
       this.#scheduleProbe(now);
       return;
     }
