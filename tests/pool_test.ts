@@ -844,16 +844,49 @@ Deno.test("health: idle upstreams are checked every --health-check-interval; bus
   });
 });
 
-Deno.test("health: a failed idle check puts it down at once; /readyz's state follows", async () => {
+Deno.test("health: a failed idle check is asked again on a new connection, then puts it down", async () => {
   await withHarness(1, { healthCheckIntervalMs: 1000 }, (h) => {
     h.start();
-    assert.equal(h.upstream("a").health.state, "up");
+    const a = h.upstream("a");
+    assert.equal(a.health.state, "up");
+    const first = h.server("a").connections.filter((c) => c.state === "open");
+    assert.equal(first.length, 1);
     h.server("a").behaviour.reply = () => ({ kind: "never" });
     h.clock.advance(1200);
-    // The check is out on the open connection; 500 ms later it has timed out.
+    // The check is out on the open connection; 500 ms later it has timed out. The silence
+    // may be that connection's alone, so the connection is closed and the check asked again
+    // on a new one, before anything is judged.
     h.clock.advance(600);
-    assert.equal(h.upstream("a").health.state, "down");
+    assert.equal(a.health.state, "up");
+    assert.equal(first[0].state, "closed");
+    assert.equal(h.server("a").probeTimes().length, 3, "start-up, idle, and again");
+    assert.equal(h.server("a").probeTimes().at(-1)!, h.server("a").connections.at(-1)!.openedAt);
+    // Unanswered on the new connection too: down.
+    h.clock.advance(600);
+    assert.equal(a.health.state, "down");
+    assert.equal(h.counts.checks.get("a")!.error, 2);
+  });
+});
+
+Deno.test("health: an idle check unanswered on an old connection, answered on a new one: never down", async () => {
+  await withHarness(1, { healthCheckIntervalMs: 1000 }, (h) => {
+    h.start();
+    const a = h.upstream("a");
+    const old = h.server("a").connections.find((c) => c.state === "open")!;
+    old.silent = true; // a NAT or firewall forgot the idle flow
+    let wentDown = false;
+    for (let i = 0; i < 40; i++) {
+      h.clock.advance(100);
+      wentDown ||= !a.usable;
+    }
+    assert.ok(!wentDown, "never down");
+    assert.equal(old.state, "closed");
     assert.equal(h.counts.checks.get("a")!.error, 1);
+    assert.ok(h.counts.checks.get("a")!.ok >= 2, "checks answered on the new connection");
+    assert.equal(h.log("checking again on a new connection").length, 1);
+    const question = h.ask("after.example");
+    h.clock.advance(5);
+    assert.equal(question.rcode, 0);
   });
 });
 

@@ -133,6 +133,11 @@ export class Probe implements Timed, ExchangeWaiter {
   readonly exchange: Exchange;
   /** True once its deadline was extended because its timer fired late (see probeTimedOut). */
   graced = false;
+  /**
+   * True for a check of an idle, up upstream sent on a connection opened earlier: left
+   * unanswered, it is asked again on a new connection before the upstream is judged.
+   */
+  recheck = false;
   readonly #upstream: Upstream;
 
   /** Creates a probe of `upstream`. */
@@ -614,10 +619,10 @@ export class Upstream implements ConnectionOwner, Timed {
       this.#scheduleProbe(now);
       return;
     }
-    this.#sendProbe(null);
+    this.#sendProbe(null, this.health.state !== "down");
   }
 
-  #sendProbe(on: UpstreamConnection | null): void {
+  #sendProbe(on: UpstreamConnection | null, idleCheck = false): void {
     if (this.#closed || this.#probe !== null) return;
     const probe = new Probe(this);
     this.#probe = probe;
@@ -634,6 +639,7 @@ export class Upstream implements ConnectionOwner, Timed {
       }
     }
     if (connection === null) connection = this.open();
+    else probe.recheck = idleCheck;
     probe.exchange.upstreamIndex = this.index;
     probe.exchange.startedAt = now;
     connection.send(probe.exchange);
@@ -720,6 +726,22 @@ export class Upstream implements ConnectionOwner, Timed {
       return;
     }
     const message = "a health check got no answer in time";
+    if (probe.recheck && connection !== null && connection.state === "open") {
+      // An idle check on a connection opened earlier: the silence may be that connection's
+      // (a NAT or firewall that forgot an idle flow drops what crosses it), not the
+      // upstream's, and nobody is waiting on it. Its connections that read nothing since
+      // are closed, not judged, and the check is asked again at once on a new connection,
+      // whose silence or failed handshake does judge.
+      this.log.info("idle health check unanswered; checking again on a new connection", {
+        upstream: this.spec.label,
+      });
+      const sentAt = probe.exchange.startedAt;
+      for (const other of [...this.connections]) {
+        if (other.state === "open" && other.lastReadAt < sentAt) other.close();
+      }
+      this.#sendProbe(null);
+      return;
+    }
     // Closing the connection as failed judges the upstream (onClosed); questions still on
     // it go elsewhere at once.
     if (connection !== null && connection.state === "open") {
