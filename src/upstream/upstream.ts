@@ -735,10 +735,7 @@ export class Upstream implements ConnectionOwner, Timed {
       this.log.info("idle health check unanswered; checking again on a new connection", {
         upstream: this.spec.label,
       });
-      const sentAt = probe.exchange.startedAt;
-      for (const other of [...this.connections]) {
-        if (other.state === "open" && other.lastReadAt < sentAt) other.close();
-      }
+      this.#closeSilentSince(probe.exchange.startedAt);
       this.#sendProbe(null);
       return;
     }
@@ -749,14 +746,18 @@ export class Upstream implements ConnectionOwner, Timed {
       // Other connections that answered nothing since the probe went out are as stalled (a
       // frozen server answers on none): close them too, so their questions move now and the
       // next probe does not wait on one of them again.
-      const sentAt = probe.exchange.startedAt;
-      for (const other of [...this.connections]) {
-        if (other.state === "open" && other.lastReadAt < sentAt) other.close();
-      }
+      this.#closeSilentSince(probe.exchange.startedAt);
     } else if (connection !== null && connection.state === "connecting") {
       connection.abandon("timeout", `no handshake within ${this.connectTimeoutMs} ms`);
     } else {
       this.#markDown(new UpstreamError("timeout", message, this.spec.label), false);
+    }
+  }
+
+  /** Closes (without judging the upstream) every open connection that read nothing since `at`. */
+  #closeSilentSince(at: number): void {
+    for (const connection of [...this.connections]) {
+      if (connection.state === "open" && connection.lastReadAt < at) connection.close();
     }
   }
 
