@@ -1,5 +1,11 @@
 import assert from "node:assert/strict";
 import {
+  CONFIG_DOC_PATH,
+  expectedGeneratedPart,
+  flagText,
+  generatedPart,
+} from "../scripts/gen_config_docs.ts";
+import {
   cidrContains,
   type Config,
   ConfigError,
@@ -799,41 +805,32 @@ Deno.test("cidrContains matches by prefix and family", () => {
   assert.ok(!cidrContains(net("::ffff:0:0/96"), ip("192.0.2.1")), "mapped addresses: no magic");
 });
 
-/** The rows of README.md's configuration table: [flag, variable, default] as written. */
-async function readmeSettings(): Promise<string[][]> {
-  const readme = await Deno.readTextFile(new URL("../README.md", import.meta.url));
-  const lines = readme.split("\n");
-  const start = lines.indexOf("## Configuration");
-  assert.ok(start >= 0, "README.md has a ## Configuration section");
-  const end = lines.findIndex((line, i) => i > start && line.startsWith("## "));
-  const section = lines.slice(start, end < 0 ? undefined : end);
-  const first = section.findIndex((line) => line.startsWith("|"));
-  assert.ok(first >= 0, "the Configuration section has a table");
-  const table: string[][] = [];
-  for (const line of section.slice(first)) {
-    if (!line.startsWith("|")) break;
-    // Cells split on unescaped pipes; GFM unescapes \| even inside code spans.
-    const cells = line.trim().slice(1, -1).split(/(?<!\\)\|/).map((c) =>
-      c.trim().replace(/\\\|/g, "|")
-    );
-    table.push(cells);
-  }
-  assert.deepEqual(table[0], ["flag", "environment variable", "default", "meaning"]);
-  assert.ok(table[1].every((cell) => /^:?-+:?$/.test(cell)), "separator row");
+/** The index table of docs/configuration.md's settings reference: [flag, variable] as written. */
+function referenceRows(part: string): string[][] {
+  const rows = part.split("\n").filter((line) => line.startsWith("| "));
+  const cells = rows.map((line) =>
+    line.slice(1, -1).split(/(?<!\\)\|/).map((c) => c.trim().replace(/\\\|/g, "|"))
+  );
+  assert.deepEqual(cells[0], ["flag", "environment variable", "default"]);
   const code = (cell: string) => /`([^`]*)`/.exec(cell)?.[1] ?? cell;
-  return table.slice(2).map(([flag, env, fallback, meaning]) => {
-    assert.ok(meaning.length > 0, `${env}: meaning`);
-    return [code(flag), code(env), fallback.replaceAll("`", "")];
-  });
+  return cells.slice(2).map(([flag, env]) => [code(flag), code(env)]);
 }
 
-Deno.test("README's configuration table lists exactly the settings, with the same defaults", async () => {
-  const expected = SETTINGS.map((s) => [
-    s.flag ? `--${s.flag}${s.arg ? " " + s.arg : ""}` : "(environment only)",
-    s.env,
-    s.defaultText,
-  ]);
-  assert.deepEqual(await readmeSettings(), expected);
+Deno.test("docs/configuration.md holds the settings reference `deno task docs` writes", async () => {
+  const page = await Deno.readTextFile(new URL(`../${CONFIG_DOC_PATH}`, import.meta.url));
+  const part = generatedPart(page);
+  assert.ok(part !== null, `${CONFIG_DOC_PATH} has the generated-part markers`);
+  // Every setting by flag and variable, in the table's order (a clearer failure than a diff).
+  assert.deepEqual(referenceRows(part), SETTINGS.map((s) => [flagText(s), s.env]));
+  for (const setting of SETTINGS) {
+    assert.ok(part.includes(setting.env), setting.env);
+    assert.ok(part.replace(/\s+/g, " ").includes(setting.defaultText), setting.defaultText);
+  }
+  assert.equal(
+    part,
+    await expectedGeneratedPart(),
+    `${CONFIG_DOC_PATH} is stale: run deno task docs`,
+  );
 });
 
 async function runMain(args: string[], env: Record<string, string> = {}) {
