@@ -8,7 +8,8 @@
  * ```
  *
  * Only the part between the two markers is generated; the prose around it is written by hand.
- * The output goes through `deno fmt`, so the page is the same bytes `deno fmt` would leave.
+ * The output goes through `deno fmt`, so the page is the same bytes `deno fmt` would leave; the
+ * prose around it is formatted as well.
  *
  * @module
  */
@@ -153,6 +154,13 @@ if (import.meta.main) {
     console.log(`${CONFIG_DOC_PATH} is up to date`);
   } else {
     await Deno.writeTextFile(path, replaceGeneratedPart(page, expected));
+    // The hand-written prose around the generated part is formatted too, as `deno task check`
+    // expects.
+    const fmt = await new Deno.Command(Deno.execPath(), {
+      args: ["fmt", "-q", CONFIG_DOC_PATH],
+      cwd: new URL("..", import.meta.url),
+    }).output();
+    if (!fmt.success) Deno.exit(1);
     console.log(`wrote ${CONFIG_DOC_PATH}`);
   }
 }
