@@ -3,12 +3,12 @@
  * the Dockerfile, .dockerignore, deploy/docker-compose.yml, every Kubernetes document under
  * deploy/kubernetes/, scripts/release.sh and the `compile` task in deno.json.
  *
- * Only reads files: `deno test --allow-read --allow-env tests/deploy_test.ts` (npm:yaml peeks at
- * LOG_TOKENS/LOG_STREAM in the environment; it is fetched from the npm registry on first use).
+ * Only reads files: `deno test --allow-read tests/deploy_test.ts`. The YAML is read by
+ * tests/support/yaml.ts (no third-party package, so every `deno task` runs offline).
  */
 
 import assert from "node:assert/strict";
-import { parse, parseAllDocuments } from "npm:yaml@2.8.1";
+import { parseYaml, parseYamlDocuments } from "./support/yaml.ts";
 import { ConfigError, parseConfig, SETTINGS } from "../src/config.ts";
 
 /** Every environment variable the binary reads. Any DOTPROXY_* name set elsewhere is a typo. */
@@ -117,14 +117,13 @@ async function walk(dir: string): Promise<string[]> {
  * any error or warning (duplicate keys included) fails.
  */
 async function loadYaml(rel: string): Promise<unknown[]> {
-  const docs = parseAllDocuments(await readText(rel), { version: "1.1" });
-  const out: unknown[] = [];
-  for (const doc of docs) {
-    assert.deepEqual(doc.errors.map((e) => e.message), [], `${rel}: YAML errors`);
-    assert.deepEqual(doc.warnings.map((e) => e.message), [], `${rel}: YAML warnings`);
-    const value: unknown = doc.toJS();
-    if (value !== null && value !== undefined) out.push(value);
+  let docs: unknown[];
+  try {
+    docs = parseYamlDocuments(await readText(rel), { version: "1.1" });
+  } catch (error) {
+    assert.fail(`${rel}: ${error instanceof Error ? error.message : error}`);
   }
+  const out = docs.filter((value) => value !== null && value !== undefined);
   assert.ok(out.length > 0, `${rel}: no YAML documents`);
   return out;
 }
@@ -996,7 +995,7 @@ Deno.test("deploy: the test's helpers parse what they claim to", () => {
   const df = parseDockerfile('FROM a AS b\n# c\nENV X=1 \\\n  # inner\n  Y="2 3"\nFROM d\n');
   assert.deepEqual(df.stages.map((s) => [s.from, s.name]), [["a", "b"], ["d", undefined]]);
   assert.deepEqual(keyValues(df.stages[0].instructions[0].args), { X: "1", Y: "2 3" });
-  assert.deepEqual(parse("a: on", { version: "1.1" }), { a: true });
+  assert.deepEqual(parseYaml("a: on", { version: "1.1" }), { a: true });
 });
 
 // =============================================================================================
@@ -1011,14 +1010,16 @@ const MAX_HEAP_SHARE = 0.7;
 
 /**
  * A workflow file parsed as GitHub Actions does: YAML 1.2, so `on:` is a key and not the boolean
- * YAML 1.1 makes of it. Any error or warning (duplicate keys included) fails.
+ * YAML 1.1 makes of it. Any error (duplicate keys included) fails.
  */
 async function loadWorkflow(rel: string): Promise<Obj> {
-  const docs = parseAllDocuments(await readText(rel), { version: "1.2" });
-  assert.equal(docs.length, 1, `${rel}: one YAML document`);
-  assert.deepEqual(docs[0].errors.map((e) => e.message), [], `${rel}: YAML errors`);
-  assert.deepEqual(docs[0].warnings.map((e) => e.message), [], `${rel}: YAML warnings`);
-  return obj(docs[0].toJS(), rel);
+  let doc: unknown;
+  try {
+    doc = parseYaml(await readText(rel), { version: "1.2" });
+  } catch (error) {
+    assert.fail(`${rel}: ${error instanceof Error ? error.message : error}`);
+  }
+  return obj(doc, rel);
 }
 
 interface WorkflowStep {
