@@ -185,6 +185,8 @@ export interface Setting {
   flag: string;
   /** Environment variable that sets the same value. */
   env: string;
+  /** Another name of the variable, accepted as well (setting both is an error); `""` if none. */
+  alias: string;
   /** Placeholder for the value in `--help`. */
   arg: string;
   /** Default shown in `--help` and the README. */
@@ -208,6 +210,8 @@ export type SettingField = Exclude<keyof Config, "command">;
 interface Declaration<K extends SettingField> {
   flag: string;
   env: string;
+  /** Another name of the variable (the name users keep writing); both set is an error. */
+  alias?: string;
   arg: string;
   help: string;
   group: string;
@@ -508,6 +512,9 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
   upstreams: {
     flag: "upstream",
     env: "DOTPROXY_UPSTREAMS",
+    // The flag is --upstream, and people write the variable the same way (issue 22): read it
+    // too rather than start on the public defaults. Never both.
+    alias: "DOTPROXY_UPSTREAM",
     arg: "IP[:PORT][#TLS_NAME]",
     group: "Upstreams",
     kind: "list",
@@ -733,11 +740,17 @@ const FIELDS = Object.keys(TABLE) as SettingField[];
 /** Every setting, in the order `--help` and the README list them. */
 export const SETTINGS: readonly Setting[] = FIELDS.map((field) => {
   const { flag, env, arg, defaultText, range, help, group, kind } = TABLE[field];
-  return { flag, env, arg, defaultText, range, help, group, field, kind };
+  const alias = TABLE[field].alias ?? "";
+  return { flag, env, alias, arg, defaultText, range, help, group, field, kind };
 });
 
 /** Every environment variable dotproxy reads, in the order of {@linkcode SETTINGS}. */
 export const KNOWN_VARIABLES: readonly string[] = SETTINGS.map((setting) => setting.env);
+
+/** The variables accepted as other names of {@linkcode KNOWN_VARIABLES}, and what they mean. */
+const ALIASES: ReadonlyMap<string, string> = new Map(
+  SETTINGS.filter((s) => s.alias !== "").map((s) => [s.alias, s.env]),
+);
 
 const BY_FLAG = new Map(SETTINGS.filter((s) => s.flag !== "").map((s) => [s.flag, s]));
 
@@ -792,7 +805,8 @@ export function helpText(): string {
       : "(environment only)";
     lines.push(`  ${name}`);
     lines.push(...wrap(setting.help));
-    const facts = [`env: ${setting.env}`, `default: ${setting.defaultText}`];
+    const env = setting.alias ? `${setting.env} (or ${setting.alias})` : setting.env;
+    const facts = [`env: ${env}`, `default: ${setting.defaultText}`];
     if (setting.range) facts.push(`range: ${setting.range}`);
     const oneLine = `${HELP_INDENT}${facts.join("   ")}`;
     lines.push(...(oneLine.length <= HELP_WIDTH ? [oneLine] : facts.flatMap((fact) => wrap(fact))));
@@ -1132,19 +1146,108 @@ export function parsePemCertificates(text: string, what: string): string[] {
 // ---------------------------------------------------------------------------------------------
 // The command line and the environment.
 
+const IP_VALUE = /^(\d{1,3}(\.\d{1,3}){3}|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$/;
+const PORT_VALUE = /^\d{1,5}$/;
+/** `tcp://10.96.0.10:53`, `udp://[fd00::a]:53` */
+const LINK_VALUE = /^(tcp|udp|sctp):\/\/(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$/;
 /**
- * The `DOTPROXY_*` names among `names` that no setting reads (typos, or variables that
- * Kubernetes service links inject), sorted.
+ * The names Kubernetes service links give a Service whose name starts with `dotproxy`
+ * (`dotproxy`, or `dotproxy-x`: the optional group), each with the form of its value
+ * (kubelet's envvars.FromServices): `_SERVICE_HOST`, `_SERVICE_PORT`, `_SERVICE_PORT_<NAME>`,
+ * `_PORT`, `_PORT_<N>_<PROTO>` and its `_PROTO`, `_PORT`, `_ADDR`. A name may read several
+ * ways (`DOTPROXY_PORT_53_UDP_PORT`), so each pattern is tried.
+ */
+const SERVICE_LINKS: readonly [RegExp, (value: string, m: RegExpExecArray) => boolean][] = [
+  [/^DOTPROXY(?:_[A-Z0-9_]+)?_SERVICE_HOST$/, (value) => IP_VALUE.test(value)],
+  [/^DOTPROXY(?:_[A-Z0-9_]+)?_SERVICE_PORT(?:_[A-Z0-9_]+)?$/, (value) => PORT_VALUE.test(value)],
+  [/^DOTPROXY(?:_[A-Z0-9_]+)?_PORT$/, (value) => LINK_VALUE.test(value)],
+  [/^DOTPROXY(?:_[A-Z0-9_]+)?_PORT_(\d{1,5})_(TCP|UDP|SCTP)$/, (value, [, port, proto]) => {
+    const link = LINK_VALUE.exec(value);
+    return link !== null && link[1] === proto.toLowerCase() && link[3] === port;
+  }],
+  [
+    /^DOTPROXY(?:_[A-Z0-9_]+)?_PORT_\d{1,5}_(TCP|UDP|SCTP)_PROTO$/,
+    (value, [, proto]) => value === proto.toLowerCase(),
+  ],
+  [
+    /^DOTPROXY(?:_[A-Z0-9_]+)?_PORT_(\d{1,5})_(?:TCP|UDP|SCTP)_PORT$/,
+    (value, [, port]) => value === port,
+  ],
+  [
+    /^DOTPROXY(?:_[A-Z0-9_]+)?_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_ADDR$/,
+    (value) => IP_VALUE.test(value),
+  ],
+];
+
+/**
+ * True when `name=value` is a variable that Kubernetes service links inject for a Service
+ * named `dotproxy` (or `dotproxy-...`) into every pod of the namespace, such as
+ * `DOTPROXY_SERVICE_HOST=10.96.0.10` or `DOTPROXY_PORT_53_UDP=udp://10.96.0.10:53`. Both the
+ * name and the form of the value must match, so a misspelt setting (`DOTPROXY_HTTP_PORT=5380`)
+ * is not mistaken for one.
+ *
+ * @example
+ * ```ts
+ * import { isServiceLinkVariable } from "./config.ts";
+ * isServiceLinkVariable("DOTPROXY_PORT_53_UDP_PROTO", "udp"); // true
+ * isServiceLinkVariable("DOTPROXY_PORT", "5300"); // false
+ * ```
+ */
+export function isServiceLinkVariable(name: string, value: string): boolean {
+  return SERVICE_LINKS.some(([pattern, valid]) => {
+    const m = pattern.exec(name);
+    return m !== null && valid(value, m);
+  });
+}
+
+/**
+ * The `DOTPROXY_*` names among `names` that dotproxy does not read: neither a setting's
+ * variable, nor an alias of one, nor a Kubernetes service link ({@linkcode isServiceLinkVariable},
+ * judged by the value `env` gives). Sorted.
  *
  * @example
  * ```ts
  * import { unknownVariables } from "./config.ts";
- * unknownVariables(["PATH", "DOTPROXY_UPSTREAM", "DOTPROXY_LISTEN"]); // ["DOTPROXY_UPSTREAM"]
+ * unknownVariables(["PATH", "DOTPROXY_TIMEOUT", "DOTPROXY_LISTEN"]); // ["DOTPROXY_TIMEOUT"]
  * ```
  */
-export function unknownVariables(names: string[]): string[] {
+export function unknownVariables(
+  names: readonly string[],
+  env: EnvReader = () => undefined,
+): string[] {
   const known = new Set(KNOWN_VARIABLES);
-  return names.filter((name) => name.startsWith("DOTPROXY_") && !known.has(name)).sort();
+  return names.filter((name) =>
+    name.startsWith("DOTPROXY_") && !known.has(name) && !ALIASES.has(name) &&
+    !isServiceLinkVariable(name, env(name) ?? "")
+  ).sort();
+}
+
+/** The known variable closest to a misspelt one, if any is close. */
+function closestVariable(name: string): string | undefined {
+  let best: string | undefined;
+  let bestDistance = 4;
+  for (const known of [...KNOWN_VARIABLES, ...ALIASES.keys()]) {
+    // DOTPROXY_TIMEOUT for DOTPROXY_TIMEOUT_MS: a missing unit suffix is the usual slip.
+    const distance = known.startsWith(`${name}_`) ? 1 : editDistance(name, known);
+    if (distance < bestDistance) {
+      best = ALIASES.get(known) ?? known;
+      bestDistance = distance;
+    }
+  }
+  return best;
+}
+
+/** The one-line error for unknown variables, each with its likely meaning. */
+function unknownVariablesError(unknown: readonly string[]): ConfigError {
+  const described = unknown.map((name) => {
+    const near = closestVariable(name);
+    return near === undefined ? name : `${name} (did you mean ${near}?)`;
+  });
+  const noun = unknown.length === 1 ? "variable" : "variables";
+  return new ConfigError(
+    `unknown environment ${noun} ${described.join(", ")}; ` +
+      `dotproxy reads only the DOTPROXY_* variables --help lists`,
+  );
 }
 
 /** Reads one environment variable; injected so tests and the config never touch globals. */
@@ -1264,6 +1367,13 @@ function fill<K extends SettingField>(
   flags: Map<string, string[]>,
   env: EnvReader,
 ): void {
+  const aliasValue = declaration.alias === undefined ? undefined : env(declaration.alias);
+  if (aliasValue !== undefined && env(declaration.env) !== undefined) {
+    throw new ConfigError(
+      `${declaration.alias} and ${declaration.env} are both set; ${declaration.alias} is ` +
+        `another name for ${declaration.env}: set one`,
+    );
+  }
   const given = declaration.flag === "" ? undefined : flags.get(declaration.flag);
   if (given !== undefined) {
     const what = `--${declaration.flag}`;
@@ -1274,9 +1384,10 @@ function fill<K extends SettingField>(
     return;
   }
   const fromEnv = env(declaration.env);
-  if (fromEnv !== undefined) {
-    config[field] = declaration.parse(fromEnv, declaration.env);
-    sources.set(field, declaration.env);
+  if (fromEnv !== undefined || aliasValue !== undefined) {
+    const name = fromEnv !== undefined ? declaration.env : declaration.alias!;
+    config[field] = declaration.parse(fromEnv ?? aliasValue!, name);
+    sources.set(field, name);
     return;
   }
   config[field] = declaration.fallback(config);
@@ -1319,7 +1430,10 @@ export function defaultConfig(): Config {
 }
 
 /**
- * Builds the configuration from arguments and environment.
+ * Builds the configuration from arguments and environment. With `variables`, the names of
+ * every variable in the environment, a `DOTPROXY_*` name that nothing reads is an error
+ * (a misspelt setting would otherwise leave its default in force); Kubernetes service links
+ * are recognised and left alone.
  *
  * @example
  * ```ts
@@ -1328,10 +1442,16 @@ export function defaultConfig(): Config {
  * if (request.kind === "config") console.log(request.config.listen);
  * ```
  */
-export function parseConfig(args: string[], env: EnvReader): ConfigRequest {
+export function parseConfig(
+  args: string[],
+  env: EnvReader,
+  variables?: readonly string[],
+): ConfigRequest {
   const line = readCommandLine(args);
   if (line.help) return { kind: "help" };
   if (line.version) return { kind: "version" };
+  const unknown = variables === undefined ? [] : unknownVariables(variables, env);
+  if (unknown.length > 0) throw unknownVariablesError(unknown);
 
   let command: Config["command"] = "serve";
   const positionals = line.positionals;

@@ -7,6 +7,7 @@ import {
   defaultConfig,
   helpText,
   isIpLiteral,
+  isServiceLinkVariable,
   KNOWN_VARIABLES,
   parseCidr,
   parseConfig,
@@ -159,9 +160,122 @@ Deno.test("unknown DOTPROXY_* variables are reported, known ones and others are 
       "DOTPROXY_RATE_LIMIT_BURST",
       "DOTPROXY_CACHE_SIZ",
     ]),
-    ["DOTPROXY_CACHE_SIZ", "DOTPROXY_SERVICE_HOST", "DOTPROXY_UPSTREAM"],
+    // No value given: DOTPROXY_SERVICE_HOST without an address is no service link.
+    ["DOTPROXY_CACHE_SIZ", "DOTPROXY_SERVICE_HOST"],
   );
   assert.deepEqual(unknownVariables([...KNOWN_VARIABLES]), []);
+});
+
+/** What kubelet injects for deploy/kubernetes/service.yaml's Service `dotproxy`. */
+const SERVICE_LINKS: Record<string, string> = {
+  DOTPROXY_SERVICE_HOST: "10.96.0.53",
+  DOTPROXY_SERVICE_PORT: "53",
+  DOTPROXY_SERVICE_PORT_DNS: "53",
+  DOTPROXY_SERVICE_PORT_DNS_TCP: "53",
+  DOTPROXY_SERVICE_PORT_METRICS: "5380",
+  DOTPROXY_PORT: "udp://10.96.0.53:53",
+  DOTPROXY_PORT_53_UDP: "udp://10.96.0.53:53",
+  DOTPROXY_PORT_53_UDP_PROTO: "udp",
+  DOTPROXY_PORT_53_UDP_PORT: "53",
+  DOTPROXY_PORT_53_UDP_ADDR: "10.96.0.53",
+  DOTPROXY_PORT_53_TCP: "tcp://10.96.0.53:53",
+  DOTPROXY_PORT_53_TCP_PROTO: "tcp",
+  DOTPROXY_PORT_53_TCP_PORT: "53",
+  DOTPROXY_PORT_53_TCP_ADDR: "10.96.0.53",
+  DOTPROXY_PORT_5380_TCP: "tcp://10.96.0.53:5380",
+  DOTPROXY_PORT_5380_TCP_PROTO: "tcp",
+  DOTPROXY_PORT_5380_TCP_PORT: "5380",
+  DOTPROXY_PORT_5380_TCP_ADDR: "10.96.0.53",
+  // A second Service, dotproxy-metrics, on IPv6.
+  DOTPROXY_METRICS_SERVICE_HOST: "fd00::a",
+  DOTPROXY_METRICS_PORT: "tcp://[fd00::a]:5380",
+  DOTPROXY_METRICS_PORT_5380_TCP_ADDR: "fd00::a",
+};
+
+/** parseConfig as main.ts calls it: the environment's names given, so unknown ones fail. */
+function strictConfig(args: string[], env: Record<string, string>): Config {
+  const request = parseConfig(args, (name) => env[name], Object.keys(env));
+  assert.equal(request.kind, "config");
+  return (request as { config: Config }).config;
+}
+
+function strictFailure(args: string[], env: Record<string, string>): string {
+  try {
+    parseConfig(args, (name) => env[name], Object.keys(env));
+  } catch (error) {
+    assert.ok(error instanceof ConfigError, `expected ConfigError, got ${error}`);
+    assert.ok(!error.message.includes("\n"), "one line");
+    return error.message;
+  }
+  assert.fail(`expected ${JSON.stringify(env)} to fail`);
+}
+
+Deno.test("an unknown DOTPROXY_* variable is a configuration error with a suggestion", () => {
+  const cases: [Record<string, string>, RegExp][] = [
+    [
+      { DOTPROXY_TIMEOUT: "4000" },
+      /unknown environment variable DOTPROXY_TIMEOUT \(did you mean DOTPROXY_TIMEOUT_MS\?\)/,
+    ],
+    [
+      { DOTPROXY_UPSTRAEMS: "10.0.0.53#dns.corp" },
+      /DOTPROXY_UPSTRAEMS \(did you mean DOTPROXY_UPSTREAMS\?\)/,
+    ],
+    [{ DOTPROXY_LISTN: "0.0.0.0:53" }, /did you mean DOTPROXY_LISTEN\?/],
+    [{ DOTPROXY_HTTP_PORT: "5380" }, /unknown environment variable DOTPROXY_HTTP_PORT/],
+    [{ DOTPROXY_WHATEVER_ELSE: "1" }, /variable DOTPROXY_WHATEVER_ELSE; dotproxy reads only/],
+    [
+      { DOTPROXY_CACHE_SIZ: "5", DOTPROXY_LOGLEVEL: "debug" },
+      /variables DOTPROXY_CACHE_SIZ \(did you mean DOTPROXY_CACHE_SIZE\?\), DOTPROXY_LOGLEVEL \(did you mean DOTPROXY_LOG_LEVEL\?\)/,
+    ],
+    // Service-link names whose values are not what kubelet writes are typos, not links.
+    [{ DOTPROXY_PORT: "5300" }, /unknown environment variable DOTPROXY_PORT/],
+    [
+      { DOTPROXY_SERVICE_HOST: "dotproxy.svc" },
+      /unknown environment variable DOTPROXY_SERVICE_HOST/,
+    ],
+    [{ DOTPROXY_PORT_53_UDP_PROTO: "tcp" }, /DOTPROXY_PORT_53_UDP_PROTO/],
+    [{ DOTPROXY_PORT_53_UDP: "tcp://10.0.0.1:53" }, /DOTPROXY_PORT_53_UDP/],
+    [{ DOTPROXY_PORT_53_UDP_PORT: "54" }, /DOTPROXY_PORT_53_UDP_PORT/],
+  ];
+  for (const [env, pattern] of cases) {
+    assert.match(strictFailure([], env), pattern, JSON.stringify(env));
+    // Without the names (tests, library use) the same input is accepted as before.
+    assert.equal(parseConfig([], (name) => env[name]).kind, "config");
+  }
+  // Other variables are not dotproxy's business; --help and --version look at nothing.
+  assert.equal(
+    strictConfig([], { PATH: "/bin", DOTPROXYX: "1", dotproxy_x: "1" }).command,
+    "serve",
+  );
+  assert.equal(parseConfig(["--help"], () => "x", ["DOTPROXY_NOPE"]).kind, "help");
+});
+
+Deno.test("Kubernetes service links for a Service named dotproxy are not errors", () => {
+  const c = strictConfig([], { ...SERVICE_LINKS, DOTPROXY_LISTEN: "0.0.0.0:5300" });
+  assert.deepEqual(c.listen, [{ hostname: "0.0.0.0", port: 5300 }]);
+  for (const [name, value] of Object.entries(SERVICE_LINKS)) {
+    assert.ok(isServiceLinkVariable(name, value), `${name}=${value}`);
+  }
+  assert.ok(!isServiceLinkVariable("DOTPROXY_LISTEN", "0.0.0.0:5300"));
+  assert.ok(!isServiceLinkVariable("DOTPROXY_PORT_53_QUIC", "quic://10.0.0.1:53"));
+});
+
+Deno.test("DOTPROXY_UPSTREAM is another name for DOTPROXY_UPSTREAMS; never both", () => {
+  const one = strictConfig([], { DOTPROXY_UPSTREAM: "10.0.0.53#dns.corp" });
+  assert.deepEqual(one.upstreams.map((u) => u.label), ["10.0.0.53:853#dns.corp"]);
+  // Its errors name it.
+  assert.match(
+    strictFailure([], { DOTPROXY_UPSTREAM: "dns.corp" }),
+    /^DOTPROXY_UPSTREAM "dns.corp": "dns.corp" is not an IP address/,
+  );
+  assert.match(
+    strictFailure([], { DOTPROXY_UPSTREAM: "10.0.0.53", DOTPROXY_UPSTREAMS: "10.0.0.54" }),
+    /DOTPROXY_UPSTREAM and DOTPROXY_UPSTREAMS are both set; DOTPROXY_UPSTREAM is another name for DOTPROXY_UPSTREAMS: set one/,
+  );
+  // The flag wins over either, as over any variable.
+  const flag = strictConfig(["--upstream", "10.0.0.9"], { DOTPROXY_UPSTREAM: "10.0.0.53" });
+  assert.deepEqual(flag.upstreams.map((u) => u.address), ["10.0.0.9"]);
+  assert.ok(helpText().includes("DOTPROXY_UPSTREAMS (or DOTPROXY_UPSTREAM)"));
 });
 
 Deno.test("help lists every flag with its variable and default; version and healthcheck", () => {
@@ -860,6 +974,9 @@ Deno.test("main: invalid configuration is one line on stderr and exit code 2", a
       [["--timeout", "-5"], {}, '--timeout: "-5" is not a whole number'],
       [["--upstream", "tls://1.1.1.1"], {}, "(no scheme: 1.1.1.1#cloudflare-dns.com)"],
       [["--allow", "10.0.0.1/8"], {}, "did you mean 10.0.0.0/8?"],
+      [[], { DOTPROXY_TIMEOUT: "4000" }, "did you mean DOTPROXY_TIMEOUT_MS?"],
+      // Service links pass the variable check: the error is the bad --listen.
+      [["--listen", "127.0.0.1:0x"], SERVICE_LINKS, '--listen "127.0.0.1:0x"'],
     ] as [string[], Record<string, string>, string][]
   ) {
     const result = await runMain(args, env);
