@@ -61,8 +61,13 @@ export interface RunningProxy {
   readonly metrics: ProxyMetrics;
   /** True once draining started. */
   readonly draining: boolean;
-  /** Decides readiness as `/readyz` does. */
+  /**
+   * Decides readiness as `/readyz` does: ready while the listeners serve, not ready once
+   * draining. Upstream health does not enter into it (see {@linkcode upstreamHealth}).
+   */
   readiness(): Promise<Readiness>;
+  /** Whether an upstream answers, as `/healthz/upstreams` says (for alerting). */
+  upstreamHealth(): Promise<Readiness>;
   /**
    * Graceful shutdown: readiness turns 503 at once; listeners keep answering for
    * `delayMs`; then they stop accepting, queries in flight get `timeoutMs` to finish, and
@@ -89,7 +94,7 @@ function describeBindError(error: unknown, address: ListenAddress, what: string)
   return `cannot listen on ${shown} (${what}): ${message}`;
 }
 
-/** How long `/readyz` waits for the first health checks at start before answering. */
+/** How long `/healthz/upstreams` waits for the first health checks at start before answering. */
 const STARTUP_READY_WAIT_MS = 3000;
 
 /**
@@ -179,7 +184,16 @@ export async function startProxy(
 
   let draining = false;
   const startedAt = clock.now();
-  const readiness = async (): Promise<Readiness> => {
+  // Readiness is about this replica, never about what every replica shares: when all the
+  // upstreams are down (a provider outage, port 853 blocked), failing /readyz would take every
+  // replica out of the Service at once, and serve-stale could answer no one (issue 22). As
+  // CoreDNS's `ready`: ready once it serves, until it drains. Upstream health is reported by
+  // /healthz/upstreams and the dotproxy_upstream_healthy metric, for alerts.
+  const readiness = (): Promise<Readiness> =>
+    Promise.resolve(
+      draining ? { ready: false, reason: "shutting down" } : { ready: true, reason: "serving" },
+    );
+  const upstreamHealth = async (): Promise<Readiness> => {
     if (draining) return { ready: false, reason: "shutting down" };
     if (pool === null) return { ready: true, reason: "forwarder injected" };
     for (let round = 0; round < 2; round++) {
@@ -259,6 +273,7 @@ export async function startProxy(
         http = HttpServer.listen(address, {
           metrics: () => metrics.registry.render(),
           readiness,
+          upstreams: upstreamHealth,
         }, log);
       } catch (error) {
         throw new StartupError(describeBindError(error, address, "http"));
@@ -284,6 +299,7 @@ export async function startProxy(
       return draining;
     },
     readiness,
+    upstreamHealth,
     drain,
     close: () => {
       draining = true;

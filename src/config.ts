@@ -416,7 +416,7 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     kind: "value",
     defaultText: "off",
     range: "",
-    help: "serve /metrics, /healthz and /readyz over HTTP here",
+    help: "serve /metrics, /healthz, /readyz and /healthz/upstreams over HTTP here",
     parse: (text, what) => text.trim() === "" ? null : parseListenAddress(text, what),
     fallback: () => null,
   },
