@@ -153,6 +153,11 @@ export interface Config {
   shutdownDelayMs: number;
   /** Milliseconds in-flight queries get to finish at shutdown before the process exits. */
   shutdownTimeoutMs: number;
+  /**
+   * Set by the container image: the settings its HEALTHCHECK needs (`--listen`, `--http`,
+   * `--allow`) come from the environment only, where `dotproxy healthcheck` reads them too.
+   */
+  container: boolean;
 }
 
 /** Raised for invalid configuration; the message is the one line shown to the user. */
@@ -733,7 +738,25 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     ...whole(10_000, 0, 600_000),
     help: "then give queries in flight this long to finish before exiting",
   },
+  container: {
+    flag: "",
+    env: "DOTPROXY_CONTAINER",
+    group: "Container",
+    ...toggle(false),
+    arg: "",
+    help: "set by the container image: --listen, --http and --allow must then be given as " +
+      "DOTPROXY_* variables, not flags, because the image's HEALTHCHECK (dotproxy " +
+      "healthcheck) sees only the environment",
+  },
 };
+
+/**
+ * The settings `dotproxy healthcheck` needs to find and ask the server. In the container
+ * image (`DOTPROXY_CONTAINER=true`) they must come from the environment: Docker runs the
+ * HEALTHCHECK command with the container's environment but without the arguments given after
+ * the image name, so a flag would move the server where the check never looks (issue 22).
+ */
+const HEALTHCHECK_FIELDS: readonly SettingField[] = ["listen", "http", "allow"];
 
 const FIELDS = Object.keys(TABLE) as SettingField[];
 
@@ -1412,6 +1435,19 @@ function build(command: Config["command"], flags: Map<string, string[]>, env: En
   // Complete: TABLE's type has one declaration for every field but `command`, set above.
   const complete = config as Config;
   checkTogether(complete, sources);
+  if (complete.container && command === "serve") {
+    for (const field of HEALTHCHECK_FIELDS) {
+      const { flag, env: name } = TABLE[field];
+      const given = flags.get(flag);
+      if (given === undefined) continue;
+      const value = given.join(",");
+      throw new ConfigError(
+        `--${flag} is given as a flag, but in the container image (DOTPROXY_CONTAINER=true) ` +
+          `it must be the variable ${name}, which the image's HEALTHCHECK reads too: ` +
+          `docker run -e ${name}=${value} ... (not a flag after the image name)`,
+      );
+    }
+  }
   return complete;
 }
 

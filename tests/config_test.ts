@@ -975,6 +975,11 @@ Deno.test("main: invalid configuration is one line on stderr and exit code 2", a
       [["--upstream", "tls://1.1.1.1"], {}, "(no scheme: 1.1.1.1#cloudflare-dns.com)"],
       [["--allow", "10.0.0.1/8"], {}, "did you mean 10.0.0.0/8?"],
       [[], { DOTPROXY_TIMEOUT: "4000" }, "did you mean DOTPROXY_TIMEOUT_MS?"],
+      [
+        ["--listen", "0.0.0.0:53"],
+        { DOTPROXY_CONTAINER: "true" },
+        "docker run -e DOTPROXY_LISTEN=0.0.0.0:53",
+      ],
       // Service links pass the variable check: the error is the bad --listen.
       [["--listen", "127.0.0.1:0x"], SERVICE_LINKS, '--listen "127.0.0.1:0x"'],
     ] as [string[], Record<string, string>, string][]

@@ -867,6 +867,55 @@ Deno.test("deploy: Dockerfile builds with Deno and runs on distroless as nonroot
   }
 });
 
+/** parseConfig as main.ts runs it in the image: the image's ENV, then `env` over it. */
+function imageConfig(args: string[], env: ReadonlyMap<string, string | undefined> = new Map()) {
+  const all = new Map<string, string>(dockerEnv());
+  for (const [name, value] of env) if (value !== undefined) all.set(name, value);
+  return parseConfig(args, (name) => all.get(name), [...all.keys()]);
+}
+
+Deno.test("deploy: the image's HEALTHCHECK checks where the server serves, flags or not", () => {
+  // Docker runs HEALTHCHECK with the container's environment, never with the arguments given
+  // after the image name: those settings must come from the environment in the image.
+  assert.equal(dockerEnv().get("DOTPROXY_CONTAINER"), "true", "Dockerfile ENV DOTPROXY_CONTAINER");
+  assert.deepEqual(dockerHealthcheck().cmd, HEALTHCHECK_CMD, "no flags in the HEALTHCHECK");
+  const serve = imageConfig([]);
+  const check = imageConfig(["healthcheck"]);
+  assert.ok(serve.kind === "config" && check.kind === "config");
+  assert.deepEqual(check.config.listen, serve.config.listen);
+  assert.deepEqual(check.config.http, serve.config.http);
+  assert.deepEqual(check.config.allow, serve.config.allow);
+  for (
+    const [flag, value, variable] of [
+      ["--listen", "0.0.0.0:53", "DOTPROXY_LISTEN"],
+      ["--http", "0.0.0.0:9153", "DOTPROXY_HTTP"],
+      ["--allow", "10.0.0.0/8", "DOTPROXY_ALLOW"],
+    ]
+  ) {
+    assert.throws(() => imageConfig([flag, value]), (error: unknown) => {
+      assert.ok(error instanceof ConfigError, String(error));
+      assert.ok(
+        error.message.includes(`it must be the variable ${variable}`) &&
+          error.message.includes(`docker run -e ${variable}=${value}`),
+        error.message,
+      );
+      return true;
+    });
+  }
+  // Settings the check does not need may still be flags after the image name.
+  const flags = imageConfig(["--log-level", "debug", "--upstream", "9.9.9.9#dns.quad9.net"]);
+  assert.equal(flags.kind, "config");
+  // What compose and Kubernetes pass runs in the image as it is.
+  const composeCommand = composeService.command === undefined
+    ? []
+    : arr(composeService.command, "compose command").map((w) => str(w, "command"));
+  imageConfig(composeCommand, composeEnv());
+  const podArgs = container.args === undefined
+    ? []
+    : arr(container.args, "container args").map((w) => str(w, "args"));
+  imageConfig(podArgs, podEnv);
+});
+
 Deno.test("deploy: Dockerfile OCI labels carry the release version", () => {
   assert.equal(dockerArgDefault(runStage, "VERSION"), VERSION, "ARG VERSION default");
   const labels: Record<string, string> = {};
