@@ -9,7 +9,7 @@
 
 import { formatHostPort } from "./src/address.ts";
 import { startProxy, StartupError } from "./src/app.ts";
-import { ConfigError, helpText, parseConfig } from "./src/config.ts";
+import { ConfigError, formatConfig, helpText, parseConfig } from "./src/config.ts";
 import { healthcheck } from "./src/healthcheck.ts";
 import { Logger } from "./src/log.ts";
 import { VERSION } from "./src/version.ts";
@@ -38,6 +38,14 @@ async function main(args: string[]): Promise<number> {
     return 0;
   }
   const config = request.config;
+  if (request.mode === "print-config") {
+    console.log(formatConfig(config, request.sources));
+    return 0;
+  }
+  if (request.mode === "check-config") {
+    console.log(`dotproxy: the configuration is valid`);
+    return 0;
+  }
   if (config.command === "healthcheck") {
     const result = await healthcheck(config);
     console.log(`${result.healthy ? "healthy" : "unhealthy"}: ${result.detail}`);

@@ -10,7 +10,9 @@
  * @module
  */
 
+import { formatHostPort } from "./address.ts";
 import { LOG_LEVELS, type LogFormat, type LogLevel } from "./log.ts";
+import { VERSION } from "./version.ts";
 import { RCODE_MNEMONICS } from "./dns/wire.ts";
 
 /** An address to listen on. */
@@ -169,10 +171,17 @@ export class ConfigError extends Error {
   }
 }
 
+/** What to do with a valid configuration instead of running: `--print-config`, `--check-config`. */
+export type ConfigMode = "print-config" | "check-config";
+
 /** A request for help or the version rather than a configuration. */
 export type ConfigRequest = { kind: "help" } | { kind: "version" } | {
   kind: "config";
   config: Config;
+  /** Set when `--print-config` or `--check-config` asked to stop after parsing. */
+  mode?: ConfigMode;
+  /** Where each field's value came from (a flag or a variable); absent for defaults. */
+  sources?: ReadonlyMap<SettingField, string>;
 };
 
 /** How a flag takes its value on the command line. */
@@ -206,6 +215,8 @@ export interface Setting {
   field: SettingField;
   /** How the flag takes its value. */
   kind: SettingKind;
+  /** A secret: `--print-config` shows `<redacted>` for it. */
+  secret: boolean;
 }
 
 /** The fields that settings fill (the subcommand is a positional word, not a setting). */
@@ -227,6 +238,11 @@ interface Declaration<K extends SettingField> {
   parse: (text: string, what: string) => Config[K];
   /** The value when neither flag nor variable is given; sees the fields declared before. */
   fallback: (earlier: Readonly<Partial<Config>>) => Config[K];
+  /** A secret (a private key): `--print-config` shows `<redacted>` instead of it. */
+  secret?: boolean;
+  /** The value as the variable would take it, for `--print-config`, where the generic is wrong. */
+  // Method syntax: checked bivariantly, so a Declaration<"listen"> is a Declaration<SettingField>.
+  show?(value: Config[K]): string;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,6 +557,11 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     help: "PEM text of extra CA certificates to trust for upstreams (text, not a path)",
     parse: (text, what) => text.trim() === "" ? [] : parsePemCertificates(text, what),
     fallback: () => [],
+    // Not secret, but long, and what is trusted is better read from the source it came from.
+    show: (pems) =>
+      pems.length === 0
+        ? ""
+        : `<redacted: ${pems.length} PEM certificate${pems.length === 1 ? "" : "s"}>`,
   },
   timeoutMs: {
     flag: "timeout",
@@ -599,6 +620,7 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     help: "answers with these response codes are retried on another upstream",
     parse: parseRcodes,
     fallback: () => parseRcodes(DEFAULT_FAILOVER_RCODES, "default --failover-rcodes"),
+    show: (codes) => codes.map((code) => RCODE_MNEMONICS[code] ?? String(code)).join(","),
   },
   healthCheckIntervalMs: {
     flag: "health-check-interval",
@@ -764,7 +786,8 @@ const FIELDS = Object.keys(TABLE) as SettingField[];
 export const SETTINGS: readonly Setting[] = FIELDS.map((field) => {
   const { flag, env, arg, defaultText, range, help, group, kind } = TABLE[field];
   const alias = TABLE[field].alias ?? "";
-  return { flag, env, alias, arg, defaultText, range, help, group, field, kind };
+  const secret = TABLE[field].secret ?? false;
+  return { flag, env, alias, arg, defaultText, range, help, group, field, kind, secret };
 });
 
 /** Every environment variable dotproxy reads, in the order of {@linkcode SETTINGS}. */
@@ -837,6 +860,8 @@ export function helpText(): string {
   lines.push("", "Other:");
   lines.push("  -h, --help       print this help");
   lines.push("  -V, --version    print the version");
+  lines.push("  --print-config   print the effective configuration (secrets redacted), exit");
+  lines.push("  --check-config   check the configuration; exit 0 when valid, 2 when not");
   return lines.join("\n");
 }
 
@@ -1280,6 +1305,7 @@ export type EnvReader = (name: string) => string | undefined;
 interface CommandLine {
   help: boolean;
   version: boolean;
+  mode: ConfigMode | undefined;
   /** Raw values by flag name, in the order given. */
   flags: Map<string, string[]>;
   positionals: string[];
@@ -1324,7 +1350,13 @@ function editDistance(a: string, b: string): number {
  * "ambiguous" instead of a bad number) and has no boolean flag with an optional value.
  */
 function readCommandLine(args: string[]): CommandLine {
-  const line: CommandLine = { help: false, version: false, flags: new Map(), positionals: [] };
+  const line: CommandLine = {
+    help: false,
+    version: false,
+    mode: undefined,
+    flags: new Map(),
+    positionals: [],
+  };
   for (let i = 0; i < args.length; i++) {
     const arg = args[i];
     if (arg === "--") {
@@ -1339,13 +1371,23 @@ function readCommandLine(args: string[]): CommandLine {
       line.version = true;
       continue;
     }
+    if (arg === "--print-config" || arg === "--check-config") {
+      const mode = arg.slice(2) as ConfigMode;
+      if (line.mode !== undefined && line.mode !== mode) {
+        throw new ConfigError("--print-config and --check-config cannot be given together");
+      }
+      line.mode = mode;
+      continue;
+    }
     if (!arg.startsWith("-") || arg === "-") {
       line.positionals.push(arg);
       continue;
     }
     const eq = arg.indexOf("=");
     const name = arg.startsWith("--") ? arg.slice(2, eq < 0 ? undefined : eq) : "";
-    if (name === "help" || name === "version") {
+    if (
+      name === "help" || name === "version" || name === "print-config" || name === "check-config"
+    ) {
       throw new ConfigError(`flag --${name} takes no value`);
     }
     const setting = BY_FLAG.get(name);
@@ -1428,7 +1470,11 @@ function checkTogether(config: Config, sources: Sources): void {
   }
 }
 
-function build(command: Config["command"], flags: Map<string, string[]>, env: EnvReader): Config {
+function build(
+  command: Config["command"],
+  flags: Map<string, string[]>,
+  env: EnvReader,
+): { config: Config; sources: Sources } {
   const config: Partial<Config> = { command };
   const sources: Sources = new Map();
   for (const field of FIELDS) fill(config, sources, field, TABLE[field], flags, env);
@@ -1448,7 +1494,7 @@ function build(command: Config["command"], flags: Map<string, string[]>, env: En
       );
     }
   }
-  return complete;
+  return { config: complete, sources };
 }
 
 /**
@@ -1462,7 +1508,7 @@ function build(command: Config["command"], flags: Map<string, string[]>, env: En
  * ```
  */
 export function defaultConfig(): Config {
-  return build("serve", new Map(), () => undefined);
+  return build("serve", new Map(), () => undefined).config;
 }
 
 /**
@@ -1502,5 +1548,65 @@ export function parseConfig(
     }
     command = "healthcheck";
   }
-  return { kind: "config", config: build(command, line.flags, env) };
+  const { config, sources } = build(command, line.flags, env);
+  return { kind: "config", config, mode: line.mode, sources };
+}
+
+/** One setting's value for `--print-config`, redacted where it must be. */
+function showSetting<K extends SettingField>(
+  declaration: Declaration<K>,
+  value: Config[K],
+): string {
+  const text = declaration.show ? declaration.show(value) : showValue(value);
+  if ((declaration.secret && text !== "") || /-----BEGIN [A-Z ]*PRIVATE KEY/.test(text)) {
+    return "<redacted>";
+  }
+  return text;
+}
+
+/** A field's value as its variable would take it (generic: lists joined with commas). */
+function showValue(value: unknown): string {
+  if (value === null || value === undefined) return "";
+  if (Array.isArray(value)) return value.map(showValue).join(",");
+  if (typeof value === "object") {
+    if ("label" in value) return String(value.label); // an upstream
+    if ("text" in value) return String(value.text); // a network
+    if ("hostname" in value && "port" in value) {
+      return formatHostPort(String(value.hostname), Number(value.port));
+    }
+    return JSON.stringify(value);
+  }
+  return String(value);
+}
+
+/**
+ * The effective configuration as `--print-config` prints it: one `DOTPROXY_NAME=value` line
+ * per setting in the order of {@linkcode SETTINGS} (so the output works as an environment
+ * file), each value that did not come from its default preceded by a comment naming the flag
+ * or variable it came from. Secrets (settings declared secret, any PEM private key) and CA
+ * certificates show as `<redacted...>`.
+ *
+ * @example
+ * ```ts
+ * import { formatConfig, parseConfig } from "./config.ts";
+ * const request = parseConfig(["--listen", "127.0.0.1:5353"], () => undefined);
+ * if (request.kind === "config") console.log(formatConfig(request.config, request.sources));
+ * ```
+ */
+export function formatConfig(
+  config: Config,
+  sources: ReadonlyMap<SettingField, string> = new Map(),
+): string {
+  const lines = [
+    `# dotproxy ${VERSION}: the effective configuration (flags, then DOTPROXY_* variables, ` +
+    `then defaults), secrets redacted.`,
+    "# A comment names where the next value came from; values without one are defaults.",
+  ];
+  for (const field of FIELDS) {
+    const text = showSetting(TABLE[field], config[field]);
+    const source = sources.get(field);
+    if (source !== undefined) lines.push(`# ${source}`);
+    lines.push(`${TABLE[field].env}=${text}`);
+  }
+  return lines.join("\n");
 }

@@ -5,6 +5,7 @@ import {
   ConfigError,
   DEFAULT_STRATEGY,
   defaultConfig,
+  formatConfig,
   helpText,
   isIpLiteral,
   isServiceLinkVariable,
@@ -276,6 +277,77 @@ Deno.test("DOTPROXY_UPSTREAM is another name for DOTPROXY_UPSTREAMS; never both"
   const flag = strictConfig(["--upstream", "10.0.0.9"], { DOTPROXY_UPSTREAM: "10.0.0.53" });
   assert.deepEqual(flag.upstreams.map((u) => u.address), ["10.0.0.9"]);
   assert.ok(helpText().includes("DOTPROXY_UPSTREAMS (or DOTPROXY_UPSTREAM)"));
+});
+
+Deno.test("--print-config: every setting as NAME=value, sources named, reads back the same", () => {
+  const env: Record<string, string> = {
+    DOTPROXY_UPSTREAM: "10.0.0.53#dns.corp,[fd00::53]:8853#dns.corp",
+    DOTPROXY_CA_CERTS: CA_PEM,
+    DOTPROXY_FAILOVER_RCODES: "SERVFAIL,5,NOTIMP",
+    DOTPROXY_HTTP: "[::1]:5380",
+  };
+  const args = ["--listen", "127.0.0.1:5353", "--listen", "[::1]:5353", "--hedge-delay", "0"];
+  const request = parseConfig([...args, "--print-config"], (name) => env[name], Object.keys(env));
+  assert.ok(request.kind === "config" && request.mode === "print-config");
+  const text = formatConfig(request.config, request.sources);
+  const lines = text.split("\n");
+  const values = lines.filter((l) => !l.startsWith("#"));
+  assert.deepEqual(values.map((l) => l.slice(0, l.indexOf("="))), [...KNOWN_VARIABLES]);
+  // Where a value came from is the comment before it; defaults have none.
+  const sourceOf = (name: string) => {
+    const at = lines.findIndex((l) => l.startsWith(`${name}=`));
+    return lines[at - 1].startsWith("# ") ? lines[at - 1].slice(2) : "default";
+  };
+  assert.equal(sourceOf("DOTPROXY_LISTEN"), "--listen");
+  assert.equal(sourceOf("DOTPROXY_UPSTREAMS"), "DOTPROXY_UPSTREAM");
+  assert.equal(sourceOf("DOTPROXY_HTTP"), "DOTPROXY_HTTP");
+  assert.equal(sourceOf("DOTPROXY_CACHE_SIZE"), "default");
+  assert.ok(lines.includes("DOTPROXY_LISTEN=127.0.0.1:5353,[::1]:5353"));
+  assert.ok(lines.includes("DOTPROXY_UPSTREAMS=10.0.0.53:853#dns.corp,[fd00::53]:8853#dns.corp"));
+  assert.ok(lines.includes("DOTPROXY_FAILOVER_RCODES=SERVFAIL,REFUSED,NOTIMP"));
+  // The CA text is not shown.
+  assert.ok(lines.includes("DOTPROXY_CA_CERTS=<redacted: 1 PEM certificate>"), text);
+  assert.ok(!text.includes("BEGIN CERTIFICATE") && !text.includes(CA_PEM.split("\n")[1]));
+  // Read back as an environment file, it is the same configuration.
+  const back: Record<string, string> = {};
+  for (const line of values) {
+    if (line.includes("<redacted")) continue;
+    back[line.slice(0, line.indexOf("="))] = line.slice(line.indexOf("=") + 1);
+  }
+  const again = strictConfig([], back);
+  assert.deepEqual({ ...again, caCerts: [] }, { ...request.config, caCerts: [] });
+  // Defaults alone: no source comments, only the two header lines.
+  const defaults = formatConfig(defaultConfig());
+  assert.equal(defaults.split("\n").filter((l) => l.startsWith("#")).length, 2, "the header");
+});
+
+Deno.test("--print-config: secrets are declared secret and never printed", () => {
+  for (const setting of SETTINGS) {
+    if (/(_KEY|PASSWORD|SECRET|TOKEN)/.test(setting.env)) {
+      assert.ok(setting.secret, `${setting.env} holds a secret: declare it secret: true`);
+    }
+  }
+  // Any PEM private key is redacted whatever setting holds it, e.g. a key pasted by mistake.
+  const key =
+    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----";
+  const text = formatConfig({ ...defaultConfig(), caCerts: [] }, new Map());
+  assert.ok(!text.includes("PRIVATE KEY"));
+  for (const setting of SETTINGS.filter((s) => s.secret)) {
+    const config = { ...defaultConfig(), [setting.field]: key };
+    assert.ok(!formatConfig(config).includes("PRIVATE KEY"), setting.env);
+  }
+});
+
+Deno.test("--check-config and --print-config: flags of their own", () => {
+  const check = parseConfig(["--check-config", "--listen", "127.0.0.1:1"], () => undefined);
+  assert.ok(check.kind === "config" && check.mode === "check-config");
+  assert.equal(parseConfig([], () => undefined).kind === "config", true);
+  assert.equal((parseConfig([], () => undefined) as { mode?: string }).mode, undefined);
+  assert.match(failure(["--check-config", "--print-config"]), /cannot be given together/);
+  assert.match(failure(["--check-config=yes"]), /--check-config takes no value/);
+  // Checking validates: a bad value is the same one-line error.
+  assert.match(failure(["--check-config", "--timeout", "4s"]), /--timeout/);
+  assert.ok(helpText().includes("--print-config") && helpText().includes("--check-config"));
 });
 
 Deno.test("help lists every flag with its variable and default; version and healthcheck", () => {
@@ -991,6 +1063,22 @@ Deno.test("main: invalid configuration is one line on stderr and exit code 2", a
     assert.ok(lines[0].startsWith("dotproxy: "), lines[0]);
     assert.ok(lines[0].includes(expected), lines[0]);
   }
+});
+
+Deno.test("main: --check-config exits 0 or 2; --print-config prints and exits 0", async () => {
+  const ok = await runMain(["--check-config", "--listen", "127.0.0.1:5353"]);
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.equal(ok.stdout, "dotproxy: the configuration is valid\n");
+  const bad = await runMain(["--check-config"], { DOTPROXY_TIMEOUT: "4000" });
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /^dotproxy: unknown environment variable DOTPROXY_TIMEOUT/);
+  const printed = await runMain(["--print-config", "--listen", "127.0.0.1:5353"], {
+    DOTPROXY_CA_CERTS: CA_PEM,
+  });
+  assert.equal(printed.code, 0, printed.stderr);
+  assert.match(printed.stdout, /\n# --listen\nDOTPROXY_LISTEN=127\.0\.0\.1:5353\n/);
+  assert.ok(printed.stdout.includes("DOTPROXY_CA_CERTS=<redacted: 1 PEM certificate>"));
+  assert.ok(!printed.stdout.includes("BEGIN"));
 });
 
 Deno.test("main: --help, --version, and a port in use is one line and exit 1", async () => {
