@@ -9,7 +9,7 @@
 
 import { formatHostPort } from "./src/address.ts";
 import { startProxy, StartupError } from "./src/app.ts";
-import { ConfigError, formatConfig, helpText, parseConfig } from "./src/config.ts";
+import { ConfigError, configWarnings, formatConfig, helpText, parseConfig } from "./src/config.ts";
 import { healthcheck } from "./src/healthcheck.ts";
 import { Logger } from "./src/log.ts";
 import { VERSION } from "./src/version.ts";
@@ -43,6 +43,7 @@ async function main(args: string[]): Promise<number> {
     return 0;
   }
   if (request.mode === "check-config") {
+    for (const warning of configWarnings(config)) console.error(`dotproxy: warning: ${warning}`);
     console.log(`dotproxy: the configuration is valid`);
     return 0;
   }
@@ -53,6 +54,7 @@ async function main(args: string[]): Promise<number> {
   }
 
   const log = new Logger({ level: config.logLevel, format: config.logFormat });
+  for (const warning of configWarnings(config)) log.warn(warning);
   let proxy;
   try {
     proxy = await startProxy(config, log);

@@ -78,9 +78,36 @@ export interface RunningProxy {
   close(): Promise<void>;
 }
 
-function describeBindError(error: unknown, address: ListenAddress, what: string): string {
+/** A listen address bound before `address` that takes its port: a wildcard of either family. */
+function coveringListener(address: ListenAddress, before: readonly ListenAddress[]) {
+  const v6 = address.hostname.includes(":");
+  return before.find((other) =>
+    other.port === address.port && address.port !== 0 &&
+    // `::` takes the port for IPv4 too (dual-stack sockets, Linux's default), `0.0.0.0` for
+    // every IPv4 address; and a specific address bound first blocks the wildcard after it.
+    (other.hostname === "::" || (other.hostname === "0.0.0.0" && !v6) ||
+      address.hostname === "::" ||
+      (address.hostname === "0.0.0.0" && !other.hostname.includes(":")))
+  );
+}
+
+function describeBindError(
+  error: unknown,
+  address: ListenAddress,
+  what: string,
+  before: readonly ListenAddress[] = [],
+): string {
   const shown = formatHostPort(address.hostname, address.port);
   if (error instanceof Deno.errors.AddrInUse) {
+    const other = coveringListener(address, before);
+    if (other !== undefined) {
+      const otherShown = formatHostPort(other.hostname, other.port);
+      const dual = other.hostname === "::" || address.hostname === "::"
+        ? " ([::] takes the port for IPv4 too, dual-stack)"
+        : "";
+      return `cannot listen on ${shown} (${what}): --listen ${otherShown} already takes this ` +
+        `port${dual}; list only the wildcard address`;
+    }
     return `cannot listen on ${shown} (${what}): address already in use`;
   }
   if (error instanceof Deno.errors.PermissionDenied || error instanceof Deno.errors.NotCapable) {
@@ -245,14 +272,15 @@ export async function startProxy(
       maxQueriesPerConnection: config.maxTcpQueriesPerConnection,
       idleTimeoutMs: config.tcpIdleTimeoutMs,
     };
-    for (const address of config.listen) {
+    for (const [index, address] of config.listen.entries()) {
+      const before = config.listen.slice(0, index);
       // Port 0 asks for any free port; UDP and TCP must share it, so retry until both bind.
       for (let attempt = 0;; attempt++) {
         let udpServer: UdpServer;
         try {
           udpServer = UdpServer.listen(address, core, log);
         } catch (error) {
-          throw new StartupError(describeBindError(error, address, "udp"));
+          throw new StartupError(describeBindError(error, address, "udp", before));
         }
         const tcpAddress = { hostname: address.hostname, port: udpServer.addr.port };
         try {
@@ -263,7 +291,9 @@ export async function startProxy(
           await udpServer.close();
           const retry = address.port === 0 && error instanceof Deno.errors.AddrInUse &&
             attempt < 20;
-          if (!retry) throw new StartupError(describeBindError(error, tcpAddress, "tcp"));
+          if (!retry) {
+            throw new StartupError(describeBindError(error, tcpAddress, "tcp", before));
+          }
         }
       }
     }

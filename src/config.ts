@@ -392,7 +392,23 @@ function parseHedgeDelay(text: string, what: string): "auto" | number {
 function parseListenList(text: string, what: string): ListenAddress[] {
   const items = splitList(text);
   if (items.length === 0) throw new ConfigError(`${what}: no listen address given`);
-  return items.map((item) => parseListenAddress(item, what));
+  const addresses = items.map((item) => parseListenAddress(item, what));
+  const seen = new Map<string, string>();
+  for (const address of addresses) {
+    // The same address twice can never bind: say so rather than "address already in use".
+    const key = `${formatIp(parseIpAddress(address.hostname)!)}:${address.port}`;
+    const shown = formatHostPort(address.hostname, address.port);
+    const first = seen.get(key);
+    if (first !== undefined) {
+      throw new ConfigError(
+        first === shown
+          ? `${what}: ${shown} is given twice`
+          : `${what}: ${first} and ${shown} are the same address`,
+      );
+    }
+    seen.set(key, shown);
+  }
+  return addresses;
 }
 
 function parseUpstreamList(text: string, what: string): UpstreamSpec[] {
@@ -1182,6 +1198,14 @@ export function parsePemCertificates(text: string, what: string): string[] {
     return "";
   });
   if (blocks.length === 0) {
+    const trimmed = text.trim();
+    if (/^(\/|\.{1,2}\/|~\/|[A-Za-z]:\\)?[^\s"'$]*$/.test(trimmed) && /[/\\.]/.test(trimmed)) {
+      // A path: the proxy reads no files (it runs with --allow-net --allow-env only).
+      throw new ConfigError(
+        `${what}: ${JSON.stringify(trimmed)} looks like a file path, but ${what} takes the ` +
+          `PEM text itself (dotproxy reads no files): ${what}="$(cat ${trimmed})"`,
+      );
+    }
     const shown = text.length > 40 ? text.slice(0, 40) + "..." : text;
     throw new ConfigError(`${what}: no PEM certificate found in ${JSON.stringify(shown)}`);
   }
@@ -1296,6 +1320,37 @@ function unknownVariablesError(unknown: readonly string[]): ConfigError {
     `unknown environment ${noun} ${described.join(", ")}; ` +
       `dotproxy reads only the DOTPROXY_* variables --help lists`,
   );
+}
+
+/**
+ * Warnings about a valid configuration that may not do what was meant, one line each: a
+ * loopback listen address whose clients `--allow` does not include (every query from them
+ * gets REFUSED, the health check's too).
+ *
+ * @example
+ * ```ts
+ * import { configWarnings, parseConfig } from "./config.ts";
+ * const request = parseConfig(["--allow", "10.0.0.0/8"], () => undefined);
+ * if (request.kind === "config") configWarnings(request.config); // ["--listen 127.0.0.1:5300: ..."]
+ * ```
+ */
+export function configWarnings(config: Config): string[] {
+  const warnings: string[] = [];
+  for (const address of config.listen) {
+    const bytes = parseIpAddress(address.hostname)!;
+    const loopback = bytes.length === 4
+      ? bytes[0] === 127
+      : bytes.every((b, i) => b === (i === 15 ? 1 : 0));
+    if (!loopback || config.allow.some((cidr) => cidrContains(cidr, bytes))) continue;
+    const shown = formatHostPort(address.hostname, address.port);
+    const cidr = bytes.length === 4 ? "127.0.0.0/8" : "::1/128";
+    warnings.push(
+      `--listen ${shown}: its clients are on this host, but --allow ` +
+        `(${config.allow.map((c) => c.text).join(",")}) does not include them, so every ` +
+        `query there is REFUSED (add ${cidr} to --allow)`,
+    );
+  }
+  return warnings;
 }
 
 /** Reads one environment variable; injected so tests and the config never touch globals. */
@@ -1423,6 +1478,43 @@ function readCommandLine(args: string[]): CommandLine {
 /** Where a field's value came from, for errors that involve two settings. */
 type Sources = Map<SettingField, string>;
 
+const UNITS: Readonly<Record<string, { name: string; perSecond: number }>> = {
+  MS: { name: "milliseconds", perSecond: 1000 },
+  SECONDS: { name: "seconds", perSecond: 1 },
+};
+const SECONDS_PER: Readonly<Record<string, number>> = {
+  ms: 0.001,
+  s: 1,
+  sec: 1,
+  m: 60,
+  min: 60,
+  h: 3600,
+};
+
+/**
+ * Parses with the declaration's parser; a number with a unit (`4s`) where the setting takes a
+ * bare number of milliseconds or seconds gets an error that says the unit and the number meant.
+ */
+function parseWithUnit<K extends SettingField>(
+  declaration: Declaration<K>,
+  text: string,
+  what: string,
+): Config[K] {
+  try {
+    return declaration.parse(text, what);
+  } catch (error) {
+    const unit = UNITS[declaration.arg];
+    const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)\s*$/i.exec(text);
+    if (!(error instanceof ConfigError) || unit === undefined || m === null) throw error;
+    const meant = Number(m[1]) * SECONDS_PER[m[2].toLowerCase()] * unit.perSecond;
+    const hint = Number.isInteger(meant) ? ` (${m[1]}${m[2]} is ${meant})` : "";
+    throw new ConfigError(
+      `${what}: "${text.trim()}" has a unit; the value is a whole number of ${unit.name}, ` +
+        `without one${hint}`,
+    );
+  }
+}
+
 /** Parses one field into `config`, from its flag, its variable or its fallback. */
 function fill<K extends SettingField>(
   config: Partial<Config>,
@@ -1444,14 +1536,14 @@ function fill<K extends SettingField>(
     const what = `--${declaration.flag}`;
     // A list flag may be repeated; any other flag given twice counts as given last.
     const text = declaration.kind === "list" ? given.join(",") : given[given.length - 1];
-    config[field] = declaration.parse(text, what);
+    config[field] = parseWithUnit(declaration, text, what);
     sources.set(field, what);
     return;
   }
   const fromEnv = env(declaration.env);
   if (fromEnv !== undefined || aliasValue !== undefined) {
     const name = fromEnv !== undefined ? declaration.env : declaration.alias!;
-    config[field] = declaration.parse(fromEnv ?? aliasValue!, name);
+    config[field] = parseWithUnit(declaration, fromEnv ?? aliasValue!, name);
     sources.set(field, name);
     return;
   }
