@@ -97,8 +97,33 @@ export function describeHttpFailure(error: unknown, timeoutMs: number, timedOut:
   return reason === "" ? "request failed" : reason;
 }
 
-async function checkHttp(address: ListenAddress, timeoutMs: number): Promise<HealthResult> {
-  const local = localAddress(address);
+/** Errors that say the loopback address itself is missing here, not that nothing answers. */
+const NO_SUCH_ADDRESS =
+  /address not available|AddrNotAvailable|Cannot assign requested address|network unreachable/i;
+
+/**
+ * Runs `check` against the loopback form of `address`; for `[::]`, when `[::1]` does not
+ * exist (IPv6 disabled in the container: Docker's default on networks without IPv6), again
+ * through 127.0.0.1, which the dual-stack socket takes too. Measured in a network namespace
+ * with `disable_ipv6=1`: `[::]` binds, `::1` is "Cannot assign requested address" (os error
+ * 99), 127.0.0.1 arrives as ::ffff:127.0.0.1.
+ */
+async function viaLoopback(
+  address: ListenAddress,
+  check: (local: ListenAddress) => Promise<HealthResult>,
+): Promise<HealthResult> {
+  const first = await check(localAddress(address));
+  if (first.healthy || address.hostname !== "::" || !NO_SUCH_ADDRESS.test(first.detail)) {
+    return first;
+  }
+  return check({ hostname: "127.0.0.1", port: address.port });
+}
+
+async function checkHttp(
+  address: ListenAddress,
+  local: ListenAddress,
+  timeoutMs: number,
+): Promise<HealthResult> {
   const url = `http://${hostForUrl(local)}:${local.port}/readyz`;
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), timeoutMs);
@@ -158,16 +183,20 @@ function describeRefusal(source: string, allow: Config["allow"] | undefined): st
 }
 
 async function checkDns(
-  address: ListenAddress,
+  local: ListenAddress,
   allow: Config["allow"] | undefined,
   timeoutMs: number,
 ): Promise<HealthResult> {
-  const local = localAddress(address);
   const shown = `${hostForUrl(local)}:${local.port}`;
   // From loopback: dotproxy answers its identity to loopback clients only (on Linux a socket
   // bound to loopback reaches the host's other addresses too, with a loopback source).
   const source = local.hostname.includes(":") ? "::1" : "127.0.0.1";
-  const socket = Deno.listenDatagram({ transport: "udp", hostname: source, port: 0 });
+  let socket: Deno.DatagramConn;
+  try {
+    socket = Deno.listenDatagram({ transport: "udp", hostname: source, port: 0 });
+  } catch (error) {
+    return { healthy: false, detail: `${shown}: ${String(error)}` };
+  }
   const query = identityQuery();
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
@@ -223,9 +252,15 @@ export async function healthcheck(
   timeoutMs = 3000,
 ): Promise<HealthResult> {
   // No listen address (a caller that checks only the HTTP side): /readyz alone.
-  if (config.listen.length === 0 && config.http) return checkHttp(config.http, timeoutMs);
-  const dns = await checkDns(config.listen[0], config.allow, timeoutMs);
-  if (!dns.healthy || !config.http) return dns;
-  const http = await checkHttp(config.http, timeoutMs);
-  return { healthy: http.healthy, detail: `${dns.detail}; ${http.detail}` };
+  const http = config.http;
+  const checkReadyz = (address: ListenAddress) =>
+    viaLoopback(address, (local) => checkHttp(address, local, timeoutMs));
+  if (config.listen.length === 0 && http) return checkReadyz(http);
+  const dns = await viaLoopback(
+    config.listen[0],
+    (local) => checkDns(local, config.allow, timeoutMs),
+  );
+  if (!dns.healthy || !http) return dns;
+  const readyz = await checkReadyz(http);
+  return { healthy: readyz.healthy, detail: `${dns.detail}; ${readyz.detail}` };
 }

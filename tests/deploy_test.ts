@@ -17,11 +17,14 @@ const KNOWN_ENV: readonly string[] = SETTINGS.map((setting) => setting.env);
 /** The container conventions. */
 const DNS_PORT = 5300;
 const HTTP_PORT = 5380;
+/** `[::]` takes IPv6 and, dual-stack, IPv4 (`0.0.0.0` and `[::]` on one port cannot both bind). */
 const CONTAINER_ENV: Readonly<Record<string, string>> = {
-  DOTPROXY_LISTEN: `0.0.0.0:${DNS_PORT}`,
-  DOTPROXY_HTTP: `0.0.0.0:${HTTP_PORT}`,
+  DOTPROXY_LISTEN: `[::]:${DNS_PORT}`,
+  DOTPROXY_HTTP: `[::]:${HTTP_PORT}`,
   DOTPROXY_LOG_FORMAT: "json",
 };
+/** The one image name, as the release workflow pushes it, everywhere it is written. */
+const IMAGE = "ghcr.io/dotproxy/dotproxy";
 /** The uid of `nonroot` in the distroless images. */
 const NONROOT_UID = 65532;
 const BINARY = "/dotproxy";
@@ -577,6 +580,41 @@ Deno.test("deploy: kustomization.yaml lists every manifest but the CRD-dependent
   }
 });
 
+Deno.test("deploy: one image name in the Dockerfile, compose, Kubernetes and kustomize", async () => {
+  const kust = kustomizations.get("deploy/kubernetes/kustomization.yaml");
+  assert.ok(kust);
+  const images = arr(kust.images, "kustomization images").map((i) => obj(i, "image"));
+  assert.deepEqual(images.map((i) => [i.name, i.newTag]), [[IMAGE, VERSION]]);
+  assert.ok(images[0].newName === undefined, "no other registry by default");
+  // Every `name:version` reference in the shipping files is the one image.
+  for (const file of ["Dockerfile", ...yamlFiles, "deploy/systemd/dotproxy.service"]) {
+    const text = await readText(file);
+    for (const m of text.matchAll(/([\w./-]*)dotproxy:(\d+\.\d+\.\d+)\b/g)) {
+      assert.equal(`${m[1]}dotproxy`, IMAGE, `${file}: ${m[0]}`);
+      assert.equal(m[2], VERSION, `${file}: ${m[0]}`);
+    }
+  }
+});
+
+Deno.test("deploy: the manifests listen on IPv6 and IPv4", () => {
+  for (
+    const [where, env] of [["Dockerfile", dockerEnv()], ["compose", composeEnv()], [
+      "Deployment",
+      podEnv,
+    ]] as const
+  ) {
+    for (const name of ["DOTPROXY_LISTEN", "DOTPROXY_HTTP"]) {
+      const value = env.get(name);
+      assert.ok(value, `${where} ${name}`);
+      const request = parseConfig([], (n) => n === "DOTPROXY_LISTEN" ? value : undefined);
+      assert.ok(request.kind === "config");
+      const hosts = request.config.listen.map((a) => a.hostname);
+      // `::` is dual-stack: one socket takes both families (and 0.0.0.0 beside it cannot bind).
+      assert.ok(hosts.includes("::"), `${where} ${name}=${value}: listen on [::]`);
+    }
+  }
+});
+
 Deno.test("deploy: Deployment runs 2+ replicas of the image with the container ports", () => {
   assert.equal(deployment.apiVersion, "apps/v1");
   assert.ok(num(deploySpec.replicas, "replicas") >= 2, "replicas must be >= 2");
@@ -585,7 +623,7 @@ Deno.test("deploy: Deployment runs 2+ replicas of the image with the container p
     "selector.matchLabels",
   );
   assert.ok(selects(selector, podLabels), "Deployment selector must match the pod labels");
-  assert.equal(container.image, `dotproxy:${VERSION}`, "image tag must be the release version");
+  assert.equal(container.image, `${IMAGE}:${VERSION}`, "the released image, at the version");
   const ports = containerPorts.map((p) => `${p.name} ${p.containerPort}/${p.protocol}`).sort();
   assert.deepEqual(ports, [
     `dns-tcp ${DNS_PORT}/TCP`,
@@ -779,7 +817,7 @@ Deno.test("deploy: docker-compose.yml agrees with the image and binds only to lo
   assert.ok(await exists("Dockerfile"));
   const args = strRecord(build.args ?? {}, "build.args");
   assert.equal(args.VERSION, VERSION, "build arg VERSION must be the release version");
-  assert.equal(composeService.image, `dotproxy:${VERSION}`);
+  assert.equal(composeService.image, `${IMAGE}:${VERSION}`);
   assert.equal(composeService.image, container.image, "compose and Kubernetes image differ");
 
   const env = composeEnv();

@@ -16,7 +16,8 @@ import { parseCidr } from "../src/config.ts";
 import { describeHttpFailure, healthcheck } from "../src/healthcheck.ts";
 import { VERSION } from "../src/version.ts";
 import { DotServer } from "./support/dot_server.ts";
-import { spawnMain, testConfig, withProxy } from "./support/proxy.ts";
+import { spawnMain, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { buildQuery } from "./support/dns.ts";
 
 /** Longest a healthcheck subprocess may run (its own deadline is 3 s, plus Deno's start). */
 const SUBPROCESS_LIMIT_MS = 20_000;
@@ -482,5 +483,38 @@ Deno.test("healthcheck: a 200 from another HTTP server is not dotproxy's /readyz
     });
   } finally {
     await other.close();
+  }
+});
+
+Deno.test("healthcheck: the image's [::] convention: IPv4 and IPv6 clients answered, the check passes", async () => {
+  const upstream = DotServer.start();
+  try {
+    const config = testConfig([upstream.upstream()], {
+      listen: [{ hostname: "::", port: 0 }],
+      http: { hostname: "::", port: 0 },
+    });
+    await withProxy(config, async ({ proxy, port }) => {
+      // Dual-stack: one [::] socket answers both families, and the default --allow matches the
+      // IPv4 client (::ffff:127.0.0.1) as 127.0.0.1.
+      for (const hostname of ["127.0.0.1", "::1"]) {
+        const reply = await udpExchange(port, buildQuery("dual.test"), 3000, hostname);
+        assert.ok(reply, hostname);
+        assert.equal(reply[3] & 0xf, 0, `${hostname}: NOERROR`);
+      }
+      const httpPort = proxy.http!.addr.port;
+      const check = await runHealthcheck([], {
+        DOTPROXY_LISTEN: `[::]:${port}`,
+        DOTPROXY_HTTP: `[::]:${httpPort}`,
+        DOTPROXY_CONTAINER: "true",
+      });
+      assert.equal(check.code, 0, explain(check));
+      assert.equal(
+        check.stdout,
+        `healthy: [::1]:${port}: dotproxy ${VERSION} answered; ` +
+          `http://[::1]:${httpPort}/readyz: 200 ready: serving\n`,
+      );
+    });
+  } finally {
+    await upstream.close();
   }
 });
