@@ -965,6 +965,32 @@ Deno.test("deploy: Dockerfile OCI labels carry the release version", () => {
   assert.equal(labels["org.opencontainers.image.version"], "${VERSION}");
 });
 
+Deno.test("deploy: LICENSE is the license the image's label names; CHANGELOG and SECURITY cover the version", async () => {
+  const labels: Record<string, string> = {};
+  for (const ins of only(runStage, "LABEL")) Object.assign(labels, keyValues(ins.args));
+  assert.equal(labels["org.opencontainers.image.licenses"], "MIT");
+  const license = await readText("LICENSE");
+  assert.match(license, /^MIT License\n\nCopyright \(c\) 2026 the dotproxy authors\n/);
+  assert.match(license, /THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND/);
+
+  // Keep a Changelog: Unreleased first, then each version with a date, newest first.
+  const changelog = await readText("CHANGELOG.md");
+  const versions = [...changelog.matchAll(/^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?$/gm)];
+  assert.equal(versions[0]?.[1], "Unreleased", "## [Unreleased] comes first");
+  const current = versions.find((v) => v[1] === VERSION);
+  assert.ok(current?.[2], `CHANGELOG.md: ## [${VERSION}] - YYYY-MM-DD`);
+  for (const v of versions) {
+    assert.match(changelog, new RegExp(`^\\[${v[1].replaceAll(".", "\\.")}\\]: https://`, "m"));
+  }
+
+  const security = await readText("SECURITY.md");
+  assert.match(security, /^## Reporting a vulnerability$/m);
+  assert.match(security, /^## Supported versions$/m);
+  assert.match(security, /^## Scope$/m);
+  const minor = VERSION.split(".").slice(0, 2).join(".");
+  assert.ok(security.includes(`| ${minor}.x`), `SECURITY.md: a row for ${minor}.x`);
+});
+
 function compileLine(): string {
   const runs = only(buildStage, "RUN").filter((i) => /\bdeno\s+compile\b/.test(i.args));
   assert.equal(runs.length, 1, "one `RUN deno compile` in the build stage");
