@@ -781,7 +781,10 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     env: "DOTPROXY_CONTAINER",
     group: "Container",
     ...toggle(false),
+    // No flag: the variable takes true or false like any boolean, and there is no bare form.
+    kind: "value",
     arg: "",
+    range: "true or false (also yes/no, on/off, 1/0)",
     help: "set by the container image: --listen, --http and --allow must then be given as " +
       "DOTPROXY_* variables, not flags, because the image's HEALTHCHECK (dotproxy " +
       "healthcheck) sees only the environment",
