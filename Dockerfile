@@ -2,9 +2,9 @@
 #
 # dotproxy container image: a DNS (UDP+TCP) to DNS-over-TLS proxy.
 #
-#   docker build -t dotproxy:0.1.0 --build-arg VERSION=0.1.0 .
+#   docker build -t ghcr.io/dotproxy/dotproxy:0.1.0 --build-arg VERSION=0.1.0 .
 #   docker run --rm -p 127.0.0.1:53:5300/udp -p 127.0.0.1:53:5300/tcp \
-#     -p 127.0.0.1:5380:5380 dotproxy:0.1.0
+#     -p 127.0.0.1:5380:5380 ghcr.io/dotproxy/dotproxy:0.1.0
 #
 # Stage 1 compiles the proxy into one self-contained executable with the official Deno image.
 # Stage 2 copies only that executable onto distroless (glibc + libgcc, no shell, no package
@@ -48,16 +48,23 @@ LABEL org.opencontainers.image.title="dotproxy" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.version="${VERSION}"
 COPY --from=build /out/dotproxy /dotproxy
-# Container conventions: listen on all interfaces on the unprivileged port 5300 (UDP and TCP),
-# serve /metrics, /healthz and /readyz on 5380, log JSON lines to stderr.
-ENV DOTPROXY_LISTEN=0.0.0.0:5300 \
-    DOTPROXY_HTTP=0.0.0.0:5380 \
-    DOTPROXY_LOG_FORMAT=json
+# Container conventions: listen on all interfaces, IPv6 and (dual-stack) IPv4, on the
+# unprivileged port 5300 (UDP and TCP),
+# serve /metrics, /healthz, /readyz and /healthz/upstreams on 5380, log JSON lines to stderr.
+# DOTPROXY_CONTAINER: Docker runs the HEALTHCHECK below with this environment but without the
+# arguments given after the image name, so --listen, --http and --allow are refused as flags
+# (exit 2, naming the variable to set instead: `docker run -e DOTPROXY_LISTEN=...`) and the
+# check always looks where the server serves. Other settings may still be flags.
+ENV DOTPROXY_LISTEN=[::]:5300 \
+    DOTPROXY_HTTP=[::]:5380 \
+    DOTPROXY_LOG_FORMAT=json \
+    DOTPROXY_CONTAINER=true
 # nonroot:nonroot is 65532:65532 in the distroless image.
 USER nonroot:nonroot
 EXPOSE 5300/udp 5300/tcp 5380/tcp
-# Exec form: there is no shell. `dotproxy healthcheck` reads the same env as the server
-# (GET /readyz on DOTPROXY_HTTP, 0.0.0.0 mapped to 127.0.0.1) and exits 0 or 1.
+# Exec form: there is no shell. `dotproxy healthcheck` reads the same env as the server: it asks
+# the DNS listener (DOTPROXY_LISTEN, [::] mapped to [::1]) for version.bind CH TXT, which
+# only dotproxy answers as dotproxy, and GET /readyz on DOTPROXY_HTTP; it exits 0 or 1.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
   CMD ["/dotproxy", "healthcheck"]
 STOPSIGNAL SIGTERM

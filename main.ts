@@ -9,7 +9,7 @@
 
 import { formatHostPort } from "./src/address.ts";
 import { startProxy, StartupError } from "./src/app.ts";
-import { ConfigError, helpText, parseConfig, unknownVariables } from "./src/config.ts";
+import { ConfigError, configWarnings, formatConfig, helpText, parseConfig } from "./src/config.ts";
 import { healthcheck } from "./src/healthcheck.ts";
 import { Logger } from "./src/log.ts";
 import { VERSION } from "./src/version.ts";
@@ -23,7 +23,8 @@ function fail(message: string, code: number): never {
 async function main(args: string[]): Promise<number> {
   let request;
   try {
-    request = parseConfig(args, (name) => Deno.env.get(name));
+    const env = Deno.env.toObject();
+    request = parseConfig(args, (name) => env[name], Object.keys(env));
   } catch (error) {
     if (error instanceof ConfigError) fail(error.message, 2);
     throw error;
@@ -37,6 +38,15 @@ async function main(args: string[]): Promise<number> {
     return 0;
   }
   const config = request.config;
+  if (request.mode === "print-config") {
+    console.log(formatConfig(config, request.sources));
+    return 0;
+  }
+  if (request.mode === "check-config") {
+    for (const warning of configWarnings(config)) console.error(`dotproxy: warning: ${warning}`);
+    console.log(`dotproxy: the configuration is valid`);
+    return 0;
+  }
   if (config.command === "healthcheck") {
     const result = await healthcheck(config);
     console.log(`${result.healthy ? "healthy" : "unhealthy"}: ${result.detail}`);
@@ -44,6 +54,7 @@ async function main(args: string[]): Promise<number> {
   }
 
   const log = new Logger({ level: config.logLevel, format: config.logFormat });
+  for (const warning of configWarnings(config)) log.warn(warning);
   let proxy;
   try {
     proxy = await startProxy(config, log);
@@ -59,11 +70,6 @@ async function main(args: string[]): Promise<number> {
     strategy: config.strategy,
     cache: config.cacheSize,
   });
-  const unknown = unknownVariables(Object.keys(Deno.env.toObject()));
-  if (unknown.length > 0) {
-    // A misspelt variable silently does nothing; say so (Kubernetes service links also land here).
-    log.warn("ignoring unknown DOTPROXY_* environment variables", { names: unknown.join(",") });
-  }
   // A bug must cost one query, never the process: log it and carry on.
   globalThis.addEventListener("unhandledrejection", (event) => {
     event.preventDefault();

@@ -61,8 +61,13 @@ export interface RunningProxy {
   readonly metrics: ProxyMetrics;
   /** True once draining started. */
   readonly draining: boolean;
-  /** Decides readiness as `/readyz` does. */
+  /**
+   * Decides readiness as `/readyz` does: ready while the listeners serve, not ready once
+   * draining. Upstream health does not enter into it (see {@linkcode upstreamHealth}).
+   */
   readiness(): Promise<Readiness>;
+  /** Whether an upstream answers, as `/healthz/upstreams` says (for alerting). */
+  upstreamHealth(): Promise<Readiness>;
   /**
    * Graceful shutdown: readiness turns 503 at once; listeners keep answering for
    * `delayMs`; then they stop accepting, queries in flight get `timeoutMs` to finish, and
@@ -73,9 +78,36 @@ export interface RunningProxy {
   close(): Promise<void>;
 }
 
-function describeBindError(error: unknown, address: ListenAddress, what: string): string {
+/** A listen address bound before `address` that takes its port: a wildcard of either family. */
+function coveringListener(address: ListenAddress, before: readonly ListenAddress[]) {
+  const v6 = address.hostname.includes(":");
+  return before.find((other) =>
+    other.port === address.port && address.port !== 0 &&
+    // `::` takes the port for IPv4 too (dual-stack sockets, Linux's default), `0.0.0.0` for
+    // every IPv4 address; and a specific address bound first blocks the wildcard after it.
+    (other.hostname === "::" || (other.hostname === "0.0.0.0" && !v6) ||
+      address.hostname === "::" ||
+      (address.hostname === "0.0.0.0" && !other.hostname.includes(":")))
+  );
+}
+
+function describeBindError(
+  error: unknown,
+  address: ListenAddress,
+  what: string,
+  before: readonly ListenAddress[] = [],
+): string {
   const shown = formatHostPort(address.hostname, address.port);
   if (error instanceof Deno.errors.AddrInUse) {
+    const other = coveringListener(address, before);
+    if (other !== undefined) {
+      const otherShown = formatHostPort(other.hostname, other.port);
+      const dual = other.hostname === "::" || address.hostname === "::"
+        ? " ([::] takes the port for IPv4 too, dual-stack)"
+        : "";
+      return `cannot listen on ${shown} (${what}): --listen ${otherShown} already takes this ` +
+        `port${dual}; list only the wildcard address`;
+    }
     return `cannot listen on ${shown} (${what}): address already in use`;
   }
   if (error instanceof Deno.errors.PermissionDenied || error instanceof Deno.errors.NotCapable) {
@@ -89,7 +121,7 @@ function describeBindError(error: unknown, address: ListenAddress, what: string)
   return `cannot listen on ${shown} (${what}): ${message}`;
 }
 
-/** How long `/readyz` waits for the first health checks at start before answering. */
+/** How long `/healthz/upstreams` waits for the first health checks at start before answering. */
 const STARTUP_READY_WAIT_MS = 3000;
 
 /**
@@ -179,7 +211,16 @@ export async function startProxy(
 
   let draining = false;
   const startedAt = clock.now();
-  const readiness = async (): Promise<Readiness> => {
+  // Readiness is about this replica, never about what every replica shares: when all the
+  // upstreams are down (a provider outage, port 853 blocked), failing /readyz would take every
+  // replica out of the Service at once, and serve-stale could answer no one (issue 22). As
+  // CoreDNS's `ready`: ready once it serves, until it drains. Upstream health is reported by
+  // /healthz/upstreams and the dotproxy_upstream_healthy metric, for alerts.
+  const readiness = (): Promise<Readiness> =>
+    Promise.resolve(
+      draining ? { ready: false, reason: "shutting down" } : { ready: true, reason: "serving" },
+    );
+  const upstreamHealth = async (): Promise<Readiness> => {
     if (draining) return { ready: false, reason: "shutting down" };
     if (pool === null) return { ready: true, reason: "forwarder injected" };
     for (let round = 0; round < 2; round++) {
@@ -231,14 +272,15 @@ export async function startProxy(
       maxQueriesPerConnection: config.maxTcpQueriesPerConnection,
       idleTimeoutMs: config.tcpIdleTimeoutMs,
     };
-    for (const address of config.listen) {
+    for (const [index, address] of config.listen.entries()) {
+      const before = config.listen.slice(0, index);
       // Port 0 asks for any free port; UDP and TCP must share it, so retry until both bind.
       for (let attempt = 0;; attempt++) {
         let udpServer: UdpServer;
         try {
           udpServer = UdpServer.listen(address, core, log);
         } catch (error) {
-          throw new StartupError(describeBindError(error, address, "udp"));
+          throw new StartupError(describeBindError(error, address, "udp", before));
         }
         const tcpAddress = { hostname: address.hostname, port: udpServer.addr.port };
         try {
@@ -249,7 +291,9 @@ export async function startProxy(
           await udpServer.close();
           const retry = address.port === 0 && error instanceof Deno.errors.AddrInUse &&
             attempt < 20;
-          if (!retry) throw new StartupError(describeBindError(error, tcpAddress, "tcp"));
+          if (!retry) {
+            throw new StartupError(describeBindError(error, tcpAddress, "tcp", before));
+          }
         }
       }
     }
@@ -259,6 +303,7 @@ export async function startProxy(
         http = HttpServer.listen(address, {
           metrics: () => metrics.registry.render(),
           readiness,
+          upstreams: upstreamHealth,
         }, log);
       } catch (error) {
         throw new StartupError(describeBindError(error, address, "http"));
@@ -284,6 +329,7 @@ export async function startProxy(
       return draining;
     },
     readiness,
+    upstreamHealth,
     drain,
     close: () => {
       draining = true;

@@ -10,7 +10,9 @@
  * @module
  */
 
+import { formatHostPort } from "./address.ts";
 import { LOG_LEVELS, type LogFormat, type LogLevel } from "./log.ts";
+import { VERSION } from "./version.ts";
 import { RCODE_MNEMONICS } from "./dns/wire.ts";
 
 /** An address to listen on. */
@@ -153,6 +155,11 @@ export interface Config {
   shutdownDelayMs: number;
   /** Milliseconds in-flight queries get to finish at shutdown before the process exits. */
   shutdownTimeoutMs: number;
+  /**
+   * Set by the container image: the settings its HEALTHCHECK needs (`--listen`, `--http`,
+   * `--allow`) come from the environment only, where `dotproxy healthcheck` reads them too.
+   */
+  container: boolean;
 }
 
 /** Raised for invalid configuration; the message is the one line shown to the user. */
@@ -164,10 +171,17 @@ export class ConfigError extends Error {
   }
 }
 
+/** What to do with a valid configuration instead of running: `--print-config`, `--check-config`. */
+export type ConfigMode = "print-config" | "check-config";
+
 /** A request for help or the version rather than a configuration. */
 export type ConfigRequest = { kind: "help" } | { kind: "version" } | {
   kind: "config";
   config: Config;
+  /** Set when `--print-config` or `--check-config` asked to stop after parsing. */
+  mode?: ConfigMode;
+  /** Where each field's value came from (a flag or a variable); absent for defaults. */
+  sources?: ReadonlyMap<SettingField, string>;
 };
 
 /** How a flag takes its value on the command line. */
@@ -185,6 +199,8 @@ export interface Setting {
   flag: string;
   /** Environment variable that sets the same value. */
   env: string;
+  /** Another name of the variable, accepted as well (setting both is an error); `""` if none. */
+  alias: string;
   /** Placeholder for the value in `--help`. */
   arg: string;
   /** Default shown in `--help` and the README. */
@@ -199,6 +215,8 @@ export interface Setting {
   field: SettingField;
   /** How the flag takes its value. */
   kind: SettingKind;
+  /** A secret: `--print-config` shows `<redacted>` for it. */
+  secret: boolean;
 }
 
 /** The fields that settings fill (the subcommand is a positional word, not a setting). */
@@ -208,6 +226,8 @@ export type SettingField = Exclude<keyof Config, "command">;
 interface Declaration<K extends SettingField> {
   flag: string;
   env: string;
+  /** Another name of the variable (the name users keep writing); both set is an error. */
+  alias?: string;
   arg: string;
   help: string;
   group: string;
@@ -218,6 +238,11 @@ interface Declaration<K extends SettingField> {
   parse: (text: string, what: string) => Config[K];
   /** The value when neither flag nor variable is given; sees the fields declared before. */
   fallback: (earlier: Readonly<Partial<Config>>) => Config[K];
+  /** A secret (a private key): `--print-config` shows `<redacted>` instead of it. */
+  secret?: boolean;
+  /** The value as the variable would take it, for `--print-config`, where the generic is wrong. */
+  // Method syntax: checked bivariantly, so a Declaration<"listen"> is a Declaration<SettingField>.
+  show?(value: Config[K]): string;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,7 +392,23 @@ function parseHedgeDelay(text: string, what: string): "auto" | number {
 function parseListenList(text: string, what: string): ListenAddress[] {
   const items = splitList(text);
   if (items.length === 0) throw new ConfigError(`${what}: no listen address given`);
-  return items.map((item) => parseListenAddress(item, what));
+  const addresses = items.map((item) => parseListenAddress(item, what));
+  const seen = new Map<string, string>();
+  for (const address of addresses) {
+    // The same address twice can never bind: say so rather than "address already in use".
+    const key = `${formatIp(parseIpAddress(address.hostname)!)}:${address.port}`;
+    const shown = formatHostPort(address.hostname, address.port);
+    const first = seen.get(key);
+    if (first !== undefined) {
+      throw new ConfigError(
+        first === shown
+          ? `${what}: ${shown} is given twice`
+          : `${what}: ${first} and ${shown} are the same address`,
+      );
+    }
+    seen.set(key, shown);
+  }
+  return addresses;
 }
 
 function parseUpstreamList(text: string, what: string): UpstreamSpec[] {
@@ -412,7 +453,7 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     kind: "value",
     defaultText: "off",
     range: "",
-    help: "serve /metrics, /healthz and /readyz over HTTP here",
+    help: "serve /metrics, /healthz, /readyz and /healthz/upstreams over HTTP here",
     parse: (text, what) => text.trim() === "" ? null : parseListenAddress(text, what),
     fallback: () => null,
   },
@@ -508,6 +549,9 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
   upstreams: {
     flag: "upstream",
     env: "DOTPROXY_UPSTREAMS",
+    // The flag is --upstream, and people write the variable the same way (issue 22): read it
+    // too rather than start on the public defaults. Never both.
+    alias: "DOTPROXY_UPSTREAM",
     arg: "IP[:PORT][#TLS_NAME]",
     group: "Upstreams",
     kind: "list",
@@ -529,6 +573,11 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     help: "PEM text of extra CA certificates to trust for upstreams (text, not a path)",
     parse: (text, what) => text.trim() === "" ? [] : parsePemCertificates(text, what),
     fallback: () => [],
+    // Not secret, but long, and what is trusted is better read from the source it came from.
+    show: (pems) =>
+      pems.length === 0
+        ? ""
+        : `<redacted: ${pems.length} PEM certificate${pems.length === 1 ? "" : "s"}>`,
   },
   timeoutMs: {
     flag: "timeout",
@@ -587,6 +636,7 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     help: "answers with these response codes are retried on another upstream",
     parse: parseRcodes,
     fallback: () => parseRcodes(DEFAULT_FAILOVER_RCODES, "default --failover-rcodes"),
+    show: (codes) => codes.map((code) => RCODE_MNEMONICS[code] ?? String(code)).join(","),
   },
   healthCheckIntervalMs: {
     flag: "health-check-interval",
@@ -726,18 +776,46 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     ...whole(10_000, 0, 600_000),
     help: "then give queries in flight this long to finish before exiting",
   },
+  container: {
+    flag: "",
+    env: "DOTPROXY_CONTAINER",
+    group: "Container",
+    ...toggle(false),
+    // No flag: the variable takes true or false like any boolean, and there is no bare form.
+    kind: "value",
+    arg: "",
+    range: "true or false (also yes/no, on/off, 1/0)",
+    help: "set by the container image: --listen, --http and --allow must then be given as " +
+      "DOTPROXY_* variables, not flags, because the image's HEALTHCHECK (dotproxy " +
+      "healthcheck) sees only the environment",
+  },
 };
+
+/**
+ * The settings `dotproxy healthcheck` needs to find and ask the server. In the container
+ * image (`DOTPROXY_CONTAINER=true`) they must come from the environment: Docker runs the
+ * HEALTHCHECK command with the container's environment but without the arguments given after
+ * the image name, so a flag would move the server where the check never looks (issue 22).
+ */
+const HEALTHCHECK_FIELDS: readonly SettingField[] = ["listen", "http", "allow"];
 
 const FIELDS = Object.keys(TABLE) as SettingField[];
 
 /** Every setting, in the order `--help` and the README list them. */
 export const SETTINGS: readonly Setting[] = FIELDS.map((field) => {
   const { flag, env, arg, defaultText, range, help, group, kind } = TABLE[field];
-  return { flag, env, arg, defaultText, range, help, group, field, kind };
+  const alias = TABLE[field].alias ?? "";
+  const secret = TABLE[field].secret ?? false;
+  return { flag, env, alias, arg, defaultText, range, help, group, field, kind, secret };
 });
 
 /** Every environment variable dotproxy reads, in the order of {@linkcode SETTINGS}. */
 export const KNOWN_VARIABLES: readonly string[] = SETTINGS.map((setting) => setting.env);
+
+/** The variables accepted as other names of {@linkcode KNOWN_VARIABLES}, and what they mean. */
+const ALIASES: ReadonlyMap<string, string> = new Map(
+  SETTINGS.filter((s) => s.alias !== "").map((s) => [s.alias, s.env]),
+);
 
 const BY_FLAG = new Map(SETTINGS.filter((s) => s.flag !== "").map((s) => [s.flag, s]));
 
@@ -776,7 +854,9 @@ export function helpText(): string {
     "Usage: dotproxy [healthcheck] [flags]",
     "",
     "  healthcheck   check a running proxy configured by the same flags and",
-    "                environment; exit 0 when it answers, 1 otherwise",
+    "                environment; exit 0 when this dotproxy answers on its first",
+    "                --listen address (and, with --http, /readyz says ready),",
+    "                1 otherwise",
     "",
     "Flags win over environment variables, which win over defaults. Boolean flags",
     "take --flag, --flag=false or --flag false (also yes/no, on/off, 1/0).",
@@ -792,7 +872,8 @@ export function helpText(): string {
       : "(environment only)";
     lines.push(`  ${name}`);
     lines.push(...wrap(setting.help));
-    const facts = [`env: ${setting.env}`, `default: ${setting.defaultText}`];
+    const env = setting.alias ? `${setting.env} (or ${setting.alias})` : setting.env;
+    const facts = [`env: ${env}`, `default: ${setting.defaultText}`];
     if (setting.range) facts.push(`range: ${setting.range}`);
     const oneLine = `${HELP_INDENT}${facts.join("   ")}`;
     lines.push(...(oneLine.length <= HELP_WIDTH ? [oneLine] : facts.flatMap((fact) => wrap(fact))));
@@ -800,6 +881,8 @@ export function helpText(): string {
   lines.push("", "Other:");
   lines.push("  -h, --help       print this help");
   lines.push("  -V, --version    print the version");
+  lines.push("  --print-config   print the effective configuration (secrets redacted), exit");
+  lines.push("  --check-config   check the configuration; exit 0 when valid, 2 when not");
   return lines.join("\n");
 }
 
@@ -1120,6 +1203,14 @@ export function parsePemCertificates(text: string, what: string): string[] {
     return "";
   });
   if (blocks.length === 0) {
+    const trimmed = text.trim();
+    if (/^(\/|\.{1,2}\/|~\/|[A-Za-z]:\\)?[^\s"'$]*$/.test(trimmed) && /[/\\.]/.test(trimmed)) {
+      // A path: the proxy reads no files (it runs with --allow-net --allow-env only).
+      throw new ConfigError(
+        `${what}: ${JSON.stringify(trimmed)} looks like a file path, but ${what} takes the ` +
+          `PEM text itself (dotproxy reads no files): ${what}="$(cat ${trimmed})"`,
+      );
+    }
     const shown = text.length > 40 ? text.slice(0, 40) + "..." : text;
     throw new ConfigError(`${what}: no PEM certificate found in ${JSON.stringify(shown)}`);
   }
@@ -1132,19 +1223,139 @@ export function parsePemCertificates(text: string, what: string): string[] {
 // ---------------------------------------------------------------------------------------------
 // The command line and the environment.
 
+const IP_VALUE = /^(\d{1,3}(\.\d{1,3}){3}|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$/;
+const PORT_VALUE = /^\d{1,5}$/;
+/** `tcp://10.96.0.10:53`, `udp://[fd00::a]:53` */
+const LINK_VALUE = /^(tcp|udp|sctp):\/\/(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$/;
 /**
- * The `DOTPROXY_*` names among `names` that no setting reads (typos, or variables that
- * Kubernetes service links inject), sorted.
+ * The names Kubernetes service links give a Service whose name starts with `dotproxy`
+ * (`dotproxy`, or `dotproxy-x`: the optional group), each with the form of its value
+ * (kubelet's envvars.FromServices): `_SERVICE_HOST`, `_SERVICE_PORT`, `_SERVICE_PORT_<NAME>`,
+ * `_PORT`, `_PORT_<N>_<PROTO>` and its `_PROTO`, `_PORT`, `_ADDR`. A name may read several
+ * ways (`DOTPROXY_PORT_53_UDP_PORT`), so each pattern is tried.
+ */
+const SERVICE_LINKS: readonly [RegExp, (value: string, m: RegExpExecArray) => boolean][] = [
+  [/^DOTPROXY(?:_[A-Z0-9_]+)?_SERVICE_HOST$/, (value) => IP_VALUE.test(value)],
+  [/^DOTPROXY(?:_[A-Z0-9_]+)?_SERVICE_PORT(?:_[A-Z0-9_]+)?$/, (value) => PORT_VALUE.test(value)],
+  [/^DOTPROXY(?:_[A-Z0-9_]+)?_PORT$/, (value) => LINK_VALUE.test(value)],
+  [/^DOTPROXY(?:_[A-Z0-9_]+)?_PORT_(\d{1,5})_(TCP|UDP|SCTP)$/, (value, [, port, proto]) => {
+    const link = LINK_VALUE.exec(value);
+    return link !== null && link[1] === proto.toLowerCase() && link[3] === port;
+  }],
+  [
+    /^DOTPROXY(?:_[A-Z0-9_]+)?_PORT_\d{1,5}_(TCP|UDP|SCTP)_PROTO$/,
+    (value, [, proto]) => value === proto.toLowerCase(),
+  ],
+  [
+    /^DOTPROXY(?:_[A-Z0-9_]+)?_PORT_(\d{1,5})_(?:TCP|UDP|SCTP)_PORT$/,
+    (value, [, port]) => value === port,
+  ],
+  [
+    /^DOTPROXY(?:_[A-Z0-9_]+)?_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_ADDR$/,
+    (value) => IP_VALUE.test(value),
+  ],
+];
+
+/**
+ * True when `name=value` is a variable that Kubernetes service links inject for a Service
+ * named `dotproxy` (or `dotproxy-...`) into every pod of the namespace, such as
+ * `DOTPROXY_SERVICE_HOST=10.96.0.10` or `DOTPROXY_PORT_53_UDP=udp://10.96.0.10:53`. Both the
+ * name and the form of the value must match, so a misspelt setting (`DOTPROXY_HTTP_PORT=5380`)
+ * is not mistaken for one.
+ *
+ * @example
+ * ```ts
+ * import { isServiceLinkVariable } from "./config.ts";
+ * isServiceLinkVariable("DOTPROXY_PORT_53_UDP_PROTO", "udp"); // true
+ * isServiceLinkVariable("DOTPROXY_PORT", "5300"); // false
+ * ```
+ */
+export function isServiceLinkVariable(name: string, value: string): boolean {
+  return SERVICE_LINKS.some(([pattern, valid]) => {
+    const m = pattern.exec(name);
+    return m !== null && valid(value, m);
+  });
+}
+
+/**
+ * The `DOTPROXY_*` names among `names` that dotproxy does not read: neither a setting's
+ * variable, nor an alias of one, nor a Kubernetes service link ({@linkcode isServiceLinkVariable},
+ * judged by the value `env` gives). Sorted.
  *
  * @example
  * ```ts
  * import { unknownVariables } from "./config.ts";
- * unknownVariables(["PATH", "DOTPROXY_UPSTREAM", "DOTPROXY_LISTEN"]); // ["DOTPROXY_UPSTREAM"]
+ * unknownVariables(["PATH", "DOTPROXY_TIMEOUT", "DOTPROXY_LISTEN"]); // ["DOTPROXY_TIMEOUT"]
  * ```
  */
-export function unknownVariables(names: string[]): string[] {
+export function unknownVariables(
+  names: readonly string[],
+  env: EnvReader = () => undefined,
+): string[] {
   const known = new Set(KNOWN_VARIABLES);
-  return names.filter((name) => name.startsWith("DOTPROXY_") && !known.has(name)).sort();
+  return names.filter((name) =>
+    name.startsWith("DOTPROXY_") && !known.has(name) && !ALIASES.has(name) &&
+    !isServiceLinkVariable(name, env(name) ?? "")
+  ).sort();
+}
+
+/** The known variable closest to a misspelt one, if any is close. */
+function closestVariable(name: string): string | undefined {
+  let best: string | undefined;
+  let bestDistance = 4;
+  for (const known of [...KNOWN_VARIABLES, ...ALIASES.keys()]) {
+    // DOTPROXY_TIMEOUT for DOTPROXY_TIMEOUT_MS: a missing unit suffix is the usual slip.
+    const distance = known.startsWith(`${name}_`) ? 1 : editDistance(name, known);
+    if (distance < bestDistance) {
+      best = ALIASES.get(known) ?? known;
+      bestDistance = distance;
+    }
+  }
+  return best;
+}
+
+/** The one-line error for unknown variables, each with its likely meaning. */
+function unknownVariablesError(unknown: readonly string[]): ConfigError {
+  const described = unknown.map((name) => {
+    const near = closestVariable(name);
+    return near === undefined ? name : `${name} (did you mean ${near}?)`;
+  });
+  const noun = unknown.length === 1 ? "variable" : "variables";
+  return new ConfigError(
+    `unknown environment ${noun} ${described.join(", ")}; ` +
+      `dotproxy reads only the DOTPROXY_* variables --help lists`,
+  );
+}
+
+/**
+ * Warnings about a valid configuration that may not do what was meant, one line each: a
+ * loopback listen address whose clients `--allow` does not include (every query from them
+ * gets REFUSED, the health check's too).
+ *
+ * @example
+ * ```ts
+ * import { configWarnings, parseConfig } from "./config.ts";
+ * const request = parseConfig(["--allow", "10.0.0.0/8"], () => undefined);
+ * if (request.kind === "config") configWarnings(request.config); // ["--listen 127.0.0.1:5300: ..."]
+ * ```
+ */
+export function configWarnings(config: Config): string[] {
+  const warnings: string[] = [];
+  for (const address of config.listen) {
+    const bytes = parseIpAddress(address.hostname)!;
+    const loopback = bytes.length === 4
+      ? bytes[0] === 127
+      : bytes.every((b, i) => b === (i === 15 ? 1 : 0));
+    if (!loopback || config.allow.some((cidr) => cidrContains(cidr, bytes))) continue;
+    const shown = formatHostPort(address.hostname, address.port);
+    const cidr = bytes.length === 4 ? "127.0.0.0/8" : "::1/128";
+    warnings.push(
+      `--listen ${shown}: its clients are on this host, but --allow ` +
+        `(${config.allow.map((c) => c.text).join(",")}) does not include them, so every ` +
+        `query there is REFUSED (add ${cidr} to --allow)`,
+    );
+  }
+  return warnings;
 }
 
 /** Reads one environment variable; injected so tests and the config never touch globals. */
@@ -1154,6 +1365,7 @@ export type EnvReader = (name: string) => string | undefined;
 interface CommandLine {
   help: boolean;
   version: boolean;
+  mode: ConfigMode | undefined;
   /** Raw values by flag name, in the order given. */
   flags: Map<string, string[]>;
   positionals: string[];
@@ -1198,7 +1410,13 @@ function editDistance(a: string, b: string): number {
  * "ambiguous" instead of a bad number) and has no boolean flag with an optional value.
  */
 function readCommandLine(args: string[]): CommandLine {
-  const line: CommandLine = { help: false, version: false, flags: new Map(), positionals: [] };
+  const line: CommandLine = {
+    help: false,
+    version: false,
+    mode: undefined,
+    flags: new Map(),
+    positionals: [],
+  };
   for (let i = 0; i < args.length; i++) {
     const arg = args[i];
     if (arg === "--") {
@@ -1213,13 +1431,23 @@ function readCommandLine(args: string[]): CommandLine {
       line.version = true;
       continue;
     }
+    if (arg === "--print-config" || arg === "--check-config") {
+      const mode = arg.slice(2) as ConfigMode;
+      if (line.mode !== undefined && line.mode !== mode) {
+        throw new ConfigError("--print-config and --check-config cannot be given together");
+      }
+      line.mode = mode;
+      continue;
+    }
     if (!arg.startsWith("-") || arg === "-") {
       line.positionals.push(arg);
       continue;
     }
     const eq = arg.indexOf("=");
     const name = arg.startsWith("--") ? arg.slice(2, eq < 0 ? undefined : eq) : "";
-    if (name === "help" || name === "version") {
+    if (
+      name === "help" || name === "version" || name === "print-config" || name === "check-config"
+    ) {
       throw new ConfigError(`flag --${name} takes no value`);
     }
     const setting = BY_FLAG.get(name);
@@ -1255,6 +1483,43 @@ function readCommandLine(args: string[]): CommandLine {
 /** Where a field's value came from, for errors that involve two settings. */
 type Sources = Map<SettingField, string>;
 
+const UNITS: Readonly<Record<string, { name: string; perSecond: number }>> = {
+  MS: { name: "milliseconds", perSecond: 1000 },
+  SECONDS: { name: "seconds", perSecond: 1 },
+};
+const SECONDS_PER: Readonly<Record<string, number>> = {
+  ms: 0.001,
+  s: 1,
+  sec: 1,
+  m: 60,
+  min: 60,
+  h: 3600,
+};
+
+/**
+ * Parses with the declaration's parser; a number with a unit (`4s`) where the setting takes a
+ * bare number of milliseconds or seconds gets an error that says the unit and the number meant.
+ */
+function parseWithUnit<K extends SettingField>(
+  declaration: Declaration<K>,
+  text: string,
+  what: string,
+): Config[K] {
+  try {
+    return declaration.parse(text, what);
+  } catch (error) {
+    const unit = UNITS[declaration.arg];
+    const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)\s*$/i.exec(text);
+    if (!(error instanceof ConfigError) || unit === undefined || m === null) throw error;
+    const meant = Number(m[1]) * SECONDS_PER[m[2].toLowerCase()] * unit.perSecond;
+    const hint = Number.isInteger(meant) ? ` (${m[1]}${m[2]} is ${meant})` : "";
+    throw new ConfigError(
+      `${what}: "${text.trim()}" has a unit; the value is a whole number of ${unit.name}, ` +
+        `without one${hint}`,
+    );
+  }
+}
+
 /** Parses one field into `config`, from its flag, its variable or its fallback. */
 function fill<K extends SettingField>(
   config: Partial<Config>,
@@ -1264,19 +1529,27 @@ function fill<K extends SettingField>(
   flags: Map<string, string[]>,
   env: EnvReader,
 ): void {
+  const aliasValue = declaration.alias === undefined ? undefined : env(declaration.alias);
+  if (aliasValue !== undefined && env(declaration.env) !== undefined) {
+    throw new ConfigError(
+      `${declaration.alias} and ${declaration.env} are both set; ${declaration.alias} is ` +
+        `another name for ${declaration.env}: set one`,
+    );
+  }
   const given = declaration.flag === "" ? undefined : flags.get(declaration.flag);
   if (given !== undefined) {
     const what = `--${declaration.flag}`;
     // A list flag may be repeated; any other flag given twice counts as given last.
     const text = declaration.kind === "list" ? given.join(",") : given[given.length - 1];
-    config[field] = declaration.parse(text, what);
+    config[field] = parseWithUnit(declaration, text, what);
     sources.set(field, what);
     return;
   }
   const fromEnv = env(declaration.env);
-  if (fromEnv !== undefined) {
-    config[field] = declaration.parse(fromEnv, declaration.env);
-    sources.set(field, declaration.env);
+  if (fromEnv !== undefined || aliasValue !== undefined) {
+    const name = fromEnv !== undefined ? declaration.env : declaration.alias!;
+    config[field] = parseWithUnit(declaration, fromEnv ?? aliasValue!, name);
+    sources.set(field, name);
     return;
   }
   config[field] = declaration.fallback(config);
@@ -1294,14 +1567,31 @@ function checkTogether(config: Config, sources: Sources): void {
   }
 }
 
-function build(command: Config["command"], flags: Map<string, string[]>, env: EnvReader): Config {
+function build(
+  command: Config["command"],
+  flags: Map<string, string[]>,
+  env: EnvReader,
+): { config: Config; sources: Sources } {
   const config: Partial<Config> = { command };
   const sources: Sources = new Map();
   for (const field of FIELDS) fill(config, sources, field, TABLE[field], flags, env);
   // Complete: TABLE's type has one declaration for every field but `command`, set above.
   const complete = config as Config;
   checkTogether(complete, sources);
-  return complete;
+  if (complete.container && command === "serve") {
+    for (const field of HEALTHCHECK_FIELDS) {
+      const { flag, env: name } = TABLE[field];
+      const given = flags.get(flag);
+      if (given === undefined) continue;
+      const value = given.join(",");
+      throw new ConfigError(
+        `--${flag} is given as a flag, but in the container image (DOTPROXY_CONTAINER=true) ` +
+          `it must be the variable ${name}, which the image's HEALTHCHECK reads too: ` +
+          `docker run -e ${name}=${value} ... (not a flag after the image name)`,
+      );
+    }
+  }
+  return { config: complete, sources };
 }
 
 /**
@@ -1315,11 +1605,14 @@ function build(command: Config["command"], flags: Map<string, string[]>, env: En
  * ```
  */
 export function defaultConfig(): Config {
-  return build("serve", new Map(), () => undefined);
+  return build("serve", new Map(), () => undefined).config;
 }
 
 /**
- * Builds the configuration from arguments and environment.
+ * Builds the configuration from arguments and environment. With `variables`, the names of
+ * every variable in the environment, a `DOTPROXY_*` name that nothing reads is an error
+ * (a misspelt setting would otherwise leave its default in force); Kubernetes service links
+ * are recognised and left alone.
  *
  * @example
  * ```ts
@@ -1328,10 +1621,16 @@ export function defaultConfig(): Config {
  * if (request.kind === "config") console.log(request.config.listen);
  * ```
  */
-export function parseConfig(args: string[], env: EnvReader): ConfigRequest {
+export function parseConfig(
+  args: string[],
+  env: EnvReader,
+  variables?: readonly string[],
+): ConfigRequest {
   const line = readCommandLine(args);
   if (line.help) return { kind: "help" };
   if (line.version) return { kind: "version" };
+  const unknown = variables === undefined ? [] : unknownVariables(variables, env);
+  if (unknown.length > 0) throw unknownVariablesError(unknown);
 
   let command: Config["command"] = "serve";
   const positionals = line.positionals;
@@ -1346,5 +1645,65 @@ export function parseConfig(args: string[], env: EnvReader): ConfigRequest {
     }
     command = "healthcheck";
   }
-  return { kind: "config", config: build(command, line.flags, env) };
+  const { config, sources } = build(command, line.flags, env);
+  return { kind: "config", config, mode: line.mode, sources };
+}
+
+/** One setting's value for `--print-config`, redacted where it must be. */
+function showSetting<K extends SettingField>(
+  declaration: Declaration<K>,
+  value: Config[K],
+): string {
+  const text = declaration.show ? declaration.show(value) : showValue(value);
+  if ((declaration.secret && text !== "") || /-----BEGIN [A-Z ]*PRIVATE KEY/.test(text)) {
+    return "<redacted>";
+  }
+  return text;
+}
+
+/** A field's value as its variable would take it (generic: lists joined with commas). */
+function showValue(value: unknown): string {
+  if (value === null || value === undefined) return "";
+  if (Array.isArray(value)) return value.map(showValue).join(",");
+  if (typeof value === "object") {
+    if ("label" in value) return String(value.label); // an upstream
+    if ("text" in value) return String(value.text); // a network
+    if ("hostname" in value && "port" in value) {
+      return formatHostPort(String(value.hostname), Number(value.port));
+    }
+    return JSON.stringify(value);
+  }
+  return String(value);
+}
+
+/**
+ * The effective configuration as `--print-config` prints it: one `DOTPROXY_NAME=value` line
+ * per setting in the order of {@linkcode SETTINGS} (so the output works as an environment
+ * file), each value that did not come from its default preceded by a comment naming the flag
+ * or variable it came from. Secrets (settings declared secret, any PEM private key) and CA
+ * certificates show as `<redacted...>`.
+ *
+ * @example
+ * ```ts
+ * import { formatConfig, parseConfig } from "./config.ts";
+ * const request = parseConfig(["--listen", "127.0.0.1:5353"], () => undefined);
+ * if (request.kind === "config") console.log(formatConfig(request.config, request.sources));
+ * ```
+ */
+export function formatConfig(
+  config: Config,
+  sources: ReadonlyMap<SettingField, string> = new Map(),
+): string {
+  const lines = [
+    `# dotproxy ${VERSION}: the effective configuration (flags, then DOTPROXY_* variables, ` +
+    `then defaults), secrets redacted.`,
+    "# A comment names where the next value came from; values without one are defaults.",
+  ];
+  for (const field of FIELDS) {
+    const text = showSetting(TABLE[field], config[field]);
+    const source = sources.get(field);
+    if (source !== undefined) lines.push(`# ${source}`);
+    lines.push(`${TABLE[field].env}=${text}`);
+  }
+  return lines.join("\n");
 }

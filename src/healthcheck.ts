@@ -2,12 +2,33 @@
  * `dotproxy healthcheck`: checks a running proxy configured by the same flags and
  * environment, so a distroless container needs no shell, curl or dig.
  *
+ * Healthy means that this dotproxy answered a question it was meant to answer (issue 22): it
+ * asks `version.bind. CH TXT`, which dotproxy answers itself for loopback clients and never
+ * forwards (src/dns/identity.ts), and wants `dotproxy ...` back. Another DNS server on the
+ * address answers with its own name, REFUSED or NOTIMP; a REFUSED from dotproxy's own access
+ * list is unhealthy too, with the fix in the detail. Upstream health does not enter into it
+ * (as for `/readyz`): a fault every replica shares must not mark every container unhealthy.
+ * With `--http`, `/readyz` must say `ready` as well (not while draining).
+ *
  * @module
  */
 
-import type { Config, ListenAddress } from "./config.ts";
-import { buildProbeQuery } from "./dns/probe.ts";
-import { getId, getRcode, isResponse, Rcode, rcodeName } from "./dns/wire.ts";
+import { cidrContains, type Config, type ListenAddress, parseIpAddress } from "./config.ts";
+import { CLASS_CH } from "./dns/identity.ts";
+import {
+  getAncount,
+  getId,
+  getQdcount,
+  getRcode,
+  HEADER_SIZE,
+  isResponse,
+  Rcode,
+  rcodeName,
+  readU16,
+  RRType,
+  skipName,
+  writeU16,
+} from "./dns/wire.ts";
 
 /** The outcome of a health check. */
 export interface HealthResult {
@@ -76,15 +97,44 @@ export function describeHttpFailure(error: unknown, timeoutMs: number, timedOut:
   return reason === "" ? "request failed" : reason;
 }
 
-async function checkHttp(address: ListenAddress, timeoutMs: number): Promise<HealthResult> {
-  const local = localAddress(address);
+/** Errors that say the loopback address itself is missing here, not that nothing answers. */
+const NO_SUCH_ADDRESS =
+  /address not available|AddrNotAvailable|Cannot assign requested address|network unreachable/i;
+
+/**
+ * Runs `check` against the loopback form of `address`; for `[::]`, when `[::1]` does not
+ * exist (IPv6 disabled in the container: Docker's default on networks without IPv6), again
+ * through 127.0.0.1, which the dual-stack socket takes too. Measured in a network namespace
+ * with `disable_ipv6=1`: `[::]` binds, `::1` is "Cannot assign requested address" (os error
+ * 99), 127.0.0.1 arrives as ::ffff:127.0.0.1.
+ */
+async function viaLoopback(
+  address: ListenAddress,
+  check: (local: ListenAddress) => Promise<HealthResult>,
+): Promise<HealthResult> {
+  const first = await check(localAddress(address));
+  if (first.healthy || address.hostname !== "::" || !NO_SUCH_ADDRESS.test(first.detail)) {
+    return first;
+  }
+  return check({ hostname: "127.0.0.1", port: address.port });
+}
+
+async function checkHttp(
+  address: ListenAddress,
+  local: ListenAddress,
+  timeoutMs: number,
+): Promise<HealthResult> {
   const url = `http://${hostForUrl(local)}:${local.port}/readyz`;
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), timeoutMs);
   try {
     const response = await fetch(url, { signal: controller.signal });
-    const body = (await response.text()).trim();
-    return { healthy: response.status === 200, detail: `${url}: ${response.status} ${body}` };
+    const body = (await response.text()).trim().slice(0, 200);
+    // dotproxy's /readyz says "ready: ..." or "not ready: ..."; any other 200 is someone else.
+    const ours = /^(not )?ready: /.test(body);
+    const detail = `${url}: ${response.status} ${body}` +
+      (ours ? "" : " (not dotproxy's /readyz: is another server on this port?)");
+    return { healthy: response.status === 200 && ours, detail };
   } catch (error) {
     const why = describeHttpFailure(error, timeoutMs, controller.signal.aborted);
     const flag = `${hostForUrl(address)}:${address.port}`;
@@ -94,17 +144,60 @@ async function checkHttp(address: ListenAddress, timeoutMs: number): Promise<Hea
   }
 }
 
-async function checkDns(address: ListenAddress, timeoutMs: number): Promise<HealthResult> {
-  const local = localAddress(address);
+/** `version.bind. CH TXT` without RD and without EDNS, with a random ID. */
+function identityQuery(): Uint8Array {
+  const name = [7, ..."version".split("").map((c) => c.charCodeAt(0)), 4, 98, 105, 110, 100, 0];
+  const query = new Uint8Array(HEADER_SIZE + name.length + 4);
+  crypto.getRandomValues(query.subarray(0, 2));
+  writeU16(query, 4, 1); // QDCOUNT
+  query.set(name, HEADER_SIZE);
+  writeU16(query, HEADER_SIZE + name.length, RRType.TXT);
+  writeU16(query, HEADER_SIZE + name.length + 2, CLASS_CH);
+  return query;
+}
+
+/** The first character-string of the first TXT answer, or null when there is none. */
+function firstTxt(response: Uint8Array): string | null {
+  if (getQdcount(response) !== 1 || getAncount(response) < 1) return null;
+  const questionEnd = skipName(response, HEADER_SIZE, response.length);
+  if (questionEnd < 0) return null;
+  const owner = skipName(response, questionEnd + 4, response.length);
+  if (owner < 0 || owner + 10 > response.length) return null;
+  if (readU16(response, owner) !== RRType.TXT) return null;
+  const rdlength = readU16(response, owner + 8);
+  const rdata = owner + 10;
+  if (rdlength < 1 || rdata + rdlength > response.length) return null;
+  const length = Math.min(response[rdata], rdlength - 1);
+  return new TextDecoder().decode(response.subarray(rdata + 1, rdata + 1 + length));
+}
+
+/** The words for a REFUSED answer: dotproxy's own access list, most likely. */
+function describeRefusal(source: string, allow: Config["allow"] | undefined): string {
+  const bytes = parseIpAddress(source)!;
+  if (allow !== undefined && !allow.some((cidr) => cidrContains(cidr, bytes))) {
+    const cidr = source.includes(":") ? `${source}/128` : `${source}/32`;
+    return `answered REFUSED: the check comes from ${source}, which --allow does not ` +
+      `include, so dotproxy refuses it (add ${cidr} to --allow, or check with --http)`;
+  }
+  return "answered REFUSED (the rate limit, or another DNS server on this address?)";
+}
+
+async function checkDns(
+  local: ListenAddress,
+  allow: Config["allow"] | undefined,
+  timeoutMs: number,
+): Promise<HealthResult> {
   const shown = `${hostForUrl(local)}:${local.port}`;
-  const socket = Deno.listenDatagram({
-    transport: "udp",
-    hostname: local.hostname.includes(":") ? "::1" : "127.0.0.1",
-    port: 0,
-  });
-  // Without RD, as the proxy's own health checks: the upstream answers at once, whether or not
-  // it can reach the root servers (an isolated private resolver answers REFUSED).
-  const query = buildProbeQuery(false);
+  // From loopback: dotproxy answers its identity to loopback clients only (on Linux a socket
+  // bound to loopback reaches the host's other addresses too, with a loopback source).
+  const source = local.hostname.includes(":") ? "::1" : "127.0.0.1";
+  let socket: Deno.DatagramConn;
+  try {
+    socket = Deno.listenDatagram({ transport: "udp", hostname: source, port: 0 });
+  } catch (error) {
+    return { healthy: false, detail: `${shown}: ${String(error)}` };
+  }
+  const query = identityQuery();
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
     await socket.send(query, { transport: "udp", hostname: local.hostname, port: local.port });
@@ -121,11 +214,18 @@ async function checkDns(address: ListenAddress, timeoutMs: number): Promise<Heal
         continue;
       }
       const rcode = getRcode(response);
+      if (rcode === Rcode.REFUSED) {
+        return { healthy: false, detail: `${shown}: ${describeRefusal(source, allow)}` };
+      }
+      const text = rcode === Rcode.NOERROR ? firstTxt(response) : null;
+      if (text !== null && /^dotproxy /.test(text)) {
+        return { healthy: true, detail: `${shown}: ${text} answered` };
+      }
+      const said = text === null ? rcodeName(rcode) : `${rcodeName(rcode)} ${JSON.stringify(text)}`;
       return {
-        // Any answer relayed from an upstream proves the path; SERVFAIL is the proxy's own
-        // "no upstream answered".
-        healthy: rcode === Rcode.NOERROR || rcode === Rcode.NXDOMAIN || rcode === Rcode.REFUSED,
-        detail: `${shown}: answered ${rcodeName(rcode)}`,
+        healthy: false,
+        detail: `${shown}: answered ${said} to version.bind, not as dotproxy does ` +
+          `(is another DNS server listening there?)`,
       };
     }
   } catch (error) {
@@ -137,8 +237,9 @@ async function checkDns(address: ListenAddress, timeoutMs: number): Promise<Heal
 }
 
 /**
- * Checks the proxy described by `config`: `GET /readyz` when `--http` is set, otherwise a
- * DNS query for `. NS` without RD to its first listen address over UDP.
+ * Checks the proxy described by `config`: asks its first listen address over UDP for
+ * `version.bind. CH TXT` (healthy when dotproxy itself answers) and, when `--http` is set,
+ * `GET /readyz` too (healthy on `200 ready: ...`). `allow` words a REFUSED.
  *
  * @example
  * ```ts ignore
@@ -146,10 +247,20 @@ async function checkDns(address: ListenAddress, timeoutMs: number): Promise<Heal
  * Deno.exit(result.healthy ? 0 : 1);
  * ```
  */
-export function healthcheck(
-  config: Pick<Config, "http" | "listen">,
+export async function healthcheck(
+  config: Pick<Config, "http" | "listen"> & Partial<Pick<Config, "allow">>,
   timeoutMs = 3000,
 ): Promise<HealthResult> {
-  if (config.http) return checkHttp(config.http, timeoutMs);
-  return checkDns(config.listen[0], timeoutMs);
+  // No listen address (a caller that checks only the HTTP side): /readyz alone.
+  const http = config.http;
+  const checkReadyz = (address: ListenAddress) =>
+    viaLoopback(address, (local) => checkHttp(address, local, timeoutMs));
+  if (config.listen.length === 0 && http) return checkReadyz(http);
+  const dns = await viaLoopback(
+    config.listen[0],
+    (local) => checkDns(local, config.allow, timeoutMs),
+  );
+  if (!dns.healthy || !http) return dns;
+  const readyz = await checkReadyz(http);
+  return { healthy: readyz.healthy, detail: `${dns.detail}; ${readyz.detail}` };
 }

@@ -30,6 +30,12 @@ import {
   STALE_RECHECK_MS,
 } from "./cache/answer_cache.ts";
 import { buildUpstreamQuery, stripResponseOpt, trimResponseOpt } from "./dns/edns.ts";
+import {
+  buildIdentityAnswer,
+  CLASS_CH,
+  isIdentityQuery,
+  isLoopbackClient,
+} from "./dns/identity.ts";
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "./dns/message.ts";
 import { inspectQuery, QueryInfo, QueryVerdict, verdictRcode } from "./dns/query.ts";
 import { buildErrorResponse, clientUdpLimit, EdeCode, truncateResponse } from "./dns/response.ts";
@@ -46,6 +52,7 @@ import {
 } from "./resolver/job.ts";
 import { SlabCopier } from "./slab.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
+import { VERSION } from "./version.ts";
 import { type Forwarder, UpstreamError } from "./upstream/types.ts";
 
 export { formatAddr };
@@ -285,6 +292,11 @@ export class Resolver implements JobOwner, FlightOwner {
         rcode: rcodeName(rcode),
       });
       this.#finish(job, buildErrorResponse(query, info, rcode));
+      return false;
+    }
+    if (info.qclass === CLASS_CH && isIdentityQuery(query, info) && isLoopbackClient(job.client)) {
+      // `dotproxy healthcheck` asks this to know it reached this proxy (src/dns/identity.ts).
+      this.#finish(job, buildIdentityAnswer(query, info, `dotproxy ${VERSION}`));
       return false;
     }
     if (info.qtype === RRType.ANY && job.transport === "udp" && this.#refuseAny) {

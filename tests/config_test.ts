@@ -11,8 +11,10 @@ import {
   ConfigError,
   DEFAULT_STRATEGY,
   defaultConfig,
+  formatConfig,
   helpText,
   isIpLiteral,
+  isServiceLinkVariable,
   KNOWN_VARIABLES,
   parseCidr,
   parseConfig,
@@ -165,9 +167,193 @@ Deno.test("unknown DOTPROXY_* variables are reported, known ones and others are 
       "DOTPROXY_RATE_LIMIT_BURST",
       "DOTPROXY_CACHE_SIZ",
     ]),
-    ["DOTPROXY_CACHE_SIZ", "DOTPROXY_SERVICE_HOST", "DOTPROXY_UPSTREAM"],
+    // No value given: DOTPROXY_SERVICE_HOST without an address is no service link.
+    ["DOTPROXY_CACHE_SIZ", "DOTPROXY_SERVICE_HOST"],
   );
   assert.deepEqual(unknownVariables([...KNOWN_VARIABLES]), []);
+});
+
+/** What kubelet injects for deploy/kubernetes/service.yaml's Service `dotproxy`. */
+const SERVICE_LINKS: Record<string, string> = {
+  DOTPROXY_SERVICE_HOST: "10.96.0.53",
+  DOTPROXY_SERVICE_PORT: "53",
+  DOTPROXY_SERVICE_PORT_DNS: "53",
+  DOTPROXY_SERVICE_PORT_DNS_TCP: "53",
+  DOTPROXY_SERVICE_PORT_METRICS: "5380",
+  DOTPROXY_PORT: "udp://10.96.0.53:53",
+  DOTPROXY_PORT_53_UDP: "udp://10.96.0.53:53",
+  DOTPROXY_PORT_53_UDP_PROTO: "udp",
+  DOTPROXY_PORT_53_UDP_PORT: "53",
+  DOTPROXY_PORT_53_UDP_ADDR: "10.96.0.53",
+  DOTPROXY_PORT_53_TCP: "tcp://10.96.0.53:53",
+  DOTPROXY_PORT_53_TCP_PROTO: "tcp",
+  DOTPROXY_PORT_53_TCP_PORT: "53",
+  DOTPROXY_PORT_53_TCP_ADDR: "10.96.0.53",
+  DOTPROXY_PORT_5380_TCP: "tcp://10.96.0.53:5380",
+  DOTPROXY_PORT_5380_TCP_PROTO: "tcp",
+  DOTPROXY_PORT_5380_TCP_PORT: "5380",
+  DOTPROXY_PORT_5380_TCP_ADDR: "10.96.0.53",
+  // A second Service, dotproxy-metrics, on IPv6.
+  DOTPROXY_METRICS_SERVICE_HOST: "fd00::a",
+  DOTPROXY_METRICS_PORT: "tcp://[fd00::a]:5380",
+  DOTPROXY_METRICS_PORT_5380_TCP_ADDR: "fd00::a",
+};
+
+/** parseConfig as main.ts calls it: the environment's names given, so unknown ones fail. */
+function strictConfig(args: string[], env: Record<string, string>): Config {
+  const request = parseConfig(args, (name) => env[name], Object.keys(env));
+  assert.equal(request.kind, "config");
+  return (request as { config: Config }).config;
+}
+
+function strictFailure(args: string[], env: Record<string, string>): string {
+  try {
+    parseConfig(args, (name) => env[name], Object.keys(env));
+  } catch (error) {
+    assert.ok(error instanceof ConfigError, `expected ConfigError, got ${error}`);
+    assert.ok(!error.message.includes("\n"), "one line");
+    return error.message;
+  }
+  assert.fail(`expected ${JSON.stringify(env)} to fail`);
+}
+
+Deno.test("an unknown DOTPROXY_* variable is a configuration error with a suggestion", () => {
+  const cases: [Record<string, string>, RegExp][] = [
+    [
+      { DOTPROXY_TIMEOUT: "4000" },
+      /unknown environment variable DOTPROXY_TIMEOUT \(did you mean DOTPROXY_TIMEOUT_MS\?\)/,
+    ],
+    [
+      { DOTPROXY_UPSTRAEMS: "10.0.0.53#dns.corp" },
+      /DOTPROXY_UPSTRAEMS \(did you mean DOTPROXY_UPSTREAMS\?\)/,
+    ],
+    [{ DOTPROXY_LISTN: "0.0.0.0:53" }, /did you mean DOTPROXY_LISTEN\?/],
+    [{ DOTPROXY_HTTP_PORT: "5380" }, /unknown environment variable DOTPROXY_HTTP_PORT/],
+    [{ DOTPROXY_WHATEVER_ELSE: "1" }, /variable DOTPROXY_WHATEVER_ELSE; dotproxy reads only/],
+    [
+      { DOTPROXY_CACHE_SIZ: "5", DOTPROXY_LOGLEVEL: "debug" },
+      /variables DOTPROXY_CACHE_SIZ \(did you mean DOTPROXY_CACHE_SIZE\?\), DOTPROXY_LOGLEVEL \(did you mean DOTPROXY_LOG_LEVEL\?\)/,
+    ],
+    // Service-link names whose values are not what kubelet writes are typos, not links.
+    [{ DOTPROXY_PORT: "5300" }, /unknown environment variable DOTPROXY_PORT/],
+    [
+      { DOTPROXY_SERVICE_HOST: "dotproxy.svc" },
+      /unknown environment variable DOTPROXY_SERVICE_HOST/,
+    ],
+    [{ DOTPROXY_PORT_53_UDP_PROTO: "tcp" }, /DOTPROXY_PORT_53_UDP_PROTO/],
+    [{ DOTPROXY_PORT_53_UDP: "tcp://10.0.0.1:53" }, /DOTPROXY_PORT_53_UDP/],
+    [{ DOTPROXY_PORT_53_UDP_PORT: "54" }, /DOTPROXY_PORT_53_UDP_PORT/],
+  ];
+  for (const [env, pattern] of cases) {
+    assert.match(strictFailure([], env), pattern, JSON.stringify(env));
+    // Without the names (tests, library use) the same input is accepted as before.
+    assert.equal(parseConfig([], (name) => env[name]).kind, "config");
+  }
+  // Other variables are not dotproxy's business; --help and --version look at nothing.
+  assert.equal(
+    strictConfig([], { PATH: "/bin", DOTPROXYX: "1", dotproxy_x: "1" }).command,
+    "serve",
+  );
+  assert.equal(parseConfig(["--help"], () => "x", ["DOTPROXY_NOPE"]).kind, "help");
+});
+
+Deno.test("Kubernetes service links for a Service named dotproxy are not errors", () => {
+  const c = strictConfig([], { ...SERVICE_LINKS, DOTPROXY_LISTEN: "0.0.0.0:5300" });
+  assert.deepEqual(c.listen, [{ hostname: "0.0.0.0", port: 5300 }]);
+  for (const [name, value] of Object.entries(SERVICE_LINKS)) {
+    assert.ok(isServiceLinkVariable(name, value), `${name}=${value}`);
+  }
+  assert.ok(!isServiceLinkVariable("DOTPROXY_LISTEN", "0.0.0.0:5300"));
+  assert.ok(!isServiceLinkVariable("DOTPROXY_PORT_53_QUIC", "quic://10.0.0.1:53"));
+});
+
+Deno.test("DOTPROXY_UPSTREAM is another name for DOTPROXY_UPSTREAMS; never both", () => {
+  const one = strictConfig([], { DOTPROXY_UPSTREAM: "10.0.0.53#dns.corp" });
+  assert.deepEqual(one.upstreams.map((u) => u.label), ["10.0.0.53:853#dns.corp"]);
+  // Its errors name it.
+  assert.match(
+    strictFailure([], { DOTPROXY_UPSTREAM: "dns.corp" }),
+    /^DOTPROXY_UPSTREAM "dns.corp": "dns.corp" is not an IP address/,
+  );
+  assert.match(
+    strictFailure([], { DOTPROXY_UPSTREAM: "10.0.0.53", DOTPROXY_UPSTREAMS: "10.0.0.54" }),
+    /DOTPROXY_UPSTREAM and DOTPROXY_UPSTREAMS are both set; DOTPROXY_UPSTREAM is another name for DOTPROXY_UPSTREAMS: set one/,
+  );
+  // The flag wins over either, as over any variable.
+  const flag = strictConfig(["--upstream", "10.0.0.9"], { DOTPROXY_UPSTREAM: "10.0.0.53" });
+  assert.deepEqual(flag.upstreams.map((u) => u.address), ["10.0.0.9"]);
+  assert.ok(helpText().includes("DOTPROXY_UPSTREAMS (or DOTPROXY_UPSTREAM)"));
+});
+
+Deno.test("--print-config: every setting as NAME=value, sources named, reads back the same", () => {
+  const env: Record<string, string> = {
+    DOTPROXY_UPSTREAM: "10.0.0.53#dns.corp,[fd00::53]:8853#dns.corp",
+    DOTPROXY_CA_CERTS: CA_PEM,
+    DOTPROXY_FAILOVER_RCODES: "SERVFAIL,5,NOTIMP",
+    DOTPROXY_HTTP: "[::1]:5380",
+  };
+  const args = ["--listen", "127.0.0.1:5353", "--listen", "[::1]:5353", "--hedge-delay", "0"];
+  const request = parseConfig([...args, "--print-config"], (name) => env[name], Object.keys(env));
+  assert.ok(request.kind === "config" && request.mode === "print-config");
+  const text = formatConfig(request.config, request.sources);
+  const lines = text.split("\n");
+  const values = lines.filter((l) => !l.startsWith("#"));
+  assert.deepEqual(values.map((l) => l.slice(0, l.indexOf("="))), [...KNOWN_VARIABLES]);
+  // Where a value came from is the comment before it; defaults have none.
+  const sourceOf = (name: string) => {
+    const at = lines.findIndex((l) => l.startsWith(`${name}=`));
+    return lines[at - 1].startsWith("# ") ? lines[at - 1].slice(2) : "default";
+  };
+  assert.equal(sourceOf("DOTPROXY_LISTEN"), "--listen");
+  assert.equal(sourceOf("DOTPROXY_UPSTREAMS"), "DOTPROXY_UPSTREAM");
+  assert.equal(sourceOf("DOTPROXY_HTTP"), "DOTPROXY_HTTP");
+  assert.equal(sourceOf("DOTPROXY_CACHE_SIZE"), "default");
+  assert.ok(lines.includes("DOTPROXY_LISTEN=127.0.0.1:5353,[::1]:5353"));
+  assert.ok(lines.includes("DOTPROXY_UPSTREAMS=10.0.0.53:853#dns.corp,[fd00::53]:8853#dns.corp"));
+  assert.ok(lines.includes("DOTPROXY_FAILOVER_RCODES=SERVFAIL,REFUSED,NOTIMP"));
+  // The CA text is not shown.
+  assert.ok(lines.includes("DOTPROXY_CA_CERTS=<redacted: 1 PEM certificate>"), text);
+  assert.ok(!text.includes("BEGIN CERTIFICATE") && !text.includes(CA_PEM.split("\n")[1]));
+  // Read back as an environment file, it is the same configuration.
+  const back: Record<string, string> = {};
+  for (const line of values) {
+    if (line.includes("<redacted")) continue;
+    back[line.slice(0, line.indexOf("="))] = line.slice(line.indexOf("=") + 1);
+  }
+  const again = strictConfig([], back);
+  assert.deepEqual({ ...again, caCerts: [] }, { ...request.config, caCerts: [] });
+  // Defaults alone: no source comments, only the two header lines.
+  const defaults = formatConfig(defaultConfig());
+  assert.equal(defaults.split("\n").filter((l) => l.startsWith("#")).length, 2, "the header");
+});
+
+Deno.test("--print-config: secrets are declared secret and never printed", () => {
+  for (const setting of SETTINGS) {
+    if (/(_KEY|PASSWORD|SECRET|TOKEN)/.test(setting.env)) {
+      assert.ok(setting.secret, `${setting.env} holds a secret: declare it secret: true`);
+    }
+  }
+  // Any PEM private key is redacted whatever setting holds it, e.g. a key pasted by mistake.
+  const key =
+    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----";
+  const text = formatConfig({ ...defaultConfig(), caCerts: [] }, new Map());
+  assert.ok(!text.includes("PRIVATE KEY"));
+  for (const setting of SETTINGS.filter((s) => s.secret)) {
+    const config = { ...defaultConfig(), [setting.field]: key };
+    assert.ok(!formatConfig(config).includes("PRIVATE KEY"), setting.env);
+  }
+});
+
+Deno.test("--check-config and --print-config: flags of their own", () => {
+  const check = parseConfig(["--check-config", "--listen", "127.0.0.1:1"], () => undefined);
+  assert.ok(check.kind === "config" && check.mode === "check-config");
+  assert.equal(parseConfig([], () => undefined).kind === "config", true);
+  assert.equal((parseConfig([], () => undefined) as { mode?: string }).mode, undefined);
+  assert.match(failure(["--check-config", "--print-config"]), /cannot be given together/);
+  assert.match(failure(["--check-config=yes"]), /--check-config takes no value/);
+  // Checking validates: a bad value is the same one-line error.
+  assert.match(failure(["--check-config", "--timeout", "4s"]), /--timeout/);
+  assert.ok(helpText().includes("--print-config") && helpText().includes("--check-config"));
 });
 
 Deno.test("help lists every flag with its variable and default; version and healthcheck", () => {
@@ -857,6 +1043,14 @@ Deno.test("main: invalid configuration is one line on stderr and exit code 2", a
       [["--timeout", "-5"], {}, '--timeout: "-5" is not a whole number'],
       [["--upstream", "tls://1.1.1.1"], {}, "(no scheme: 1.1.1.1#cloudflare-dns.com)"],
       [["--allow", "10.0.0.1/8"], {}, "did you mean 10.0.0.0/8?"],
+      [[], { DOTPROXY_TIMEOUT: "4000" }, "did you mean DOTPROXY_TIMEOUT_MS?"],
+      [
+        ["--listen", "0.0.0.0:53"],
+        { DOTPROXY_CONTAINER: "true" },
+        "docker run -e DOTPROXY_LISTEN=0.0.0.0:53",
+      ],
+      // Service links pass the variable check: the error is the bad --listen.
+      [["--listen", "127.0.0.1:0x"], SERVICE_LINKS, '--listen "127.0.0.1:0x"'],
     ] as [string[], Record<string, string>, string][]
   ) {
     const result = await runMain(args, env);
@@ -866,6 +1060,22 @@ Deno.test("main: invalid configuration is one line on stderr and exit code 2", a
     assert.ok(lines[0].startsWith("dotproxy: "), lines[0]);
     assert.ok(lines[0].includes(expected), lines[0]);
   }
+});
+
+Deno.test("main: --check-config exits 0 or 2; --print-config prints and exits 0", async () => {
+  const ok = await runMain(["--check-config", "--listen", "127.0.0.1:5353"]);
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.equal(ok.stdout, "dotproxy: the configuration is valid\n");
+  const bad = await runMain(["--check-config"], { DOTPROXY_TIMEOUT: "4000" });
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /^dotproxy: unknown environment variable DOTPROXY_TIMEOUT/);
+  const printed = await runMain(["--print-config", "--listen", "127.0.0.1:5353"], {
+    DOTPROXY_CA_CERTS: CA_PEM,
+  });
+  assert.equal(printed.code, 0, printed.stderr);
+  assert.match(printed.stdout, /\n# --listen\nDOTPROXY_LISTEN=127\.0\.0\.1:5353\n/);
+  assert.ok(printed.stdout.includes("DOTPROXY_CA_CERTS=<redacted: 1 PEM certificate>"));
+  assert.ok(!printed.stdout.includes("BEGIN"));
 });
 
 Deno.test("main: --help, --version, and a port in use is one line and exit 1", async () => {

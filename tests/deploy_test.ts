@@ -3,12 +3,12 @@
  * the Dockerfile, .dockerignore, deploy/docker-compose.yml, every Kubernetes document under
  * deploy/kubernetes/, scripts/release.sh and the `compile` task in deno.json.
  *
- * Only reads files: `deno test --allow-read --allow-env tests/deploy_test.ts` (npm:yaml peeks at
- * LOG_TOKENS/LOG_STREAM in the environment; it is fetched from the npm registry on first use).
+ * Only reads files: `deno test --allow-read tests/deploy_test.ts`. The YAML is read by
+ * tests/support/yaml.ts (no third-party package, so every `deno task` runs offline).
  */
 
 import assert from "node:assert/strict";
-import { parse, parseAllDocuments } from "npm:yaml@2.8.1";
+import { parseYaml, parseYamlDocuments } from "./support/yaml.ts";
 import { ConfigError, parseConfig, SETTINGS } from "../src/config.ts";
 
 /** Every environment variable the binary reads. Any DOTPROXY_* name set elsewhere is a typo. */
@@ -17,11 +17,14 @@ const KNOWN_ENV: readonly string[] = SETTINGS.map((setting) => setting.env);
 /** The container conventions. */
 const DNS_PORT = 5300;
 const HTTP_PORT = 5380;
+/** `[::]` takes IPv6 and, dual-stack, IPv4 (`0.0.0.0` and `[::]` on one port cannot both bind). */
 const CONTAINER_ENV: Readonly<Record<string, string>> = {
-  DOTPROXY_LISTEN: `0.0.0.0:${DNS_PORT}`,
-  DOTPROXY_HTTP: `0.0.0.0:${HTTP_PORT}`,
+  DOTPROXY_LISTEN: `[::]:${DNS_PORT}`,
+  DOTPROXY_HTTP: `[::]:${HTTP_PORT}`,
   DOTPROXY_LOG_FORMAT: "json",
 };
+/** The one image name, as the release workflow pushes it, everywhere it is written. */
+const IMAGE = "ghcr.io/dotproxy/dotproxy";
 /** The uid of `nonroot` in the distroless images. */
 const NONROOT_UID = 65532;
 const BINARY = "/dotproxy";
@@ -117,14 +120,13 @@ async function walk(dir: string): Promise<string[]> {
  * any error or warning (duplicate keys included) fails.
  */
 async function loadYaml(rel: string): Promise<unknown[]> {
-  const docs = parseAllDocuments(await readText(rel), { version: "1.1" });
-  const out: unknown[] = [];
-  for (const doc of docs) {
-    assert.deepEqual(doc.errors.map((e) => e.message), [], `${rel}: YAML errors`);
-    assert.deepEqual(doc.warnings.map((e) => e.message), [], `${rel}: YAML warnings`);
-    const value: unknown = doc.toJS();
-    if (value !== null && value !== undefined) out.push(value);
+  let docs: unknown[];
+  try {
+    docs = parseYamlDocuments(await readText(rel), { version: "1.1" });
+  } catch (error) {
+    assert.fail(`${rel}: ${error instanceof Error ? error.message : error}`);
   }
+  const out = docs.filter((value) => value !== null && value !== undefined);
   assert.ok(out.length > 0, `${rel}: no YAML documents`);
   return out;
 }
@@ -578,6 +580,41 @@ Deno.test("deploy: kustomization.yaml lists every manifest but the CRD-dependent
   }
 });
 
+Deno.test("deploy: one image name in the Dockerfile, compose, Kubernetes and kustomize", async () => {
+  const kust = kustomizations.get("deploy/kubernetes/kustomization.yaml");
+  assert.ok(kust);
+  const images = arr(kust.images, "kustomization images").map((i) => obj(i, "image"));
+  assert.deepEqual(images.map((i) => [i.name, i.newTag]), [[IMAGE, VERSION]]);
+  assert.ok(images[0].newName === undefined, "no other registry by default");
+  // Every `name:version` reference in the shipping files is the one image.
+  for (const file of ["Dockerfile", ...yamlFiles, "deploy/systemd/dotproxy.service"]) {
+    const text = await readText(file);
+    for (const m of text.matchAll(/([\w./-]*)dotproxy:(\d+\.\d+\.\d+)\b/g)) {
+      assert.equal(`${m[1]}dotproxy`, IMAGE, `${file}: ${m[0]}`);
+      assert.equal(m[2], VERSION, `${file}: ${m[0]}`);
+    }
+  }
+});
+
+Deno.test("deploy: the manifests listen on IPv6 and IPv4", () => {
+  for (
+    const [where, env] of [["Dockerfile", dockerEnv()], ["compose", composeEnv()], [
+      "Deployment",
+      podEnv,
+    ]] as const
+  ) {
+    for (const name of ["DOTPROXY_LISTEN", "DOTPROXY_HTTP"]) {
+      const value = env.get(name);
+      assert.ok(value, `${where} ${name}`);
+      const request = parseConfig([], (n) => n === "DOTPROXY_LISTEN" ? value : undefined);
+      assert.ok(request.kind === "config");
+      const hosts = request.config.listen.map((a) => a.hostname);
+      // `::` is dual-stack: one socket takes both families (and 0.0.0.0 beside it cannot bind).
+      assert.ok(hosts.includes("::"), `${where} ${name}=${value}: listen on [::]`);
+    }
+  }
+});
+
 Deno.test("deploy: Deployment runs 2+ replicas of the image with the container ports", () => {
   assert.equal(deployment.apiVersion, "apps/v1");
   assert.ok(num(deploySpec.replicas, "replicas") >= 2, "replicas must be >= 2");
@@ -586,7 +623,7 @@ Deno.test("deploy: Deployment runs 2+ replicas of the image with the container p
     "selector.matchLabels",
   );
   assert.ok(selects(selector, podLabels), "Deployment selector must match the pod labels");
-  assert.equal(container.image, `dotproxy:${VERSION}`, "image tag must be the release version");
+  assert.equal(container.image, `${IMAGE}:${VERSION}`, "the released image, at the version");
   const ports = containerPorts.map((p) => `${p.name} ${p.containerPort}/${p.protocol}`).sort();
   assert.deepEqual(ports, [
     `dns-tcp ${DNS_PORT}/TCP`,
@@ -780,7 +817,7 @@ Deno.test("deploy: docker-compose.yml agrees with the image and binds only to lo
   assert.ok(await exists("Dockerfile"));
   const args = strRecord(build.args ?? {}, "build.args");
   assert.equal(args.VERSION, VERSION, "build arg VERSION must be the release version");
-  assert.equal(composeService.image, `dotproxy:${VERSION}`);
+  assert.equal(composeService.image, `${IMAGE}:${VERSION}`);
   assert.equal(composeService.image, container.image, "compose and Kubernetes image differ");
 
   const env = composeEnv();
@@ -868,6 +905,55 @@ Deno.test("deploy: Dockerfile builds with Deno and runs on distroless as nonroot
   }
 });
 
+/** parseConfig as main.ts runs it in the image: the image's ENV, then `env` over it. */
+function imageConfig(args: string[], env: ReadonlyMap<string, string | undefined> = new Map()) {
+  const all = new Map<string, string>(dockerEnv());
+  for (const [name, value] of env) if (value !== undefined) all.set(name, value);
+  return parseConfig(args, (name) => all.get(name), [...all.keys()]);
+}
+
+Deno.test("deploy: the image's HEALTHCHECK checks where the server serves, flags or not", () => {
+  // Docker runs HEALTHCHECK with the container's environment, never with the arguments given
+  // after the image name: those settings must come from the environment in the image.
+  assert.equal(dockerEnv().get("DOTPROXY_CONTAINER"), "true", "Dockerfile ENV DOTPROXY_CONTAINER");
+  assert.deepEqual(dockerHealthcheck().cmd, HEALTHCHECK_CMD, "no flags in the HEALTHCHECK");
+  const serve = imageConfig([]);
+  const check = imageConfig(["healthcheck"]);
+  assert.ok(serve.kind === "config" && check.kind === "config");
+  assert.deepEqual(check.config.listen, serve.config.listen);
+  assert.deepEqual(check.config.http, serve.config.http);
+  assert.deepEqual(check.config.allow, serve.config.allow);
+  for (
+    const [flag, value, variable] of [
+      ["--listen", "0.0.0.0:53", "DOTPROXY_LISTEN"],
+      ["--http", "0.0.0.0:9153", "DOTPROXY_HTTP"],
+      ["--allow", "10.0.0.0/8", "DOTPROXY_ALLOW"],
+    ]
+  ) {
+    assert.throws(() => imageConfig([flag, value]), (error: unknown) => {
+      assert.ok(error instanceof ConfigError, String(error));
+      assert.ok(
+        error.message.includes(`it must be the variable ${variable}`) &&
+          error.message.includes(`docker run -e ${variable}=${value}`),
+        error.message,
+      );
+      return true;
+    });
+  }
+  // Settings the check does not need may still be flags after the image name.
+  const flags = imageConfig(["--log-level", "debug", "--upstream", "9.9.9.9#dns.quad9.net"]);
+  assert.equal(flags.kind, "config");
+  // What compose and Kubernetes pass runs in the image as it is.
+  const composeCommand = composeService.command === undefined
+    ? []
+    : arr(composeService.command, "compose command").map((w) => str(w, "command"));
+  imageConfig(composeCommand, composeEnv());
+  const podArgs = container.args === undefined
+    ? []
+    : arr(container.args, "container args").map((w) => str(w, "args"));
+  imageConfig(podArgs, podEnv);
+});
+
 Deno.test("deploy: Dockerfile OCI labels carry the release version", () => {
   assert.equal(dockerArgDefault(runStage, "VERSION"), VERSION, "ARG VERSION default");
   const labels: Record<string, string> = {};
@@ -877,6 +963,32 @@ Deno.test("deploy: Dockerfile OCI labels carry the release version", () => {
   }
   assert.equal(labels["org.opencontainers.image.title"], "dotproxy");
   assert.equal(labels["org.opencontainers.image.version"], "${VERSION}");
+});
+
+Deno.test("deploy: LICENSE is the license the image's label names; CHANGELOG and SECURITY cover the version", async () => {
+  const labels: Record<string, string> = {};
+  for (const ins of only(runStage, "LABEL")) Object.assign(labels, keyValues(ins.args));
+  assert.equal(labels["org.opencontainers.image.licenses"], "MIT");
+  const license = await readText("LICENSE");
+  assert.match(license, /^MIT License\n\nCopyright \(c\) 2026 the dotproxy authors\n/);
+  assert.match(license, /THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND/);
+
+  // Keep a Changelog: Unreleased first, then each version with a date, newest first.
+  const changelog = await readText("CHANGELOG.md");
+  const versions = [...changelog.matchAll(/^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?$/gm)];
+  assert.equal(versions[0]?.[1], "Unreleased", "## [Unreleased] comes first");
+  const current = versions.find((v) => v[1] === VERSION);
+  assert.ok(current?.[2], `CHANGELOG.md: ## [${VERSION}] - YYYY-MM-DD`);
+  for (const v of versions) {
+    assert.match(changelog, new RegExp(`^\\[${v[1].replaceAll(".", "\\.")}\\]: https://`, "m"));
+  }
+
+  const security = await readText("SECURITY.md");
+  assert.match(security, /^## Reporting a vulnerability$/m);
+  assert.match(security, /^## Supported versions$/m);
+  assert.match(security, /^## Scope$/m);
+  const minor = VERSION.split(".").slice(0, 2).join(".");
+  assert.ok(security.includes(`| ${minor}.x`), `SECURITY.md: a row for ${minor}.x`);
 });
 
 function compileLine(): string {
@@ -996,7 +1108,7 @@ Deno.test("deploy: the test's helpers parse what they claim to", () => {
   const df = parseDockerfile('FROM a AS b\n# c\nENV X=1 \\\n  # inner\n  Y="2 3"\nFROM d\n');
   assert.deepEqual(df.stages.map((s) => [s.from, s.name]), [["a", "b"], ["d", undefined]]);
   assert.deepEqual(keyValues(df.stages[0].instructions[0].args), { X: "1", Y: "2 3" });
-  assert.deepEqual(parse("a: on", { version: "1.1" }), { a: true });
+  assert.deepEqual(parseYaml("a: on", { version: "1.1" }), { a: true });
 });
 
 // =============================================================================================
@@ -1011,14 +1123,16 @@ const MAX_HEAP_SHARE = 0.7;
 
 /**
  * A workflow file parsed as GitHub Actions does: YAML 1.2, so `on:` is a key and not the boolean
- * YAML 1.1 makes of it. Any error or warning (duplicate keys included) fails.
+ * YAML 1.1 makes of it. Any error (duplicate keys included) fails.
  */
 async function loadWorkflow(rel: string): Promise<Obj> {
-  const docs = parseAllDocuments(await readText(rel), { version: "1.2" });
-  assert.equal(docs.length, 1, `${rel}: one YAML document`);
-  assert.deepEqual(docs[0].errors.map((e) => e.message), [], `${rel}: YAML errors`);
-  assert.deepEqual(docs[0].warnings.map((e) => e.message), [], `${rel}: YAML warnings`);
-  return obj(docs[0].toJS(), rel);
+  let doc: unknown;
+  try {
+    doc = parseYaml(await readText(rel), { version: "1.2" });
+  } catch (error) {
+    assert.fail(`${rel}: ${error instanceof Error ? error.message : error}`);
+  }
+  return obj(doc, rel);
 }
 
 interface WorkflowStep {

@@ -5,7 +5,7 @@
  * resets, or flapping; in both list orders, for every strategy. Clients send UDP at a steady
  * rate; the bar is the issue's: no SERVFAIL, no answer after more than 1 s.
  *
- * Then: recovery within 1 s of a long outage, readiness following health, hedging cutting the
+ * Then: recovery within 1 s of a long outage, /healthz/upstreams following health, hedging cutting the
  * p99 within its budget, failover on SERVFAIL, the strategies' spread, a straggler on an idle
  * proxy, backoff for upstreams that handshake and misbehave, `--upstream-nudge false`, and
  * what the logs and metrics say.
@@ -352,8 +352,9 @@ Deno.test({
 // ---------------------------------------------------------------------------------------------
 // Long outages, readiness, backoff.
 
-async function readyz(proxy: RunningProxy): Promise<number> {
-  const response = await fetch(`http://127.0.0.1:${proxy.http!.addr.port}/readyz`);
+/** Status of GET /healthz/upstreams: whether an upstream answers. */
+async function upstreamsStatus(proxy: RunningProxy): Promise<number> {
+  const response = await fetch(`http://127.0.0.1:${proxy.http!.addr.port}/healthz/upstreams`);
   await response.body?.cancel();
   return response.status;
 }
@@ -372,16 +373,16 @@ async function longOutage(): Promise<void> {
   try {
     const port = proxy.udp[0].addr.port;
     assert.ok(await udpExchange(port, buildQuery("before.test")));
-    assert.equal(await readyz(proxy), 200);
+    assert.equal(await upstreamsStatus(proxy), 200);
     await Promise.all([a.setFault("refuse"), b.setFault("freeze")]);
     b.dropConnections();
-    // Down, and /readyz and dotproxy_upstream_healthy say so, within 1.5 s.
+    // Down, and /healthz/upstreams and dotproxy_upstream_healthy say so, within 1.5 s.
     const downAt = performance.now();
     for (let i = 0; i < 150 && proxy.pool!.upstreams.some((u) => u.usable); i++) {
       await udpExchange(port, buildQuery(`during${i}.test`), 100);
     }
     assert.ok(performance.now() - downAt < 1500, "both noticed down within 1.5 s");
-    assert.equal(await readyz(proxy), 503);
+    assert.equal(await upstreamsStatus(proxy), 503);
     const families = scrape(proxy);
     assert.equal(sumMetric(families, "dotproxy_upstream_healthy"), 0);
     // During the outage, clients get SERVFAIL at once rather than waiting.
@@ -403,7 +404,7 @@ async function longOutage(): Promise<void> {
       await sleep(20);
     }
     assert.ok(answeredAfter >= 0 && answeredAfter < 1000, `answered ${answeredAfter} ms after`);
-    assert.equal(await readyz(proxy), 200);
+    assert.equal(await upstreamsStatus(proxy), 200);
   } finally {
     await proxy.close();
     await Promise.all([a.close(), b.close()]);

@@ -1,8 +1,10 @@
 /**
  * `dotproxy healthcheck` run as a real subprocess (`deno run main.ts healthcheck ...`)
- * against an in-process proxy: exit 0 when the proxy answers through its DNS listener or
- * its `/readyz`, 1 when nothing listens or the proxy cannot reach an upstream, configured by
- * flags or by the same `DOTPROXY_*` environment variables the server reads.
+ * against an in-process proxy: exit 0 when this dotproxy answers its own `version.bind CH TXT`
+ * on its DNS listener (and, with `--http`, its `/readyz` says ready), 1 when nothing listens,
+ * when another DNS or HTTP server answers there, or when dotproxy's own access list refuses
+ * the check; configured by flags or by the same `DOTPROXY_*` environment variables the server
+ * reads. Upstream health does not enter into it (issue 22).
  *
  * Run with `deno test --allow-net --allow-env --allow-read --allow-run tests/healthcheck_test.ts`.
  *
@@ -10,9 +12,12 @@
  */
 
 import assert from "node:assert/strict";
+import { parseCidr } from "../src/config.ts";
 import { describeHttpFailure, healthcheck } from "../src/healthcheck.ts";
+import { VERSION } from "../src/version.ts";
 import { DotServer } from "./support/dot_server.ts";
-import { spawnMain, testConfig, withProxy } from "./support/proxy.ts";
+import { spawnMain, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { buildQuery } from "./support/dns.ts";
 
 /** Longest a healthcheck subprocess may run (its own deadline is 3 s, plus Deno's start). */
 const SUBPROCESS_LIMIT_MS = 20_000;
@@ -78,16 +83,22 @@ Deno.test("healthcheck: exit 0 against a running proxy, by DNS and by /readyz", 
     await withProxy(testConfig([upstream.upstream()], HTTP), async ({ proxy, port }) => {
       const byDns = await runHealthcheck(["--listen", `127.0.0.1:${port}`]);
       assert.equal(byDns.code, 0, explain(byDns));
-      assert.equal(byDns.stdout, `healthy: 127.0.0.1:${port}: answered NOERROR\n`);
-      assert.ok(upstream.queries + upstream.probes >= 1, "the probe went through to the upstream");
+      assert.equal(byDns.stdout, `healthy: 127.0.0.1:${port}: dotproxy ${VERSION} answered\n`);
+      assert.equal(upstream.queries, 0, "the check is answered by the proxy, never forwarded");
 
       const httpPort = proxy.http?.addr.port;
       assert.ok(httpPort);
-      const byHttp = await runHealthcheck(["--http", `127.0.0.1:${httpPort}`]);
+      const byHttp = await runHealthcheck([
+        "--listen",
+        `127.0.0.1:${port}`,
+        "--http",
+        `127.0.0.1:${httpPort}`,
+      ]);
       assert.equal(byHttp.code, 0, explain(byHttp));
-      assert.match(
+      assert.equal(
         byHttp.stdout,
-        new RegExp(`^healthy: http://127\\.0\\.0\\.1:${httpPort}/readyz: 200 ready: `),
+        `healthy: 127.0.0.1:${port}: dotproxy ${VERSION} answered; ` +
+          `http://127.0.0.1:${httpPort}/readyz: 200 ready: serving\n`,
       );
 
       // A wildcard listen address is checked through loopback.
@@ -105,30 +116,57 @@ Deno.test("healthcheck: exit 1 when nothing listens", async () => {
   assert.equal(byDns.code, 1, explain(byDns));
   assert.match(byDns.stdout, /^unhealthy: 127\.0\.0\.1:\d+: /);
 
-  const byHttp = await runHealthcheck(["--http", `127.0.0.1:${port}`]);
-  assert.equal(byHttp.code, 1, explain(byHttp));
-  // In words, not `TypeError: fetch failed`.
-  assert.equal(
-    byHttp.stdout,
-    `unhealthy: http://127.0.0.1:${port}/readyz: connection refused ` +
-      `(is dotproxy running with --http 127.0.0.1:${port}?)\n`,
-  );
+  // The DNS listener answers, nothing listens on --http.
+  await withProxy(testConfig(["127.0.0.1:1#dns.test"]), async ({ port: dns }) => {
+    const byHttp = await runHealthcheck([
+      "--listen",
+      `127.0.0.1:${dns}`,
+      "--http",
+      `127.0.0.1:${port}`,
+    ]);
+    assert.equal(byHttp.code, 1, explain(byHttp));
+    // In words, not `TypeError: fetch failed`.
+    assert.equal(
+      byHttp.stdout,
+      `unhealthy: 127.0.0.1:${dns}: dotproxy ${VERSION} answered; ` +
+        `http://127.0.0.1:${port}/readyz: connection refused ` +
+        `(is dotproxy running with --http 127.0.0.1:${port}?)\n`,
+    );
+  });
 });
 
-Deno.test("healthcheck: exit 1 when the proxy runs but no upstream answers", async () => {
+Deno.test("healthcheck: exit 0 when the proxy serves but no upstream answers (a fault every replica shares)", async () => {
   const dead = deadPort();
   await withProxy(
     testConfig([`127.0.0.1:${dead}#dns.test`], HTTP),
     async ({ proxy, port }) => {
-      const byDns = await runHealthcheck(["--listen", `127.0.0.1:${port}`]);
-      assert.equal(byDns.code, 1, explain(byDns));
-      assert.equal(byDns.stdout, `unhealthy: 127.0.0.1:${port}: answered SERVFAIL\n`);
-
       const httpPort = proxy.http?.addr.port;
       assert.ok(httpPort);
-      const byHttp = await runHealthcheck(["--http", `127.0.0.1:${httpPort}`]);
-      assert.equal(byHttp.code, 1, explain(byHttp));
-      assert.match(byHttp.stdout, / 503 not ready: no upstream answers: /);
+      const both = await runHealthcheck([
+        "--listen",
+        `127.0.0.1:${port}`,
+        "--http",
+        `127.0.0.1:${httpPort}`,
+      ]);
+      assert.equal(both.code, 0, explain(both));
+      assert.match(both.stdout, / 200 ready: serving\n$/);
+    },
+  );
+});
+
+Deno.test("healthcheck: REFUSED by the proxy's own --allow is unhealthy, saying what to allow", async () => {
+  const allow = ["--allow", "10.0.0.0/8"];
+  await withProxy(
+    { ...testConfig(["127.0.0.1:1#dns.test"]), allow: [parseCidr("10.0.0.0/8", "--allow")] },
+    async ({ port }) => {
+      const refused = await runHealthcheck(["--listen", `127.0.0.1:${port}`, ...allow]);
+      assert.equal(refused.code, 1, explain(refused));
+      assert.equal(
+        refused.stdout,
+        `unhealthy: 127.0.0.1:${port}: answered REFUSED: the check comes from 127.0.0.1, ` +
+          `which --allow does not include, so dotproxy refuses it (add 127.0.0.1/32 to ` +
+          `--allow, or check with --http)\n`,
+      );
     },
   );
 });
@@ -140,16 +178,23 @@ Deno.test("healthcheck: DOTPROXY_* environment configures it like flags", async 
     await withProxy(testConfig([upstream.upstream()], HTTP), async ({ proxy, port }) => {
       const byDns = await runHealthcheck([], { DOTPROXY_LISTEN: `127.0.0.1:${port}` });
       assert.equal(byDns.code, 0, explain(byDns));
-      assert.equal(byDns.stdout, `healthy: 127.0.0.1:${port}: answered NOERROR\n`);
+      assert.equal(byDns.stdout, `healthy: 127.0.0.1:${port}: dotproxy ${VERSION} answered\n`);
 
       const httpPort = proxy.http?.addr.port;
       assert.ok(httpPort);
       const byHttp = await runHealthcheck([], {
-        DOTPROXY_LISTEN: `127.0.0.1:${dead}`,
+        DOTPROXY_LISTEN: `127.0.0.1:${port}`,
         DOTPROXY_HTTP: `127.0.0.1:${httpPort}`,
       });
       assert.equal(byHttp.code, 0, explain(byHttp));
       assert.match(byHttp.stdout, /\/readyz: 200 ready: /);
+
+      // The DNS listener is where it matters: a dead one is unhealthy whatever /readyz says.
+      const deadListen = await runHealthcheck([], {
+        DOTPROXY_LISTEN: `127.0.0.1:${dead}`,
+        DOTPROXY_HTTP: `127.0.0.1:${httpPort}`,
+      });
+      assert.equal(deadListen.code, 1, explain(deadListen));
 
       // The environment of a container that lists several addresses: the first is checked.
       const list = await runHealthcheck([], {
@@ -159,12 +204,16 @@ Deno.test("healthcheck: DOTPROXY_* environment configures it like flags", async 
 
       // Flags win over the environment.
       const flagWins = await runHealthcheck(["--http", `127.0.0.1:${httpPort}`], {
+        DOTPROXY_LISTEN: `127.0.0.1:${port}`,
         DOTPROXY_HTTP: `127.0.0.1:${dead}`,
       });
       assert.equal(flagWins.code, 0, explain(flagWins));
 
       // The environment points at a dead endpoint: unhealthy.
-      const deadEnv = await runHealthcheck([], { DOTPROXY_HTTP: `127.0.0.1:${dead}` });
+      const deadEnv = await runHealthcheck([], {
+        DOTPROXY_LISTEN: `127.0.0.1:${port}`,
+        DOTPROXY_HTTP: `127.0.0.1:${dead}`,
+      });
       assert.equal(deadEnv.code, 1, explain(deadEnv));
 
       // A bad value is a configuration error (exit 2), named in the message.
@@ -350,50 +399,122 @@ Deno.test("healthcheck: does not load the proxy (src/app.ts)", async () => {
 });
 
 /**
- * A UDP DNS server on loopback that answers one query by echoing it with QR set and `rcode`;
- * `answered` resolves with the query it saw.
+ * A UDP DNS server on loopback that answers one query by echoing it with QR set and `rcode`,
+ * plus `answer` (wire bytes of one answer record) when given: another DNS server than
+ * dotproxy. `answered` resolves with the query it saw.
  */
-function answerOnce(rcode: number) {
+function answerOnce(rcode: number, answer: number[] = []) {
   const server = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
   const port = (server.addr as Deno.NetAddr).port;
   const answered = (async () => {
     const [query, from] = await server.receive();
-    const response = query.slice();
+    const response = new Uint8Array([...query, ...answer]);
     response[2] |= 0x80; // QR
     response[3] = (response[3] & 0xf0) | rcode;
+    response[7] = answer.length > 0 ? 1 : 0; // ANCOUNT
     await server.send(response, from);
     return query;
   })();
   return { server, port, answered };
 }
 
-Deno.test("healthcheck: the DNS probe is `. NS` with EDNS and no RD, and NOERROR is healthy", async () => {
-  const { server, port, answered: answering } = answerOnce(0);
+/** A TXT record in class CH for the question's name (a pointer to it), holding `text`. */
+function chaosTxt(text: string): number[] {
+  const bytes = [...new TextEncoder().encode(text)];
+  return [0xc0, 12, 0, 16, 0, 3, 0, 0, 0, 0, 0, bytes.length + 1, bytes.length, ...bytes];
+}
+
+Deno.test("healthcheck: the DNS check asks version.bind CH TXT, without RD or EDNS", async () => {
+  const { server, port, answered: answering } = answerOnce(0, chaosTxt(`dotproxy ${VERSION}`));
   try {
     const result = await healthcheck({ http: null, listen: [{ hostname: "127.0.0.1", port }] });
-    assert.deepEqual(result, { healthy: true, detail: `127.0.0.1:${port}: answered NOERROR` });
+    assert.deepEqual(result, {
+      healthy: true,
+      detail: `127.0.0.1:${port}: dotproxy ${VERSION} answered`,
+    });
     const query = await answering;
-    // Header: no RD (no upstream recurses for it), one question, one additional record; then
-    // ". NS IN"; then an OPT record advertising 1232 bytes (DNS flag day 2020).
     assert.deepEqual([...query.subarray(2)], [
-      ...[0x00, 0x00, 0, 1, 0, 0, 0, 0, 0, 1],
-      ...[0, 0, 2, 0, 1],
-      ...[0, 0, 41, 1232 >> 8, 1232 & 0xff, 0, 0, 0, 0, 0, 0],
+      ...[0x00, 0x00, 0, 1, 0, 0, 0, 0, 0, 0],
+      ...[7, ..."version".split("").map((c) => c.charCodeAt(0)), 4, 98, 105, 110, 100, 0],
+      ...[0, 16, 0, 3],
     ]);
   } finally {
     server.close();
   }
 });
 
-Deno.test("healthcheck: REFUSED relayed from an upstream is healthy, SERVFAIL is not", async () => {
-  for (const [rcode, name, healthy] of [[5, "REFUSED", true], [2, "SERVFAIL", false]] as const) {
-    const { server, port, answered: answering } = answerOnce(rcode);
+Deno.test("healthcheck: another DNS server on the address is unhealthy, whatever it answers", async () => {
+  const others: [number, number[], string][] = [
+    [0, chaosTxt("unbound 1.19.2"), 'answered NOERROR "unbound 1.19.2" to version.bind'],
+    [0, [], "answered NOERROR to version.bind"],
+    [5, [], "answered REFUSED (the rate limit, or another DNS server on this address?)"],
+    [4, [], "answered NOTIMP to version.bind"],
+    [2, [], "answered SERVFAIL to version.bind"],
+  ];
+  for (const [rcode, answer, detail] of others) {
+    const { server, port, answered: answering } = answerOnce(rcode, answer);
     try {
       const result = await healthcheck({ http: null, listen: [{ hostname: "127.0.0.1", port }] });
-      assert.deepEqual(result, { healthy, detail: `127.0.0.1:${port}: answered ${name}` });
+      assert.equal(result.healthy, false, detail);
+      assert.ok(result.detail.startsWith(`127.0.0.1:${port}: ${detail}`), result.detail);
       await answering;
     } finally {
       server.close();
     }
+  }
+});
+
+Deno.test("healthcheck: a 200 from another HTTP server is not dotproxy's /readyz", async () => {
+  const other = misbehave(async (conn) => {
+    await readRequest(conn);
+    const response = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK";
+    await conn.write(new TextEncoder().encode(response));
+    conn.close();
+  });
+  try {
+    const result = await healthcheck({
+      http: { hostname: "127.0.0.1", port: other.port },
+      listen: [],
+    });
+    assert.deepEqual(result, {
+      healthy: false,
+      detail: `http://127.0.0.1:${other.port}/readyz: 200 OK ` +
+        `(not dotproxy's /readyz: is another server on this port?)`,
+    });
+  } finally {
+    await other.close();
+  }
+});
+
+Deno.test("healthcheck: the image's [::] convention: IPv4 and IPv6 clients answered, the check passes", async () => {
+  const upstream = DotServer.start();
+  try {
+    const config = testConfig([upstream.upstream()], {
+      listen: [{ hostname: "::", port: 0 }],
+      http: { hostname: "::", port: 0 },
+    });
+    await withProxy(config, async ({ proxy, port }) => {
+      // Dual-stack: one [::] socket answers both families, and the default --allow matches the
+      // IPv4 client (::ffff:127.0.0.1) as 127.0.0.1.
+      for (const hostname of ["127.0.0.1", "::1"]) {
+        const reply = await udpExchange(port, buildQuery("dual.test"), 3000, hostname);
+        assert.ok(reply, hostname);
+        assert.equal(reply[3] & 0xf, 0, `${hostname}: NOERROR`);
+      }
+      const httpPort = proxy.http!.addr.port;
+      const check = await runHealthcheck([], {
+        DOTPROXY_LISTEN: `[::]:${port}`,
+        DOTPROXY_HTTP: `[::]:${httpPort}`,
+        DOTPROXY_CONTAINER: "true",
+      });
+      assert.equal(check.code, 0, explain(check));
+      assert.equal(
+        check.stdout,
+        `healthy: [::1]:${port}: dotproxy ${VERSION} answered; ` +
+          `http://[::1]:${httpPort}/readyz: 200 ready: serving\n`,
+      );
+    });
+  } finally {
+    await upstream.close();
   }
 });

@@ -398,7 +398,10 @@ Deno.test("metrics: exact counters after known traffic, scraped over HTTP", asyn
 
       const ready = await http(web, "/readyz");
       assert.equal(ready.status, 200);
-      assert.equal(ready.body, `ready: ${label} answered\n`);
+      assert.equal(ready.body, "ready: serving\n");
+      const upstreams = await http(web, "/healthz/upstreams");
+      assert.equal(upstreams.status, 200);
+      assert.equal(upstreams.body, `ok: ${label} answered\n`);
     });
   } finally {
     await upstream.close();
@@ -441,7 +444,7 @@ Deno.test("http: routes, methods and content types", async () => {
   }
 });
 
-Deno.test("readyz: 503 with a reason when the upstream dies, 200 when it returns", async () => {
+Deno.test("healthz/upstreams: 503 with a reason when the upstream dies, 200 when it returns; readyz stays 200", async () => {
   let upstream = DotServer.start();
   const upstreamPort = upstream.port;
   const label = `127.0.0.1:${upstreamPort}#dns.test`;
@@ -450,10 +453,10 @@ Deno.test("readyz: 503 with a reason when the upstream dies, 200 when it returns
       testConfig([upstream.upstream()], { ...HTTP, timeoutMs: 1000 }),
       async ({ proxy, port }) => {
         const web = httpPort(proxy);
-        // With a zero window every /readyz sends a probe query upstream.
-        const first = await http(web, "/readyz");
+        // With a zero window every /healthz/upstreams sends a probe query upstream.
+        const first = await http(web, "/healthz/upstreams");
         assert.equal(first.status, 200);
-        assert.equal(first.body, `ready: ${label} answered a probe\n`);
+        assert.equal(first.body, `ok: ${label} answered a probe\n`);
         assert.ok(upstream.probes >= 1);
         assert.equal(upstream.probesWithRd, 0, "health checks ask without RD");
 
@@ -462,16 +465,17 @@ Deno.test("readyz: 503 with a reason when the upstream dies, 200 when it returns
 
         await upstream.close();
 
-        const down = await pollUntil("/readyz to report 503", async () => {
-          const result = await http(web, "/readyz");
+        const down = await pollUntil("/healthz/upstreams to report 503", async () => {
+          const result = await http(web, "/healthz/upstreams");
           return result.status === 503 ? result : undefined;
         });
-        assert.match(down.body, /^not ready: no upstream answers: .+\n$/);
+        assert.match(down.body, /^failing: no upstream answers: .+\n$/);
         assert.ok(down.body.includes(label), down.body);
         assert.match(down.body, /refused/i);
         assert.equal(down.headers.get("content-type"), "text/plain; charset=utf-8");
-        // The process itself is still alive.
+        // The process itself is still alive, and still ready: a fault every replica shares.
         assert.equal((await http(web, "/healthz")).status, 200);
+        assert.equal((await http(web, "/readyz")).status, 200);
 
         const failing = await scrape(web);
         const refused = sampleValue(failing, "dotproxy_upstream_errors_total", {
@@ -500,11 +504,11 @@ Deno.test("readyz: 503 with a reason when the upstream dies, 200 when it returns
             throw error;
           }
         });
-        const up = await pollUntil("/readyz to report 200 again", async () => {
-          const result = await http(web, "/readyz");
+        const up = await pollUntil("/healthz/upstreams to report 200 again", async () => {
+          const result = await http(web, "/healthz/upstreams");
           return result.status === 200 ? result : undefined;
         }, { timeoutMs: 15_000, attempts: 300, intervalMs: 50 });
-        assert.equal(up.body, `ready: ${label} answered a probe\n`);
+        assert.equal(up.body, `ok: ${label} answered a probe\n`);
 
         const recovered = await scrape(web);
         assert.equal(sampleValue(recovered, "dotproxy_upstream_healthy", { upstream: label }), 1);
@@ -590,9 +594,10 @@ Deno.test("metrics: a wrong TLS name counts a tls error and a failed handshake",
         );
         assert.equal(upstream.queries, 0, "no query may cross an unverified connection");
 
-        const ready = await http(web, "/readyz");
-        assert.equal(ready.status, 503);
-        assert.ok(ready.body.includes(label), ready.body);
+        const upstreams = await http(web, "/healthz/upstreams");
+        assert.equal(upstreams.status, 503);
+        assert.ok(upstreams.body.includes(label), upstreams.body);
+        assert.equal((await http(web, "/readyz")).status, 200, "serving, if only SERVFAIL");
       },
     );
   } finally {

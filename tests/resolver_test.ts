@@ -13,6 +13,7 @@ import { ManualClock } from "../src/timers.ts";
 import type { UpstreamRequest } from "../src/upstream/request.ts";
 import { type Forwarder, UpstreamError } from "../src/upstream/types.ts";
 import { answerFor, buildQuery, parseMessage } from "./support/dns.ts";
+import { VERSION } from "../src/version.ts";
 
 /** Holds every request until the test answers or fails it. */
 class FakeForwarder implements Forwarder {
@@ -249,4 +250,49 @@ Deno.test("admit: over the rate limit UDP alternates drop and TC=1 slip; TCP get
   ask(r, query);
   ask(r, query);
   assert.equal(forwarder.requests.length, 6);
+});
+
+Deno.test("identity: version.bind CH TXT from loopback is answered by the proxy, never forwarded", () => {
+  const forwarder = new FakeForwarder();
+  const { resolver: r } = resolver(forwarder);
+  for (const name of ["version.bind", "VERSION.Bind", "version.server"]) {
+    const query = buildQuery(name, { id: 0x4242, type: 16, qclass: 3, ednsUdpSize: 1232 });
+    const [reply] = ask(r, query);
+    assert.ok(reply?.response, name);
+    const parsed = parseMessage(reply.response);
+    assert.equal(parsed.id, 0x4242);
+    assert.equal(parsed.rcode, 0);
+    assert.equal(parsed.question?.name, `${name}.`, "the question as sent, case included");
+    assert.equal(parsed.answers.length, 1);
+    const [txt] = parsed.answers;
+    assert.deepEqual([txt.type, txt.qclass, txt.ttl], [16, 3, 0]);
+    const text = new TextDecoder().decode(txt.data.subarray(1, 1 + txt.data[0]));
+    assert.equal(text, `dotproxy ${VERSION}`);
+    assert.ok(parsed.opt, "OPT kept for an EDNS client");
+  }
+  const v6: Deno.NetAddr = { transport: "udp", hostname: "::1", port: 5353 };
+  assert.ok(ask(r, buildQuery("version.bind", { type: 16, qclass: 3 }), "tcp", v6)[0]?.response);
+  assert.equal(forwarder.requests.length, 0, "none of them went upstream");
+
+  // Other clients, other classes and other names go upstream as before.
+  const lan: Deno.NetAddr = { transport: "udp", hostname: "10.1.2.3", port: 5353 };
+  assert.equal(ask(r, buildQuery("version.bind", { type: 16, qclass: 3 }), "udp", lan).length, 0);
+  assert.equal(ask(r, buildQuery("version.bind", { type: 16 })).length, 0);
+  assert.equal(ask(r, buildQuery("version.bind.example", { type: 16, qclass: 3 })).length, 0);
+  assert.equal(ask(r, buildQuery("version.bind", { type: 1, qclass: 3 })).length, 0);
+  assert.equal(forwarder.requests.length, 4);
+});
+
+Deno.test("identity: the access list comes first: a refused loopback client gets REFUSED", () => {
+  const forwarder = new FakeForwarder();
+  const { resolver: r } = resolver(forwarder, {
+    admission: new Admission({
+      allow: [parseCidr("10.0.0.0/8", "--allow")],
+      rateLimit: 0,
+      rateLimitBurst: 1,
+      clock: new ManualClock(),
+    }),
+  });
+  const [reply] = ask(r, buildQuery("version.bind", { id: 5, type: 16, qclass: 3 }));
+  assert.equal(parseMessage(reply.response!).rcode, 5);
 });

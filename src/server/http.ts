@@ -1,6 +1,7 @@
 /**
  * The HTTP endpoint for operators: `GET /metrics` (Prometheus text format 0.0.4),
- * `GET /healthz` (the process serves) and `GET /readyz` (an upstream answers).
+ * `GET /healthz` (the process is alive), `GET /readyz` (it serves DNS: not while draining)
+ * and `GET /healthz/upstreams` (an upstream answers: for alerting, not for traffic).
  *
  * A small HTTP/1.1 server of its own on `Deno.listen`, not `Deno.serve`, because the endpoint
  * must outlive the abuse the DNS side is built to survive. Measured with `Deno.serve`: with
@@ -24,9 +25,9 @@
 import type { ListenAddress } from "../config.ts";
 import { type LogFields, type Logger, RateLimitedLog } from "../log.ts";
 
-/** The readiness verdict. */
+/** A verdict of `/readyz` or `/healthz/upstreams`. */
 export interface Readiness {
-  /** True when at least one upstream answered recently or answers a probe now. */
+  /** True when ready (`/readyz`) or when an upstream answers (`/healthz/upstreams`). */
   ready: boolean;
   /** Why, in a few words, shown in the response body. */
   reason: string;
@@ -36,9 +37,21 @@ export interface Readiness {
 export interface HttpHandlers {
   /** The metrics exposition text. */
   metrics(): string;
-  /** Decides readiness, possibly probing an upstream. */
+  /**
+   * Decides readiness: whether this replica should get traffic. It must not fail for a fault
+   * every replica shares (all upstreams down), or every replica leaves the load balancer at
+   * once and the cache (serve-stale) can answer no one.
+   */
   readiness(): Promise<Readiness>;
+  /**
+   * Whether an upstream answers, possibly probing one; served at `/healthz/upstreams` for
+   * alerts and dashboards (404 when absent).
+   */
+  upstreams?(): Promise<Readiness>;
 }
+
+/** The path that reports whether the upstreams answer. */
+export const UPSTREAMS_PATH = "/healthz/upstreams";
 
 /** Limits of the HTTP endpoint; each one left out takes its value from {@linkcode HTTP_DEFAULTS}. */
 export interface HttpServerOptions {
@@ -104,7 +117,8 @@ export async function respond(
   path: string,
   handlers: HttpHandlers,
 ): Promise<HttpReply> {
-  const known = path === "/metrics" || path === "/healthz" || path === "/readyz";
+  const known = path === "/metrics" || path === "/healthz" || path === "/readyz" ||
+    (path === UPSTREAMS_PATH && handlers.upstreams !== undefined);
   if (!known) return { status: 404, contentType: TEXT, body: "not found\n" };
   if (method !== "GET" && method !== "HEAD") {
     return {
@@ -117,6 +131,14 @@ export async function respond(
   if (path === "/healthz") return { status: 200, contentType: TEXT, body: "ok\n" };
   if (path === "/metrics") {
     return { status: 200, contentType: PROMETHEUS, body: handlers.metrics() };
+  }
+  if (path === UPSTREAMS_PATH) {
+    const upstreams = await handlers.upstreams!();
+    return {
+      status: upstreams.ready ? 200 : 503,
+      contentType: TEXT,
+      body: `${upstreams.ready ? "ok" : "failing"}: ${upstreams.reason}\n`,
+    };
   }
   const readiness = await handlers.readiness();
   return {

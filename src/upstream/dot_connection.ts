@@ -19,6 +19,7 @@ import type { Logger } from "../log.ts";
 import { SlabCopier } from "../slab.ts";
 import type { Clock, Timed, TimerQueue } from "../timers.ts";
 import type { Exchange, ExchangeCarrier } from "./exchange.ts";
+import { tlsHint } from "./tls_hint.ts";
 import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./types.ts";
 
 /**
@@ -584,11 +585,10 @@ export class DotConnection implements UpstreamConnection {
       const reason = timedOut ? "timeout" : classifyError(error);
       stats.handshake(false);
       stats.error(reason);
+      const message = error instanceof Error ? error.message : String(error);
       const detail = timedOut
         ? `no handshake within ${connectTimeoutMs} ms`
-        : error instanceof Error
-        ? error.message
-        : String(error);
+        : message + (reason === "tls" ? tlsHint(message, caCerts.length) : "");
       const failure = new UpstreamError(
         reason,
         `connecting to ${spec.label} failed: ${detail}`,
