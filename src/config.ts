@@ -19,6 +19,7 @@ import {
   isIpLiteral,
   parseCidr as parseNetwork,
   parseIpAddress,
+  reverseZones,
 } from "./net/ip.ts";
 
 // Moved to net/ip.ts; still exported here for the modules and tests that took them from here.
@@ -40,8 +41,32 @@ export interface UpstreamSpec {
   port: number;
   /** The name the certificate is verified against and sent as SNI. */
   tlsName: string;
-  /** How the upstream is shown in logs and metric labels: `address:port#tlsName`. */
+  /**
+   * How the upstream is shown in logs and metric labels: `address:port#tlsName`, or
+   * `dns://address:port` for a plain-DNS zone target.
+   */
   label: string;
+  /**
+   * True for a plain-DNS zone target (`dns://IP[:PORT]`): UDP, TCP when truncated, no TLS
+   * (`tlsName` is empty). Only `--zone` makes one; `--upstream` never does.
+   */
+  plain?: boolean;
+}
+
+/** A zone of `--zone`: a domain, or one of the reverse zones of a network. */
+export interface ZoneName {
+  /** The zone's domain, lowercase, without the final dot: `cluster.local`, `96.10.in-addr.arpa`. */
+  name: string;
+  /** The zone as configured, the route's metric label: `cluster.local`, `10.96.0.0/12`. */
+  route: string;
+}
+
+/** One `--zone` entry: zones, and where their questions go. */
+export interface ZoneRoute {
+  /** The zones, CIDRs expanded to their reverse zones. */
+  zones: ZoneName[];
+  /** The targets, DoT or plain DNS; empty for `default` (the `--upstream` set). */
+  targets: UpstreamSpec[];
 }
 
 /** How the next upstream is chosen for a query. */
@@ -125,6 +150,13 @@ export interface Config {
   upstreamNudge: boolean;
   /** Pad queries sent upstream with EDNS(0) padding (RFC 7830, RFC 8467). */
   padding: boolean;
+  /** Zones whose questions go to other targets than `upstreams`, in configured order. */
+  zones: ZoneRoute[];
+  /**
+   * Answer names that must never reach a public resolver here (localhost, invalid, onion,
+   * local, home.arpa, private reverse zones); any zone of `zones` beats them.
+   */
+  specialUseNames: boolean;
   /** Most entries in the answer cache; 0 turns the cache off. */
   cacheSize: number;
   /** Smallest TTL kept in the cache, in seconds; smaller TTLs are raised to it. */
@@ -175,6 +207,8 @@ export type SettingKind =
   | "value"
   /** Repeatable `--flag VALUE`, each value itself comma-separated (as the variable is). */
   | "list"
+  /** Repeatable `--flag VALUE` whose values hold commas; the variable separates them by `;`. */
+  | "entries"
   /** `--flag`, `--flag=false`, or `--flag false` when the next word is a boolean word. */
   | "boolean";
 
@@ -383,6 +417,108 @@ function parseCidrList(text: string, what: string): Cidr[] {
     );
   }
   return items.map((item) => parseCidr(item, what));
+}
+
+const ZONE_FORM = "write ZONE[,ZONE...]=TARGET[,TARGET...]";
+const TARGET_FORM = "IP[:PORT][#TLS_NAME] (DoT), dns://IP[:PORT] (plain DNS) or default";
+
+/** One ZONE of `--zone`: a domain (whole labels, any case, final dot optional) or a CIDR. */
+function parseZoneName(text: string, context: string): ZoneName[] {
+  const item = text.trim();
+  if (item.includes("/") || isIpLiteral(item)) {
+    let cidr: Cidr;
+    try {
+      cidr = parseNetwork(item);
+    } catch (error) {
+      if (!(error instanceof CidrError)) throw error;
+      throw new ConfigError(`${context}: zone "${item}": ${error.message}`);
+    }
+    return reverseZones(cidr).map((name) => ({ name, route: cidr.text }));
+  }
+  const name = item.toLowerCase().replace(/\.$/, "");
+  if (name === "" || item === ".") {
+    throw new ConfigError(
+      `${context}: the root zone "." is where --upstream sends questions; set --upstream instead`,
+    );
+  }
+  if (!isHostname(name)) {
+    throw new ConfigError(`${context}: "${item}" is not a domain name or a CIDR`);
+  }
+  return [{ name, route: name }];
+}
+
+/** One TARGET of `--zone`. */
+function parseZoneTarget(text: string, context: string): UpstreamSpec | "default" {
+  const item = text.trim();
+  if (item.toLowerCase() === "default") return "default";
+  const scheme = /^([A-Za-z][A-Za-z0-9+.-]*):\/\//.exec(item);
+  if (scheme === null) return parseUpstream(item, context);
+  if (scheme[1].toLowerCase() !== "dns") {
+    throw new ConfigError(`${context}: target "${item}": write ${TARGET_FORM}`);
+  }
+  const rest = item.slice(scheme[0].length);
+  if (rest.includes("#") || rest.includes("/")) {
+    throw new ConfigError(
+      `${context}: target "${item}": a plain-DNS target is dns://IP[:PORT] (no TLS name, no path)`,
+    );
+  }
+  const { host, port } = splitHostPort(rest, `${context}: target "${item}"`);
+  if (!isIpLiteral(host)) {
+    throw new ConfigError(
+      `${context}: target "${item}": "${host}" is not an IP address (dotproxy never resolves ` +
+        `names to reach its targets)`,
+    );
+  }
+  const portNumber = port === null ? 53 : parsePort(port, `${context}: target "${item}"`);
+  return {
+    address: host,
+    port: portNumber,
+    tlsName: "",
+    label: `dns://${host.includes(":") ? `[${host}]` : host}:${portNumber}`,
+    plain: true,
+  };
+}
+
+/** `--zone` entries, `;`-separated (repeated flags are joined with `;`). */
+function parseZoneRoutes(text: string, what: string): ZoneRoute[] {
+  const routes: ZoneRoute[] = [];
+  const seen = new Map<string, string>();
+  for (const entry of text.split(";").map((e) => e.trim()).filter((e) => e !== "")) {
+    const context = `${what} "${entry}"`;
+    const eq = entry.indexOf("=");
+    if (eq < 0) {
+      throw new ConfigError(`${context}: no "=" between zones and targets; ${ZONE_FORM}`);
+    }
+    const zoneItems = splitList(entry.slice(0, eq));
+    const targetItems = splitList(entry.slice(eq + 1));
+    if (zoneItems.length === 0) throw new ConfigError(`${context}: no zone; ${ZONE_FORM}`);
+    if (targetItems.length === 0) {
+      throw new ConfigError(`${context}: no target; targets are ${TARGET_FORM}`);
+    }
+    const zones = zoneItems.flatMap((item) => parseZoneName(item, context));
+    for (const zone of zones) {
+      const earlier = seen.get(zone.name);
+      if (earlier !== undefined) {
+        throw new ConfigError(
+          `${context}: zone ${zone.name} is already routed by ${what} "${earlier}"`,
+        );
+      }
+      seen.set(zone.name, entry);
+    }
+    const parsed = targetItems.map((item) => parseZoneTarget(item, context));
+    const targets = parsed.filter((t): t is UpstreamSpec => t !== "default");
+    if (targets.length !== parsed.length && targets.length > 0) {
+      throw new ConfigError(
+        `${context}: "default" stands alone (it is the whole --upstream set)`,
+      );
+    }
+    if (new Set(targets.map((t) => t.label)).size !== targets.length) {
+      throw new ConfigError(`${context}: a target is given twice`);
+    }
+    if (targets.length > 31) throw new ConfigError(`${context}: at most 31 targets`);
+    routes.push({ zones, targets });
+  }
+  return routes;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -628,6 +764,28 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     ...toggle(true),
     help: "pad queries sent upstream (EDNS(0) padding, RFC 8467) so their size says less " +
       "about the name",
+  },
+  zones: {
+    flag: "zone",
+    env: "DOTPROXY_ZONES",
+    arg: "ZONE[,ZONE...]=TARGET[,TARGET...]",
+    group: "Routing",
+    kind: "entries",
+    defaultText: "none",
+    range: "",
+    help: "send the questions in these zones (domains, or CIDRs for their reverse zones) to " +
+      "these targets: IP[:PORT][#TLS_NAME] (DoT), dns://IP[:PORT] (plain DNS) or default " +
+      "(the --upstream set); the longest zone wins (repeatable; env: entries separated by ;)",
+    parse: parseZoneRoutes,
+    fallback: () => [],
+  },
+  specialUseNames: {
+    flag: "special-use-names",
+    env: "DOTPROXY_SPECIAL_USE_NAMES",
+    group: "Routing",
+    ...toggle(true),
+    help: "answer here the names that must never reach a public resolver: localhost, " +
+      "invalid, onion, local, home.arpa and private reverse zones (any --zone beats them)",
   },
   cacheSize: {
     flag: "cache-size",
@@ -1131,7 +1289,11 @@ function fill<K extends SettingField>(
   if (given !== undefined) {
     const what = `--${declaration.flag}`;
     // A list flag may be repeated; any other flag given twice counts as given last.
-    const text = declaration.kind === "list" ? given.join(",") : given[given.length - 1];
+    const text = declaration.kind === "list"
+      ? given.join(",")
+      : declaration.kind === "entries"
+      ? given.join(";")
+      : given[given.length - 1];
     config[field] = declaration.parse(text, what);
     sources.set(field, what);
     return;

@@ -188,3 +188,36 @@ export function cidrContains(cidr: Cidr, address: Uint8Array): boolean {
   }
   return true;
 }
+
+/**
+ * The reverse zones (`in-addr.arpa`, `ip6.arpa`) that together hold exactly the addresses of
+ * `cidr`, lowercase, without the final dot. Reverse names have a label per octet (IPv4) or
+ * per nibble (IPv6), so a prefix off those boundaries stands for every zone one boundary
+ * further: `10.96.0.0/12` is the 16 zones `96.10.in-addr.arpa` ... `111.10.in-addr.arpa`
+ * (at most 128 zones for IPv4, 8 for IPv6).
+ *
+ * @example
+ * ```ts
+ * import { parseCidr, reverseZones } from "./ip.ts";
+ * reverseZones(parseCidr("10.96.0.0/12")).length; // 16
+ * reverseZones(parseCidr("fd00::/8")); // ["d.f.ip6.arpa"]
+ * ```
+ */
+export function reverseZones(cidr: Cidr): string[] {
+  const width = cidr.family === 4 ? 8 : 4;
+  const labels = Math.ceil(cidr.prefix / width);
+  const digit = (i: number): number =>
+    width === 8 ? cidr.bytes[i] : (cidr.bytes[i >> 1] >> ((i & 1) === 0 ? 4 : 0)) & 0xf;
+  const fixed: string[] = [];
+  for (let i = 0; i < labels - 1; i++) fixed.push(digit(i).toString(width === 8 ? 10 : 16));
+  const suffix = cidr.family === 4 ? "in-addr.arpa" : "ip6.arpa";
+  if (labels === 0) return [suffix];
+  const count = 2 ** (labels * width - cidr.prefix);
+  const first = digit(labels - 1);
+  const zones: string[] = [];
+  for (let value = first; value < first + count; value++) {
+    const all = [...fixed, value.toString(width === 8 ? 10 : 16)];
+    zones.push(`${all.reverse().join(".")}.${suffix}`);
+  }
+  return zones;
+}
