@@ -6,7 +6,7 @@
  */
 
 import { formatHostPort } from "./address.ts";
-import type { Config, ListenAddress } from "./config.ts";
+import type { Config, ListenAddress, UpstreamSpec } from "./config.ts";
 import type { Logger } from "./log.ts";
 import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
@@ -16,8 +16,11 @@ import { HttpServer, type Readiness } from "./server/http.ts";
 import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
-import { primeTls } from "./upstream/dot_connection.ts";
+import { DotConnection, primeTls } from "./upstream/dot_connection.ts";
+import { PlainConnection } from "./upstream/plain_connection.ts";
 import { UpstreamPool } from "./upstream/pool.ts";
+import { type Route, Router } from "./upstream/router.ts";
+import { SpecialUseNames } from "./upstream/special_use.ts";
 import type { Forwarder } from "./upstream/types.ts";
 
 /** Raised when the proxy cannot start (address in use, permission denied). */
@@ -55,6 +58,10 @@ export interface RunningProxy {
   readonly http: HttpServer | null;
   /** The upstream pool (null when a forwarder was injected). */
   readonly pool: UpstreamPool | null;
+  /** The pools of the zones' targets (`--zone`), one per distinct list of targets. */
+  readonly zonePools: readonly UpstreamPool[];
+  /** Hands each question to the route of its zone. */
+  readonly router: Router;
   /** The core. */
   readonly resolver: Resolver;
   /** The metrics. */
@@ -113,23 +120,33 @@ export async function startProxy(
   const clock = options.clock ?? SYSTEM_CLOCK;
   const timers = new TimerQueue(clock);
   let pool: UpstreamPool | null = null;
+  const zonePools: UpstreamPool[] = [];
   let resolver: Resolver | null = null;
   const metrics = new ProxyMetrics(new Registry(), {
     tcpConnections: () => tcp.reduce((sum, server) => sum + server.openConnections, 0),
-    upstreams: () =>
-      pool?.upstreams.map((u) => ({
+    upstreams: () => {
+      // A target in two pools (or a zone target that is also an --upstream) is one series.
+      const seen = new Set<string>();
+      const pools = pool === null ? zonePools : [pool, ...zonePools];
+      return pools.flatMap((p) => p.upstreams).filter((u) =>
+        !seen.has(u.spec.label) && seen.add(u.spec.label)
+      ).map((u) => ({
         label: u.spec.label,
         healthy: u.usable,
         inflight: u.outstanding,
         connections: u.connections.length,
-      })) ?? [],
+      }));
+    },
     cacheEntries: () => resolver?.cache?.size ?? 0,
     queriesInflight: () => resolver?.inflight ?? 0,
   });
-  if (!options.forwarder) {
-    await primeTls();
-    pool = new UpstreamPool({
-      upstreams: config.upstreams,
+  const needsTls = !options.forwarder ||
+    config.zones.some((zone) => zone.targets.some((target) => !target.plain));
+  if (needsTls) await primeTls();
+  /** A pool of `upstreams`; plain-DNS targets are health-checked with `probeZone SOA`. */
+  const newPool = (upstreams: UpstreamSpec[], probeZone: string) =>
+    new UpstreamPool({
+      upstreams,
       caCerts: config.caCerts,
       connectionsPerUpstream: config.upstreamConnections,
       idleTimeoutMs: config.upstreamIdleTimeoutMs,
@@ -144,9 +161,51 @@ export async function startProxy(
       log,
       stats: metrics.upstream,
       clock,
+      connect: (owner) =>
+        owner.spec.plain ? new PlainConnection(owner, probeZone) : new DotConnection(owner),
     }, timers);
+  if (!options.forwarder) pool = newPool(config.upstreams, "");
+  const fallback: Forwarder = options.forwarder ?? pool!;
+  const special = config.specialUseNames ? new SpecialUseNames() : null;
+  const router = new Router({ label: "default", forwarder: fallback, keepTtls: false }, special, {
+    routed: (route) => metrics.router.routed(route),
+  });
+  log.info("route", {
+    route: "default",
+    targets: pool?.upstreams.map((u) => u.spec.label).join(",") ?? "injected",
+  });
+  // One pool per distinct list of targets: a zone's names go only to its own targets.
+  const byTargets = new Map<string, UpstreamPool>();
+  for (const entry of config.zones) {
+    const key = entry.targets.map((target) => target.label).join(",");
+    let forwarder: Forwarder = fallback;
+    if (entry.targets.length > 0) {
+      let zonePool = byTargets.get(key);
+      if (zonePool === undefined) {
+        zonePool = newPool(entry.targets, entry.zones[0].name);
+        byTargets.set(key, zonePool);
+        zonePools.push(zonePool);
+      }
+      forwarder = zonePool;
+    }
+    const routes = new Map<string, Route>();
+    for (const zone of entry.zones) {
+      let route = routes.get(zone.route);
+      if (route === undefined) {
+        route = { label: zone.route, forwarder, keepTtls: entry.targets.length > 0 };
+        routes.set(zone.route, route);
+        log.info("route", { route: zone.route, targets: key === "" ? "default" : key });
+      }
+      router.addZone(zone.name, route);
+    }
   }
-  const forwarder: Forwarder = options.forwarder ?? pool!;
+  if (special !== null) {
+    log.info("route", {
+      route: "special-use",
+      targets: "answered here (localhost, invalid, onion, local, home.arpa, private reverse zones)",
+    });
+  }
+  const forwarder: Forwarder = router;
   resolver = new Resolver(forwarder, {
     udpMaxSize: config.udpMaxSize,
     maxInflight: config.maxInflight,
@@ -179,7 +238,7 @@ export async function startProxy(
 
   let draining = false;
   const startedAt = clock.now();
-  const readiness = async (): Promise<Readiness> => {
+  const defaultReadiness = async (): Promise<Readiness> => {
     if (draining) return { ready: false, reason: "shutting down" };
     if (pool === null) return { ready: true, reason: "forwarder injected" };
     for (let round = 0; round < 2; round++) {
@@ -202,6 +261,15 @@ export async function startProxy(
       return why.includes(u.spec.label) ? why : `${u.spec.label}: ${why}`;
     });
     return { ready: false, reason: `no upstream answers: ${reasons.join("; ")}` };
+  };
+  // Zone targets do not decide readiness (a cluster DNS that is down must not take the
+  // proxy out of service for public names), but their health is in the body.
+  const readiness = async (): Promise<Readiness> => {
+    const verdict = await defaultReadiness();
+    const zoneTargets = zonePools.flatMap((p) => p.upstreams);
+    if (zoneTargets.length === 0) return verdict;
+    const states = zoneTargets.map((u) => `${u.spec.label} ${u.health.state}`).join(", ");
+    return { ready: verdict.ready, reason: `${verdict.reason}; zone targets: ${states}` };
   };
 
   let http: HttpServer | null = null;
@@ -271,6 +339,7 @@ export async function startProxy(
   }
 
   pool?.start();
+  for (const zonePool of zonePools) zonePool.start();
   return {
     udp,
     tcp,
@@ -278,6 +347,8 @@ export async function startProxy(
       return http;
     },
     pool,
+    zonePools,
+    router,
     resolver: core,
     metrics,
     get draining() {

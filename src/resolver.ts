@@ -574,6 +574,7 @@ export class Resolver implements JobOwner, FlightOwner {
         info,
         now,
         flight.hash,
+        flight.keepTtls,
       );
     }
     const optStart = info.optStart;

@@ -252,3 +252,39 @@ function room(out: Uint8Array | undefined, length: number): Uint8Array {
     ? out.subarray(0, length)
     : new Uint8Array(length);
 }
+
+/**
+ * A copy of an upstream query built by {@linkcode buildUpstreamQuery} (its OPT record
+ * right after the question, as the last record) without the Padding option: for a
+ * plain-DNS target, where padding hides nothing (the name travels in clear text) and only
+ * costs octets. Any other message is copied as it is.
+ *
+ * @example
+ * ```ts
+ * import { buildUpstreamQuery, withoutPadding } from "./edns.ts";
+ * import { inspectQuery, QueryInfo } from "./query.ts";
+ * const query = new Uint8Array([0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]);
+ * const info = new QueryInfo();
+ * inspectQuery(query, info);
+ * withoutPadding(buildUpstreamQuery(query, info, true), info.questionEnd).length; // 28
+ * ```
+ */
+export function withoutPadding(msg: Uint8Array, questionEnd: number): Uint8Array {
+  const opt = questionEnd;
+  const isOpt = msg.length >= opt + OPT_FIXED && msg[opt] === 0 &&
+    readU16(msg, opt + 1) === RRType.OPT && readU16(msg, 10) === 1;
+  if (!isOpt || opt + OPT_FIXED + readU16(msg, opt + 9) !== msg.length) return msg.slice();
+  // Options in order; buildUpstreamQuery puts the Padding option last.
+  let at = opt + OPT_FIXED;
+  let padding = -1;
+  for (let i = 0; i < 16384 && at + 4 <= msg.length; i++) {
+    if (readU16(msg, at) === EdnsOption.PADDING) padding = at;
+    at += 4 + readU16(msg, at + 2);
+  }
+  if (padding < 0 || at !== msg.length || padding + 4 + readU16(msg, padding + 2) !== at) {
+    return msg.slice();
+  }
+  const out = msg.slice(0, padding);
+  writeU16(out, opt + 9, padding - opt - OPT_FIXED);
+  return out;
+}

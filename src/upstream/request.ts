@@ -41,6 +41,11 @@ export abstract class UpstreamRequest implements AnswerSink, Timed {
   deadline: number;
   /** True once settled. */
   done = false;
+  /**
+   * Set by the router for a zone's question: its answer keeps the TTLs it came with (not
+   * raised to `--cache-min-ttl`).
+   */
+  keepTtls = false;
 
   // State of the driver (the pool); nothing else touches it.
   /** Exchanges started and not finished. */
