@@ -170,10 +170,11 @@ export async function startProxy(
   const router = new Router({ label: "default", forwarder: fallback, keepTtls: false }, special, {
     routed: (route) => metrics.router.routed(route),
   });
-  log.info("route", {
+  // Logged once the listeners are up: a proxy that cannot start says only why.
+  const routeLines: { route: string; targets: string }[] = [{
     route: "default",
     targets: pool?.upstreams.map((u) => u.spec.label).join(",") ?? "injected",
-  });
+  }];
   // One pool per distinct list of targets: a zone's names go only to its own targets.
   const byTargets = new Map<string, UpstreamPool>();
   for (const entry of config.zones) {
@@ -194,13 +195,13 @@ export async function startProxy(
       if (route === undefined) {
         route = { label: zone.route, forwarder, keepTtls: entry.targets.length > 0 };
         routes.set(zone.route, route);
-        log.info("route", { route: zone.route, targets: key === "" ? "default" : key });
+        routeLines.push({ route: zone.route, targets: key === "" ? "default" : key });
       }
       router.addZone(zone.name, route);
     }
   }
   if (special !== null) {
-    log.info("route", {
+    routeLines.push({
       route: "special-use",
       targets: "answered here (localhost, invalid, onion, local, home.arpa, private reverse zones)",
     });
@@ -338,6 +339,7 @@ export async function startProxy(
     throw error;
   }
 
+  for (const line of routeLines) log.info("route", line);
   pool?.start();
   for (const zonePool of zonePools) zonePool.start();
   return {

@@ -32,7 +32,7 @@ export class ZoneTable<T> {
   readonly #suffixes = new Set<string>();
   readonly #offsets = new Int32Array(MAX_LABELS);
   /** Offset of the first label of the zone the last successful lookup matched. */
-  apex = -1;
+  apex: number = -1;
 
   /** Zones in the table. */
   get size(): number {
