@@ -104,8 +104,8 @@ Deno.test({
         const whole = parseMessage(await tcpAsk(port, bigQuery()));
         assert.equal(whole.tc, false);
         const text = new TextDecoder().decode(whole.answers[0].data);
-        for (let i = 0; i < 12; i++) {
-          assert.ok(text.includes(String(i).padStart(250, "x")), `string ${i}`);
+        for (const [i, string] of BIG_TXT_STRINGS.entries()) {
+          assert.ok(text.includes(string), `string ${i}`);
         }
         // Special-use names: answered here.
         for (

@@ -71,7 +71,7 @@ export function unboundServerHead(port: number, dir: string): string[] {
 
 /** The `server:` lines of a plain-DNS Unbound: UDP and TCP on `port`, otherwise the same. */
 function plainServerHead(port: number, dir: string): string[] {
-  return unboundServerHead(port, dir).filter((line) => !/^  tls-/.test(line));
+  return unboundServerHead(port, dir).filter((line) => !line.trimStart().startsWith("tls-"));
 }
 
 /**
