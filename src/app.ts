@@ -339,7 +339,11 @@ export async function startProxy(
     throw error;
   }
 
-  for (const line of routeLines) log.info("route", line);
+  for (const line of routeLines) {
+    log.info("route", line);
+    // Every route's series exists from start-up at 0, so rate() sees its first question.
+    metrics.routed.labels(line.route);
+  }
   pool?.start();
   for (const zonePool of zonePools) zonePool.start();
   return {

@@ -169,7 +169,8 @@ const FAMILIES = {
   healthChecks: [
     "counter",
     "dotproxy_upstream_health_checks_total",
-    "Health checks (. IN NS over the upstream's own TLS connection), by result (ok, error).",
+    "Health checks (. IN NS over the upstream's own TLS connection; ZONE IN SOA for a plain-DNS " +
+    "zone target), by result (ok, error).",
     ["upstream", "result"],
   ],
   refused: [

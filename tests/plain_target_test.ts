@@ -7,6 +7,7 @@
  */
 
 import assert from "node:assert/strict";
+import type { RunningProxy } from "../src/app.ts";
 import { parseConfig } from "../src/config.ts";
 import { addressFor, answerFor, buildQuery, formatA, parseMessage } from "./support/dns.ts";
 import { DotServer } from "./support/dot_server.ts";
@@ -32,7 +33,13 @@ function zones(...entries: string[]) {
 async function withPlainZone(
   handler: PlainHandler | undefined,
   overrides: Parameters<typeof testConfig>[1],
-  fn: (port: number, plain: PlainDnsServer, dot: DotServer, metrics: () => string) => Promise<void>,
+  fn: (
+    port: number,
+    plain: PlainDnsServer,
+    dot: DotServer,
+    metrics: () => string,
+    proxy: RunningProxy,
+  ) => Promise<void>,
 ): Promise<void> {
   const plain = PlainDnsServer.start(handler);
   const dot = DotServer.start();
@@ -42,7 +49,7 @@ async function withPlainZone(
       ...overrides,
     });
     await withProxy(config, async ({ proxy, port }) => {
-      await fn(port, plain, dot, () => proxy.metrics.registry.render());
+      await fn(port, plain, dot, () => proxy.metrics.registry.render(), proxy);
     });
   } finally {
     await plain.close();
@@ -179,5 +186,28 @@ Deno.test("plain zone target: --cache-min-ttl does not raise its answers; it sti
     assert.ok(again.answers[0].ttl <= 60, "from the cache, not raised");
     const publicName = parseMessage((await udpExchange(port, buildQuery("www.public.test")))!);
     assert.equal(publicName.answers[0].ttl, 600, "--cache-min-ttl for the default route");
+  });
+});
+
+Deno.test("plain zone target: health-checked with ZONE SOA, shown in /readyz's body, not deciding it", async () => {
+  await withPlainZone(undefined, {}, async (_port, plain, _dot, metrics, proxy) => {
+    const label = `dns://127.0.0.1:${plain.port}`;
+    for (
+      let i = 0;
+      i < 100 && !metrics().includes(`health_checks_total{upstream="${label}",result="ok"} 1`);
+      i++
+    ) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const checks = plain.queries.map((q) => parseMessage(q.query).question);
+    assert.deepEqual(checks[0], { name: "cluster.test.", type: 6, qclass: 1 }, "ZONE SOA");
+    assert.ok(!checks.some((q) => q?.name === "."), "never . NS: the cluster DNS would forward it");
+    const ready = await proxy.readiness();
+    assert.equal(ready.ready, true);
+    assert.match(ready.reason, new RegExp(`zone targets: ${label.replaceAll(".", "\\.")} up`));
+    plain.frozen = true;
+    // Down or not, it does not decide readiness: public names still work.
+    const after = await proxy.readiness();
+    assert.equal(after.ready, true);
   });
 });
