@@ -62,6 +62,10 @@ export class Exchange {
   orphaned = false;
   /** True when it was the oldest unanswered exchange on the connection that went away. */
   firstOrphan = false;
+  /** True when it was the newest unanswered exchange on the connection that went away. */
+  lastOrphan = false;
+  /** True when it re-sends a question a connection that went away left unanswered. */
+  resent = false;
   /** True when it was alone on a connection of its own (see `Upstream.sendIsolated`). */
   isolated = false;
   /** True when it was alone on its connection and the connection died before answering. */

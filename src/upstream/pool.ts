@@ -16,9 +16,11 @@
  * - **Failover on answers**: an answer whose rcode is in `--failover-rcodes` is kept while one
  *   other upstream is asked; the client gets the other's answer or, when that one gives such
  *   an rcode too or none at all, the last such answer.
- * - **Query of death**: the oldest question on a connection that died goes again alone on a
- *   connection of its own; if that one dies too, the question goes to no other connection
- *   of that upstream (another upstream may still be asked, once).
+ * - **Query of death**: the oldest and the newest question on a connection that died (and
+ *   any question on a second connection that died) go again alone, each on a connection of
+ *   its own; if that one dies too, the question goes to no other connection of that
+ *   upstream (another upstream may still be asked, once). Its own retries are not the
+ *   upstream's failures in a row.
  *
  * Health (up/down, probes) and latency live with each {@linkcode Upstream}; which upstream
  * goes next is the {@linkcode Policy}'s business.
@@ -326,6 +328,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     );
     exchange.request = request;
     exchange.startedAt = now;
+    exchange.resent = request.orphaned > 0;
     addExchange(request, exchange);
     request.tried |= 1 << upstream.index;
     request.started++;
@@ -440,29 +443,38 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
             upstream: upstream?.spec.label,
           },
         );
-      } else if (exchange.firstOrphan && request.deaths === 0) {
-        // The oldest unanswered question on the connection that died is the suspect: it
-        // goes again alone, on a connection of its own, to an upstream it was not on when
-        // there is one (the client is answered sooner if the first upstream is the broken
-        // party), else to the same one.
-        const target = this.#policy.choose(this.upstreams, request.tried, now) ??
-          (upstream !== undefined && upstream.usable ? upstream : null);
-        if (target !== null) {
+      } else if (
+        ++request.orphaned > 1 || exchange.firstOrphan ||
+        (exchange.lastOrphan && !this.#hasUntried(request))
+      ) {
+        if (request.deaths === 0) {
+          // A suspect of the connection that died (see `Upstream.onClosed`), or a question
+          // on a second one that died: it goes again alone, on a connection of its own, to
+          // an upstream it was not on when there is one (the client is answered sooner if
+          // the first upstream is the broken party), else to the same one. With another
+          // upstream to go to, the newest moves at once with the rest.
+          const target = this.#policy.choose(this.upstreams, request.tried, now) ??
+            (upstream !== undefined && upstream.usable ? upstream : null);
+          if (target !== null && target.mayIsolate) {
+            request.deaths++;
+            const retry = new Exchange(request.query, request.questionEnd, this, "query");
+            retry.request = request;
+            retry.startedAt = now;
+            retry.resent = true;
+            addExchange(request, retry);
+            request.tried |= 1 << target.index;
+            if (target !== upstream) upstream?.stats.retry(error.reason);
+            target.sendIsolated(retry);
+            if (!request.done) this.#arm(request, now);
+            return;
+          }
+          // None usable: only an upstream it was not on may still take it. Isolation at its
+          // limit: it goes again as any other.
+          if (target === null) request.deaths++;
+        } else if (exchange.firstOrphan) {
+          // A suspect for the second time: not sent again to an upstream it was on.
           request.deaths++;
-          const retry = new Exchange(request.query, request.questionEnd, this, "query");
-          retry.request = request;
-          retry.startedAt = now;
-          addExchange(request, retry);
-          request.tried |= 1 << target.index;
-          if (target !== upstream) upstream?.stats.retry(error.reason);
-          target.sendIsolated(retry);
-          if (!request.done) this.#arm(request, now);
-          return;
         }
-        request.deaths++;
-      } else if (exchange.firstOrphan) {
-        // A suspect for the second time: not sent again to an upstream it was on.
-        request.deaths++;
       }
     }
     if (request.heldAnswer !== null && request.exchanges.length === 0) {
@@ -479,6 +491,14 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
       return;
     }
     if (!request.done) this.#arm(request, now);
+  }
+
+  /** True when a usable upstream has not been tried for `request` yet. */
+  #hasUntried(request: UpstreamRequest): boolean {
+    for (const upstream of this.upstreams) {
+      if (upstream.usable && (request.tried & (1 << upstream.index)) === 0) return true;
+    }
+    return false;
   }
 
   #remove(request: UpstreamRequest, exchange: Exchange): void {

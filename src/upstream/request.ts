@@ -57,6 +57,8 @@ export abstract class UpstreamRequest implements AnswerSink, Timed {
   failedOver = false;
   /** Connections that died while it was on them (a query of death kills every one). */
   deaths = 0;
+  /** Shared connections that closed under it, leaving it unanswered. */
+  orphaned = 0;
   /** The last failure, reported when nothing better comes. */
   lastError: UpstreamError | null = null;
   /** An answer kept while another upstream is asked (failover on its rcode). */
