@@ -6,7 +6,7 @@
  */
 
 import { formatHostPort } from "./address.ts";
-import type { Config, ListenAddress } from "./config.ts";
+import type { Config, ListenAddress, UpstreamSpec } from "./config.ts";
 import type { Logger } from "./log.ts";
 import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
@@ -17,8 +17,8 @@ import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import { primeTls } from "./upstream/dot_connection.ts";
-import { UpstreamPool } from "./upstream/pool.ts";
-import type { Forwarder } from "./upstream/types.ts";
+import { type PoolOptions, UpstreamPool } from "./upstream/pool.ts";
+import type { Forwarder } from "./upstream/forwarder.ts";
 
 /** Raised when the proxy cannot start (address in use, permission denied). */
 export class StartupError extends Error {
@@ -89,8 +89,44 @@ function describeBindError(error: unknown, address: ListenAddress, what: string)
   return `cannot listen on ${shown} (${what}): ${message}`;
 }
 
-/** How long `/readyz` waits for the first health checks at start before answering. */
-const STARTUP_READY_WAIT_MS = 3000;
+/**
+ * The options of an upstream set over `upstreams` with the upstream settings of `config`
+ * (connections, timeouts, hedging, retry, failover rcodes, strategy, health checks, nudge,
+ * padding): the default set (`--upstream`) is built from it, and so can a route's, with its
+ * own upstreams, `overrides` (`padding: false` and a `connect` for plain DNS, say) and the
+ * same `shared` logger, statistics and clock.
+ *
+ * @example
+ * ```ts ignore
+ * const pool = new UpstreamPool(upstreamSetOptions(config, zoneTargets, shared, {
+ *   padding: false,
+ *   connect: plainDnsConnections,
+ * }), timers);
+ * ```
+ */
+export function upstreamSetOptions(
+  config: Config,
+  upstreams: UpstreamSpec[],
+  shared: Pick<PoolOptions, "log" | "stats" | "clock">,
+  overrides: Partial<PoolOptions> = {},
+): PoolOptions {
+  return {
+    upstreams,
+    caCerts: config.caCerts,
+    connectionsPerUpstream: config.upstreamConnections,
+    idleTimeoutMs: config.upstreamIdleTimeoutMs,
+    connectTimeoutMs: config.connectTimeoutMs,
+    hedgeDelay: config.hedgeDelay,
+    hedgeBudgetPercent: config.hedgeBudgetPercent,
+    healthCheckIntervalMs: config.healthCheckIntervalMs,
+    failoverRcodes: config.failoverRcodes,
+    strategy: config.strategy,
+    nudge: config.upstreamNudge,
+    padding: config.padding,
+    ...shared,
+    ...overrides,
+  };
+}
 
 /**
  * Starts a proxy for `config`. Throws {@linkcode StartupError} when a listener cannot bind,
@@ -116,35 +152,16 @@ export async function startProxy(
   let resolver: Resolver | null = null;
   const metrics = new ProxyMetrics(new Registry(), {
     tcpConnections: () => tcp.reduce((sum, server) => sum + server.openConnections, 0),
-    upstreams: () =>
-      pool?.upstreams.map((u) => ({
-        label: u.spec.label,
-        healthy: u.usable,
-        inflight: u.outstanding,
-        connections: u.connections.length,
-      })) ?? [],
+    upstreams: () => pool?.snapshot() ?? [],
     cacheEntries: () => resolver?.cache?.size ?? 0,
     queriesInflight: () => resolver?.inflight ?? 0,
   });
   if (!options.forwarder) {
     await primeTls();
-    pool = new UpstreamPool({
-      upstreams: config.upstreams,
-      caCerts: config.caCerts,
-      connectionsPerUpstream: config.upstreamConnections,
-      idleTimeoutMs: config.upstreamIdleTimeoutMs,
-      connectTimeoutMs: config.connectTimeoutMs,
-      hedgeDelay: config.hedgeDelay,
-      hedgeBudgetPercent: config.hedgeBudgetPercent,
-      healthCheckIntervalMs: config.healthCheckIntervalMs,
-      failoverRcodes: config.failoverRcodes,
-      strategy: config.strategy,
-      nudge: config.upstreamNudge,
-      padding: config.padding,
-      log,
-      stats: metrics.upstream,
-      clock,
-    }, timers);
+    pool = new UpstreamPool(
+      upstreamSetOptions(config, config.upstreams, { log, stats: metrics.upstream, clock }),
+      timers,
+    );
   }
   const forwarder: Forwarder = options.forwarder ?? pool!;
   resolver = new Resolver(forwarder, {
@@ -171,37 +188,18 @@ export async function startProxy(
       clock,
     }),
     refuseAny: config.refuseAny,
-    padding: config.padding,
     clock,
     timers,
   });
   const core = resolver;
 
   let draining = false;
-  const startedAt = clock.now();
   const readiness = async (): Promise<Readiness> => {
     if (draining) return { ready: false, reason: "shutting down" };
     if (pool === null) return { ready: true, reason: "forwarder injected" };
-    for (let round = 0; round < 2; round++) {
-      const up = pool.upstreams.find((u) => u.health.state === "up");
-      if (up) {
-        const how = up.health.lastAnswerWasProbe ? "answered a probe" : "answered";
-        return { ready: true, reason: `${up.spec.label} ${how}` };
-      }
-      const unknown = pool.upstreams.some((u) => u.health.state === "unknown");
-      const waited = clock.now() - startedAt;
-      if (!unknown || waited >= STARTUP_READY_WAIT_MS || round > 0) break;
-      // Just started: the first health checks are on their way.
-      await pool.healthChange(STARTUP_READY_WAIT_MS - waited);
-      if (draining) return { ready: false, reason: "shutting down" };
-    }
-    const reasons = pool.upstreams.map((u) => {
-      const why = u.health.lastError?.message ??
-        (u.health.state === "unknown" ? "not checked yet" : "down");
-      // Most upstream errors name the upstream already.
-      return why.includes(u.spec.label) ? why : `${u.spec.label}: ${why}`;
-    });
-    return { ready: false, reason: `no upstream answers: ${reasons.join("; ")}` };
+    // The default upstream set decides; it waits for its first health checks at start.
+    const ready = await pool.readiness();
+    return draining ? { ready: false, reason: "shutting down" } : ready;
   };
 
   let http: HttpServer | null = null;

@@ -22,7 +22,8 @@ import {
 } from "./dot_connection.ts";
 import { Exchange, type ExchangeWaiter } from "./exchange.ts";
 import { LatencyTracker, UpstreamHealth } from "./health.ts";
-import { UpstreamError, type UpstreamStats } from "./types.ts";
+import { UpstreamError } from "./errors.ts";
+import type { UpstreamStats } from "./stats.ts";
 
 /**
  * A connection with this many queries written since its last answer, the first of them
