@@ -17,11 +17,11 @@ import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import { DotConnection, primeTls } from "./upstream/dot_connection.ts";
+import type { Forwarder } from "./upstream/forwarder.ts";
 import { PlainConnection } from "./upstream/plain_connection.ts";
-import { UpstreamPool } from "./upstream/pool.ts";
+import { type PoolOptions, UpstreamPool } from "./upstream/pool.ts";
 import { type Route, Router } from "./upstream/router.ts";
 import { SpecialUseNames } from "./upstream/special_use.ts";
-import type { Forwarder } from "./upstream/types.ts";
 
 /** Raised when the proxy cannot start (address in use, permission denied). */
 export class StartupError extends Error {
@@ -96,8 +96,44 @@ function describeBindError(error: unknown, address: ListenAddress, what: string)
   return `cannot listen on ${shown} (${what}): ${message}`;
 }
 
-/** How long `/readyz` waits for the first health checks at start before answering. */
-const STARTUP_READY_WAIT_MS = 3000;
+/**
+ * The options of an upstream set over `upstreams` with the upstream settings of `config`
+ * (connections, timeouts, hedging, retry, failover rcodes, strategy, health checks, nudge,
+ * padding): the default set (`--upstream`) is built from it, and so can a route's, with its
+ * own upstreams, `overrides` (`padding: false` and a `connect` for plain DNS, say) and the
+ * same `shared` logger, statistics and clock.
+ *
+ * @example
+ * ```ts ignore
+ * const pool = new UpstreamPool(upstreamSetOptions(config, zoneTargets, shared, {
+ *   padding: false,
+ *   connect: plainDnsConnections,
+ * }), timers);
+ * ```
+ */
+export function upstreamSetOptions(
+  config: Config,
+  upstreams: UpstreamSpec[],
+  shared: Pick<PoolOptions, "log" | "stats" | "clock">,
+  overrides: Partial<PoolOptions> = {},
+): PoolOptions {
+  return {
+    upstreams,
+    caCerts: config.caCerts,
+    connectionsPerUpstream: config.upstreamConnections,
+    idleTimeoutMs: config.upstreamIdleTimeoutMs,
+    connectTimeoutMs: config.connectTimeoutMs,
+    hedgeDelay: config.hedgeDelay,
+    hedgeBudgetPercent: config.hedgeBudgetPercent,
+    healthCheckIntervalMs: config.healthCheckIntervalMs,
+    failoverRcodes: config.failoverRcodes,
+    strategy: config.strategy,
+    nudge: config.upstreamNudge,
+    padding: config.padding,
+    ...shared,
+    ...overrides,
+  };
+}
 
 /**
  * Starts a proxy for `config`. Throws {@linkcode StartupError} when a listener cannot bind,
@@ -125,46 +161,23 @@ export async function startProxy(
   const metrics = new ProxyMetrics(new Registry(), {
     tcpConnections: () => tcp.reduce((sum, server) => sum + server.openConnections, 0),
     upstreams: () => {
-      // A target in two pools (or a zone target that is also an --upstream) is one series.
+      // A target in two sets (or a zone target that is also an --upstream) is one series.
       const seen = new Set<string>();
-      const pools = pool === null ? zonePools : [pool, ...zonePools];
-      return pools.flatMap((p) => p.upstreams).filter((u) =>
-        !seen.has(u.spec.label) && seen.add(u.spec.label)
-      ).map((u) => ({
-        label: u.spec.label,
-        healthy: u.usable,
-        inflight: u.outstanding,
-        connections: u.connections.length,
-      }));
+      const sets = pool === null ? zonePools : [pool, ...zonePools];
+      return sets.flatMap((set) => set.snapshot()).filter((u) =>
+        !seen.has(u.label) && seen.add(u.label)
+      );
     },
     cacheEntries: () => resolver?.cache?.size ?? 0,
     queriesInflight: () => resolver?.inflight ?? 0,
   });
+  const shared = { log, stats: metrics.upstream, clock };
   const needsTls = !options.forwarder ||
     config.zones.some((zone) => zone.targets.some((target) => !target.plain));
   if (needsTls) await primeTls();
-  /** A pool of `upstreams`; plain-DNS targets are health-checked with `probeZone SOA`. */
-  const newPool = (upstreams: UpstreamSpec[], probeZone: string) =>
-    new UpstreamPool({
-      upstreams,
-      caCerts: config.caCerts,
-      connectionsPerUpstream: config.upstreamConnections,
-      idleTimeoutMs: config.upstreamIdleTimeoutMs,
-      connectTimeoutMs: config.connectTimeoutMs,
-      hedgeDelay: config.hedgeDelay,
-      hedgeBudgetPercent: config.hedgeBudgetPercent,
-      healthCheckIntervalMs: config.healthCheckIntervalMs,
-      failoverRcodes: config.failoverRcodes,
-      strategy: config.strategy,
-      nudge: config.upstreamNudge,
-      padding: config.padding,
-      log,
-      stats: metrics.upstream,
-      clock,
-      connect: (owner) =>
-        owner.spec.plain ? new PlainConnection(owner, probeZone) : new DotConnection(owner),
-    }, timers);
-  if (!options.forwarder) pool = newPool(config.upstreams, "");
+  if (!options.forwarder) {
+    pool = new UpstreamPool(upstreamSetOptions(config, config.upstreams, shared), timers);
+  }
   const fallback: Forwarder = options.forwarder ?? pool!;
   const special = config.specialUseNames ? new SpecialUseNames() : null;
   const router = new Router({ label: "default", forwarder: fallback, keepTtls: false }, special, {
@@ -175,7 +188,7 @@ export async function startProxy(
     route: "default",
     targets: pool?.upstreams.map((u) => u.spec.label).join(",") ?? "injected",
   }];
-  // One pool per distinct list of targets: a zone's names go only to its own targets.
+  // One upstream set per distinct list of targets: a zone's names go to its own targets only.
   const byTargets = new Map<string, UpstreamPool>();
   for (const entry of config.zones) {
     const key = entry.targets.map((target) => target.label).join(",");
@@ -183,7 +196,16 @@ export async function startProxy(
     if (entry.targets.length > 0) {
       let zonePool = byTargets.get(key);
       if (zonePool === undefined) {
-        zonePool = newPool(entry.targets, entry.zones[0].name);
+        const probeZone = entry.zones[0].name;
+        zonePool = new UpstreamPool(
+          upstreamSetOptions(config, entry.targets, shared, {
+            // Padding hides nothing in clear text; a DoT target among them is padded.
+            padding: config.padding && entry.targets.some((target) => !target.plain),
+            connect: (owner) =>
+              owner.spec.plain ? new PlainConnection(owner, probeZone) : new DotConnection(owner),
+          }),
+          timers,
+        );
         byTargets.set(key, zonePool);
         zonePools.push(zonePool);
       }
@@ -231,46 +253,24 @@ export async function startProxy(
       clock,
     }),
     refuseAny: config.refuseAny,
-    padding: config.padding,
     clock,
     timers,
   });
   const core = resolver;
 
   let draining = false;
-  const startedAt = clock.now();
-  const defaultReadiness = async (): Promise<Readiness> => {
+  const readiness = async (): Promise<Readiness> => {
     if (draining) return { ready: false, reason: "shutting down" };
     if (pool === null) return { ready: true, reason: "forwarder injected" };
-    for (let round = 0; round < 2; round++) {
-      const up = pool.upstreams.find((u) => u.health.state === "up");
-      if (up) {
-        const how = up.health.lastAnswerWasProbe ? "answered a probe" : "answered";
-        return { ready: true, reason: `${up.spec.label} ${how}` };
-      }
-      const unknown = pool.upstreams.some((u) => u.health.state === "unknown");
-      const waited = clock.now() - startedAt;
-      if (!unknown || waited >= STARTUP_READY_WAIT_MS || round > 0) break;
-      // Just started: the first health checks are on their way.
-      await pool.healthChange(STARTUP_READY_WAIT_MS - waited);
-      if (draining) return { ready: false, reason: "shutting down" };
-    }
-    const reasons = pool.upstreams.map((u) => {
-      const why = u.health.lastError?.message ??
-        (u.health.state === "unknown" ? "not checked yet" : "down");
-      // Most upstream errors name the upstream already.
-      return why.includes(u.spec.label) ? why : `${u.spec.label}: ${why}`;
-    });
-    return { ready: false, reason: `no upstream answers: ${reasons.join("; ")}` };
-  };
-  // Zone targets do not decide readiness (a cluster DNS that is down must not take the
-  // proxy out of service for public names), but their health is in the body.
-  const readiness = async (): Promise<Readiness> => {
-    const verdict = await defaultReadiness();
-    const zoneTargets = zonePools.flatMap((p) => p.upstreams);
-    if (zoneTargets.length === 0) return verdict;
+    // The default upstream set decides; it waits for its first health checks at start.
+    // Zone targets do not (a cluster DNS that is down must not take the proxy out of service
+    // for public names), but their state is in the body.
+    const ready = await pool.readiness();
+    if (draining) return { ready: false, reason: "shutting down" };
+    const zoneTargets = zonePools.flatMap((set) => set.upstreams);
+    if (zoneTargets.length === 0) return ready;
     const states = zoneTargets.map((u) => `${u.spec.label} ${u.health.state}`).join(", ");
-    return { ready: verdict.ready, reason: `${verdict.reason}; zone targets: ${states}` };
+    return { ready: ready.ready, reason: `${ready.reason}; zone targets: ${states}` };
   };
 
   let http: HttpServer | null = null;

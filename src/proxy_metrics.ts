@@ -13,13 +13,8 @@ import type { CacheStats } from "./cache/answer_cache.ts";
 import type { DropReason, RefusedReason, ResolverStats, Transport } from "./resolver.ts";
 import type { TcpStats } from "./server/tcp.ts";
 import type { RouterStats } from "./upstream/router.ts";
-import {
-  RETRY_REASONS,
-  type RetryReason,
-  UPSTREAM_ERROR_REASONS,
-  type UpstreamErrorReason,
-  type UpstreamStats,
-} from "./upstream/types.ts";
+import { UPSTREAM_ERROR_REASONS, type UpstreamErrorReason } from "./upstream/errors.ts";
+import { RETRY_REASONS, type RetryReason, type UpstreamStats } from "./upstream/stats.ts";
 import { VERSION } from "./version.ts";
 
 /** Live state the metrics read at scrape time. */

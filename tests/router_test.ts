@@ -6,19 +6,22 @@
 
 import assert from "node:assert/strict";
 import { type Route, Router } from "../src/upstream/router.ts";
-import { UpstreamRequest } from "../src/upstream/request.ts";
+import type { Forwarder, UpstreamRequest } from "../src/upstream/forwarder.ts";
 import { SpecialUseNames } from "../src/upstream/special_use.ts";
-import type { Forwarder } from "../src/upstream/types.ts";
 import { buildQuery } from "./support/dns.ts";
 
 /** A request that only carries its question. */
-class Question extends UpstreamRequest {
+class Question implements UpstreamRequest {
+  readonly query: Uint8Array;
+  readonly questionEnd: number;
+  readonly deadline = 0;
+  keepTtls = false;
   constructor(name: string, type = 1) {
-    const query = buildQuery(name, { type });
-    super(query, query.length, 0);
+    this.query = buildQuery(name, { type });
+    this.questionEnd = this.query.length;
   }
-  protected onAnswer(): void {}
-  protected onFailure(): void {}
+  settleAnswer(): void {}
+  settleFailure(): void {}
 }
 
 /** A forwarder that remembers what it was handed. */

@@ -19,7 +19,8 @@ import type { Logger } from "../log.ts";
 import { SlabCopier } from "../slab.ts";
 import type { Clock, Timed, TimerQueue } from "../timers.ts";
 import type { Exchange, ExchangeCarrier } from "./exchange.ts";
-import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./types.ts";
+import { classifyError, UpstreamError, type UpstreamErrorReason } from "./errors.ts";
+import type { UpstreamStats } from "./stats.ts";
 
 /**
  * How long (at least; four times the connection's fastest answer if more) a connection may
@@ -271,31 +272,6 @@ export async function primeTls(): Promise<void> {
   } finally {
     listener.close();
   }
-}
-
-/** Classifies a connect, handshake or I/O error into a metrics reason. */
-export function classifyError(error: unknown): UpstreamErrorReason {
-  if (error instanceof UpstreamError) return error.reason;
-  if (error instanceof Deno.errors.ConnectionRefused) return "refused";
-  if (error instanceof Deno.errors.TimedOut) return "timeout";
-  const message = error instanceof Error ? error.message : String(error);
-  // ENETUNREACH (101) and EHOSTUNREACH (113): no route, not a reset.
-  if (
-    /unreachable|os error 101|os error 113|os error 51|os error 65/i.test(message) ||
-    (error instanceof Error && error.name === "NetworkUnreachable")
-  ) return "unreachable";
-  if (
-    error instanceof Deno.errors.ConnectionReset ||
-    error instanceof Deno.errors.ConnectionAborted ||
-    error instanceof Deno.errors.BrokenPipe ||
-    error instanceof Deno.errors.UnexpectedEof ||
-    error instanceof Deno.errors.NotConnected
-  ) return "reset";
-  if (/certificate|tls|handshake|CertNotValid|UnknownIssuer|NotValidForName/i.test(message)) {
-    return "tls";
-  }
-  if (/refused/i.test(message)) return "refused";
-  return "reset";
 }
 
 /**

@@ -1,15 +1,14 @@
 /**
  * One query on the wire to one upstream: the unit the connections carry. It owns the wire ID,
  * the connection carrying it, when it was written, how often, and whether it was nudged; it
- * knows no client. Its outcome goes to one {@linkcode ExchangeWaiter}: the pool (for a
- * question being answered) or an upstream's health check (for a probe).
+ * knows no client. Its outcome goes to one {@linkcode ExchangeWaiter}: the pool's record of
+ * the question it is an attempt at (`PoolRequest`), or an upstream's health check (a probe).
  *
  * @module
  */
 
 import type { ResponseInfo } from "../dns/message.ts";
-import type { UpstreamRequest } from "./request.ts";
-import type { UpstreamError } from "./types.ts";
+import type { UpstreamError } from "./errors.ts";
 
 /** Hears how an exchange ended. Called at most once per exchange. */
 export interface ExchangeWaiter {
@@ -52,8 +51,6 @@ export class Exchange {
   readonly kind: ExchangeKind;
   /** Who hears the outcome; null once it ended or was cancelled. */
   waiter: ExchangeWaiter | null;
-  /** The question it is an attempt at (null for probes). */
-  request: UpstreamRequest | null = null;
   /** Index of the upstream it went to (set by the upstream). */
   upstreamIndex: number = -1;
   /** The upstream counting it as outstanding, once sent. */
@@ -62,6 +59,10 @@ export class Exchange {
   orphaned = false;
   /** True when it was the oldest unanswered exchange on the connection that went away. */
   firstOrphan = false;
+  /** True when it was the newest unanswered exchange on the connection that went away. */
+  lastOrphan = false;
+  /** True when it re-sends a question a connection that went away left unanswered. */
+  resent = false;
   /** True when it was alone on a connection of its own (see `Upstream.sendIsolated`). */
   isolated = false;
   /** True when it was alone on its connection and the connection died before answering. */

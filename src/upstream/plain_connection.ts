@@ -27,13 +27,12 @@ import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
 import { parseIpAddress } from "../net/ip.ts";
 import type { Clock } from "../timers.ts";
 import {
-  classifyError,
   type ConnectionOwner,
   type ConnectionState,
   type UpstreamConnection,
 } from "./dot_connection.ts";
 import type { Exchange } from "./exchange.ts";
-import { UpstreamError, type UpstreamErrorReason } from "./types.ts";
+import { classifyError, UpstreamError, type UpstreamErrorReason } from "./errors.ts";
 
 /** A UDP query unanswered this long is sent again on its socket. */
 export const RESEND_MS = 1000;

@@ -11,9 +11,8 @@
  */
 
 import { RRType } from "../dns/wire.ts";
-import type { UpstreamRequest } from "./request.ts";
+import type { Forwarder, UpstreamRequest } from "./forwarder.ts";
 import type { SpecialUseNames } from "./special_use.ts";
-import type { Forwarder } from "./types.ts";
 import { ZoneTable } from "./zone_table.ts";
 
 /** Where a route's questions go. */

@@ -8,8 +8,8 @@
 
 import { buildLocalAnswer, type LocalZoneKind } from "../dns/local_answer.ts";
 import { parseCidr, reverseZones } from "../net/ip.ts";
-import type { UpstreamRequest } from "./request.ts";
-import { type Forwarder, UpstreamError } from "./types.ts";
+import type { Forwarder, UpstreamRequest } from "./forwarder.ts";
+import { UpstreamError } from "./errors.ts";
 import { ZoneTable } from "./zone_table.ts";
 
 /**

@@ -22,7 +22,8 @@ import {
 } from "./dot_connection.ts";
 import { Exchange, type ExchangeWaiter } from "./exchange.ts";
 import { LatencyTracker, UpstreamHealth } from "./health.ts";
-import { UpstreamError, type UpstreamStats } from "./types.ts";
+import { UpstreamError } from "./errors.ts";
+import type { UpstreamStats } from "./stats.ts";
 
 /**
  * A connection with this many queries written since its last answer, the first of them
@@ -41,6 +42,13 @@ const PROBE_ANSWER_MS = 500;
  * the last connection (see `onClosed`).
  */
 const CLOSE_PROBE_SPACING_MS = 10_000;
+
+/**
+ * Most connections of one question each (see `Upstream.sendIsolated`) open at once to an
+ * upstream: isolating costs a handshake each, and a server that closes every connection
+ * with many questions on it must not be answered with a handshake per question.
+ */
+const MAX_ISOLATED = 32;
 
 /** A timer this late says the process was stalled, not the upstream (see probeTimedOut). */
 const LATE_TIMER_MS = 50;
@@ -239,6 +247,8 @@ export class Upstream implements ConnectionOwner, Timed {
   #probe: Probe | null = null;
   readonly #isolated = new Set<UpstreamConnection>();
   #badAnswers = 0;
+  /** The message of the last rejected answer's question (see `onBadAnswer`). */
+  #lastBadMessage: Uint8Array | null = null;
   #silentCloses = 0;
   #closed = false;
 
@@ -403,11 +413,11 @@ export class Upstream implements ConnectionOwner, Timed {
   }
 
   /**
-   * Sends `exchange` alone on a connection of its own, closed after the answer. A question
-   * that was the oldest unanswered on a connection that died is retried this way: if that
-   * connection dies too before answering, the question is the query of death (for example
-   * something the server drops the connection for) and is not sent again, and no other
-   * client's question went down with it.
+   * Sends `exchange` alone on a connection of its own, closed after the answer. A suspect
+   * of a connection that died (see `onClosed`), or a question on a second connection that
+   * died, is retried this way: if that connection dies too before answering, the question is
+   * the query of death (for example something the server drops the connection for) and is
+   * not sent again, and no other client's question went down with it.
    */
   sendIsolated(exchange: Exchange): void {
     if (this.#closed) {
@@ -423,6 +433,11 @@ export class Upstream implements ConnectionOwner, Timed {
     exchange.holder = this;
     this.outstanding++;
     connection.send(exchange);
+  }
+
+  /** True when one more connection of one question may open (see {@linkcode MAX_ISOLATED}). */
+  get mayIsolate(): boolean {
+    return this.#isolated.size < MAX_ISOLATED;
   }
 
   /** True while a connection (other than `except`) is still being opened. */
@@ -789,6 +804,7 @@ export class Upstream implements ConnectionOwner, Timed {
     // Client questions only: health checks have their own counter.
     if (exchange.kind !== "probe") this.stats.answered(ms / 1000);
     this.#badAnswers = 0;
+    this.#lastBadMessage = null;
     this.#silentCloses = 0;
     this.health.lastAnswerWasProbe = exchange.kind === "probe";
     if (this.health.state !== "up" || this.slowSince !== 0) this.#markUp(now);
@@ -809,8 +825,13 @@ export class Upstream implements ConnectionOwner, Timed {
     // A rejected probe answer judges the upstream itself (see probeFailed).
     const probe = exchange.kind === "probe";
     exchange.fail(error);
-    // One bad answer may be a poisoned question; a run of them is a broken server.
-    if (!probe && ++this.#badAnswers >= 3) {
+    // One bad answer may be a poisoned question; a run of them is a broken server. The
+    // retries of one question (every exchange of it carries the same message) count once: a
+    // question whose answers always fail validation (a zone's odd records) is not a broken
+    // server, and with one upstream it would take every other client's answers down with it.
+    if (probe || exchange.message === this.#lastBadMessage) return;
+    this.#lastBadMessage = exchange.message;
+    if (++this.#badAnswers >= 3) {
       this.#badAnswers = 0;
       this.#markDown(error, true);
     }
@@ -872,7 +893,11 @@ export class Upstream implements ConnectionOwner, Timed {
           inflight: orphans.length,
         });
       }
-      if (connection.answered === 0 || failure !== null) this.#silentCloses++;
+      // A close whose every unanswered question was on a connection that closed before is
+      // the work of one of those questions (a query of death being looked for, see
+      // `sendIsolated`), not one more failure of the upstream in a row.
+      const fresh = orphans.length === 0 || orphans.some((exchange) => !exchange.resent);
+      if (fresh && (connection.answered === 0 || failure !== null)) this.#silentCloses++;
       if (
         failure?.reason === "bad_response" || failure?.reason === "timeout" ||
         (probe !== null && this.health.state === "down")
@@ -890,10 +915,16 @@ export class Upstream implements ConnectionOwner, Timed {
         this.stats.reconnect();
       }
     }
-    // The first of them in write order is the one a query of death would be: a server that
-    // drops the connection on reading it leaves it first among the unanswered. (Not when this
-    // side closed it.)
-    if (orphans.length > 0 && !connection.closeRequested) orphans[0].firstOrphan = true;
+    // A query of death is the last question the server read before it dropped the
+    // connection: the newest unanswered one when the server reads as fast as questions come
+    // (with pipelining and slow answers, the oldest is merely the slowest), the oldest when
+    // the server stopped reading at it. Both are suspects (see `sendIsolated`); a question
+    // between them is caught when it closes a second connection. (Not when this side closed
+    // it.)
+    if (orphans.length > 0 && !connection.closeRequested) {
+      orphans[0].firstOrphan = true;
+      orphans[orphans.length - 1].lastOrphan = true;
+    }
     for (const exchange of orphans) {
       exchange.orphaned = true;
       exchange.fail(error);

@@ -14,7 +14,8 @@ import type {
   UpstreamConnection,
 } from "../../src/upstream/dot_connection.ts";
 import { Exchange } from "../../src/upstream/exchange.ts";
-import { NO_UPSTREAM_STATS, type UpstreamError } from "../../src/upstream/types.ts";
+import type { UpstreamError } from "../../src/upstream/errors.ts";
+import { NO_UPSTREAM_STATS } from "../../src/upstream/stats.ts";
 import { CA_PEM } from "../fixtures/certs.ts";
 import { buildQuery } from "./dns.ts";
 
