@@ -23,6 +23,11 @@ function asked(plain: PlainDnsServer, transport?: "udp" | "tcp") {
   );
 }
 
+/** The address in the first answer of `reply`. */
+function formatAnswer(reply: Uint8Array): string {
+  return formatA(parseMessage(reply).answers[0]?.data ?? new Uint8Array());
+}
+
 /** The zones of `--zone` texts, parsed as the command line would. */
 function zones(...entries: string[]) {
   const request = parseConfig(entries.flatMap((e) => ["--zone", e]), () => undefined);
@@ -210,4 +215,84 @@ Deno.test("plain zone target: health-checked with ZONE SOA, shown in /readyz's b
     const after = await proxy.readiness();
     assert.equal(after.ready, true);
   });
+});
+
+Deno.test("plain zone target: a lost datagram is sent again on the same socket, under the same ID", async () => {
+  const seen = new Map<string, number>();
+  const handler: PlainHandler = (query, reply) => {
+    const name = parseMessage(query.query).question?.name ?? "";
+    const count = (seen.get(name) ?? 0) + 1;
+    seen.set(name, count);
+    // The first datagram of each client question is "lost".
+    if (query.transport === "udp" && !name.startsWith("cluster.test") && count === 1) return;
+    return reply(answerFor(query.query));
+  };
+  // Hedging off: with it, a hedge on a socket of its own would usually come first.
+  await withPlainZone(handler, { timeoutMs: 4000, hedgeDelay: 0 }, async (port, plain) => {
+    const reply = await udpExchange(port, buildQuery("lossy.cluster.test"), 5000);
+    assert.ok(reply);
+    assert.equal(formatAnswer(reply), addressFor("lossy.cluster.test"));
+    const sent = asked(plain, "udp");
+    assert.equal(sent.length, 2, "sent twice");
+    assert.equal(sent[0].from.port, sent[1].from.port, "on the same socket");
+    assert.deepEqual(sent[0].query, sent[1].query, "the same message, the same ID");
+  });
+});
+
+Deno.test("plain zone target: with two targets, one frozen, the other answers (retry within the zone, never elsewhere)", async () => {
+  const frozen = PlainDnsServer.start();
+  frozen.frozen = true;
+  const plain = PlainDnsServer.start();
+  const dot = DotServer.start();
+  try {
+    const config = testConfig([dot.upstream()], {
+      zones: zones(
+        `cluster.test=dns://127.0.0.1:${frozen.port},dns://127.0.0.1:${plain.port}`,
+      ),
+      strategy: "failover",
+      timeoutMs: 3000,
+    });
+    await withProxy(config, async ({ port }) => {
+      for (let i = 0; i < 5; i++) {
+        const name = `svc${i}.cluster.test`;
+        const reply = await udpExchange(port, buildQuery(name));
+        assert.ok(reply);
+        assert.equal(formatAnswer(reply), addressFor(name), name);
+      }
+      assert.equal(asked(plain).length, 5, "the working target answered each");
+      assert.equal(dot.queries, 0, "no fall-through to the default route");
+    });
+  } finally {
+    await frozen.close();
+    await plain.close();
+    await dot.close();
+  }
+});
+
+Deno.test("DoT zone target: a zone's names go to its own DoT server, the rest to --upstream", async () => {
+  const corp = DotServer.start();
+  const dot = DotServer.start();
+  try {
+    const config = testConfig([dot.upstream()], {
+      zones: zones(`corp.test=${corp.upstream()}`),
+    });
+    await withProxy(config, async ({ port, proxy }) => {
+      for (const name of ["a.corp.test", "b.Corp.Test", "www.public.test"]) {
+        const reply = await udpExchange(port, buildQuery(name));
+        assert.ok(reply);
+        assert.equal(formatAnswer(reply), addressFor(name));
+      }
+      assert.equal(corp.queries, 2);
+      assert.equal(dot.queries, 1);
+      const text = proxy.metrics.registry.render();
+      assert.equal(metricValue(text, "dotproxy_routed_total", { route: "corp.test" }), 2);
+      assert.equal(
+        metricValue(text, "dotproxy_upstream_answers_total", { upstream: corp.upstream() }),
+        2,
+      );
+    });
+  } finally {
+    await corp.close();
+    await dot.close();
+  }
 });
