@@ -5,6 +5,7 @@
  */
 
 import assert from "node:assert/strict";
+import { parseConfig } from "../src/config.ts";
 import { buildQuery, formatA, parseMessage } from "./support/dns.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
@@ -87,6 +88,29 @@ Deno.test("special-use names: --special-use-names false sends them upstream", as
       const reply = await udpExchange(port, buildQuery("printer.local"));
       assert.ok(reply);
       assert.equal(parseMessage(reply).answers.length, 1, "the upstream's answer");
+      assert.equal(dot.queries, 1);
+    });
+  } finally {
+    await dot.close();
+  }
+});
+
+Deno.test("special-use names: --zone ...=default carves a zone out of the list", async () => {
+  const dot = DotServer.start();
+  try {
+    const request = parseConfig(["--zone", "192.168.0.0/16=default"], () => undefined);
+    assert.equal(request.kind, "config");
+    const zones = request.kind === "config" ? request.config.zones : [];
+    await withProxy(testConfig([dot.upstream()], { zones }), async ({ port }) => {
+      const carved = parseMessage(
+        (await udpExchange(port, buildQuery("1.0.168.192.in-addr.arpa", { type: PTR })))!,
+      );
+      assert.equal(carved.rcode, 0, "the upstream's answer");
+      assert.equal(dot.queries, 1);
+      const still = parseMessage(
+        (await udpExchange(port, buildQuery("1.0.0.10.in-addr.arpa", { type: PTR })))!,
+      );
+      assert.equal(still.rcode, 3, "10/8 is still answered here");
       assert.equal(dot.queries, 1);
     });
   } finally {
