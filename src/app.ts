@@ -6,7 +6,7 @@
  */
 
 import { formatHostPort } from "./address.ts";
-import type { Config, ListenAddress, UpstreamSpec } from "./config.ts";
+import type { Config, ListenAddress, UpstreamSpec, ZoneRoute } from "./config.ts";
 import type { Logger } from "./log.ts";
 import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
@@ -136,6 +136,45 @@ export function upstreamSetOptions(
 }
 
 /**
+ * Adds the routes of `zones` (`--zone`) to `router`: one upstream set, made by `newSet`, per
+ * distinct list of targets (a zone's names go to its own targets only), `fallback` for the
+ * zones routed to `default`. Returns the sets made and one line per route for the start log.
+ */
+function routeZones(
+  zones: readonly ZoneRoute[],
+  router: Router,
+  fallback: Forwarder,
+  newSet: (targets: UpstreamSpec[], probeZone: string) => UpstreamPool,
+): { sets: UpstreamPool[]; lines: { route: string; targets: string }[] } {
+  const byTargets = new Map<string, UpstreamPool>();
+  const lines: { route: string; targets: string }[] = [];
+  for (const entry of zones) {
+    const key = entry.targets.map((target) => target.label).join(",");
+    let forwarder: Forwarder = fallback;
+    if (entry.targets.length > 0) {
+      let set = byTargets.get(key);
+      if (set === undefined) {
+        set = newSet(entry.targets, entry.zones[0].name);
+        byTargets.set(key, set);
+      }
+      forwarder = set;
+    }
+    const routes = new Map<string, Route>();
+    for (const zone of entry.zones) {
+      let route = routes.get(zone.route);
+      if (route === undefined) {
+        // A zone target's answers keep their TTLs; `default` is the --upstream set's route.
+        route = { label: zone.route, forwarder, keepTtls: entry.targets.length > 0 };
+        routes.set(zone.route, route);
+        lines.push({ route: zone.route, targets: key === "" ? "default" : key });
+      }
+      router.addZone(zone.name, route);
+    }
+  }
+  return { sets: [...byTargets.values()], lines };
+}
+
+/**
  * Starts a proxy for `config`. Throws {@linkcode StartupError} when a listener cannot bind,
  * after closing whatever had started.
  *
@@ -188,40 +227,23 @@ export async function startProxy(
     route: "default",
     targets: pool?.upstreams.map((u) => u.spec.label).join(",") ?? "injected",
   }];
-  // One upstream set per distinct list of targets: a zone's names go to its own targets only.
-  const byTargets = new Map<string, UpstreamPool>();
-  for (const entry of config.zones) {
-    const key = entry.targets.map((target) => target.label).join(",");
-    let forwarder: Forwarder = fallback;
-    if (entry.targets.length > 0) {
-      let zonePool = byTargets.get(key);
-      if (zonePool === undefined) {
-        const probeZone = entry.zones[0].name;
-        zonePool = new UpstreamPool(
-          upstreamSetOptions(config, entry.targets, shared, {
-            // Padding hides nothing in clear text; a DoT target among them is padded.
-            padding: config.padding && entry.targets.some((target) => !target.plain),
-            connect: (owner) =>
-              owner.spec.plain ? new PlainConnection(owner, probeZone) : new DotConnection(owner),
-          }),
-          timers,
-        );
-        byTargets.set(key, zonePool);
-        zonePools.push(zonePool);
-      }
-      forwarder = zonePool;
-    }
-    const routes = new Map<string, Route>();
-    for (const zone of entry.zones) {
-      let route = routes.get(zone.route);
-      if (route === undefined) {
-        route = { label: zone.route, forwarder, keepTtls: entry.targets.length > 0 };
-        routes.set(zone.route, route);
-        routeLines.push({ route: zone.route, targets: key === "" ? "default" : key });
-      }
-      router.addZone(zone.name, route);
-    }
-  }
+  const zoneRoutes = routeZones(
+    config.zones,
+    router,
+    fallback,
+    (targets, probeZone) =>
+      new UpstreamPool(
+        upstreamSetOptions(config, targets, shared, {
+          // Padding hides nothing in clear text; a DoT target among them is padded.
+          padding: config.padding && targets.some((target) => !target.plain),
+          connect: (owner) =>
+            owner.spec.plain ? new PlainConnection(owner, probeZone) : new DotConnection(owner),
+        }),
+        timers,
+      ),
+  );
+  zonePools.push(...zoneRoutes.sets);
+  routeLines.push(...zoneRoutes.lines);
   if (special !== null) {
     routeLines.push({
       route: "special-use",
