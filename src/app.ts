@@ -16,7 +16,7 @@ import { HttpServer, type Readiness } from "./server/http.ts";
 import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
-import { primeTls } from "./upstream/dot_connection.ts";
+import { primeTls } from "./upstream/tls_dial.ts";
 import { type PoolOptions, UpstreamPool } from "./upstream/pool.ts";
 import type { Forwarder } from "./upstream/forwarder.ts";
 
