@@ -16,9 +16,10 @@ import { HttpServer, type Readiness } from "./server/http.ts";
 import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
-import { DotConnection, primeTls } from "./upstream/dot_connection.ts";
+import { primeTls } from "./upstream/tls_dial.ts";
 import type { Forwarder } from "./upstream/forwarder.ts";
 import { PlainConnection } from "./upstream/plain_connection.ts";
+import { StreamConnection } from "./upstream/stream_connection.ts";
 import { type PoolOptions, UpstreamPool } from "./upstream/pool.ts";
 import { type Route, Router } from "./upstream/router.ts";
 import { SpecialUseNames } from "./upstream/special_use.ts";
@@ -236,8 +237,10 @@ export async function startProxy(
         upstreamSetOptions(config, targets, shared, {
           // Padding hides nothing in clear text; a DoT target among them is padded.
           padding: config.padding && targets.some((target) => !target.plain),
-          connect: (owner) =>
-            owner.spec.plain ? new PlainConnection(owner, probeZone) : new DotConnection(owner),
+          connect: (owner, context) =>
+            context.spec.plain
+              ? new PlainConnection(owner, context, probeZone)
+              : new StreamConnection(owner, context),
         }),
         timers,
       ),

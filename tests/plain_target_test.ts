@@ -127,6 +127,13 @@ Deno.test("plain zone target: a truncated UDP answer is asked again over TCP; a 
     assert.equal(parseMessage(overUdp).tc, true, "too big for the client's UDP");
     assert.equal(asked(plain, "udp").length, 1);
     assert.equal(asked(plain, "tcp").length, 1, "the proxy asked again over TCP");
+    for (const other of ["big2000.cluster.test", "big4000.cluster.test"]) {
+      const reply = await udpExchange(port, buildQuery(other, { type: 16, ednsUdpSize: 1232 }));
+      assert.equal(parseMessage(reply!).tc, true);
+    }
+    const overTcp = asked(plain, "tcp");
+    assert.equal(overTcp.length, 3);
+    assert.equal(new Set(overTcp.map((q) => q.from.port)).size, 1, "one TCP connection, reused");
     const tcp = await TcpDnsClient.connect(port);
     try {
       await tcp.send(buildQuery(name, { type: 16, ednsUdpSize: 1232 }));

@@ -21,11 +21,12 @@ import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
 import { Logger } from "../src/log.ts";
 import { ManualClock } from "../src/timers.ts";
 import {
+  type ConnectionContext,
   type ConnectionOwner,
   type ConnectionState,
   SETTLE_MS,
   type UpstreamConnection,
-} from "../src/upstream/dot_connection.ts";
+} from "../src/upstream/connection.ts";
 import type { Exchange } from "../src/upstream/exchange.ts";
 import {
   ATTEMPT_TIMEOUT_MAX_MS,
@@ -112,7 +113,11 @@ class FakeConnection implements UpstreamConnection {
   readonly finished: Promise<void> = Promise.resolve();
   readonly #timers = new Set<number>();
 
-  constructor(readonly owner: ConnectionOwner, readonly server: FakeServer) {
+  constructor(
+    readonly owner: ConnectionOwner,
+    readonly context: ConnectionContext,
+    readonly server: FakeServer,
+  ) {
     this.createdAt = server.clock.now();
     this.lastActive = this.createdAt;
   }
@@ -147,17 +152,17 @@ class FakeConnection implements UpstreamConnection {
     this.server.connections.push(this);
     const behaviour = this.server.behaviour;
     if (behaviour.connect === "hang") {
-      // Like DotConnection: the connect timeout ends it.
-      this.#later(this.owner.connectTimeoutMs, () => {
+      // Like StreamConnection: the connect timeout ends it.
+      this.#later(this.context.connectTimeoutMs, () => {
         if (this.state !== "connecting") return;
-        this.owner.stats.handshake(false);
+        this.context.stats.handshake(false);
         this.#shutdown(new UpstreamError("timeout", "no handshake", this.server.label));
       });
       return;
     }
     if (behaviour.connect === "refuse") {
       this.#later(0, () => {
-        this.owner.stats.handshake(false);
+        this.context.stats.handshake(false);
         this.#shutdown(new UpstreamError("refused", "connection refused", this.server.label));
       });
       return;
@@ -168,7 +173,7 @@ class FakeConnection implements UpstreamConnection {
       this.opened = true;
       this.openedAt = this.server.clock.now();
       this.server.handshakes++;
-      this.owner.stats.handshake(true);
+      this.context.stats.handshake(true);
       for (const exchange of this.inflight.values()) exchange.sentAt = this.openedAt;
       if (this.inflight.size > 0) this.stalledSince = this.openedAt;
       this.owner.onOpen(this, behaviour.handshakeMs);
@@ -181,7 +186,6 @@ class FakeConnection implements UpstreamConnection {
     const now = this.server.clock.now();
     exchange.wireId = id;
     exchange.carrier = this;
-    exchange.writes++;
     exchange.sentAt = now;
     if (this.stalledSince === 0) this.stalledSince = now;
     this.writesSinceAnswer++;
@@ -228,8 +232,6 @@ class FakeConnection implements UpstreamConnection {
     });
   }
 
-  forget(): void {}
-
   close(): void {
     this.closeRequested = true;
     this.#shutdown(null);
@@ -237,7 +239,7 @@ class FakeConnection implements UpstreamConnection {
 
   abandon(reason: UpstreamErrorReason, message: string): void {
     if (this.state === "closed") return;
-    this.owner.stats.error(reason);
+    this.context.stats.error(reason);
     this.closeRequested = true;
     this.#shutdown(new UpstreamError(reason, message, this.server.label));
   }
@@ -386,7 +388,8 @@ class Harness {
       }),
       stats: this.counts.factory,
       clock: this.clock,
-      connect: (owner) => new FakeConnection(owner, byLabel.get(owner.spec.label)!),
+      connect: (owner, context) =>
+        new FakeConnection(owner, context, byLabel.get(context.spec.label)!),
       random: () => this.#random,
       ...options,
     });

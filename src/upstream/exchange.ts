@@ -8,7 +8,7 @@
  */
 
 import type { ResponseInfo } from "../dns/message.ts";
-import type { UpstreamError } from "./errors.ts";
+import type { UpstreamError, UpstreamErrorReason } from "./errors.ts";
 
 /** Hears how an exchange ended. Called at most once per exchange. */
 export interface ExchangeWaiter {
@@ -18,10 +18,31 @@ export interface ExchangeWaiter {
   exchangeFailed(exchange: Exchange, error: UpstreamError): void;
 }
 
-/** Where an exchange is in flight; implemented by a DoT connection. */
+/**
+ * The connection an exchange is in flight on, as those who hold the exchange see it: whether
+ * it is still connecting (an attempt waits on a handshake), whether it has answered since,
+ * and closing it. `UpstreamConnection` is the whole of it.
+ */
 export interface ExchangeCarrier {
-  /** Stops waiting for `exchange` (its ID stays reserved until answered or expired). */
-  forget(exchange: Exchange): void;
+  /** Lifecycle state. */
+  readonly state: "connecting" | "open" | "closed";
+  /** Clock time the connection was created. */
+  readonly createdAt: number;
+  /** Clock time of the last valid answer (0: none yet). */
+  readonly lastReadAt: number;
+  /** See `UpstreamConnection.stalledSince`. */
+  readonly stalledSince: number;
+  /** Exchanges in flight on it. */
+  readonly load: number;
+  /** Closes it; what it carries is handed back. */
+  close(): void;
+  /** Closes it as a failure, which judges the upstream. */
+  abandon(reason: UpstreamErrorReason, message: string): void;
+  /**
+   * One of the exchanges it carries ended (answered, failed or cancelled). For a carrier
+   * that holds something per exchange: a plain-UDP exchange closes its socket at once.
+   */
+  release?(exchange: Exchange): void;
 }
 
 /** Counts the exchanges an upstream is carrying. */
@@ -63,8 +84,6 @@ export class Exchange {
   lastOrphan = false;
   /** True when it re-sends a question a connection that went away left unanswered. */
   resent = false;
-  /** True when it was alone on a connection of its own (see `Upstream.sendIsolated`). */
-  isolated = false;
   /** True when it was alone on its connection and the connection died before answering. */
   poisoned = false;
   /** True once judged slow (its attempt deadline passed). */
@@ -77,11 +96,7 @@ export class Exchange {
   sentAt = 0;
   /** Clock time it was handed to the upstream. */
   startedAt = 0;
-  /** Writes on a connection (more than one after its connection closed under it). */
-  writes = 0;
-  /** True once written again on its connection to nudge a Nagle-bound server. */
-  nudged = false;
-  /** Times written again on its connection (see `DotConnection`'s nudge). */
+  /** Times nudged on its connection (see `nudge.ts`). */
   nudges = 0;
   /** Clock time of the last nudge (0: none). */
   nudgedAt = 0;
@@ -115,7 +130,8 @@ export class Exchange {
   fail(error: UpstreamError): void {
     if (this.ended) return;
     this.#end();
-    this.carrier?.forget(this);
+    // Its connection keeps its entry (the ID reserved, the answer owed) until answered or
+    // purged: see `StreamConnection.purge`.
     this.carrier = null;
     const waiter = this.waiter;
     this.waiter = null;
@@ -127,12 +143,12 @@ export class Exchange {
     if (this.ended) return;
     this.#end();
     this.waiter = null;
-    this.carrier?.forget(this);
     this.carrier = null;
   }
 
   #end(): void {
     this.ended = true;
+    this.carrier?.release?.(this);
     const holder = this.holder;
     this.holder = null;
     holder?.ended();

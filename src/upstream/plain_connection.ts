@@ -1,16 +1,17 @@
 /**
  * A plain-DNS zone target (`--zone ZONE=dns://IP[:PORT]`) as an {@linkcode UpstreamConnection},
  * so that the pool's retry, hedging, failover, strategies and health checks work for it as
- * for DoT upstreams. Each exchange is its own UDP exchange (RFC 1035 section 4.2.1):
+ * for DoT upstreams. Each exchange is a UDP exchange of its own (RFC 1035 section 4.2.1):
  *
  * - a fresh socket on a port the kernel picks at random and a random ID per query, so that
  *   an off-path attacker must guess both (RFC 5452 section 9.2);
  * - an answer is accepted only from the target's address and port, with the query's ID and
  *   question; anything else is ignored and the exchange keeps waiting (RFC 5452 section 9.1);
  * - sent again on the same socket after {@linkcode RESEND_MS} without an answer (a datagram
- *   may be lost), until the pool gives the exchange up;
- * - a truncated answer (TC=1) is asked again over TCP (RFC 7766 section 5), which is also
- *   how large answers reach TCP clients in full;
+ *   may be lost), until the pool gives the exchange up, which closes the socket at once;
+ * - a truncated answer (TC=1) is asked again over TCP (RFC 7766 section 5), on one pipelined
+ *   plain-TCP {@linkcode StreamConnection} per target that opens when first needed and closes
+ *   when idle: that is also how large answers reach TCP clients whole;
  * - no EDNS padding (it hides nothing in clear text), and the AD bit is cleared: nothing
  *   authenticated the answer on its way here (RFC 6840 section 5.8).
  *
@@ -23,16 +24,19 @@
 import { withoutPadding } from "../dns/edns.ts";
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "../dns/message.ts";
 import { buildZoneProbe } from "../dns/probe.ts";
-import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
+import { HEADER_SIZE } from "../dns/wire.ts";
 import { parseIpAddress } from "../net/ip.ts";
 import type { Clock } from "../timers.ts";
-import {
-  type ConnectionOwner,
-  type ConnectionState,
-  type UpstreamConnection,
-} from "./dot_connection.ts";
-import type { Exchange } from "./exchange.ts";
+import type {
+  ConnectionContext,
+  ConnectionOwner,
+  ConnectionState,
+  UpstreamConnection,
+} from "./connection.ts";
+import { closeQuietly, tcpDialer } from "./dial.ts";
 import { classifyError, UpstreamError, type UpstreamErrorReason } from "./errors.ts";
+import { Exchange, type ExchangeWaiter } from "./exchange.ts";
+import { StreamConnection } from "./stream_connection.ts";
 
 /** A UDP query unanswered this long is sent again on its socket. */
 export const RESEND_MS = 1000;
@@ -40,26 +44,20 @@ export const RESEND_MS = 1000;
 export const MAX_PLAIN_INFLIGHT = 4096;
 /** The largest answer read over UDP (an EDNS size is at most this). */
 const MAX_DATAGRAM = 65535;
+/** The TCP connection to a target closes after this long without a truncated answer. */
+const TCP_IDLE_MS = 10_000;
 
-/** One query on its way: its socket, its TCP connection once truncated, its timer. */
+/** One query on its way: its socket, and its TCP attempt once truncated. */
 interface Leg {
   readonly exchange: Exchange;
   /** The message on the wire (its own ID, no padding). */
   readonly wire: Uint8Array;
   readonly questionEnd: number;
   socket: Deno.DatagramConn | null;
-  tcp: Deno.Conn | null;
-  readonly abort: AbortController;
+  /** The same question on the TCP connection, after a truncated answer. */
+  overTcp: Exchange | null;
   resend: ReturnType<typeof setTimeout> | undefined;
   done: boolean;
-}
-
-function closeQuietly(resource: { close(): void } | null): void {
-  try {
-    resource?.close();
-  } catch {
-    // Already closed.
-  }
 }
 
 function randomId(): number {
@@ -69,15 +67,15 @@ function randomId(): number {
 }
 
 /**
- * Plain DNS to one target: an exchange per query, UDP first, TCP when truncated.
+ * Plain DNS to one target: a UDP exchange per query, TCP when truncated.
  *
  * @example
  * ```ts ignore
- * const pool = new UpstreamPool({ ...options, connect: (owner) =>
- *   new PlainConnection(owner, "cluster.local") });
+ * const pool = new UpstreamPool({ ...options, connect: (owner, context) =>
+ *   new PlainConnection(owner, context, "cluster.local") });
  * ```
  */
-export class PlainConnection implements UpstreamConnection {
+export class PlainConnection implements UpstreamConnection, ConnectionOwner, ExchangeWaiter {
   /** See {@linkcode UpstreamConnection.state}. */
   state: ConnectionState = "connecting";
   /** See {@linkcode UpstreamConnection.answered}. */
@@ -96,27 +94,31 @@ export class PlainConnection implements UpstreamConnection {
   stalledSince = 0;
   /** See {@linkcode UpstreamConnection.writesSinceAnswer}. */
   writesSinceAnswer = 0;
-  /** Never: every query has a socket of its own, so no answer waits behind another. */
-  readonly dirtyUntil = 0;
   /** Answers ignored: from elsewhere, or with another ID or question (spoofed, or late). */
   ignored = 0;
   readonly #owner: ConnectionOwner;
+  readonly #context: ConnectionContext;
   readonly #clock: Clock;
   readonly #probeZone: string;
   readonly #target: Uint8Array | null;
   readonly #legs = new Map<Exchange, Leg>();
+  /** Legs asked again over TCP, by the exchange on the TCP connection. */
+  readonly #overTcp = new Map<Exchange, Leg>();
   readonly #info = new ResponseInfo();
+  #tcp: StreamConnection | null = null;
+  #tcpUsedAt = 0;
   #closeRequested = false;
   #running = 0;
-  #finished: Promise<void> = Promise.resolve();
-  #finish: (() => void) | null = null;
+  #idle: Promise<void> = Promise.resolve();
+  #wake: (() => void) | null = null;
 
-  /** A target for `owner` (its spec is `plain`), health-checked with `probeZone SOA`. */
-  constructor(owner: ConnectionOwner, probeZone: string) {
+  /** A target for `owner`, whose spec is `plain`, health-checked with `probeZone SOA`. */
+  constructor(owner: ConnectionOwner, context: ConnectionContext, probeZone: string) {
     this.#owner = owner;
-    this.#clock = owner.clock;
+    this.#context = context;
+    this.#clock = context.clock;
     this.#probeZone = probeZone;
-    this.#target = parseIpAddress(owner.spec.address);
+    this.#target = parseIpAddress(context.spec.address);
     this.createdAt = this.#clock.now();
     this.lastActive = this.createdAt;
   }
@@ -136,9 +138,9 @@ export class PlainConnection implements UpstreamConnection {
     return this.#legs.size;
   }
 
-  /** Resolves once every socket of it is closed. */
+  /** Resolves once every socket of it, and its TCP connection, are closed. */
   get finished(): Promise<void> {
-    return this.#finished;
+    return Promise.all([this.#idle, this.#tcp?.finished]).then(() => {});
   }
 
   /** Open at once: there is nothing to set up. */
@@ -161,7 +163,7 @@ export class PlainConnection implements UpstreamConnection {
 
   /** Sends `exchange` as a UDP query of its own (a probe asks `ZONE SOA` instead). */
   send(exchange: Exchange): void {
-    const label = this.#owner.spec.label;
+    const label = this.#context.spec.label;
     if (this.state === "closed") {
       exchange.fail(new UpstreamError("unavailable", `${label}: connection closed`, label));
       return;
@@ -184,7 +186,6 @@ export class PlainConnection implements UpstreamConnection {
     exchange.carrier = this;
     exchange.wireId = id;
     exchange.sentAt = now;
-    exchange.writes++;
     this.lastWriteAt = now;
     this.lastActive = now;
     if (this.stalledSince === 0) this.stalledSince = now;
@@ -194,30 +195,34 @@ export class PlainConnection implements UpstreamConnection {
       wire,
       questionEnd,
       socket: null,
-      tcp: null,
-      abort: new AbortController(),
+      overTcp: null,
       resend: undefined,
       done: false,
     };
     this.#legs.set(exchange, leg);
-    if (this.#running++ === 0) {
-      this.#finished = new Promise((resolve) => this.#finish = resolve);
-    }
-    this.#run(leg).finally(() => {
-      if (--this.#running === 0) this.#finish?.();
+    if (this.#running++ === 0) this.#idle = new Promise((resolve) => this.#wake = resolve);
+    this.#overUdp(leg).finally(() => {
+      if (--this.#running === 0) this.#wake?.();
     });
   }
 
-  /** Stops waiting for `exchange`: its socket closes (a late answer is dropped unread). */
-  forget(exchange: Exchange): void {
+  /** `exchange` ended: its socket closes (a late answer is dropped unread). */
+  release(exchange: Exchange): void {
     const leg = this.#legs.get(exchange);
     if (leg !== undefined) this.#end(leg);
   }
 
-  /** Nothing to purge: a forgotten query's socket is closed at once. */
-  purge(): void {}
+  /** Closes the TCP connection when no truncated answer needed it since `before`. */
+  purge(before: number): void {
+    const tcp = this.#tcp;
+    if (tcp === null) return;
+    tcp.purge(before);
+    if (tcp.load === 0 && this.#tcpUsedAt < Math.min(before, this.#clock.now() - TCP_IDLE_MS)) {
+      tcp.close();
+    }
+  }
 
-  /** Nothing to complete: no stream. */
+  /** Nothing to complete: no nudge on plain DNS. */
   completePendingFrame(): boolean {
     return false;
   }
@@ -231,8 +236,8 @@ export class PlainConnection implements UpstreamConnection {
   /** Closes as a failure (the target stopped answering); queries in flight are handed back. */
   abandon(reason: UpstreamErrorReason, message: string): void {
     if (this.state === "closed") return;
-    const label = this.#owner.spec.label;
-    this.#owner.stats.error(reason);
+    const label = this.#context.spec.label;
+    this.#context.stats.error(reason);
     this.#closeRequested = true;
     this.#shutdown(new UpstreamError(reason, `${label}: ${message}`, label));
   }
@@ -247,6 +252,7 @@ export class PlainConnection implements UpstreamConnection {
       leg.exchange.carrier = null;
       orphans.push(leg.exchange);
     }
+    this.#tcp?.close();
     this.stalledSince = 0;
     this.writesSinceAnswer = 0;
     this.#owner.onClosed(this, orphans, failure);
@@ -257,15 +263,17 @@ export class PlainConnection implements UpstreamConnection {
     leg.done = true;
     this.#legs.delete(leg.exchange);
     clearTimeout(leg.resend);
-    leg.abort.abort();
     closeQuietly(leg.socket);
-    closeQuietly(leg.tcp);
     leg.socket = null;
-    leg.tcp = null;
+    if (leg.overTcp !== null) {
+      this.#overTcp.delete(leg.overTcp);
+      leg.overTcp.cancel();
+      leg.overTcp = null;
+    }
   }
 
-  async #run(leg: Leg): Promise<void> {
-    const { address, port } = this.#owner.spec;
+  async #overUdp(leg: Leg): Promise<void> {
+    const { address, port } = this.#context.spec;
     try {
       const socket = Deno.listenDatagram({
         transport: "udp",
@@ -286,78 +294,52 @@ export class PlainConnection implements UpstreamConnection {
       };
       leg.resend = setTimeout(resend, RESEND_MS);
       const buffer = new Uint8Array(MAX_DATAGRAM);
-      let truncated = false;
       for (let i = 0; i < 100_000 && !leg.done; i++) {
         const [data, from] = await socket.receive(buffer);
         if (leg.done) return;
         if (!this.#fromTarget(from) || !this.#answers(leg, data)) {
-          this.#ignore(leg, "udp");
+          this.#ignore(leg);
           continue;
         }
         if ((data[2] & 0x02) !== 0) {
-          truncated = true;
-          break;
+          this.#askOverTcp(leg);
+          return;
         }
-        this.#deliver(leg, data.slice());
+        this.#deliver(leg, data.slice(), this.#info);
         return;
       }
-      if (!truncated || leg.done) return;
-      clearTimeout(leg.resend);
-      closeQuietly(leg.socket);
-      leg.socket = null;
-      await this.#overTcp(leg);
     } catch (error) {
       if (leg.done) return;
       const reason = error instanceof UpstreamError ? error.reason : classifyError(error);
-      const detail = error instanceof Error ? error.message : String(error);
-      this.#fail(leg, reason, detail);
+      this.#fail(leg, new UpstreamError(reason, error instanceof Error ? error.message : ""));
     }
   }
 
-  /** Asks again over TCP (one connection for this query), after a truncated UDP answer. */
-  async #overTcp(leg: Leg): Promise<void> {
-    const { address, port, label } = this.#owner.spec;
-    const conn = await Deno.connect({
-      hostname: address,
-      port,
-      transport: "tcp",
-      signal: leg.abort.signal,
-    });
-    if (leg.done) {
-      closeQuietly(conn);
-      return;
+  /** Asks the truncated question again on the target's plain-TCP connection. */
+  #askOverTcp(leg: Leg): void {
+    clearTimeout(leg.resend);
+    closeQuietly(leg.socket);
+    leg.socket = null;
+    if (this.#tcp === null || this.#tcp.state === "closed") {
+      this.#tcp = new StreamConnection(this, {
+        ...this.#context,
+        dial: tcpDialer(this.#context.spec),
+        nudging: null,
+      });
+      this.#tcp.start();
     }
-    leg.tcp = conn;
-    const frame = new Uint8Array(2 + leg.wire.length);
-    frame[0] = leg.wire.length >> 8;
-    frame[1] = leg.wire.length & 0xff;
-    frame.set(leg.wire, 2);
-    for (let written = 0; written < frame.length;) {
-      written += await conn.write(frame.subarray(written));
-    }
-    const buffer = new Uint8Array(2 + MAX_DATAGRAM);
-    let end = 0;
-    for (let i = 0; i < 100_000 && !leg.done; i++) {
-      const n = await conn.read(buffer.subarray(end));
-      if (n === null) throw new UpstreamError("reset", `${label} closed the TCP connection`);
-      end += n;
-      while (end >= 2 && end >= 2 + readU16(buffer, 0)) {
-        const length = readU16(buffer, 0);
-        const data = buffer.slice(2, 2 + length);
-        buffer.copyWithin(0, 2 + length, end);
-        end -= 2 + length;
-        if (this.#answers(leg, data)) {
-          this.#deliver(leg, data);
-          return;
-        }
-        this.#ignore(leg, "tcp");
-      }
-    }
+    const tcp = this.#tcp;
+    // Its own exchange: the stream writes its own ID, and answers it as it answers any.
+    const again = new Exchange(leg.wire, leg.questionEnd, this, leg.exchange.kind);
+    leg.overTcp = again;
+    this.#overTcp.set(again, leg);
+    this.#tcpUsedAt = this.#clock.now();
+    tcp.send(again);
   }
 
   /** True when `from` is the target's address and port. */
   #fromTarget(from: Deno.Addr): boolean {
-    if (from.transport !== "udp" || from.port !== this.#owner.spec.port) return false;
+    if (from.transport !== "udp" || from.port !== this.#context.spec.port) return false;
     const bytes = parseIpAddress(from.hostname);
     const target = this.#target;
     if (bytes === null || target === null || bytes.length !== target.length) return false;
@@ -374,21 +356,18 @@ export class PlainConnection implements UpstreamConnection {
       responseAnswersQuery(data, info, leg.wire, leg.questionEnd);
   }
 
-  #ignore(leg: Leg, transport: string): void {
+  #ignore(leg: Leg): void {
     this.ignored++;
-    this.#owner.log.debug("ignored an answer that is not the target's to this query", {
-      upstream: this.#owner.spec.label,
-      transport,
+    this.#context.log.debug("ignored an answer that is not the target's to this query", {
+      upstream: this.#context.spec.label,
       id: leg.exchange.wireId,
     });
   }
 
-  #deliver(leg: Leg, data: Uint8Array): void {
+  /** Hands the answer on, AD cleared; `info` describes `data`. */
+  #deliver(leg: Leg, data: Uint8Array, info: ResponseInfo): void {
     const exchange = leg.exchange;
     this.#end(leg);
-    // Analysed again: `#answers` may have looked at other datagrams since.
-    const info = this.#info;
-    analyzeResponse(data, info);
     data[3] &= ~0x20; // AD: nothing authenticated it on the way here
     const now = this.#clock.now();
     this.lastReadAt = now;
@@ -400,11 +379,66 @@ export class PlainConnection implements UpstreamConnection {
     this.#owner.onAnswer(this, exchange, data, info);
   }
 
-  #fail(leg: Leg, reason: UpstreamErrorReason, detail: string): void {
-    const label = this.#owner.spec.label;
+  #fail(leg: Leg, error: UpstreamError): void {
+    const label = this.#context.spec.label;
     this.#end(leg);
-    this.#owner.stats.error(reason);
-    this.#owner.log.debug("plain-DNS query failed", { upstream: label, reason, error: detail });
-    leg.exchange.fail(new UpstreamError(reason, `${label}: ${detail}`, label));
+    this.#context.stats.error(error.reason);
+    this.#context.log.debug("plain-DNS query failed", {
+      upstream: label,
+      reason: error.reason,
+      error: error.message,
+    });
+    leg.exchange.fail(new UpstreamError(error.reason, `${label}: ${error.message}`, label));
   }
+
+  // ---- the TCP connection's events (see ConnectionOwner, ExchangeWaiter) ---------------
+
+  /** See {@linkcode ConnectionOwner.onOpen}. */
+  onOpen(): void {}
+
+  /** See {@linkcode ConnectionOwner.onAnswer}: the TCP answer of a truncated one. */
+  onAnswer(
+    _connection: UpstreamConnection,
+    exchange: Exchange,
+    response: Uint8Array,
+    info: ResponseInfo,
+  ): void {
+    const leg = this.#overTcp.get(exchange);
+    exchange.answer(response, info);
+    if (leg === undefined) return;
+    this.#overTcp.delete(exchange);
+    leg.overTcp = null;
+    this.#deliver(leg, response, info);
+  }
+
+  /** See {@linkcode ConnectionOwner.onBadAnswer}. */
+  onBadAnswer(_connection: UpstreamConnection, exchange: Exchange, reason: string): void {
+    const leg = this.#overTcp.get(exchange);
+    exchange.cancel();
+    if (leg === undefined) return;
+    this.#owner.onBadAnswer(this, leg.exchange, reason);
+    this.#end(leg);
+  }
+
+  /** See {@linkcode ConnectionOwner.onClosed}: what the TCP connection still owed fails. */
+  onClosed(
+    connection: UpstreamConnection,
+    orphans: Exchange[],
+    failure: UpstreamError | null,
+  ): void {
+    if (connection === this.#tcp) this.#tcp = null;
+    const label = this.#context.spec.label;
+    for (const orphan of orphans) {
+      const leg = this.#overTcp.get(orphan);
+      orphan.cancel();
+      if (leg === undefined) continue;
+      this.#fail(leg, failure ?? new UpstreamError("reset", "closed the TCP connection", label));
+    }
+  }
+
+  /** See {@linkcode ExchangeWaiter}: settled through `onAnswer` and `onClosed` instead. */
+  exchangeAnswered(): void {}
+
+  /** See {@linkcode ExchangeWaiter}. */
+  exchangeFailed(): void {}
 }

@@ -57,14 +57,14 @@ import type { ResponseInfo } from "../dns/message.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
 import { SlabCopier } from "../slab.ts";
 import { type Clock, SYSTEM_CLOCK, type Timed, TimerQueue } from "../timers.ts";
-import type { ConnectionFactory, UpstreamConnection } from "./dot_connection.ts";
+import type { ConnectionFactory } from "./connection.ts";
 import { UpstreamError } from "./errors.ts";
-import { Exchange } from "./exchange.ts";
+import { Exchange, type ExchangeCarrier } from "./exchange.ts";
 import type { Forwarder, UpstreamRequest } from "./forwarder.ts";
 import { createPolicy, type Policy, type Random } from "./policy.ts";
 import { PoolRequest, type PoolRequestDriver } from "./pool_request.ts";
 import { NO_UPSTREAM_STATS, type UpstreamStatsFactory } from "./stats.ts";
-import { Upstream } from "./upstream.ts";
+import { Upstream, type UpstreamTransport } from "./upstream.ts";
 
 /** Whether an upstream set can answer now, and why (what `/readyz` shows). */
 export interface PoolReadiness {
@@ -111,6 +111,12 @@ export interface PoolOptions {
   failoverRcodes: readonly number[];
   /** Which upstream goes next. */
   strategy: Strategy;
+  /**
+   * How the upstreams' connections carry DNS: `"tls"` (DoT, the default; `caCerts` and
+   * `nudge` apply) or `"tcp"` (plain DNS over TCP, only where the user named it). A plain
+   * UDP exchange is a `connect` of its own.
+   */
+  transport?: UpstreamTransport;
   /** Whether to nudge Nagle-bound servers. */
   nudge: boolean;
   /**
@@ -208,8 +214,10 @@ function addExchange(request: PoolRequest, exchange: Exchange): void {
 export class UpstreamPool implements Forwarder, PoolRequestDriver {
   /** The upstreams, in configured order. */
   readonly upstreams: Upstream[];
-  /** The timer queue (shared with the resolver). */
+  /** The timer queue (shared with the resolver when given, else the pool's own). */
   readonly timers: TimerQueue;
+  /** True when {@linkcode timers} is the pool's own, closed with it. */
+  readonly #ownTimers: boolean;
   readonly #clock: Clock;
   readonly #policy: Policy;
   readonly #log: Logger;
@@ -230,6 +238,7 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
     if (options.upstreams.length > 31) throw new RangeError("at most 31 upstreams");
     this.#clock = options.clock ?? SYSTEM_CLOCK;
     this.timers = timers ?? new TimerQueue(this.#clock);
+    this.#ownTimers = timers === undefined;
     this.#log = options.log;
     this.#poisonLog = new RateLimitedLog(options.log, 10_000, () => this.#clock.now());
     this.#policy = createPolicy(options.strategy, options.random);
@@ -240,6 +249,7 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
     this.#padding = options.padding ?? false;
     const stats = options.stats ?? NO_UPSTREAM_STATS;
     const settings = {
+      transport: options.transport ?? "tls",
       caCerts: options.caCerts,
       maxConnections: options.connectionsPerUpstream,
       connectTimeoutMs: options.connectTimeoutMs,
@@ -410,7 +420,7 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
     if (request.started >= MAX_EXCHANGES || this.#closed) return false;
     for (const candidate of this.upstreams) candidate.noticeStall(now);
     let upstream = this.#policy.choose(this.upstreams, request.tried, now);
-    let avoid: UpstreamConnection | null = null;
+    let avoid: ExchangeCarrier | null = null;
     if (hedgeOf !== null && upstream !== null && (upstream.slow || upstream.connecting)) {
       // A hedge is worth sending only where an answer is likely soon: not to an upstream
       // still connecting (a black hole looks like that) or already slow.
@@ -420,7 +430,7 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
       // No other upstream to ask (one configured, or the others down): hedge on another
       // connection to the same one, when it may have one.
       const same = this.upstreams[hedgeOf.upstreamIndex];
-      avoid = hedgeOf.carrier as UpstreamConnection | null;
+      avoid = hedgeOf.carrier;
       upstream = same !== undefined && same.usable && same.hasRoomBeside(avoid) ? same : null;
     }
     if (upstream === null && again) upstream = this.#policy.choose(this.upstreams, 0, now);
@@ -695,5 +705,6 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
     this.timers.cancel(this.#maintenance);
     await Promise.all(this.upstreams.map((u) => u.close()));
     this.#healthChanged();
+    if (this.#ownTimers) this.timers.close();
   }
 }

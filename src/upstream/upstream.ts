@@ -1,5 +1,6 @@
 /**
- * One DoT upstream: its pipelined connections, its health and latency, and its probes.
+ * One upstream (DoT, or plain DNS over TCP): its pipelined connections, its health and
+ * latency, and its probes.
  * The pool decides which upstream a question goes to; the upstream decides which of its
  * connections carries it, when to open another, and when it is up or down.
  *
@@ -13,17 +14,20 @@ import { HEADER_SIZE, skipUncompressedName } from "../dns/wire.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
 import type { Clock, Timed, TimerQueue } from "../timers.ts";
 import {
+  type ConnectionContext,
   type ConnectionFactory,
   type ConnectionOwner,
-  DotConnection,
   MAX_QUERIES_PER_CONNECTION,
-  NUDGE_BURST,
   type UpstreamConnection,
-} from "./dot_connection.ts";
-import { Exchange, type ExchangeWaiter } from "./exchange.ts";
-import { LatencyTracker, UpstreamHealth } from "./health.ts";
+} from "./connection.ts";
+import { tcpDialer } from "./dial.ts";
 import { UpstreamError } from "./errors.ts";
+import { Exchange, type ExchangeCarrier, type ExchangeWaiter } from "./exchange.ts";
+import { LatencyTracker, UpstreamHealth } from "./health.ts";
+import { NudgeBudget } from "./nudge.ts";
 import type { UpstreamStats } from "./stats.ts";
+import { StreamConnection } from "./stream_connection.ts";
+import { tlsDialer } from "./tls_dial.ts";
 
 /**
  * A connection with this many queries written since its last answer, the first of them
@@ -58,17 +62,22 @@ const HANDSHAKE_ALLOWANCE_MIN_MS = 100;
 /** Time a question waits on a handshake when no handshake time is known at all. */
 const HANDSHAKE_ALLOWANCE_DEFAULT_MS = 500;
 
+/** How an upstream's connections carry DNS: over TLS (DoT, RFC 7858) or plain TCP. */
+export type UpstreamTransport = "tls" | "tcp";
+
 /** Settings of an upstream shared by all upstreams of a pool. */
 export interface UpstreamSettings {
+  /** DNS over TLS (`"tls"`), or plain DNS over TCP (`"tcp"`). */
+  transport: UpstreamTransport;
   /** Extra trusted CA certificates (PEM). */
   caCerts: string[];
-  /** Most TLS connections to this upstream. */
+  /** Most connections to this upstream. */
   maxConnections: number;
-  /** TCP connect plus TLS handshake deadline. */
+  /** TCP connect (plus TLS handshake) deadline. */
   connectTimeoutMs: number;
   /** Idle upstreams are probed this often (0: never). */
   healthCheckIntervalMs: number;
-  /** Whether to nudge Nagle-bound servers. */
+  /** Whether to nudge Nagle-bound servers (DoT only, see `nudge.ts`). */
   nudge: boolean;
   /** Pad health probes (and frame fillers) to 128 octets, as `--padding` pads queries. */
   padProbes: boolean;
@@ -191,8 +200,6 @@ export class Upstream implements ConnectionOwner, Timed {
   readonly spec: UpstreamSpec;
   /** Statistics hooks. */
   readonly stats: UpstreamStats;
-  /** See {@linkcode ConnectionOwner}. */
-  nudgeTokens: number = NUDGE_BURST;
   /** Health state. */
   readonly health = new UpstreamHealth();
   /** Answer times. */
@@ -213,21 +220,19 @@ export class Upstream implements ConnectionOwner, Timed {
   lastChosenAt = 0;
   /** Last TLS handshake time in milliseconds (0: none yet). */
   handshakeMs = 0;
-  /** See {@linkcode ConnectionOwner}. */
-  readonly caCerts: string[];
-  /** See {@linkcode ConnectionOwner}. */
-  readonly log: Logger;
-  /** See {@linkcode ConnectionOwner}. */
-  readonly connectTimeoutMs: number;
-  /** See {@linkcode ConnectionOwner}. */
-  readonly nudge: boolean;
   /**
    * True when its health probes, and the probes that complete a nudge's frame, are padded
    * like queries (see `UpstreamSettings`).
    */
   readonly padProbes: boolean;
-  /** See {@linkcode ConnectionOwner}. */
+  /** What its connections share (see {@linkcode ConnectionContext}). */
+  readonly context: ConnectionContext;
+  /** Logger. */
+  readonly log: Logger;
+  /** The clock. */
   readonly clock: Clock;
+  /** TCP connect (plus TLS handshake) deadline. */
+  readonly connectTimeoutMs: number;
   /** See {@linkcode Timed} (the probe schedule). */
   timerAt = 0;
   /** See {@linkcode Timed}. */
@@ -236,10 +241,6 @@ export class Upstream implements ConnectionOwner, Timed {
   timerSlot: number = -1;
   readonly #settings: UpstreamSettings;
   readonly #timers: TimerQueue;
-  /** See {@linkcode ConnectionOwner}. */
-  get timers(): TimerQueue {
-    return this.#timers;
-  }
   readonly #connect: ConnectionFactory;
   readonly #random: () => number;
   readonly #warnings: RateLimitedLog;
@@ -262,15 +263,31 @@ export class Upstream implements ConnectionOwner, Timed {
     this.index = index;
     this.spec = spec;
     this.stats = stats;
-    this.caCerts = settings.caCerts;
     this.log = settings.log;
     this.connectTimeoutMs = settings.connectTimeoutMs;
-    this.nudge = settings.nudge;
     this.padProbes = settings.padProbes;
     this.clock = settings.clock;
     this.#settings = settings;
     this.#timers = settings.timers;
-    this.#connect = settings.connect ?? ((owner) => new DotConnection(owner));
+    const tls = settings.transport === "tls";
+    this.context = {
+      spec,
+      dial: tls ? tlsDialer(spec, settings.caCerts) : tcpDialer(spec),
+      connectTimeoutMs: settings.connectTimeoutMs,
+      nudging: tls && settings.nudge
+        ? {
+          budget: new NudgeBudget(),
+          outstanding: () => this.outstanding,
+          padFiller: settings.padProbes,
+        }
+        : null,
+      log: settings.log,
+      stats,
+      clock: settings.clock,
+      timers: settings.timers,
+    };
+    this.#connect = settings.connect ??
+      ((owner, context) => new StreamConnection(owner, context));
     this.#random = settings.random ?? Math.random;
     this.#warnings = new RateLimitedLog(settings.log, 5_000, () => this.clock.now());
     this.#connectErrors = new RateLimitedLog(settings.log, 10_000, () => this.clock.now());
@@ -303,7 +320,7 @@ export class Upstream implements ConnectionOwner, Timed {
    * True when a hedge on this upstream could go on a connection other than `busy`: another
    * open or opening connection exists, or there is room to open one.
    */
-  hasRoomBeside(busy: UpstreamConnection | null): boolean {
+  hasRoomBeside(busy: ExchangeCarrier | null): boolean {
     if (this.connections.length < this.#settings.maxConnections) return true;
     return this.connections.some((c) => c !== busy && c.state !== "closed");
   }
@@ -316,7 +333,7 @@ export class Upstream implements ConnectionOwner, Timed {
   }
 
   /** Sends `exchange` on the least loaded connection, opening one when warranted. */
-  send(exchange: Exchange, avoid: UpstreamConnection | null = null): void {
+  send(exchange: Exchange, avoid: ExchangeCarrier | null = null): void {
     if (this.#closed) {
       exchange.upstreamIndex = this.index;
       exchange.fail(
@@ -379,7 +396,7 @@ export class Upstream implements ConnectionOwner, Timed {
   }
 
   /** The connection for a query now, by the rules in {@linkcode send}; null when none. */
-  #choose(busy: boolean, avoid: UpstreamConnection | null, now: number): UpstreamConnection | null {
+  #choose(busy: boolean, avoid: ExchangeCarrier | null, now: number): UpstreamConnection | null {
     let clean: UpstreamConnection | null = null;
     let dirty: UpstreamConnection | null = null;
     let best: UpstreamConnection | null = null;
@@ -424,11 +441,10 @@ export class Upstream implements ConnectionOwner, Timed {
       this.send(exchange);
       return;
     }
-    const connection = this.#connect(this);
+    const connection = this.#connect(this, this.context);
     this.#isolated.add(connection);
     connection.start();
     exchange.upstreamIndex = this.index;
-    exchange.isolated = true;
     if (exchange.startedAt === 0) exchange.startedAt = this.clock.now();
     exchange.holder = this;
     this.outstanding++;
@@ -441,7 +457,7 @@ export class Upstream implements ConnectionOwner, Timed {
   }
 
   /** True while a connection (other than `except`) is still being opened. */
-  #anyConnecting(except: UpstreamConnection | null): boolean {
+  #anyConnecting(except: ExchangeCarrier | null): boolean {
     for (const connection of this.connections) {
       if (connection !== except && connection.state === "connecting") return true;
     }
@@ -455,7 +471,7 @@ export class Upstream implements ConnectionOwner, Timed {
 
   /** Opens one more connection. */
   open(): UpstreamConnection {
-    const fresh = this.#connect(this);
+    const fresh = this.#connect(this, this.context);
     this.connections.push(fresh);
     fresh.start();
     return fresh;
@@ -469,7 +485,7 @@ export class Upstream implements ConnectionOwner, Timed {
    * connect timeout bounds all of these: past it the connection itself gives up.
    */
   attemptDeadline(exchange: Exchange): number {
-    const connection = exchange.carrier as UpstreamConnection | null;
+    const connection = exchange.carrier;
     if (connection !== null && connection.state === "connecting") {
       const reference = this.handshakeMs > 0
         ? this.handshakeMs
@@ -499,8 +515,9 @@ export class Upstream implements ConnectionOwner, Timed {
    */
   suspect(exchange: Exchange, now: number): void {
     if (this.slowSince === 0) this.slowSince = now;
-    const connection = exchange.carrier as UpstreamConnection | null;
-    if (connection === null || connection.state !== "open") return;
+    // Its carrier, as one of this upstream's connections.
+    const connection = this.connections.find((c) => c === exchange.carrier);
+    if (connection === undefined || connection.state !== "open") return;
     if (connection.stalledSince !== 0 && connection.stalledSince <= exchange.sentAt) {
       this.#sendProbe(connection);
     }
@@ -708,7 +725,7 @@ export class Upstream implements ConnectionOwner, Timed {
       return;
     }
     this.#probe = null;
-    const connection = probe.exchange.carrier as UpstreamConnection | null;
+    const connection = probe.exchange.carrier;
     probe.exchange.cancel();
     this.stats.healthCheck(false);
     if (this.#closed) return;
