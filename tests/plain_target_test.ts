@@ -303,3 +303,26 @@ Deno.test("DoT zone target: a zone's names go to its own DoT server, the rest to
     await dot.close();
   }
 });
+
+Deno.test("plain zone target over IPv6: dns://[::1]:PORT, UDP and TCP", async () => {
+  const plain = PlainDnsServer.start(undefined, "::1");
+  const dot = DotServer.start();
+  try {
+    const config = testConfig([dot.upstream()], {
+      zones: zones(`cluster.test=dns://[::1]:${plain.port}`),
+    });
+    await withProxy(config, async ({ port }) => {
+      const reply = await udpExchange(port, buildQuery("v6.cluster.test"));
+      assert.equal(formatAnswer(reply!), addressFor("v6.cluster.test"));
+      const big = await udpExchange(port, buildQuery("big3000.cluster.test", { type: 16 }));
+      assert.equal(parseMessage(big!).tc, true);
+      assert.equal(asked(plain, "udp").length, 2);
+      assert.equal(asked(plain, "tcp").length, 1);
+      assert.equal(asked(plain)[0].from.hostname, "::1");
+      assert.equal(dot.queries, 0);
+    });
+  } finally {
+    await plain.close();
+    await dot.close();
+  }
+});

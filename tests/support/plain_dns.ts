@@ -73,13 +73,13 @@ export class PlainDnsServer {
     this.#loops.push(this.#serveUdp(), this.#serveTcp());
   }
 
-  /** Listens on 127.0.0.1 (UDP and TCP on the same free port). */
-  static start(handler: PlainHandler = ANSWER_FOR): PlainDnsServer {
+  /** Listens on `hostname` (UDP and TCP on the same free port). */
+  static start(handler: PlainHandler = ANSWER_FOR, hostname = "127.0.0.1"): PlainDnsServer {
     for (let attempt = 0; attempt < 20; attempt++) {
-      const udp = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+      const udp = Deno.listenDatagram({ transport: "udp", hostname, port: 0 });
       const port = (udp.addr as Deno.NetAddr).port;
       try {
-        const tcp = Deno.listen({ hostname: "127.0.0.1", port });
+        const tcp = Deno.listen({ hostname, port });
         return new PlainDnsServer(udp, tcp, handler);
       } catch {
         udp.close();
