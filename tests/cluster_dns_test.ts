@@ -7,9 +7,8 @@
  */
 
 import assert from "node:assert/strict";
-import { parseConfig } from "../src/config.ts";
 import { buildQuery, formatA, parseMessage } from "./support/dns.ts";
-import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { TcpDnsClient, testConfig, udpExchange, withProxy, zones } from "./support/proxy.ts";
 import { UnboundUpstream } from "./support/unbound.ts";
 import {
   BIG_TXT_STRINGS,
@@ -38,12 +37,7 @@ function publicDot(): Promise<UnboundUpstream> {
 }
 
 function zonesFor(cluster: UnboundUpstream) {
-  const request = parseConfig(
-    ["--zone", `cluster.local,10.96.0.0/12=dns://127.0.0.1:${cluster.port}`],
-    () => undefined,
-  );
-  assert.equal(request.kind, "config");
-  return request.kind === "config" ? request.config.zones : [];
+  return zones(`cluster.local,10.96.0.0/12=dns://127.0.0.1:${cluster.port}`);
 }
 
 function dotQueries(dot: UnboundUpstream): string[] {

@@ -5,10 +5,9 @@
  */
 
 import assert from "node:assert/strict";
-import { parseConfig } from "../src/config.ts";
 import { buildQuery, formatA, parseMessage } from "./support/dns.ts";
 import { DotServer } from "./support/dot_server.ts";
-import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { TcpDnsClient, testConfig, udpExchange, withProxy, zones } from "./support/proxy.ts";
 
 const A = 1;
 const SOA = 6;
@@ -98,10 +97,8 @@ Deno.test("special-use names: --special-use-names false sends them upstream", as
 Deno.test("special-use names: --zone ...=default carves a zone out of the list", async () => {
   const dot = DotServer.start();
   try {
-    const request = parseConfig(["--zone", "192.168.0.0/16=default"], () => undefined);
-    assert.equal(request.kind, "config");
-    const zones = request.kind === "config" ? request.config.zones : [];
-    await withProxy(testConfig([dot.upstream()], { zones }), async ({ port }) => {
+    const config = testConfig([dot.upstream()], { zones: zones("192.168.0.0/16=default") });
+    await withProxy(config, async ({ port }) => {
       const carved = parseMessage(
         (await udpExchange(port, buildQuery("1.0.168.192.in-addr.arpa", { type: PTR })))!,
       );

@@ -61,6 +61,8 @@ export class PlainDnsServer {
   readonly #tcp: Deno.TcpListener;
   readonly #conns = new Set<Deno.Conn>();
   readonly #loops: Promise<void>[] = [];
+  /** Handlers still running (a handler may wait before it answers). */
+  readonly #handling = new Set<Promise<unknown>>();
   /** The handler; tests may swap it. */
   handler: PlainHandler;
   /** True while it reads nothing (a frozen server). */
@@ -108,7 +110,7 @@ export class PlainDnsServer {
         const reply: Reply = async (bytes) => {
           await this.udp.send(bytes, from).catch(() => 0);
         };
-        Promise.resolve(this.handler(query, reply, this)).catch(() => {});
+        this.#handle(query, reply);
       }
     } catch {
       // Closed.
@@ -155,7 +157,7 @@ export class PlainDnsServer {
             frame.set(bytes, 2);
             for (let at = 0; at < frame.length;) at += await conn.write(frame.subarray(at));
           };
-          Promise.resolve(this.handler(query, reply, this)).catch(() => {});
+          this.#handle(query, reply);
         }
       }
     } catch {
@@ -170,7 +172,13 @@ export class PlainDnsServer {
     }
   }
 
-  /** Closes every socket and waits for its loops. */
+  #handle(query: PlainQuery, reply: Reply): void {
+    const handling = Promise.resolve(this.handler(query, reply, this)).catch(() => {});
+    this.#handling.add(handling);
+    handling.finally(() => this.#handling.delete(handling));
+  }
+
+  /** Closes every socket and waits for its loops and handlers. */
   async close(): Promise<void> {
     this.udp.close();
     this.#tcp.close();
@@ -182,5 +190,6 @@ export class PlainDnsServer {
       }
     }
     await Promise.all(this.#loops);
+    await Promise.all(this.#handling);
   }
 }
