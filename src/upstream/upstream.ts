@@ -332,7 +332,11 @@ export class Upstream implements ConnectionOwner, Timed {
     return total;
   }
 
-  /** Sends `exchange` on the least loaded connection, opening one when warranted. */
+  /**
+   * Sends `exchange` on the connection where it is likely answered soonest (not simply the
+   * least loaded: see the rules below), opening one when warranted; `avoid` is a connection
+   * it must not go on (a hedge's first attempt).
+   */
   send(exchange: Exchange, avoid: ExchangeCarrier | null = null): void {
     if (this.#closed) {
       exchange.upstreamIndex = this.index;
