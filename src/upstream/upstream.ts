@@ -9,8 +9,6 @@
 
 import type { UpstreamSpec } from "../config.ts";
 import type { ResponseInfo } from "../dns/message.ts";
-import { buildProbeQuery } from "../dns/probe.ts";
-import { HEADER_SIZE, skipUncompressedName } from "../dns/wire.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
 import type { Clock, Timed, TimerQueue } from "../timers.ts";
 import {
@@ -20,10 +18,12 @@ import {
   MAX_QUERIES_PER_CONNECTION,
   type UpstreamConnection,
 } from "./connection.ts";
+import { ConnectionSet } from "./connection_set.ts";
 import { tcpDialer } from "./dial.ts";
 import { UpstreamError } from "./errors.ts";
-import { Exchange, type ExchangeCarrier, type ExchangeWaiter } from "./exchange.ts";
+import type { Exchange, ExchangeCarrier } from "./exchange.ts";
 import { LatencyTracker, UpstreamHealth } from "./health.ts";
+import { Probe, type ProbeOwner } from "./health_probe.ts";
 import { NudgeBudget } from "./nudge.ts";
 import type { UpstreamStats } from "./stats.ts";
 import { StreamConnection } from "./stream_connection.ts";
@@ -46,13 +46,6 @@ const PROBE_ANSWER_MS = 500;
  * the last connection (see `onClosed`).
  */
 const CLOSE_PROBE_SPACING_MS = 10_000;
-
-/**
- * Most connections of one question each (see `Upstream.sendIsolated`) open at once to an
- * upstream: isolating costs a handshake each, and a server that closes every connection
- * with many questions on it must not be answered with a handshake per question.
- */
-const MAX_ISOLATED = 32;
 
 /** A timer this late says the process was stalled, not the upstream (see probeTimedOut). */
 const LATE_TIMER_MS = 50;
@@ -106,84 +99,6 @@ export interface UpstreamSettings {
   referenceAttemptMs?: () => number;
 }
 
-/** Questions owed by an upstream from which it counts as busy (see `Upstream.send`). */
-const BUSY_OUTSTANDING = 8;
-
-/** Most questions in flight on a connection before a busy upstream spreads to another. */
-const BATCH_LIMIT = 128;
-
-/**
- * Under load: a connection that owes the server an ACK (the one owing longest), whose write
- * then releases the answers held on it; else the connection written most recently. Either
- * unless it carries too much already.
- */
-function batchesBetter(a: UpstreamConnection, b: UpstreamConnection): boolean {
-  const aFull = a.load >= BATCH_LIMIT;
-  const bFull = b.load >= BATCH_LIMIT;
-  if (aFull !== bFull) return bFull;
-  if (aFull) return a.load < b.load;
-  const aOwes = a.owesAck;
-  if (aOwes !== b.owesAck) return aOwes;
-  return aOwes ? a.lastWriteAt < b.lastWriteAt : a.lastWriteAt > b.lastWriteAt;
-}
-
-function lessBusy(a: UpstreamConnection, b: UpstreamConnection): boolean {
-  const loadA = a.load;
-  const loadB = b.load;
-  return loadA < loadB || (loadA === loadB && a.lastWriteAt < b.lastWriteAt);
-}
-
-const PROBE_QUESTION_END = (() => {
-  const probe = buildProbeQuery(false);
-  return skipUncompressedName(probe, HEADER_SIZE, probe.length) + 4;
-})();
-
-/** An in-flight health probe (`. IN NS`): its exchange and its deadline. */
-export class Probe implements Timed, ExchangeWaiter {
-  /** See {@linkcode Timed}. */
-  timerAt = 0;
-  /** See {@linkcode Timed}. */
-  timerIndex: number = -1;
-  /** See {@linkcode Timed}. */
-  timerSlot: number = -1;
-  /** The probe on the wire. */
-  readonly exchange: Exchange;
-  /** True once its deadline was extended because its timer fired late (see probeTimedOut). */
-  graced = false;
-  /**
-   * True for a check of an idle, up upstream sent on a connection opened earlier: left
-   * unanswered, it is asked again on a new connection before the upstream is judged.
-   */
-  recheck = false;
-  readonly #upstream: Upstream;
-
-  /** Creates a probe of `upstream`. */
-  constructor(upstream: Upstream) {
-    this.#upstream = upstream;
-    this.exchange = new Exchange(
-      buildProbeQuery(false, upstream.padProbes),
-      PROBE_QUESTION_END,
-      this,
-      "probe",
-    );
-  }
-
-  /** The probe's deadline passed. */
-  onTimer(now: number): void {
-    this.#upstream.probeTimedOut(this, now);
-  }
-
-  /** See {@linkcode ExchangeWaiter}. */
-  exchangeAnswered(): void {
-    this.#upstream.probeAnswered(this);
-  }
-
-  /** See {@linkcode ExchangeWaiter}. */
-  exchangeFailed(_exchange: Exchange, error: UpstreamError): void {
-    this.#upstream.probeFailed(this, error);
-  }
-}
-
 /**
  * One upstream and its connections.
  *
@@ -193,7 +108,7 @@ export class Probe implements Timed, ExchangeWaiter {
  * upstream.send(exchange);
  * ```
  */
-export class Upstream implements ConnectionOwner, Timed {
+export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
   /** Position in the configured list. */
   readonly index: number;
   /** Address and TLS name. */
@@ -204,16 +119,14 @@ export class Upstream implements ConnectionOwner, Timed {
   readonly health = new UpstreamHealth();
   /** Answer times. */
   readonly latency = new LatencyTracker();
-  /** Open or opening connections. */
-  readonly connections: UpstreamConnection[] = [];
+  /** Its connections, and which one a query goes on. */
+  readonly #connections: ConnectionSet;
   /** Exchanges handed to it and not ended. */
   outstanding = 0;
   /** Clock time from which it counts as slow (an attempt passed its timeout), 0 if not. */
   slowSince = 0;
   /** When {@linkcode noticeStall} last looked (it looks once per clock reading). */
   #stallCheckedAt = -1;
-  /** The connection the last query under load went to (see `#sameBatch`). */
-  #batchTarget: UpstreamConnection | null = null;
   /** When the last probe went out because the server closed the last connection. */
   #closeProbeAt = -Infinity;
   /** Clock time it was last chosen by the policy. */
@@ -241,12 +154,10 @@ export class Upstream implements ConnectionOwner, Timed {
   timerSlot: number = -1;
   readonly #settings: UpstreamSettings;
   readonly #timers: TimerQueue;
-  readonly #connect: ConnectionFactory;
   readonly #random: () => number;
   readonly #warnings: RateLimitedLog;
   readonly #connectErrors: RateLimitedLog;
   #probe: Probe | null = null;
-  readonly #isolated = new Set<UpstreamConnection>();
   #badAnswers = 0;
   /** The message of the last rejected answer's question (see `onBadAnswer`). */
   #lastBadMessage: Uint8Array | null = null;
@@ -286,8 +197,12 @@ export class Upstream implements ConnectionOwner, Timed {
       clock: settings.clock,
       timers: settings.timers,
     };
-    this.#connect = settings.connect ??
+    const connect: ConnectionFactory = settings.connect ??
       ((owner, context) => new StreamConnection(owner, context));
+    this.#connections = new ConnectionSet(
+      () => connect(this, this.context),
+      settings.maxConnections,
+    );
     this.#random = settings.random ?? Math.random;
     this.#warnings = new RateLimitedLog(settings.log, 5_000, () => this.clock.now());
     this.#connectErrors = new RateLimitedLog(settings.log, 10_000, () => this.clock.now());
@@ -303,17 +218,17 @@ export class Upstream implements ConnectionOwner, Timed {
     return this.slowSince !== 0;
   }
 
+  /** Open or opening shared connections (for the metrics and tests). */
+  get connections(): readonly UpstreamConnection[] {
+    return this.#connections.shared;
+  }
+
   /**
    * True when no connection is open and one is being opened: a question sent now waits for
    * a handshake that may never complete (a tarpit, a black hole, a frozen server).
    */
   get connecting(): boolean {
-    let connecting = false;
-    for (const connection of this.connections) {
-      if (connection.state === "open") return false;
-      if (connection.state === "connecting") connecting = true;
-    }
-    return connecting;
+    return this.#connections.connecting;
   }
 
   /**
@@ -321,21 +236,18 @@ export class Upstream implements ConnectionOwner, Timed {
    * open or opening connection exists, or there is room to open one.
    */
   hasRoomBeside(busy: ExchangeCarrier | null): boolean {
-    if (this.connections.length < this.#settings.maxConnections) return true;
-    return this.connections.some((c) => c !== busy && c.state !== "closed");
+    return this.#connections.hasRoomBeside(busy);
   }
 
   /** Exchanges in flight on its connections (late ones included). */
   get load(): number {
-    let total = 0;
-    for (const connection of this.connections) total += connection.load;
-    return total;
+    return this.#connections.load;
   }
 
   /**
    * Sends `exchange` on the connection where it is likely answered soonest (not simply the
-   * least loaded: see the rules below), opening one when warranted; `avoid` is a connection
-   * it must not go on (a hedge's first attempt).
+   * least loaded: see `connection_set.ts`), opening one when warranted; `avoid` is a
+   * connection it must not go on (a hedge's first attempt).
    */
   send(exchange: Exchange, avoid: ExchangeCarrier | null = null): void {
     if (this.#closed) {
@@ -346,23 +258,7 @@ export class Upstream implements ConnectionOwner, Timed {
       return;
     }
     const now = this.clock.now();
-    // A server under Nagle's algorithm (Unbound's DoT) holds an answer while an earlier one
-    // on the connection is unacknowledged, and Linux delays this side's ACK by up to 40 ms.
-    // A query written on a clean idle connection (see REST_MS) is answered at once, so each
-    // query goes to one, the most recently used (the others can idle out); with none, another
-    // connection opens, up to the limit, and meanwhile the query goes to the least loaded
-    // connection already dirty rather than dirtying a clean one. Failing that: the least
-    // loaded open connection, then the least loaded of any.
-    //
-    // Under load what costs is the number of TLS writes: a burst of queries shares one
-    // connection, and one write (measured: 2 connections at saturation 19.5k qps, 8 used in
-    // turn 14.3k). The burst goes where answers were read since the last write while more are
-    // owed: its write carries the ACK the server's held answers wait for (closed-loop clients
-    // with 32 in flight over TCP: 8-11k qps without, 15-17k with). Else to the settled
-    // connection written most recently.
-    const busy = this.outstanding >= BUSY_OUTSTANDING;
-    let best = busy && avoid === null ? this.#sameBatch(now) : null;
-    if (best === null) best = this.#choose(busy, avoid, now);
+    const best = this.#connections.choose(this.outstanding, avoid, now);
     if (best === null || best.state === "closed") {
       exchange.upstreamIndex = this.index;
       exchange.fail(
@@ -387,53 +283,6 @@ export class Upstream implements ConnectionOwner, Timed {
   }
 
   /**
-   * Under load, the connection this clock reading's batch is going to: chosen by
-   * {@linkcode #choose} for an earlier query of the same run of work and written then, so still
-   * the one written most recently; null when it filled up or closed (then choose again).
-   */
-  #sameBatch(now: number): UpstreamConnection | null {
-    const last = this.#batchTarget;
-    return last !== null && last.lastWriteAt === now && last.load < BATCH_LIMIT &&
-        last.settled(now)
-      ? last
-      : null;
-  }
-
-  /** The connection for a query now, by the rules in {@linkcode send}; null when none. */
-  #choose(busy: boolean, avoid: ExchangeCarrier | null, now: number): UpstreamConnection | null {
-    let clean: UpstreamConnection | null = null;
-    let dirty: UpstreamConnection | null = null;
-    let best: UpstreamConnection | null = null;
-    for (const connection of this.connections) {
-      if (connection === avoid) continue;
-      if (!busy && connection.cleanIdle(now)) {
-        if (clean === null || connection.lastWriteAt > clean.lastWriteAt) clean = connection;
-      } else if (connection.state === "open" && connection.settled(now)) {
-        if (
-          dirty === null || (busy ? batchesBetter(connection, dirty) : lessBusy(connection, dirty))
-        ) {
-          dirty = connection;
-        }
-      }
-      if (
-        best === null || (connection.state === "open" && best.state !== "open") ||
-        (connection.state === best.state && lessBusy(connection, best))
-      ) best = connection;
-    }
-    if (
-      clean === null && (!busy || dirty === null) &&
-      this.connections.length < this.#settings.maxConnections && !this.#anyConnecting(avoid)
-    ) {
-      // It takes queries once clean (or at once when it is the only one).
-      const fresh = this.open();
-      if (best === null) best = fresh;
-    }
-    best = clean ?? dirty ?? best;
-    if (busy) this.#batchTarget = best;
-    return best;
-  }
-
-  /**
    * Sends `exchange` alone on a connection of its own, closed after the answer. A suspect
    * of a connection that died (see `onClosed`), or a question on a second connection that
    * died, is retried this way: if that connection dies too before answering, the question is
@@ -445,9 +294,7 @@ export class Upstream implements ConnectionOwner, Timed {
       this.send(exchange);
       return;
     }
-    const connection = this.#connect(this, this.context);
-    this.#isolated.add(connection);
-    connection.start();
+    const connection = this.#connections.openIsolated();
     exchange.upstreamIndex = this.index;
     if (exchange.startedAt === 0) exchange.startedAt = this.clock.now();
     exchange.holder = this;
@@ -455,17 +302,9 @@ export class Upstream implements ConnectionOwner, Timed {
     connection.send(exchange);
   }
 
-  /** True when one more connection of one question may open (see {@linkcode MAX_ISOLATED}). */
+  /** True when one more connection of one question may open. */
   get mayIsolate(): boolean {
-    return this.#isolated.size < MAX_ISOLATED;
-  }
-
-  /** True while a connection (other than `except`) is still being opened. */
-  #anyConnecting(except: ExchangeCarrier | null): boolean {
-    for (const connection of this.connections) {
-      if (connection !== except && connection.state === "connecting") return true;
-    }
-    return false;
+    return this.#connections.mayIsolate;
   }
 
   /** An exchange it carried ended (answered, failed or cancelled). */
@@ -475,10 +314,7 @@ export class Upstream implements ConnectionOwner, Timed {
 
   /** Opens one more connection. */
   open(): UpstreamConnection {
-    const fresh = this.#connect(this, this.context);
-    this.connections.push(fresh);
-    fresh.start();
-    return fresh;
+    return this.#connections.open();
   }
 
   /**
@@ -520,7 +356,7 @@ export class Upstream implements ConnectionOwner, Timed {
   suspect(exchange: Exchange, now: number): void {
     if (this.slowSince === 0) this.slowSince = now;
     // Its carrier, as one of this upstream's connections.
-    const connection = this.connections.find((c) => c === exchange.carrier);
+    const connection = this.#connections.find(exchange.carrier);
     if (connection === undefined || connection.state !== "open") return;
     if (connection.stalledSince !== 0 && connection.stalledSince <= exchange.sentAt) {
       this.#sendProbe(connection);
@@ -545,7 +381,7 @@ export class Upstream implements ConnectionOwner, Timed {
     this.#stallCheckedAt = now;
     const timeout = this.attemptTimeout();
     const burstTimeout = Math.min(timeout, Math.max(STALL_BURST_MIN_MS, 4 * this.latency.p95));
-    for (const connection of this.connections) {
+    for (const connection of this.#connections.shared) {
       const since = connection.stalledSince;
       if (connection.state !== "open" || since === 0) continue;
       const writes = connection.writesSinceAnswer;
@@ -561,16 +397,9 @@ export class Upstream implements ConnectionOwner, Timed {
 
   /** Closes idle connections and forgets late answers that never came. */
   maintain(now: number, idleSince: number, lateBefore: number): void {
-    for (const connection of [...this.connections]) {
-      connection.purge(lateBefore);
-      connection.completePendingFrame(now);
-      if (
-        connection.state === "open" && connection.load === 0 && connection.lastActive < idleSince
-      ) {
-        this.log.debug("closing idle upstream connection", { upstream: this.spec.label });
-        connection.close();
-      }
-    }
+    this.#connections.maintain(now, idleSince, lateBefore, () => {
+      this.log.debug("closing idle upstream connection", { upstream: this.spec.label });
+    });
     if (this.slowSince !== 0 && now - this.slowSince > 5_000 && this.outstanding === 0) {
       this.slowSince = 0;
     }
@@ -588,9 +417,7 @@ export class Upstream implements ConnectionOwner, Timed {
     if (this.#probe) this.#timers.cancel(this.#probe);
     this.#probe?.exchange.cancel();
     this.#probe = null;
-    const connections = [...this.connections, ...this.#isolated];
-    for (const connection of connections) connection.close();
-    await Promise.all(connections.map((c) => c.finished));
+    await this.#connections.close();
   }
 
   // ---- health ---------------------------------------------------------------------------
@@ -660,20 +487,11 @@ export class Upstream implements ConnectionOwner, Timed {
 
   #sendProbe(on: UpstreamConnection | null, idleCheck = false): void {
     if (this.#closed || this.#probe !== null) return;
-    const probe = new Probe(this);
+    const probe = new Probe(this, this.padProbes);
     this.#probe = probe;
     this.#timers.cancel(this);
     const now = this.clock.now();
-    let connection = on;
-    if (connection === null) {
-      for (const candidate of this.connections) {
-        if (
-          candidate.state === "open" && (connection === null || lessBusy(candidate, connection))
-        ) {
-          connection = candidate;
-        }
-      }
-    }
+    let connection = on ?? this.#connections.leastBusyOpen();
     if (connection === null) connection = this.open();
     else probe.recheck = idleCheck;
     probe.exchange.upstreamIndex = this.index;
@@ -771,7 +589,7 @@ export class Upstream implements ConnectionOwner, Timed {
       this.log.info("idle health check unanswered; checking again on a new connection", {
         upstream: this.spec.label,
       });
-      this.#closeSilentSince(probe.exchange.startedAt);
+      this.#connections.closeSilentSince(probe.exchange.startedAt);
       this.#sendProbe(null);
       return;
     }
@@ -782,18 +600,11 @@ export class Upstream implements ConnectionOwner, Timed {
       // Other connections that answered nothing since the probe went out are as stalled (a
       // frozen server answers on none): close them too, so their questions move now and the
       // next probe does not wait on one of them again.
-      this.#closeSilentSince(probe.exchange.startedAt);
+      this.#connections.closeSilentSince(probe.exchange.startedAt);
     } else if (connection !== null && connection.state === "connecting") {
       connection.abandon("timeout", `no handshake within ${this.connectTimeoutMs} ms`);
     } else {
       this.#markDown(new UpstreamError("timeout", message, this.spec.label), false);
-    }
-  }
-
-  /** Closes (without judging the upstream) every open connection that read nothing since `at`. */
-  #closeSilentSince(at: number): void {
-    for (const connection of [...this.connections]) {
-      if (connection.state === "open" && connection.lastReadAt < at) connection.close();
     }
   }
 
@@ -831,7 +642,7 @@ export class Upstream implements ConnectionOwner, Timed {
     if (this.health.state !== "up" || this.slowSince !== 0) this.#markUp(now);
     else this.health.lastAnswerAt = now;
     exchange.answer(response, info);
-    if (this.#isolated.has(connection) && connection.load === 0) connection.close();
+    if (this.#connections.isIsolated(connection) && connection.load === 0) connection.close();
   }
 
   /** See {@linkcode ConnectionOwner.onBadAnswer}. */
@@ -864,9 +675,7 @@ export class Upstream implements ConnectionOwner, Timed {
     orphans: Exchange[],
     failure: UpstreamError | null,
   ): void {
-    const index = this.connections.indexOf(connection);
-    if (index >= 0) this.connections.splice(index, 1);
-    if (this.#isolated.delete(connection) && !this.#closed) {
+    if (this.#connections.remove(connection) && !this.#closed) {
       // A connection of one question: its death says something about the question, not
       // about the upstream, unless it never got through the handshake.
       const error = failure ??
@@ -952,7 +761,7 @@ export class Upstream implements ConnectionOwner, Timed {
     }
     if (
       connection.opened && !connection.closeRequested && this.health.state !== "down" &&
-      !this.connections.some((c) => c.state === "open")
+      !this.#connections.anyOpen
     ) {
       // The server closed our last connection: find out now whether it is still there,
       // rather than when a client asks. Servers also close idle connections (dnsdist after 2
