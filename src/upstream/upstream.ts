@@ -10,7 +10,7 @@
 import type { UpstreamSpec } from "../config.ts";
 import type { ResponseInfo } from "../dns/message.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
-import type { Clock, Timed, TimerQueue } from "../timers.ts";
+import type { Clock, TimerQueue } from "../timers.ts";
 import {
   type ConnectionContext,
   type ConnectionFactory,
@@ -23,7 +23,7 @@ import { tcpDialer } from "./dial.ts";
 import { UpstreamError } from "./errors.ts";
 import type { Exchange, ExchangeCarrier } from "./exchange.ts";
 import { LatencyTracker, UpstreamHealth } from "./health.ts";
-import { Probe, type ProbeOwner } from "./health_probe.ts";
+import { HealthChecks } from "./health_checks.ts";
 import { NudgeBudget } from "./nudge.ts";
 import type { UpstreamStats } from "./stats.ts";
 import { StreamConnection } from "./stream_connection.ts";
@@ -38,17 +38,6 @@ import { tlsDialer } from "./tls_dial.ts";
 const STALL_BURST_WRITES = 8;
 /** See {@linkcode STALL_BURST_WRITES}. */
 const STALL_BURST_MIN_MS = 50;
-
-/** Least time a probe on an open connection is given to be answered. */
-const PROBE_ANSWER_MS = 500;
-/**
- * With health checks off, the least time between two probes sent because the server closed
- * the last connection (see `onClosed`).
- */
-const CLOSE_PROBE_SPACING_MS = 10_000;
-
-/** A timer this late says the process was stalled, not the upstream (see probeTimedOut). */
-const LATE_TIMER_MS = 50;
 
 /** Least time a question waits on a handshake before it also goes elsewhere. */
 const HANDSHAKE_ALLOWANCE_MIN_MS = 100;
@@ -108,7 +97,7 @@ export interface UpstreamSettings {
  * upstream.send(exchange);
  * ```
  */
-export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
+export class Upstream implements ConnectionOwner {
   /** Position in the configured list. */
   readonly index: number;
   /** Address and TLS name. */
@@ -127,8 +116,6 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
   slowSince = 0;
   /** When {@linkcode noticeStall} last looked (it looks once per clock reading). */
   #stallCheckedAt = -1;
-  /** When the last probe went out because the server closed the last connection. */
-  #closeProbeAt = -Infinity;
   /** Clock time it was last chosen by the policy. */
   lastChosenAt = 0;
   /** Last TLS handshake time in milliseconds (0: none yet). */
@@ -146,18 +133,11 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
   readonly clock: Clock;
   /** TCP connect (plus TLS handshake) deadline. */
   readonly connectTimeoutMs: number;
-  /** See {@linkcode Timed} (the probe schedule). */
-  timerAt = 0;
-  /** See {@linkcode Timed}. */
-  timerIndex: number = -1;
-  /** See {@linkcode Timed}. */
-  timerSlot: number = -1;
   readonly #settings: UpstreamSettings;
-  readonly #timers: TimerQueue;
-  readonly #random: () => number;
+  /** Its health checks: the probe schedule, probes and verdicts. */
+  readonly #checks: HealthChecks;
   readonly #warnings: RateLimitedLog;
   readonly #connectErrors: RateLimitedLog;
-  #probe: Probe | null = null;
   #badAnswers = 0;
   /** The message of the last rejected answer's question (see `onBadAnswer`). */
   #lastBadMessage: Uint8Array | null = null;
@@ -179,7 +159,6 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
     this.padProbes = settings.padProbes;
     this.clock = settings.clock;
     this.#settings = settings;
-    this.#timers = settings.timers;
     const tls = settings.transport === "tls";
     this.context = {
       spec,
@@ -203,7 +182,24 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
       () => connect(this, this.context),
       settings.maxConnections,
     );
-    this.#random = settings.random ?? Math.random;
+    this.#checks = new HealthChecks({
+      label: spec.label,
+      index,
+      health: this.health,
+      latency: this.latency,
+      connections: this.#connections,
+      stats,
+      log: settings.log,
+      clock: settings.clock,
+      timers: settings.timers,
+      random: settings.random ?? Math.random,
+      intervalMs: settings.healthCheckIntervalMs,
+      connectTimeoutMs: settings.connectTimeoutMs,
+      padProbes: settings.padProbes,
+      attemptTimeout: () => this.attemptTimeout(),
+      onUp: () => this.slowSince = 0,
+      onHealthChange: () => settings.onHealthChange?.(),
+    });
     this.#warnings = new RateLimitedLog(settings.log, 5_000, () => this.clock.now());
     this.#connectErrors = new RateLimitedLog(settings.log, 10_000, () => this.clock.now());
   }
@@ -359,7 +355,7 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
     const connection = this.#connections.find(exchange.carrier);
     if (connection === undefined || connection.state !== "open") return;
     if (connection.stalledSince !== 0 && connection.stalledSince <= exchange.sentAt) {
-      this.#sendProbe(connection);
+      this.#checks.probe(connection);
     }
   }
 
@@ -389,7 +385,7 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
         now - since >= timeout || (writes >= STALL_BURST_WRITES && now - since >= burstTimeout)
       ) {
         this.slowSince = now;
-        this.#sendProbe(connection);
+        this.#checks.probe(connection);
         return;
       }
     }
@@ -407,205 +403,14 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
 
   /** Starts health checking: a probe now (start-up), then on schedule. */
   startProbing(): void {
-    this.#sendProbe(null);
+    this.#checks.start();
   }
 
   /** Closes every connection and stops probing. */
   async close(): Promise<void> {
     this.#closed = true;
-    this.#timers.cancel(this);
-    if (this.#probe) this.#timers.cancel(this.#probe);
-    this.#probe?.exchange.cancel();
-    this.#probe = null;
+    this.#checks.close();
     await this.#connections.close();
-  }
-
-  // ---- health ---------------------------------------------------------------------------
-
-  #markUp(now: number): void {
-    this.slowSince = 0;
-    const before = this.health.state;
-    this.health.answered(now);
-    if (before !== "up") {
-      if (before === "down") {
-        this.log.info("upstream answering again", { upstream: this.spec.label });
-        this.latency.reset();
-      }
-      this.#settings.onHealthChange?.();
-    }
-    this.#scheduleProbe(now);
-  }
-
-  #markDown(error: UpstreamError, afterHandshake: boolean): void {
-    const now = this.clock.now();
-    if (this.health.failed(error, now, afterHandshake)) {
-      this.log.warn("upstream down; probing until it answers", {
-        upstream: this.spec.label,
-        reason: error.reason,
-        error: error.message,
-      });
-      this.#settings.onHealthChange?.();
-    } else if (this.health.failures % 20 === 0) {
-      this.log.warn("upstream still down", {
-        upstream: this.spec.label,
-        reason: error.reason,
-        failures: this.health.failures,
-        down_s: Math.round((now - this.health.downSince) / 1000),
-      });
-    }
-    this.#scheduleProbe(now);
-  }
-
-  #scheduleProbe(now: number): void {
-    if (this.#closed || this.#probe !== null) return;
-    if (this.health.state === "down") {
-      this.#timers.schedule(this, now + this.health.probeDelay(this.#random()));
-      return;
-    }
-    const interval = this.#settings.healthCheckIntervalMs;
-    if (interval <= 0) {
-      this.#timers.cancel(this);
-      return;
-    }
-    const last = Math.max(this.health.lastAnswerAt, now - interval);
-    this.#timers.schedule(this, last + interval * (0.9 + 0.2 * this.#random()));
-  }
-
-  /** The probe schedule is due. */
-  onTimer(now: number): void {
-    if (this.#closed) return;
-    const interval = this.#settings.healthCheckIntervalMs;
-    if (
-      this.health.state !== "down" && interval > 0 && now - this.health.lastAnswerAt < interval
-    ) {
-      // Answers kept coming: nothing to check yet.
-      this.#scheduleProbe(now);
-      return;
-    }
-    this.#sendProbe(null, this.health.state !== "down");
-  }
-
-  #sendProbe(on: UpstreamConnection | null, idleCheck = false): void {
-    if (this.#closed || this.#probe !== null) return;
-    const probe = new Probe(this, this.padProbes);
-    this.#probe = probe;
-    this.#timers.cancel(this);
-    const now = this.clock.now();
-    let connection = on ?? this.#connections.leastBusyOpen();
-    if (connection === null) connection = this.open();
-    else probe.recheck = idleCheck;
-    probe.exchange.upstreamIndex = this.index;
-    probe.exchange.startedAt = now;
-    connection.send(probe.exchange);
-    const answerWithin = this.#probeAnswerMs();
-    const allowance = connection.state === "open"
-      ? answerWithin
-      : this.connectTimeoutMs + answerWithin;
-    this.#timers.schedule(probe, now + allowance);
-  }
-
-  /** How long an open connection has to answer a probe. */
-  #probeAnswerMs(): number {
-    return Math.max(PROBE_ANSWER_MS, this.attemptTimeout());
-  }
-
-  /** The probe was answered. */
-  probeAnswered(probe: Probe): void {
-    if (probe !== this.#probe) return;
-    this.#timers.cancel(probe);
-    this.#probe = null;
-    this.stats.healthCheck(true);
-    this.#markUp(this.clock.now());
-  }
-
-  /** The probe failed before its deadline (its connection failed or closed). */
-  probeFailed(probe: Probe, error: UpstreamError): void {
-    if (probe !== this.#probe) return;
-    this.#timers.cancel(probe);
-    this.#probe = null;
-    this.stats.healthCheck(false);
-    if (this.#closed) return;
-    if (probe.exchange.orphaned) {
-      // Its connection went away; onClosed judged the upstream already.
-      this.#scheduleProbe(this.clock.now());
-      return;
-    }
-    const connectLevel = error.reason === "refused" || error.reason === "unreachable" ||
-      error.reason === "tls" || error.reason === "timeout";
-    this.#markDown(error, !connectLevel);
-  }
-
-  /** The probe got no answer in time: its connection has stopped answering. */
-  probeTimedOut(probe: Probe, now: number): void {
-    if (probe !== this.#probe) return;
-    if (now - probe.timerAt > LATE_TIMER_MS && !probe.graced) {
-      // The timer fired late: this process was stalled (CPU starved, a long GC), and an
-      // answer that came meanwhile may be waiting unread behind this very timer. Judge
-      // after the reads have had a turn, not before.
-      probe.graced = true;
-      this.#timers.schedule(probe, now + LATE_TIMER_MS);
-      return;
-    }
-    this.#probe = null;
-    const connection = probe.exchange.carrier;
-    probe.exchange.cancel();
-    this.stats.healthCheck(false);
-    if (this.#closed) return;
-    const lastAnswer = this.health.lastAnswerAt;
-    if (
-      this.health.state !== "down" && lastAnswer > probe.exchange.startedAt &&
-      now - lastAnswer < this.attemptTimeout()
-    ) {
-      // Questions were answered since the probe went out, and lately: the server is alive
-      // and the probe is a straggler (a resolver that cannot reach the root servers answers
-      // `. NS` late).
-      this.log.debug("health check unanswered, but the upstream answers questions", {
-        upstream: this.spec.label,
-      });
-      if (
-        connection !== null && connection.state === "open" &&
-        connection.lastReadAt < probe.exchange.startedAt
-      ) {
-        // Unless the probe's connection itself has read nothing since: then it is that
-        // connection that went silent while others answer (a middlebox that lost its state
-        // drops what crosses it). Closed, not judged: what it still owes goes elsewhere now,
-        // and no later health check waits on it and takes the upstream down for it.
-        this.log.info("closing an upstream connection that stopped answering", {
-          upstream: this.spec.label,
-          owed: connection.load,
-        });
-        connection.close();
-      }
-      this.#scheduleProbe(now);
-      return;
-    }
-    const message = "a health check got no answer in time";
-    if (probe.recheck && connection !== null && connection.state === "open") {
-      // An idle check on a connection opened earlier: the silence may be that connection's
-      // (a NAT or firewall that forgot an idle flow drops what crosses it), not the
-      // upstream's, and nobody is waiting on it. Its connections that read nothing since
-      // are closed, not judged, and the check is asked again at once on a new connection,
-      // whose silence or failed handshake does judge.
-      this.log.info("idle health check unanswered; checking again on a new connection", {
-        upstream: this.spec.label,
-      });
-      this.#connections.closeSilentSince(probe.exchange.startedAt);
-      this.#sendProbe(null);
-      return;
-    }
-    // Closing the connection as failed judges the upstream (onClosed); questions still on
-    // it go elsewhere at once.
-    if (connection !== null && connection.state === "open") {
-      connection.abandon("timeout", message);
-      // Other connections that answered nothing since the probe went out are as stalled (a
-      // frozen server answers on none): close them too, so their questions move now and the
-      // next probe does not wait on one of them again.
-      this.#connections.closeSilentSince(probe.exchange.startedAt);
-    } else if (connection !== null && connection.state === "connecting") {
-      connection.abandon("timeout", `no handshake within ${this.connectTimeoutMs} ms`);
-    } else {
-      this.#markDown(new UpstreamError("timeout", message, this.spec.label), false);
-    }
   }
 
   // ---- connection events ----------------------------------------------------------------
@@ -613,11 +418,8 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
   /** See {@linkcode ConnectionOwner.onOpen}. */
   onOpen(connection: UpstreamConnection, handshakeMs: number): void {
     this.handshakeMs = handshakeMs;
-    const probe = this.#probe;
-    if (probe !== null && probe.exchange.carrier === connection) {
-      // The probe waited for this handshake; from now on it is owed an answer as any other.
-      this.#timers.schedule(probe, this.clock.now() + this.#probeAnswerMs());
-    }
+    // A probe that waited for this handshake is owed an answer from now on, as any other.
+    this.#checks.connectionOpened(connection);
   }
 
   /** See {@linkcode ConnectionOwner.onAnswer}. */
@@ -639,7 +441,7 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
     this.#lastBadMessage = null;
     this.#silentCloses = 0;
     this.health.lastAnswerWasProbe = exchange.kind === "probe";
-    if (this.health.state !== "up" || this.slowSince !== 0) this.#markUp(now);
+    if (this.health.state !== "up" || this.slowSince !== 0) this.#checks.markUp(now);
     else this.health.lastAnswerAt = now;
     exchange.answer(response, info);
     if (this.#connections.isIsolated(connection) && connection.load === 0) connection.close();
@@ -665,7 +467,7 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
     this.#lastBadMessage = exchange.message;
     if (++this.#badAnswers >= 3) {
       this.#badAnswers = 0;
-      this.#markDown(error, true);
+      this.#checks.markDown(error, true);
     }
   }
 
@@ -680,7 +482,7 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
       // about the upstream, unless it never got through the handshake.
       const error = failure ??
         new UpstreamError("reset", `${this.spec.label} closed the connection`, this.spec.label);
-      if (!connection.opened) this.#markDown(error, false);
+      if (!connection.opened) this.#checks.markDown(error, false);
       for (const exchange of orphans) {
         exchange.orphaned = true;
         exchange.poisoned = connection.opened;
@@ -700,9 +502,7 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
         ? new UpstreamError("reset", `${label} closed the connection`, label)
         : new UpstreamError("reset", `${label} closed during the handshake`, label));
     // The probe in flight on it, if any: while down, that is all a connection carries.
-    const probe = this.#probe !== null && orphans.includes(this.#probe.exchange)
-      ? this.#probe
-      : null;
+    const probed = this.#checks.probeAmong(orphans);
     if (!connection.opened) {
       // Never got through the handshake: the upstream is unreachable as far as we can tell.
       this.#connectErrors.error("upstream connection failed", {
@@ -710,7 +510,7 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
         reason: error.reason,
         error: error.message,
       });
-      this.#markDown(error, false);
+      this.#checks.markDown(error, false);
     } else if (failure !== null || (orphans.length > 0 && !connection.closeRequested)) {
       // It opened, then went away with questions unanswered or broke: a restart, a server
       // shedding connections (RFC 7766 allows it), or a broken one. Several in a row without
@@ -730,17 +530,17 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
       if (fresh && (connection.answered === 0 || failure !== null)) this.#silentCloses++;
       if (
         failure?.reason === "bad_response" || failure?.reason === "timeout" ||
-        (probe !== null && this.health.state === "down")
+        (probed && this.health.state === "down")
       ) {
         // Broken frames, silence, or (while down) a health check the server hung up on after
         // the handshake: it is reachable but misbehaves, and each look costs it a handshake,
         // so it is looked at less and less often (see UpstreamHealth.probeDelay). A server
         // that closes connections while up (a restart) is judged by the run of them below.
         this.#silentCloses = 0;
-        this.#markDown(error, true);
+        this.#checks.markDown(error, true);
       } else if (this.#silentCloses >= 3) {
         this.#silentCloses = 0;
-        this.#markDown(error, true);
+        this.#checks.markDown(error, true);
       } else if (orphans.length > 0) {
         this.stats.reconnect();
       }
@@ -763,19 +563,8 @@ export class Upstream implements ConnectionOwner, ProbeOwner, Timed {
       connection.opened && !connection.closeRequested && this.health.state !== "down" &&
       !this.#connections.anyOpen
     ) {
-      // The server closed our last connection: find out now whether it is still there,
-      // rather than when a client asks. Servers also close idle connections (dnsdist after 2
-      // s by default): the connection the probe opens would be closed again, so an idle close
-      // is followed by at most one such probe per health-check interval, not a handshake
-      // every few seconds for as long as no client asks anything.
-      const now = this.clock.now();
-      const spacing = this.#settings.healthCheckIntervalMs > 0
-        ? this.#settings.healthCheckIntervalMs
-        : CLOSE_PROBE_SPACING_MS;
-      if (orphans.length > 0 || now - this.#closeProbeAt >= spacing) {
-        this.#closeProbeAt = now;
-        this.#sendProbe(null);
-      }
+      // The server closed our last connection: find out now whether it is still there.
+      this.#checks.lastConnectionClosed(orphans.length > 0);
     }
   }
 }
