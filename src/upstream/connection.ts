@@ -21,16 +21,6 @@ import type { UpstreamStats } from "./stats.ts";
 /** How long a new connection rests before it takes queries (see `settled`). */
 export const SETTLE_MS = 50;
 
-/**
- * How long after its last write a connection may still have an answer held on it. A server
- * under Nagle's algorithm holds an answer while an earlier one is unacknowledged; the client's
- * ACK for it leaves at the latest after Linux's 40 ms delayed-ACK timer, so 50 ms after a write
- * made with answers pending (or a nudge, or the handshake's session tickets) the connection is
- * clean again: a query written on it then is answered at once (measured: p50 1.2 ms with two
- * busy connections, 0.33 ms with one query per clean connection; bench/README.md).
- */
-export const REST_MS = 50;
-
 /** Most exchanges in flight on one connection (IDs are 16 bits; keep plenty free). */
 export const MAX_QUERIES_PER_CONNECTION = 16384;
 
@@ -131,7 +121,7 @@ export interface UpstreamConnection extends ExchangeCarrier {
   settled(now: number): boolean;
   /**
    * True when a query written now is answered at once: open, nothing in flight, no write in
-   * progress, and no answer possibly held by the server (see {@linkcode REST_MS}).
+   * progress, and no answer possibly held by the server (see `REST_MS` in `nudge.ts`).
    */
   cleanIdle(now: number): boolean;
   /** Starts connecting. */

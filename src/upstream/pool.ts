@@ -61,6 +61,7 @@ import type { ConnectionFactory } from "./connection.ts";
 import { UpstreamError } from "./errors.ts";
 import { Exchange, type ExchangeCarrier } from "./exchange.ts";
 import type { Forwarder, UpstreamRequest } from "./forwarder.ts";
+import { HedgeBudget } from "./hedge_budget.ts";
 import { createPolicy, type Policy, type Random } from "./policy.ts";
 import { PoolRequest, type PoolRequestDriver } from "./pool_request.ts";
 import { NO_UPSTREAM_STATS, type UpstreamStatsFactory } from "./stats.ts";
@@ -152,34 +153,6 @@ const MAINTAIN_EVERY_MS = 1000;
 const QUERY_PADDING_ROOM = 4 + 127;
 
 const copier = new SlabCopier();
-
-/**
- * Hedges earned per question and spent per hedge (a token bucket): at most `percent` of the
- * questions plus a burst of {@linkcode HedgeBudget.BURST}, which is also what it starts with,
- * so the first questions after a start (when nothing is measured yet) can be hedged too.
- */
-class HedgeBudget {
-  /** Hedges that may be spent at once before the budget refills. */
-  static readonly BURST = 10;
-  #tokens: number;
-  readonly #rate: number;
-
-  constructor(percent: number) {
-    this.#rate = percent / 100;
-    this.#tokens = percent > 0 ? HedgeBudget.BURST : 0;
-  }
-
-  earn(): void {
-    const next = this.#tokens + this.#rate;
-    this.#tokens = next > HedgeBudget.BURST ? HedgeBudget.BURST : next;
-  }
-
-  take(): boolean {
-    if (this.#tokens < 1) return false;
-    this.#tokens--;
-    return true;
-  }
-}
 
 /** The pool's periodic tidy-up, as a timer entry. */
 class Maintenance implements Timed {

@@ -23,7 +23,6 @@ import {
   type ConnectionContext,
   type ConnectionOwner,
   type ConnectionState,
-  REST_MS,
   SETTLE_MS,
   type UpstreamConnection,
 } from "./connection.ts";
@@ -37,6 +36,7 @@ import {
   nudgeOnRead,
   nudgeOnTimer,
   type Nudging,
+  REST_MS,
 } from "./nudge.ts";
 
 const READ_BUFFER_SIZE = 64 * 1024;
