@@ -330,7 +330,7 @@ export class PlainConnection implements UpstreamConnection, ConnectionOwner, Exc
     }
     const tcp = this.#tcp;
     // Its own exchange: the stream writes its own ID, and answers it as it answers any.
-    const again = new Exchange(leg.wire, leg.questionEnd, this, leg.exchange.kind);
+    const again = new Exchange(leg.wire, leg.questionEnd, this, "query");
     leg.overTcp = again;
     this.#overTcp.set(again, leg);
     this.#tcpUsedAt = this.#clock.now();
