@@ -319,3 +319,33 @@ Deno.test("plain zone target over IPv6: dns://[::1]:PORT, UDP and TCP", async ()
     await dot.close();
   }
 });
+
+/**
+ * Open file descriptors of this process (Linux), or -1 where that cannot be read. Through
+ * `ls`: Deno reads /proc/<pid> only with --allow-all.
+ */
+function openFds(): number {
+  try {
+    const out = new Deno.Command("ls", { args: [`/proc/${Deno.pid}/fd`], stderr: "null" })
+      .outputSync();
+    return out.success ? new TextDecoder().decode(out.stdout).trim().split("\n").length : -1;
+  } catch {
+    return -1;
+  }
+}
+
+Deno.test("plain zone target: a question given up on closes its socket at once", async () => {
+  await withPlainZone(undefined, { timeoutMs: 300, serveStaleSeconds: 0 }, async (port, plain) => {
+    plain.frozen = true;
+    const before = openFds();
+    const replies = await Promise.all(
+      Array.from({ length: 50 }, (_, i) => udpExchange(port, buildQuery(`gone${i}.cluster.test`))),
+    );
+    for (const reply of replies) assert.equal(parseMessage(reply!).rcode, 2, "SERVFAIL");
+    if (before < 0) return; // no /proc here
+    // 50 questions held 50+ sockets while waiting; all are closed once they were given up
+    // (the proxy's own, and the test's client sockets: a few may still be closing).
+    const after = openFds();
+    assert.ok(after <= before + 5, `${before} file descriptors before, ${after} after`);
+  });
+});
