@@ -12,8 +12,7 @@ import { ProxyMetrics } from "../src/proxy_metrics.ts";
 import { Resolver, type ResponseSink } from "../src/resolver.ts";
 import { Admission } from "../src/resolver/admission.ts";
 import { SYSTEM_CLOCK } from "../src/timers.ts";
-import type { UpstreamRequest } from "../src/upstream/request.ts";
-import type { Forwarder } from "../src/upstream/types.ts";
+import type { Forwarder, UpstreamRequest } from "../src/upstream/forwarder.ts";
 import { TEST_CACHE } from "../tests/support/cache.ts";
 import { answerFor, buildQuery } from "../tests/support/dns.ts";
 
@@ -62,7 +61,6 @@ function makeResolver(cacheSize: number): Resolver {
       rateLimitBurst: config.rateLimitBurst,
       clock: SYSTEM_CLOCK,
     }),
-    padding: true,
   });
 }
 

@@ -6,7 +6,7 @@
  */
 
 import { formatHostPort } from "./address.ts";
-import type { Config, ListenAddress } from "./config.ts";
+import type { Config, ListenAddress, UpstreamSpec, ZoneRoute } from "./config.ts";
 import type { Logger } from "./log.ts";
 import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
@@ -16,9 +16,13 @@ import { HttpServer, type Readiness } from "./server/http.ts";
 import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
-import { primeTls } from "./upstream/dot_connection.ts";
-import { UpstreamPool } from "./upstream/pool.ts";
-import type { Forwarder } from "./upstream/types.ts";
+import { primeTls } from "./upstream/tls_dial.ts";
+import type { Forwarder } from "./upstream/forwarder.ts";
+import { PlainConnection } from "./upstream/plain_connection.ts";
+import { StreamConnection } from "./upstream/stream_connection.ts";
+import { type PoolOptions, UpstreamPool } from "./upstream/pool.ts";
+import { type Route, Router } from "./upstream/router.ts";
+import { SpecialUseNames } from "./upstream/special_use.ts";
 
 /** Raised when the proxy cannot start (address in use, permission denied). */
 export class StartupError extends Error {
@@ -55,6 +59,10 @@ export interface RunningProxy {
   readonly http: HttpServer | null;
   /** The upstream pool (null when a forwarder was injected). */
   readonly pool: UpstreamPool | null;
+  /** The pools of the zones' targets (`--zone`), one per distinct list of targets. */
+  readonly zonePools: readonly UpstreamPool[];
+  /** Hands each question to the route of its zone. */
+  readonly router: Router;
   /** The core. */
   readonly resolver: Resolver;
   /** The metrics. */
@@ -121,8 +129,83 @@ function describeBindError(
   return `cannot listen on ${shown} (${what}): ${message}`;
 }
 
-/** How long `/healthz/upstreams` waits for the first health checks at start before answering. */
-const STARTUP_READY_WAIT_MS = 3000;
+/**
+ * The options of an upstream set over `upstreams` with the upstream settings of `config`
+ * (connections, timeouts, hedging, retry, failover rcodes, strategy, health checks, nudge,
+ * padding): the default set (`--upstream`) is built from it, and so can a route's, with its
+ * own upstreams, `overrides` (`padding: false` and a `connect` for plain DNS, say) and the
+ * same `shared` logger, statistics and clock.
+ *
+ * @example
+ * ```ts ignore
+ * const pool = new UpstreamPool(upstreamSetOptions(config, zoneTargets, shared, {
+ *   padding: false,
+ *   connect: plainDnsConnections,
+ * }), timers);
+ * ```
+ */
+export function upstreamSetOptions(
+  config: Config,
+  upstreams: UpstreamSpec[],
+  shared: Pick<PoolOptions, "log" | "stats" | "clock">,
+  overrides: Partial<PoolOptions> = {},
+): PoolOptions {
+  return {
+    upstreams,
+    caCerts: config.caCerts,
+    connectionsPerUpstream: config.upstreamConnections,
+    idleTimeoutMs: config.upstreamIdleTimeoutMs,
+    connectTimeoutMs: config.connectTimeoutMs,
+    hedgeDelay: config.hedgeDelay,
+    hedgeBudgetPercent: config.hedgeBudgetPercent,
+    healthCheckIntervalMs: config.healthCheckIntervalMs,
+    failoverRcodes: config.failoverRcodes,
+    strategy: config.strategy,
+    nudge: config.upstreamNudge,
+    padding: config.padding,
+    ...shared,
+    ...overrides,
+  };
+}
+
+/**
+ * Adds the routes of `zones` (`--zone`) to `router`: one upstream set, made by `newSet`, per
+ * distinct list of targets (a zone's names go to its own targets only), `fallback` for the
+ * zones routed to `default`. Returns the sets made and one line per route for the start log.
+ */
+function routeZones(
+  zones: readonly ZoneRoute[],
+  router: Router,
+  fallback: Forwarder,
+  newSet: (targets: UpstreamSpec[], probeZone: string) => UpstreamPool,
+): { sets: UpstreamPool[]; lines: { route: string; targets: string }[] } {
+  const byTargets = new Map<string, UpstreamPool>();
+  const lines: { route: string; targets: string }[] = [];
+  for (const entry of zones) {
+    const key = entry.targets.map((target) => target.label).join(",");
+    let forwarder: Forwarder = fallback;
+    if (entry.targets.length > 0) {
+      let set = byTargets.get(key);
+      if (set === undefined) {
+        set = newSet(entry.targets, entry.zones[0].name);
+        byTargets.set(key, set);
+      }
+      forwarder = set;
+    }
+    const routes = new Map<string, Route>();
+    for (const zone of entry.zones) {
+      let route = routes.get(zone.route);
+      if (route === undefined) {
+        // A zone target's answers keep their TTLs; `default` is the --upstream set's route.
+        route = { label: zone.route, forwarder, keepTtls: entry.targets.length > 0 };
+        routes.set(zone.route, route);
+        lines.push({ route: zone.route, targets: key === "" ? "default" : key });
+      }
+      router.addZone(zone.name, route);
+    }
+  }
+  return { sets: [...byTargets.values()], lines };
+}
 
 /**
  * Starts a proxy for `config`. Throws {@linkcode StartupError} when a listener cannot bind,
@@ -145,40 +228,64 @@ export async function startProxy(
   const clock = options.clock ?? SYSTEM_CLOCK;
   const timers = new TimerQueue(clock);
   let pool: UpstreamPool | null = null;
+  const zonePools: UpstreamPool[] = [];
   let resolver: Resolver | null = null;
   const metrics = new ProxyMetrics(new Registry(), {
     tcpConnections: () => tcp.reduce((sum, server) => sum + server.openConnections, 0),
-    upstreams: () =>
-      pool?.upstreams.map((u) => ({
-        label: u.spec.label,
-        healthy: u.usable,
-        inflight: u.outstanding,
-        connections: u.connections.length,
-      })) ?? [],
+    upstreams: () => {
+      // A target in two sets (or a zone target that is also an --upstream) is one series.
+      const seen = new Set<string>();
+      const sets = pool === null ? zonePools : [pool, ...zonePools];
+      return sets.flatMap((set) => set.snapshot()).filter((u) =>
+        !seen.has(u.label) && seen.add(u.label)
+      );
+    },
     cacheEntries: () => resolver?.cache?.size ?? 0,
     queriesInflight: () => resolver?.inflight ?? 0,
   });
+  const shared = { log, stats: metrics.upstream, clock };
+  const needsTls = !options.forwarder ||
+    config.zones.some((zone) => zone.targets.some((target) => !target.plain));
+  if (needsTls) await primeTls();
   if (!options.forwarder) {
-    await primeTls();
-    pool = new UpstreamPool({
-      upstreams: config.upstreams,
-      caCerts: config.caCerts,
-      connectionsPerUpstream: config.upstreamConnections,
-      idleTimeoutMs: config.upstreamIdleTimeoutMs,
-      connectTimeoutMs: config.connectTimeoutMs,
-      hedgeDelay: config.hedgeDelay,
-      hedgeBudgetPercent: config.hedgeBudgetPercent,
-      healthCheckIntervalMs: config.healthCheckIntervalMs,
-      failoverRcodes: config.failoverRcodes,
-      strategy: config.strategy,
-      nudge: config.upstreamNudge,
-      padding: config.padding,
-      log,
-      stats: metrics.upstream,
-      clock,
-    }, timers);
+    pool = new UpstreamPool(upstreamSetOptions(config, config.upstreams, shared), timers);
   }
-  const forwarder: Forwarder = options.forwarder ?? pool!;
+  const fallback: Forwarder = options.forwarder ?? pool!;
+  const special = config.specialUseNames ? new SpecialUseNames() : null;
+  const router = new Router({ label: "default", forwarder: fallback, keepTtls: false }, special, {
+    routed: (route) => metrics.router.routed(route),
+  });
+  // Logged once the listeners are up: a proxy that cannot start says only why.
+  const routeLines: { route: string; targets: string }[] = [{
+    route: "default",
+    targets: pool?.upstreams.map((u) => u.spec.label).join(",") ?? "injected",
+  }];
+  const zoneRoutes = routeZones(
+    config.zones,
+    router,
+    fallback,
+    (targets, probeZone) =>
+      new UpstreamPool(
+        upstreamSetOptions(config, targets, shared, {
+          // Padding hides nothing in clear text; a DoT target among them is padded.
+          padding: config.padding && targets.some((target) => !target.plain),
+          connect: (owner, context) =>
+            context.spec.plain
+              ? new PlainConnection(owner, context, probeZone)
+              : new StreamConnection(owner, context),
+        }),
+        timers,
+      ),
+  );
+  zonePools.push(...zoneRoutes.sets);
+  routeLines.push(...zoneRoutes.lines);
+  if (special !== null) {
+    routeLines.push({
+      route: "special-use",
+      targets: "answered here (localhost, invalid, onion, local, home.arpa, private reverse zones)",
+    });
+  }
+  const forwarder: Forwarder = router;
   resolver = new Resolver(forwarder, {
     udpMaxSize: config.udpMaxSize,
     maxInflight: config.maxInflight,
@@ -203,14 +310,12 @@ export async function startProxy(
       clock,
     }),
     refuseAny: config.refuseAny,
-    padding: config.padding,
     clock,
     timers,
   });
   const core = resolver;
 
   let draining = false;
-  const startedAt = clock.now();
   // Readiness is about this replica, never about what every replica shares: when all the
   // upstreams are down (a provider outage, port 853 blocked), failing /readyz would take every
   // replica out of the Service at once, and serve-stale could answer no one (issue 22). As
@@ -223,26 +328,15 @@ export async function startProxy(
   const upstreamHealth = async (): Promise<Readiness> => {
     if (draining) return { ready: false, reason: "shutting down" };
     if (pool === null) return { ready: true, reason: "forwarder injected" };
-    for (let round = 0; round < 2; round++) {
-      const up = pool.upstreams.find((u) => u.health.state === "up");
-      if (up) {
-        const how = up.health.lastAnswerWasProbe ? "answered a probe" : "answered";
-        return { ready: true, reason: `${up.spec.label} ${how}` };
-      }
-      const unknown = pool.upstreams.some((u) => u.health.state === "unknown");
-      const waited = clock.now() - startedAt;
-      if (!unknown || waited >= STARTUP_READY_WAIT_MS || round > 0) break;
-      // Just started: the first health checks are on their way.
-      await pool.healthChange(STARTUP_READY_WAIT_MS - waited);
-      if (draining) return { ready: false, reason: "shutting down" };
-    }
-    const reasons = pool.upstreams.map((u) => {
-      const why = u.health.lastError?.message ??
-        (u.health.state === "unknown" ? "not checked yet" : "down");
-      // Most upstream errors name the upstream already.
-      return why.includes(u.spec.label) ? why : `${u.spec.label}: ${why}`;
-    });
-    return { ready: false, reason: `no upstream answers: ${reasons.join("; ")}` };
+    // The default upstream set decides; it waits for its first health checks at start.
+    // Zone targets do not (a cluster DNS that is down must not take the proxy out of service
+    // for public names), but their state is in the body.
+    const ready = await pool.readiness();
+    if (draining) return { ready: false, reason: "shutting down" };
+    const zoneTargets = zonePools.flatMap((set) => set.upstreams);
+    if (zoneTargets.length === 0) return ready;
+    const states = zoneTargets.map((u) => `${u.spec.label} ${u.health.state}`).join(", ");
+    return { ready: ready.ready, reason: `${ready.reason}; zone targets: ${states}` };
   };
 
   let http: HttpServer | null = null;
@@ -315,7 +409,13 @@ export async function startProxy(
     throw error;
   }
 
+  for (const line of routeLines) {
+    log.info("route", line);
+    // Every route's series exists from start-up at 0, so rate() sees its first question.
+    metrics.routed.labels(line.route);
+  }
   pool?.start();
+  for (const zonePool of zonePools) zonePool.start();
   return {
     udp,
     tcp,
@@ -323,6 +423,8 @@ export async function startProxy(
       return http;
     },
     pool,
+    zonePools,
+    router,
     resolver: core,
     metrics,
     get draining() {

@@ -14,6 +14,19 @@ import { formatHostPort } from "./address.ts";
 import { LOG_LEVELS, type LogFormat, type LogLevel } from "./log.ts";
 import { VERSION } from "./version.ts";
 import { RCODE_MNEMONICS } from "./dns/wire.ts";
+import {
+  type Cidr,
+  cidrContains,
+  CidrError,
+  formatIp,
+  isIpLiteral,
+  parseCidr as parseNetwork,
+  parseIpAddress,
+  reverseZones,
+} from "./net/ip.ts";
+
+// Moved to net/ip.ts; still exported here for the modules and tests that took them from here.
+export { type Cidr, cidrContains, isIpLiteral, parseIpAddress };
 
 /** An address to listen on. */
 export interface ListenAddress {
@@ -31,20 +44,32 @@ export interface UpstreamSpec {
   port: number;
   /** The name the certificate is verified against and sent as SNI. */
   tlsName: string;
-  /** How the upstream is shown in logs and metric labels: `address:port#tlsName`. */
+  /**
+   * How the upstream is shown in logs and metric labels: `address:port#tlsName`, or
+   * `dns://address:port` for a plain-DNS zone target.
+   */
   label: string;
+  /**
+   * True for a plain-DNS zone target (`dns://IP[:PORT]`): UDP, TCP when truncated, no TLS
+   * (`tlsName` is empty). Only `--zone` makes one; `--upstream` never does.
+   */
+  plain?: boolean;
 }
 
-/** A network in CIDR notation, such as `10.0.0.0/8` or `fc00::/7`. */
-export interface Cidr {
-  /** 4 for IPv4, 6 for IPv6. */
-  family: 4 | 6;
-  /** The network address, 4 or 16 bytes, host bits zeroed. */
-  bytes: Uint8Array;
-  /** Prefix length, 0-32 for IPv4, 0-128 for IPv6. */
-  prefix: number;
-  /** Canonical text, such as `10.0.0.0/8` or `fc00::/7` (IPv6 as RFC 5952 writes it). */
-  text: string;
+/** A zone of `--zone`: a domain, or one of the reverse zones of a network. */
+export interface ZoneName {
+  /** The zone's domain, lowercase, without the final dot: `cluster.local`, `96.10.in-addr.arpa`. */
+  name: string;
+  /** The zone as configured, the route's metric label: `cluster.local`, `10.96.0.0/12`. */
+  route: string;
+}
+
+/** One `--zone` entry: zones, and where their questions go. */
+export interface ZoneRoute {
+  /** The zones, CIDRs expanded to their reverse zones. */
+  zones: ZoneName[];
+  /** The targets, DoT or plain DNS; empty for `default` (the `--upstream` set). */
+  targets: UpstreamSpec[];
 }
 
 /** How the next upstream is chosen for a query. */
@@ -128,6 +153,13 @@ export interface Config {
   upstreamNudge: boolean;
   /** Pad queries sent upstream with EDNS(0) padding (RFC 7830, RFC 8467). */
   padding: boolean;
+  /** Zones whose questions go to other targets than `upstreams`, in configured order. */
+  zones: ZoneRoute[];
+  /**
+   * Answer names that must never reach a public resolver here (localhost, invalid, onion,
+   * local, home.arpa, private reverse zones); any zone of `zones` beats them.
+   */
+  specialUseNames: boolean;
   /** Most entries in the answer cache; 0 turns the cache off. */
   cacheSize: number;
   /** Smallest TTL kept in the cache, in seconds; smaller TTLs are raised to it. */
@@ -190,6 +222,8 @@ export type SettingKind =
   | "value"
   /** Repeatable `--flag VALUE`, each value itself comma-separated (as the variable is). */
   | "list"
+  /** Repeatable `--flag VALUE` whose values hold commas; the variable separates them by `;`. */
+  | "entries"
   /** `--flag`, `--flag=false`, or `--flag false` when the next word is a boolean word. */
   | "boolean";
 
@@ -425,6 +459,108 @@ function parseCidrList(text: string, what: string): Cidr[] {
     );
   }
   return items.map((item) => parseCidr(item, what));
+}
+
+const ZONE_FORM = "write ZONE[,ZONE...]=TARGET[,TARGET...]";
+const TARGET_FORM = "IP[:PORT][#TLS_NAME] (DoT), dns://IP[:PORT] (plain DNS) or default";
+
+/** One ZONE of `--zone`: a domain (whole labels, any case, final dot optional) or a CIDR. */
+function parseZoneName(text: string, context: string): ZoneName[] {
+  const item = text.trim();
+  if (item.includes("/") || isIpLiteral(item)) {
+    let cidr: Cidr;
+    try {
+      cidr = parseNetwork(item);
+    } catch (error) {
+      if (!(error instanceof CidrError)) throw error;
+      throw new ConfigError(`${context}: zone "${item}": ${error.message}`);
+    }
+    return reverseZones(cidr).map((name) => ({ name, route: cidr.text }));
+  }
+  const name = item.toLowerCase().replace(/\.$/, "");
+  if (name === "" || item === ".") {
+    throw new ConfigError(
+      `${context}: the root zone "." is where --upstream sends questions; set --upstream instead`,
+    );
+  }
+  if (!isHostname(name)) {
+    throw new ConfigError(`${context}: "${item}" is not a domain name or a CIDR`);
+  }
+  return [{ name, route: name }];
+}
+
+/** One TARGET of `--zone`. */
+function parseZoneTarget(text: string, context: string): UpstreamSpec | "default" {
+  const item = text.trim();
+  if (item.toLowerCase() === "default") return "default";
+  const scheme = /^([A-Za-z][A-Za-z0-9+.-]*):\/\//.exec(item);
+  if (scheme === null) return parseUpstream(item, context);
+  if (scheme[1].toLowerCase() !== "dns") {
+    throw new ConfigError(`${context}: target "${item}": write ${TARGET_FORM}`);
+  }
+  const rest = item.slice(scheme[0].length);
+  if (rest.includes("#") || rest.includes("/")) {
+    throw new ConfigError(
+      `${context}: target "${item}": a plain-DNS target is dns://IP[:PORT] (no TLS name, no path)`,
+    );
+  }
+  const { host, port } = splitHostPort(rest, `${context}: target "${item}"`);
+  if (!isIpLiteral(host)) {
+    throw new ConfigError(
+      `${context}: target "${item}": "${host}" is not an IP address (dotproxy never resolves ` +
+        `names to reach its targets)`,
+    );
+  }
+  const portNumber = port === null ? 53 : parsePort(port, `${context}: target "${item}"`);
+  return {
+    address: host,
+    port: portNumber,
+    tlsName: "",
+    label: `dns://${host.includes(":") ? `[${host}]` : host}:${portNumber}`,
+    plain: true,
+  };
+}
+
+/** `--zone` entries, `;`-separated (repeated flags are joined with `;`). */
+function parseZoneRoutes(text: string, what: string): ZoneRoute[] {
+  const routes: ZoneRoute[] = [];
+  const seen = new Map<string, string>();
+  for (const entry of text.split(";").map((e) => e.trim()).filter((e) => e !== "")) {
+    const context = `${what} "${entry}"`;
+    const eq = entry.indexOf("=");
+    if (eq < 0) {
+      throw new ConfigError(`${context}: no "=" between zones and targets; ${ZONE_FORM}`);
+    }
+    const zoneItems = splitList(entry.slice(0, eq));
+    const targetItems = splitList(entry.slice(eq + 1));
+    if (zoneItems.length === 0) throw new ConfigError(`${context}: no zone; ${ZONE_FORM}`);
+    if (targetItems.length === 0) {
+      throw new ConfigError(`${context}: no target; targets are ${TARGET_FORM}`);
+    }
+    const zones = zoneItems.flatMap((item) => parseZoneName(item, context));
+    for (const zone of zones) {
+      const earlier = seen.get(zone.name);
+      if (earlier !== undefined) {
+        throw new ConfigError(
+          `${context}: zone ${zone.name} is already routed by ${what} "${earlier}"`,
+        );
+      }
+      seen.set(zone.name, entry);
+    }
+    const parsed = targetItems.map((item) => parseZoneTarget(item, context));
+    const targets = parsed.filter((t): t is UpstreamSpec => t !== "default");
+    if (targets.length !== parsed.length && targets.length > 0) {
+      throw new ConfigError(
+        `${context}: "default" stands alone (it is the whole --upstream set)`,
+      );
+    }
+    if (new Set(targets.map((t) => t.label)).size !== targets.length) {
+      throw new ConfigError(`${context}: a target is given twice`);
+    }
+    if (targets.length > 31) throw new ConfigError(`${context}: at most 31 targets`);
+    routes.push({ zones, targets });
+  }
+  return routes;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -680,6 +816,28 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     help: "pad queries sent upstream (EDNS(0) padding, RFC 8467) so their size says less " +
       "about the name",
   },
+  zones: {
+    flag: "zone",
+    env: "DOTPROXY_ZONES",
+    arg: "ZONE[,ZONE...]=TARGET[,TARGET...]",
+    group: "Routing",
+    kind: "entries",
+    defaultText: "none",
+    range: "",
+    help: "send the questions in these zones (domains, or CIDRs for their reverse zones) to " +
+      "these targets: IP[:PORT][#TLS_NAME] (DoT), dns://IP[:PORT] (plain DNS) or default " +
+      "(the --upstream set); the longest zone wins (repeatable; env: entries separated by ;)",
+    parse: parseZoneRoutes,
+    fallback: () => [],
+  },
+  specialUseNames: {
+    flag: "special-use-names",
+    env: "DOTPROXY_SPECIAL_USE_NAMES",
+    group: "Routing",
+    ...toggle(true),
+    help: "answer here the names that must never reach a public resolver: localhost, " +
+      "invalid, onion, local, home.arpa and private reverse zones (any --zone beats them)",
+  },
   cacheSize: {
     flag: "cache-size",
     env: "DOTPROXY_CACHE_SIZE",
@@ -887,104 +1045,11 @@ export function helpText(): string {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Addresses.
-
-function parseIpv4(text: string): Uint8Array | null {
-  const parts = text.split(".");
-  if (parts.length !== 4) return null;
-  const bytes = new Uint8Array(4);
-  for (let i = 0; i < 4; i++) {
-    // No leading zeros: some parsers read 010 as octal, so it is ambiguous.
-    if (!/^(0|[1-9]\d{0,2})$/.test(parts[i])) return null;
-    const value = Number(parts[i]);
-    if (value > 255) return null;
-    bytes[i] = value;
-  }
-  return bytes;
-}
-
-/** RFC 4291 section 2.2 text: eight groups, one `::`, optionally an IPv4 address at the end. */
-function parseIpv6(text: string): Uint8Array | null {
-  if (!text.includes(":") || !/^[0-9A-Fa-f:.]+$/.test(text)) return null;
-  let groups = text;
-  let ipv4: Uint8Array | null = null;
-  if (text.includes(".")) {
-    // The embedded IPv4 address stands for the last two groups.
-    const at = text.lastIndexOf(":");
-    ipv4 = parseIpv4(text.slice(at + 1));
-    if (ipv4 === null) return null;
-    groups = text.slice(0, at + 1) + "0:0";
-  }
-  const gap = groups.indexOf("::");
-  if (gap >= 0 && groups.indexOf("::", gap + 1) >= 0) return null;
-  const split = (part: string) => part === "" ? [] : part.split(":");
-  const head = split(gap >= 0 ? groups.slice(0, gap) : groups);
-  const tail = gap >= 0 ? split(groups.slice(gap + 2)) : [];
-  const count = head.length + tail.length;
-  // `::` stands for at least one group of zeros.
-  if (gap >= 0 ? count > 7 : count !== 8) return null;
-  const bytes = new Uint8Array(16);
-  const put = (group: string, index: number): boolean => {
-    if (!/^[0-9A-Fa-f]{1,4}$/.test(group)) return false;
-    const value = parseInt(group, 16);
-    bytes[index * 2] = value >> 8;
-    bytes[index * 2 + 1] = value & 0xff;
-    return true;
-  };
-  if (!head.every((group, i) => put(group, i))) return null;
-  if (!tail.every((group, i) => put(group, 8 - tail.length + i))) return null;
-  if (ipv4 !== null) bytes.set(ipv4, 12);
-  return bytes;
-}
+// Addresses (the grammar is in net/ip.ts).
 
 /**
- * The bytes of an IPv4 (4 bytes) or IPv6 (16 bytes, no brackets, no zone) literal, or `null`
- * when `text` is not one.
- *
- * @example
- * ```ts
- * import { parseIpAddress } from "./config.ts";
- * parseIpAddress("::ffff:192.0.2.1"); // 16 bytes ending c0 00 02 01
- * parseIpAddress("dns.google"); // null
- * ```
- */
-export function parseIpAddress(text: string): Uint8Array | null {
-  return parseIpv4(text) ?? parseIpv6(text);
-}
-
-/** True for an IPv4 or IPv6 literal (IPv6 without brackets). */
-export function isIpLiteral(text: string): boolean {
-  return parseIpAddress(text) !== null;
-}
-
-/** IPv4 dotted, IPv6 as RFC 5952 recommends: lowercase, the longest run of zero groups `::`. */
-function formatIp(bytes: Uint8Array): string {
-  if (bytes.length === 4) return bytes.join(".");
-  const groups: number[] = [];
-  for (let i = 0; i < 16; i += 2) groups.push((bytes[i] << 8) | bytes[i + 1]);
-  let bestStart = -1;
-  let bestLength = 1; // a single zero group is not shortened (RFC 5952 section 4.2.2)
-  for (let i = 0; i < 8;) {
-    if (groups[i] !== 0) {
-      i++;
-      continue;
-    }
-    let end = i;
-    while (end < 8 && groups[end] === 0) end++;
-    if (end - i > bestLength) {
-      bestStart = i;
-      bestLength = end - i;
-    }
-    i = end;
-  }
-  const hex = groups.map((group) => group.toString(16));
-  if (bestStart < 0) return hex.join(":");
-  return `${hex.slice(0, bestStart).join(":")}::${hex.slice(bestStart + bestLength).join(":")}`;
-}
-
-/**
- * Parses a network in CIDR notation; a bare address means a single host (/32 or /128).
- * Host bits must be zero, so that `10.0.0.1/8` is caught rather than silently widened.
+ * Parses a network in CIDR notation (see `net/ip.ts`), naming `what` and the input in the
+ * {@linkcode ConfigError} it throws.
  *
  * @example
  * ```ts
@@ -994,55 +1059,12 @@ function formatIp(bytes: Uint8Array): string {
  * ```
  */
 export function parseCidr(text: string, what: string): Cidr {
-  const trimmed = text.trim();
-  const context = `${what} "${trimmed}"`;
-  const slash = trimmed.indexOf("/");
-  const address = slash < 0 ? trimmed : trimmed.slice(0, slash);
-  const bytes = parseIpAddress(address);
-  if (bytes === null) {
-    throw new ConfigError(`${context}: "${address}" is not an IP address (write ADDRESS/PREFIX)`);
+  try {
+    return parseNetwork(text);
+  } catch (error) {
+    if (!(error instanceof CidrError)) throw error;
+    throw new ConfigError(`${what} "${text.trim()}": ${error.message}`);
   }
-  const bits = bytes.length * 8;
-  let prefix = bits;
-  if (slash >= 0) {
-    const prefixText = trimmed.slice(slash + 1);
-    if (!/^\d{1,3}$/.test(prefixText) || Number(prefixText) > bits) {
-      throw new ConfigError(`${context}: prefix "${prefixText}" is not a number from 0 to ${bits}`);
-    }
-    prefix = Number(prefixText);
-  }
-  const network = bytes.map((byte, i) => byte & prefixMask(prefix, i));
-  const canonical = `${formatIp(network)}/${prefix}`;
-  if (!network.every((byte, i) => byte === bytes[i])) {
-    throw new ConfigError(
-      `${context}: host bits are set after /${prefix}; did you mean ${canonical}?`,
-    );
-  }
-  return { family: bytes.length === 4 ? 4 : 6, bytes: network, prefix, text: canonical };
-}
-
-/** The mask byte at `index` for a prefix of `prefix` bits. */
-function prefixMask(prefix: number, index: number): number {
-  const bits = Math.min(8, Math.max(0, prefix - index * 8));
-  return (0xff << (8 - bits)) & 0xff;
-}
-
-/**
- * True when `address` (4 or 16 bytes, as {@linkcode parseIpAddress} returns) lies in `cidr`.
- * Addresses of the other family never match; IPv4-mapped IPv6 is not unwrapped here.
- *
- * @example
- * ```ts
- * import { cidrContains, parseCidr, parseIpAddress } from "./config.ts";
- * cidrContains(parseCidr("10.0.0.0/8", "--allow"), parseIpAddress("10.1.2.3")!); // true
- * ```
- */
-export function cidrContains(cidr: Cidr, address: Uint8Array): boolean {
-  if (address.length !== cidr.bytes.length) return false;
-  for (let i = 0; i * 8 < cidr.prefix; i++) {
-    if ((address[i] & prefixMask(cidr.prefix, i)) !== cidr.bytes[i]) return false;
-  }
-  return true;
 }
 
 function isHostname(text: string): boolean {
@@ -1540,7 +1562,11 @@ function fill<K extends SettingField>(
   if (given !== undefined) {
     const what = `--${declaration.flag}`;
     // A list flag may be repeated; any other flag given twice counts as given last.
-    const text = declaration.kind === "list" ? given.join(",") : given[given.length - 1];
+    const text = declaration.kind === "list"
+      ? given.join(",")
+      : declaration.kind === "entries"
+      ? given.join(";")
+      : given[given.length - 1];
     config[field] = parseWithUnit(declaration, text, what);
     sources.set(field, what);
     return;

@@ -12,13 +12,9 @@ import { rcodeName } from "./dns/wire.ts";
 import type { CacheStats } from "./cache/answer_cache.ts";
 import type { DropReason, RefusedReason, ResolverStats, Transport } from "./resolver.ts";
 import type { TcpStats } from "./server/tcp.ts";
-import {
-  RETRY_REASONS,
-  type RetryReason,
-  UPSTREAM_ERROR_REASONS,
-  type UpstreamErrorReason,
-  type UpstreamStats,
-} from "./upstream/types.ts";
+import type { RouterStats } from "./upstream/router.ts";
+import { UPSTREAM_ERROR_REASONS, type UpstreamErrorReason } from "./upstream/errors.ts";
+import { RETRY_REASONS, type RetryReason, type UpstreamStats } from "./upstream/stats.ts";
 import { VERSION } from "./version.ts";
 
 /** Live state the metrics read at scrape time. */
@@ -168,7 +164,8 @@ const FAMILIES = {
   healthChecks: [
     "counter",
     "dotproxy_upstream_health_checks_total",
-    "Health checks (. IN NS over the upstream's own TLS connection), by result (ok, error).",
+    "Health checks (. IN NS over the upstream's own TLS connection; ZONE IN SOA for a plain-DNS " +
+    "zone target), by result (ok, error).",
     ["upstream", "result"],
   ],
   refused: [
@@ -209,6 +206,13 @@ const FAMILIES = {
     "Entries in the answer cache.",
     [],
     (state) => (set) => set(state.cacheEntries()),
+  ],
+  routed: [
+    "counter",
+    "dotproxy_routed_total",
+    "Questions sent on by route: the zone as configured (--zone), default (--upstream) or " +
+    "special-use (answered here, --special-use-names). Cache hits are not routed.",
+    ["route"],
   ],
   tcpAccepted: [
     "counter",
@@ -293,6 +297,8 @@ export class ProxyMetrics {
   declare readonly truncated: Counter;
   /** `dotproxy_upstream_answers_total{upstream}`. */
   declare readonly upstreamQueries: Counter;
+  /** `dotproxy_routed_total{route}`. */
+  declare readonly routed: Counter;
   /** `dotproxy_upstream_query_duration_seconds{upstream}`. */
   declare readonly upstreamDuration: Histogram;
   /** `dotproxy_upstream_errors_total{upstream,reason}`. */
@@ -338,6 +344,8 @@ export class ProxyMetrics {
   readonly tcp: TcpStats;
   /** Hooks for the answer cache. */
   readonly cache: CacheStats;
+  /** Hooks for the router. */
+  readonly router: RouterStats;
 
   /** Registers every family in `registry`. */
   constructor(registry: Registry, state: ProxyState, startTimeSeconds = Date.now() / 1000) {
@@ -417,6 +425,17 @@ export class ProxyMetrics {
       prefetched: () => this.cachePrefetches.inc(),
     };
     this.cache = { evicted: () => this.cacheEvictions.inc() };
+    const routes = new Map<string, ReturnType<Counter["labels"]>>();
+    this.router = {
+      routed: (route: string) => {
+        let child = routes.get(route);
+        if (child === undefined) {
+          child = this.routed.labels(route);
+          routes.set(route, child);
+        }
+        child.inc();
+      },
+    };
     this.tcp = {
       accepted: () => this.tcpAccepted.inc(),
       rejected: () => this.tcpRejected.inc(),

@@ -53,7 +53,8 @@ import {
 import { SlabCopier } from "./slab.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import { VERSION } from "./version.ts";
-import { type Forwarder, UpstreamError } from "./upstream/types.ts";
+import { UpstreamError } from "./upstream/errors.ts";
+import type { Forwarder } from "./upstream/forwarder.ts";
 
 export { formatAddr };
 export type { CacheStatus, ResponseSink, Transport };
@@ -123,8 +124,6 @@ export interface ResolverOptions {
   admission?: Admission;
   /** Answer ANY over UDP with an empty TC=1 response (RFC 8482). */
   refuseAny?: boolean;
-  /** Pad queries to upstreams to blocks of 128 octets (RFC 8467). */
-  padding?: boolean;
   /** The clock. */
   clock?: Clock;
   /** Timers (shared with the pool). */
@@ -163,7 +162,6 @@ export class Resolver implements JobOwner, FlightOwner {
   readonly #flights = new FlightTable();
   readonly #admission: Admission | null;
   readonly #refuseAny: boolean;
-  readonly #padding: boolean;
   readonly #prefetch: boolean;
   readonly #staleTimeoutMs: number;
   readonly #overloadLog: RateLimitedLog;
@@ -190,7 +188,6 @@ export class Resolver implements JobOwner, FlightOwner {
     this.#staleTimeoutMs = cache?.staleAnswerTimeoutMs ?? 0;
     this.#admission = options.admission ?? null;
     this.#refuseAny = options.refuseAny ?? false;
-    this.#padding = options.padding ?? false;
     const now = () => this.#clock.now();
     this.#overloadLog = new RateLimitedLog(options.log, 10_000, now);
     this.#failureLog = new RateLimitedLog(options.log, 1_000, now);
@@ -432,9 +429,10 @@ export class Resolver implements JobOwner, FlightOwner {
   #newFlight(job: ClientJob, hash: number, prefetch: boolean, now: number): Flight {
     const query = job.query;
     const info = this.#info;
-    // Room for the OPT, the options kept and the padding: at most 11 + 4 + 127 bytes more.
-    const room = copier.reserve(query.length + 142);
-    const message = buildUpstreamQuery(query, info, this.#padding, room);
+    // Room for the OPT: at most 11 bytes more (the options kept are the client's own). Not
+    // padded: padding is the upstream set's option (see `PoolOptions.padding`).
+    const room = copier.reserve(query.length + 11);
+    const message = buildUpstreamQuery(query, info, false, room);
     const flight = new Flight(
       this,
       message,
@@ -443,7 +441,6 @@ export class Resolver implements JobOwner, FlightOwner {
       query,
       hash,
       job.keyFlags,
-      prefetch,
       prefetch ? null : job,
     );
     flight.cacheable = this.cache !== null && !info.hasClientSubnet && info.ednsVersion === 0;
@@ -586,6 +583,7 @@ export class Resolver implements JobOwner, FlightOwner {
         info,
         now,
         flight.hash,
+        flight.keepTtls,
       );
     }
     const optStart = info.optStart;

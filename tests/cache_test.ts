@@ -18,8 +18,8 @@ import { type CacheStatus, Resolver, type ResolverOptions } from "../src/resolve
 import { Flight, type FlightOwner, FlightTable } from "../src/resolver/flight.ts";
 import { ManualClock } from "../src/timers.ts";
 import { TEST_CACHE } from "./support/cache.ts";
-import type { UpstreamRequest } from "../src/upstream/request.ts";
-import { type Forwarder, UpstreamError } from "../src/upstream/types.ts";
+import { UpstreamError } from "../src/upstream/errors.ts";
+import type { Forwarder, UpstreamRequest } from "../src/upstream/forwarder.ts";
 import { buildQuery, encodeName, type ParsedMessage, parseMessage } from "./support/dns.ts";
 import { LogCapture } from "./support/proxy.ts";
 
@@ -182,7 +182,6 @@ function setup(cache: Partial<CacheOptions> = {}, options: Partial<ResolverOptio
     timeoutMs: 4000,
     logQueries: false,
     log: new Logger({ level: "error", sink: () => {} }),
-    padding: true,
     clock,
     stats: {
       query() {},

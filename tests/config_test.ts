@@ -1051,6 +1051,8 @@ Deno.test("main: invalid configuration is one line on stderr and exit code 2", a
       ],
       // Service links pass the variable check: the error is the bad --listen.
       [["--listen", "127.0.0.1:0x"], SERVICE_LINKS, '--listen "127.0.0.1:0x"'],
+      [["--zone", "cluster.local=dns://kube-dns"], {}, '--zone "cluster.local=dns://kube-dns"'],
+      [[], { DOTPROXY_ZONES: ".=1.1.1.1" }, "DOTPROXY_ZONES"],
     ] as [string[], Record<string, string>, string][]
   ) {
     const result = await runMain(args, env);
@@ -1099,4 +1101,100 @@ Deno.test("main: --help, --version, and a port in use is one line and exit 1", a
   } finally {
     busy.close();
   }
+});
+
+Deno.test("--zone: domains and CIDRs, DoT, plain and default targets, repeatable, env by ;", () => {
+  const zonesOf = (args: string[], env: Record<string, string> = {}) => {
+    const request = parseConfig(args, (name) => env[name]);
+    assert.equal(request.kind, "config");
+    return request.kind === "config" ? request.config.zones : [];
+  };
+  assert.deepEqual(zonesOf([]), []);
+  const [cluster, corp] = zonesOf([
+    "--zone",
+    "Cluster.Local.,10.96.0.0/12,fd00:10::/63=dns://10.96.0.10",
+    "--zone=corp.example=10.0.0.1#dns.corp,[fd00::53]:8853",
+  ]);
+  const names = cluster.zones.map((z) => z.name);
+  assert.equal(names[0], "cluster.local", "lowercase, no final dot");
+  assert.equal(names.length, 1 + 16 + 2);
+  assert.equal(names[1], "96.10.in-addr.arpa");
+  assert.equal(names[16], "111.10.in-addr.arpa");
+  assert.deepEqual(names.slice(17), [
+    "0.0.0.0.0.0.0.0.0.1.0.0.0.0.d.f.ip6.arpa",
+    "1.0.0.0.0.0.0.0.0.1.0.0.0.0.d.f.ip6.arpa",
+  ]);
+  assert.deepEqual(
+    [...new Set(cluster.zones.map((z) => z.route))],
+    ["cluster.local", "10.96.0.0/12", "fd00:10::/63"],
+  );
+  assert.deepEqual(cluster.targets, [{
+    address: "10.96.0.10",
+    port: 53,
+    tlsName: "",
+    label: "dns://10.96.0.10:53",
+    plain: true,
+  }]);
+  assert.deepEqual(corp.targets.map((t) => [t.label, t.plain ?? false]), [
+    ["10.0.0.1:853#dns.corp", false],
+    ["[fd00::53]:8853#fd00::53", false],
+  ]);
+  const fromEnv = zonesOf([], {
+    DOTPROXY_ZONES: "internal=dns://169.254.169.254 ; 10.in-addr.arpa=default;",
+  });
+  assert.deepEqual(fromEnv.map((z) => [z.zones[0].name, z.targets.map((t) => t.label)]), [
+    ["internal", ["dns://169.254.169.254:53"]],
+    ["10.in-addr.arpa", []],
+  ]);
+  const flagWins = zonesOf(["--zone", "a.example=dns://[::1]:5353"], {
+    DOTPROXY_ZONES: "b.example=default",
+  });
+  assert.deepEqual(flagWins.map((z) => [z.zones[0].name, z.targets[0].label]), [
+    ["a.example", "dns://[::1]:5353"],
+  ]);
+});
+
+Deno.test("--zone: every mistake is one line naming the entry", () => {
+  const failure = (value: string) => {
+    try {
+      parseConfig(["--zone", value], () => undefined);
+    } catch (error) {
+      assert.ok(error instanceof ConfigError, String(error));
+      assert.ok(!error.message.includes("\n"));
+      assert.ok(error.message.startsWith(`--zone "${value.trim()}"`), error.message);
+      return error.message;
+    }
+    assert.fail(`${value} was accepted`);
+  };
+  assert.match(failure(".=1.1.1.1"), /root zone "\." .* --upstream/);
+  assert.match(failure("cluster.local"), /no "=" between zones and targets/);
+  assert.match(failure("=dns://10.0.0.1"), /no zone/);
+  assert.match(failure("cluster.local="), /no target/);
+  assert.match(failure("a..b=1.1.1.1"), /"a\.\.b" is not a domain name or a CIDR/);
+  assert.match(failure("10.96.0.1/12=dns://10.0.0.1"), /host bits are set after \/12/);
+  assert.match(failure("c.local=udp://10.0.0.1"), /IP\[:PORT\]\[#TLS_NAME\] \(DoT\), dns:\/\//);
+  assert.match(failure("c.local=dns://kube-dns.kube-system"), /is not an IP address/);
+  assert.match(failure("c.local=dns://10.0.0.1#name"), /no TLS name/);
+  assert.match(failure("c.local=dns://10.0.0.1:0"), /port 0 is out of range/);
+  assert.match(failure("c.local=default,1.1.1.1"), /"default" stands alone/);
+  assert.match(failure("c.local=dns://10.0.0.1,dns://10.0.0.1:53"), /given twice/);
+  assert.match(failure("c.local=dns.google"), /is not an IP address/);
+  assert.throws(
+    () => parseConfig(["--zone", "a=dns://10.0.0.1", "--zone", "A.=1.1.1.1"], () => undefined),
+    /zone a is already routed by --zone "a=dns:\/\/10\.0\.0\.1"/,
+  );
+  assert.throws(
+    () => parseConfig([], (name) => name === "DOTPROXY_ZONES" ? "x.local=dns://y" : undefined),
+    /^ConfigError: DOTPROXY_ZONES "x.local=dns:\/\/y"/,
+  );
+});
+
+Deno.test("--special-use-names: on by default, off by flag or variable", () => {
+  const value = (args: string[], env: Record<string, string> = {}) => {
+    const request = parseConfig(args, (name) => env[name]);
+    return request.kind === "config" ? request.config.specialUseNames : undefined;
+  };
+  assert.equal(value([]), true);
+  assert.equal(value(["--special-use-names", "false"]), false);
+  assert.equal(value([], { DOTPROXY_SPECIAL_USE_NAMES: "no" }), false);
 });

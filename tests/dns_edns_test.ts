@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import {
   buildUpstreamQuery,
   isHopByHopOption,
+  padUpstreamQuery,
   stripResponseOpt,
   trimResponseOpt,
 } from "../src/dns/edns.ts";
@@ -101,6 +102,25 @@ Deno.test("buildUpstreamQuery: padding makes the whole message a multiple of 128
       opt([[12, new Uint8Array(padLength)]]),
     ),
   );
+});
+
+Deno.test("padUpstreamQuery: the same bytes buildUpstreamQuery pads, for every name length and option mix", () => {
+  const mixes: Option[][] = [[], [COOKIE], [ECS, NSID], [PADDING, UNKNOWN, KEEPALIVE]];
+  for (let length = 1; length <= 200; length += 7) {
+    const name = Array.from({ length: Math.ceil(length / 60) }, () => "b".repeat(59)).join(".")
+      .slice(0, length).replace(/\.$/, "c");
+    for (const mix of [null, ...mixes]) {
+      const client = query(name, mix === null ? [] : [opt(mix)]);
+      const info = inspected(client);
+      const plain = buildUpstreamQuery(client, info, false);
+      const padded = padUpstreamQuery(plain, info.questionEnd, new Uint8Array(1024));
+      assert.deepEqual(padded, buildUpstreamQuery(client, info, true), `name ${length}`);
+      assert.equal(padded.length % 128, 0);
+    }
+  }
+  // Not the shape buildUpstreamQuery makes (no OPT ending the message): left as it is.
+  const bare = query("example.test", []);
+  assert.equal(padUpstreamQuery(bare, inspected(bare).questionEnd), bare);
 });
 
 Deno.test("buildUpstreamQuery: padded length for every name length and option mix", () => {

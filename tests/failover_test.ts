@@ -19,7 +19,7 @@
 import assert from "node:assert/strict";
 import { type Config, DEFAULT_STRATEGY, type Strategy } from "../src/config.ts";
 import { type RunningProxy, startProxy } from "../src/app.ts";
-import { classifyError } from "../src/upstream/dot_connection.ts";
+import { classifyError } from "../src/upstream/errors.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { answerFor, buildQuery, encodeName } from "./support/dns.ts";
 import { BlackHole, type Fault, FaultyUpstream } from "./support/fault_upstream.ts";

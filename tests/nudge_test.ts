@@ -6,12 +6,9 @@
 
 import assert from "node:assert/strict";
 import { SYSTEM_CLOCK } from "../src/timers.ts";
-import {
-  COMPLETE_FRAME_AFTER_MS,
-  DotConnection,
-  NUDGE_MS,
-  SETTLE_MS,
-} from "../src/upstream/dot_connection.ts";
+import { SETTLE_MS } from "../src/upstream/connection.ts";
+import { COMPLETE_FRAME_AFTER_MS, NUDGE_MS } from "../src/upstream/nudge.ts";
+import { StreamConnection } from "../src/upstream/stream_connection.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { parseMessage } from "./support/dns.ts";
 import {
@@ -23,14 +20,14 @@ import {
 } from "./support/connection_owner.ts";
 
 /**
- * Runs `body` with one open DotConnection to a Nagle-like server (it answers the first of two
+ * Runs `body` with one open StreamConnection to a Nagle-like server (it answers the first of two
  * queries and holds the second until it reads more), with no budget for a duplicate: only
  * octets can be sent. `outstanding` is what the upstream owes in all: above 4, a read does not
  * nudge and only the timer can.
  */
 async function withNagleConnection(
   outstanding: number,
-  body: (server: DotServer, owner: RecordingOwner, connection: DotConnection) => Promise<void>,
+  body: (server: DotServer, owner: RecordingOwner, connection: StreamConnection) => Promise<void>,
 ): Promise<void> {
   const server = DotServer.start({ nagle: true });
   const owner = new RecordingOwner(
@@ -39,7 +36,7 @@ async function withNagleConnection(
     true,
     outstanding,
   );
-  const connection = new DotConnection(owner);
+  const connection = new StreamConnection(owner, owner.context);
   connection.start();
   try {
     await owner.opened;
@@ -53,7 +50,7 @@ async function withNagleConnection(
 
 /** Two queries go out at once at light load: the read of the first answer sends the octet. */
 function withNudgedConnection(
-  body: (server: DotServer, owner: RecordingOwner, connection: DotConnection) => Promise<void>,
+  body: (server: DotServer, owner: RecordingOwner, connection: StreamConnection) => Promise<void>,
 ): Promise<void> {
   return withNagleConnection(1, async (server, owner, connection) => {
     connection.send(exchangeFor("a.octet.test"));

@@ -21,11 +21,12 @@ import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
 import { Logger } from "../src/log.ts";
 import { ManualClock } from "../src/timers.ts";
 import {
+  type ConnectionContext,
   type ConnectionOwner,
   type ConnectionState,
   SETTLE_MS,
   type UpstreamConnection,
-} from "../src/upstream/dot_connection.ts";
+} from "../src/upstream/connection.ts";
 import type { Exchange } from "../src/upstream/exchange.ts";
 import {
   ATTEMPT_TIMEOUT_MAX_MS,
@@ -33,14 +34,10 @@ import {
   DOWN_PROBE_MS,
 } from "../src/upstream/health.ts";
 import { type PoolOptions, UpstreamPool } from "../src/upstream/pool.ts";
-import { UpstreamRequest } from "../src/upstream/request.ts";
-import {
-  type RetryReason,
-  UpstreamError,
-  type UpstreamErrorReason,
-  type UpstreamStats,
-} from "../src/upstream/types.ts";
-import { answerFor, buildQuery, parseMessage } from "./support/dns.ts";
+import { UpstreamError, type UpstreamErrorReason } from "../src/upstream/errors.ts";
+import type { UpstreamRequest } from "../src/upstream/forwarder.ts";
+import type { RetryReason, UpstreamStats } from "../src/upstream/stats.ts";
+import { answerFor, buildQuery, encodeName, parseMessage } from "./support/dns.ts";
 import { rcodeResponse } from "./support/fault_upstream.ts";
 
 // ---------------------------------------------------------------------------------------------
@@ -70,6 +67,8 @@ const HEALTHY: Behaviour = {
 
 interface Seen {
   name: string;
+  /** Octets of the message as written. */
+  length: number;
   at: number;
   connection: FakeConnection;
   probe: boolean;
@@ -114,7 +113,11 @@ class FakeConnection implements UpstreamConnection {
   readonly finished: Promise<void> = Promise.resolve();
   readonly #timers = new Set<number>();
 
-  constructor(readonly owner: ConnectionOwner, readonly server: FakeServer) {
+  constructor(
+    readonly owner: ConnectionOwner,
+    readonly context: ConnectionContext,
+    readonly server: FakeServer,
+  ) {
     this.createdAt = server.clock.now();
     this.lastActive = this.createdAt;
   }
@@ -149,17 +152,17 @@ class FakeConnection implements UpstreamConnection {
     this.server.connections.push(this);
     const behaviour = this.server.behaviour;
     if (behaviour.connect === "hang") {
-      // Like DotConnection: the connect timeout ends it.
-      this.#later(this.owner.connectTimeoutMs, () => {
+      // Like StreamConnection: the connect timeout ends it.
+      this.#later(this.context.connectTimeoutMs, () => {
         if (this.state !== "connecting") return;
-        this.owner.stats.handshake(false);
+        this.context.stats.handshake(false);
         this.#shutdown(new UpstreamError("timeout", "no handshake", this.server.label));
       });
       return;
     }
     if (behaviour.connect === "refuse") {
       this.#later(0, () => {
-        this.owner.stats.handshake(false);
+        this.context.stats.handshake(false);
         this.#shutdown(new UpstreamError("refused", "connection refused", this.server.label));
       });
       return;
@@ -170,7 +173,7 @@ class FakeConnection implements UpstreamConnection {
       this.opened = true;
       this.openedAt = this.server.clock.now();
       this.server.handshakes++;
-      this.owner.stats.handshake(true);
+      this.context.stats.handshake(true);
       for (const exchange of this.inflight.values()) exchange.sentAt = this.openedAt;
       if (this.inflight.size > 0) this.stalledSince = this.openedAt;
       this.owner.onOpen(this, behaviour.handshakeMs);
@@ -183,7 +186,6 @@ class FakeConnection implements UpstreamConnection {
     const now = this.server.clock.now();
     exchange.wireId = id;
     exchange.carrier = this;
-    exchange.writes++;
     exchange.sentAt = now;
     if (this.stalledSince === 0) this.stalledSince = now;
     this.writesSinceAnswer++;
@@ -197,7 +199,8 @@ class FakeConnection implements UpstreamConnection {
   #deliver(exchange: Exchange): void {
     const name = parseMessage(exchange.message).question?.name ?? "";
     const probe = exchange.kind === "probe";
-    this.server.seen.push({ name, at: this.server.clock.now(), connection: this, probe });
+    const length = exchange.message.length;
+    this.server.seen.push({ name, length, at: this.server.clock.now(), connection: this, probe });
     const reply = this.server.behaviour.reply(name);
     if (reply.kind === "never" || this.silent) return;
     const id = exchange.wireId;
@@ -229,8 +232,6 @@ class FakeConnection implements UpstreamConnection {
     });
   }
 
-  forget(): void {}
-
   close(): void {
     this.closeRequested = true;
     this.#shutdown(null);
@@ -238,7 +239,7 @@ class FakeConnection implements UpstreamConnection {
 
   abandon(reason: UpstreamErrorReason, message: string): void {
     if (this.state === "closed") return;
-    this.owner.stats.error(reason);
+    this.context.stats.error(reason);
     this.closeRequested = true;
     this.#shutdown(new UpstreamError(reason, message, this.server.label));
   }
@@ -311,28 +312,37 @@ class Counts {
 }
 
 /** A question as the resolver would hand it over, recording how it settled. */
-class Question extends UpstreamRequest {
+class Question implements UpstreamRequest {
+  readonly query: Uint8Array;
+  readonly questionEnd: number;
+  readonly deadline: number;
   answer: Uint8Array | null = null;
   upstream = "";
   error: UpstreamError | null = null;
   settledAt = -1;
+  /** Times settled: the pool settles each question exactly once. */
+  settled = 0;
 
-  constructor(readonly name: string, readonly clock: ManualClock, timeoutMs = 4000) {
-    const query = buildQuery(name, { id: 0x1234 });
-    super(query, query.length, clock.now() + timeoutMs);
+  constructor(readonly name: string, readonly clock: ManualClock, timeoutMs = 4000, edns = false) {
+    // With EDNS: an OPT record after the question, as the resolver's messages have.
+    this.query = buildQuery(name, edns ? { id: 0x1234, ednsUdpSize: 1232 } : { id: 0x1234 });
+    this.questionEnd = 12 + encodeName(name).length + 4;
+    this.deadline = clock.now() + timeoutMs;
   }
 
   get rcode(): number {
     return this.answer === null ? -1 : this.answer[3] & 0xf;
   }
 
-  protected onAnswer(response: Uint8Array, upstream: string): void {
+  settleAnswer(response: Uint8Array, upstream: string): void {
+    if (this.settled++ > 0) return;
     this.answer = response;
     this.upstream = upstream;
     this.settledAt = this.clock.now();
   }
 
-  protected onFailure(error: UpstreamError): void {
+  settleFailure(error: UpstreamError): void {
+    if (this.settled++ > 0) return;
     this.error = error;
     this.settledAt = this.clock.now();
   }
@@ -378,7 +388,8 @@ class Harness {
       }),
       stats: this.counts.factory,
       clock: this.clock,
-      connect: (owner) => new FakeConnection(owner, byLabel.get(owner.spec.label)!),
+      connect: (owner, context) =>
+        new FakeConnection(owner, context, byLabel.get(context.spec.label)!),
       random: () => this.#random,
       ...options,
     });
@@ -404,8 +415,8 @@ class Harness {
     return this;
   }
 
-  ask(name: string, timeoutMs = 4000): Question {
-    const question = new Question(name, this.clock, timeoutMs);
+  ask(name: string, timeoutMs = 4000, edns = false): Question {
+    const question = new Question(name, this.clock, timeoutMs, edns);
     this.pool.forward(question);
     return question;
   }
@@ -1288,4 +1299,28 @@ Deno.test("under load a burst shares the connection written most recently, up to
     assert.deepEqual(order.slice(0, 2).map((c) => connections[c].load), [128, 128]);
     assert.ok(connections[order[2]].load < 128);
   });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Padding: an option of the upstream set, not of the question.
+
+Deno.test("padding: the pool pads queries and probes to 128-octet blocks; without it, as given", async () => {
+  for (const padding of [true, false]) {
+    await withHarness(1, { padding, hedgeDelay: 0 }, (h) => {
+      h.start();
+      const question = h.ask("padded.example", 4000, true);
+      h.clock.advance(10);
+      assert.equal(question.rcode, 0);
+      const seen = h.server("a").seen;
+      const query = seen.find((s) => s.name === "padded.example.")!;
+      const probe = seen.find((s) => s.probe)!;
+      if (padding) {
+        assert.equal(query.length, 128, "the query");
+        assert.equal(probe.length, 128, "the probe");
+      } else {
+        assert.equal(query.length, question.query.length, "the query as the resolver built it");
+        assert.ok(probe.length < 128, "the probe");
+      }
+    });
+  }
 });

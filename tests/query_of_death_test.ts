@@ -9,7 +9,8 @@
  */
 import assert from "node:assert/strict";
 import { fuzzQuery, Rng, seedFromEnv } from "./support/fuzz.ts";
-import { buildQuery, encodeName, parseMessage } from "./support/dns.ts";
+import { answerFor, buildQuery, encodeName, parseMessage } from "./support/dns.ts";
+import { FaultyUpstream } from "./support/fault_upstream.ts";
 import { signWithTsig, udpFrom } from "./support/hostile.ts";
 import { sumMetric } from "./support/prometheus.ts";
 import { TcpDnsClient, testConfig, withProxy } from "./support/proxy.ts";
@@ -225,4 +226,175 @@ Deno.test({
       await authority.done;
     }
   },
+});
+
+/** The name of the question the fault upstream below hangs up on. */
+const KILLER = "killer.example.";
+
+/** Question name of `query` (lower case, with the root dot), read without compression. */
+function questionName(query: Uint8Array): string {
+  const labels: string[] = [];
+  let at = 12;
+  for (let i = 0; i < 128 && at < query.length && query[at] !== 0; i++) {
+    labels.push(new TextDecoder().decode(query.subarray(at + 1, at + 1 + query[at])));
+    at += 1 + query[at];
+  }
+  return labels.join(".").toLowerCase() + ".";
+}
+
+/**
+ * One question on which the upstream closes the connection, written with 20 innocent
+ * questions answered slowly (300 ms) on the same pipelined connection (after them, or
+ * between the tenth and the eleventh), while a bystander asks a fast question every 20 ms.
+ * Returns the rcodes seen (-1: no reply) and what the log says.
+ */
+async function killerAmongSlowQuestions(upstreams: string[], killerAt: "last" | "middle"): Promise<{
+  slow: number[];
+  killer: number;
+  bystander: number[];
+  down: number;
+  closedTwice: number;
+}> {
+  const config = testConfig(upstreams, { cacheSize: 0, timeoutMs: 3000, upstreamConnections: 1 });
+  const slowQueries = Array.from(
+    { length: 20 },
+    (_, i) => buildQuery(`slow${i}.example`, { id: 100 + i }),
+  );
+  const killerQuery = buildQuery(KILLER, { id: 999 });
+  const rcodeOf = (replies: Uint8Array[], query: Uint8Array) => {
+    const id = (query[0] << 8) | query[1];
+    const reply = replies.find((r) => ((r[0] << 8) | r[1]) === id);
+    return reply === undefined ? -1 : parseMessage(reply).rcode;
+  };
+  let result = {
+    slow: [] as number[],
+    killer: -1,
+    bystander: [] as number[],
+    down: 0,
+    closedTwice: 0,
+  };
+  await withProxy(config, async ({ logs, port }) => {
+    // Warm: the connection is open and settled before the burst.
+    await udpFrom("127.0.0.3", port, [buildQuery("warm.example", { id: 1 })], 3000, 1);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const bystander: number[] = [];
+    let stop = false;
+    const watcher = (async () => {
+      for (let i = 0; i < 200 && !stop; i++) {
+        const [reply] = await udpFrom(
+          "127.0.0.3",
+          port,
+          [buildQuery(`fast${i}.example`, { id: i })],
+          3500,
+          1,
+        );
+        bystander.push(reply === undefined ? -1 : parseMessage(reply).rcode);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    })();
+    let replies: Uint8Array[];
+    let killerReplies: Uint8Array[];
+    if (killerAt === "middle") {
+      const all = [...slowQueries.slice(0, 10), killerQuery, ...slowQueries.slice(10)];
+      replies = await udpFrom("127.0.0.2", port, all, 3500, all.length);
+      killerReplies = replies;
+    } else {
+      const slowDone = udpFrom("127.0.0.2", port, slowQueries, 3500, slowQueries.length);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      killerReplies = await udpFrom("127.0.0.4", port, [killerQuery], 3500, 1);
+      replies = await slowDone;
+    }
+    stop = true;
+    await watcher;
+    result = {
+      slow: slowQueries.map((query) => rcodeOf(replies, query)),
+      killer: rcodeOf(killerReplies, killerQuery),
+      bystander,
+      down: logs.find("upstream down").length,
+      closedTwice: logs.find("closed two upstream connections").length,
+    };
+  });
+  return result;
+}
+
+/** A DoT upstream answering `slow*` questions after 300 ms and hanging up on {@linkcode KILLER}. */
+function killingUpstream(): Promise<FaultyUpstream> {
+  return FaultyUpstream.start({
+    fault: "slow",
+    slowMs: 300,
+    isSlow: (query) => questionName(query).startsWith("slow"),
+    hangUpOn: (query) => questionName(query) === KILLER,
+  });
+}
+
+for (const killerAt of ["last", "middle"] as const) {
+  Deno.test(`query of death, one upstream, written ${killerAt}: innocent slow questions on its connection are answered, the upstream stays up`, async () => {
+    const upstream = await killingUpstream();
+    try {
+      const seen = await killerAmongSlowQuestions([upstream.upstream()], killerAt);
+      assert.deepEqual(seen.slow.filter((rcode) => rcode !== 0), [], `slow: ${seen.slow}`);
+      assert.equal(seen.killer, 2, "the query of death gets SERVFAIL");
+      assert.ok(seen.bystander.length >= 10, `bystander asked ${seen.bystander.length}`);
+      assert.deepEqual(seen.bystander.filter((rcode) => rcode !== 0), [], "the bystander");
+      assert.equal(seen.down, 0, "the upstream is not marked down");
+      assert.equal(seen.closedTwice, 1, "the query of death is found");
+    } finally {
+      await upstream.close();
+    }
+  });
+}
+
+Deno.test("query of death, two upstreams: nothing fails", async () => {
+  const first = await killingUpstream();
+  const second = await killingUpstream();
+  try {
+    const seen = await killerAmongSlowQuestions([first.upstream(), second.upstream()], "last");
+    assert.deepEqual(seen.slow.filter((rcode) => rcode !== 0), [], `slow: ${seen.slow}`);
+    assert.equal(seen.killer, 2, "the query of death gets SERVFAIL");
+    assert.deepEqual(seen.bystander.filter((rcode) => rcode !== 0), [], "the bystander");
+    assert.equal(seen.down, 0, "no upstream is marked down");
+  } finally {
+    await first.close();
+    await second.close();
+  }
+});
+
+Deno.test("a question whose answers fail validation on each of its own retries does not take a sole upstream down", async () => {
+  const upstream = await FaultyUpstream.start({
+    answer: (query) => {
+      const answer = answerFor(query);
+      // The answer to another question: rejected as not matching.
+      if (questionName(query) === "bad.example.") answer[13] = "c".charCodeAt(0);
+      return answer;
+    },
+  });
+  try {
+    const config = testConfig([upstream.upstream()], { cacheSize: 0, hedgeDelay: 0 });
+    await withProxy(config, async ({ logs, port, proxy }) => {
+      await udpFrom("127.0.0.3", port, [buildQuery("warm.example", { id: 1 })], 3000, 1);
+      const [bad] = await udpFrom(
+        "127.0.0.2",
+        port,
+        [buildQuery("bad.example", { id: 2 })],
+        3000,
+        1,
+      );
+      assert.equal(parseMessage(bad).rcode, 2, "the question with bad answers gets SERVFAIL");
+      const asked = upstream.queryLog.filter((q) => q.name.toLowerCase() === "bad.example.");
+      assert.ok(asked.length >= 3, `asked ${asked.length} times`);
+      const text = proxy.metrics.registry.render();
+      assert.ok(sumMetric(text, "dotproxy_upstream_errors_total", { reason: "bad_response" }) >= 3);
+      assert.equal(logs.find("upstream down").length, 0, "the upstream is not marked down");
+      const [good] = await udpFrom(
+        "127.0.0.3",
+        port,
+        [buildQuery("good.example", { id: 3 })],
+        3000,
+        1,
+      );
+      assert.equal(parseMessage(good).rcode, 0, "another client is served at once");
+    });
+  } finally {
+    await upstream.close();
+  }
 });

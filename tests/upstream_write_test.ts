@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { DotConnection } from "../src/upstream/dot_connection.ts";
+import { StreamConnection } from "../src/upstream/stream_connection.ts";
 import { CA_PEM } from "./fixtures/certs.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { parseMessage } from "./support/dns.ts";
@@ -54,7 +54,7 @@ Deno.test("upstream writes: a query queued as a write completes is written, what
     0,
     false,
   );
-  const connection = new DotConnection(owner);
+  const connection = new StreamConnection(owner, owner.context);
   let queueAfter: (() => void) | null = null;
   try {
     await withWriteHook(server.port, (bytes) => {

@@ -207,6 +207,7 @@ export function cacheableTtl(
   info: ResponseInfo,
   length: number,
   settings: CacheSettings,
+  minTtl: number = settings.minTtl,
 ): { ttl: number; kind: EntryKind } | null {
   if (info.truncated || length > MAX_CACHED_ANSWER) return null;
   const rcode = info.extendedRcode;
@@ -220,7 +221,7 @@ export function cacheableTtl(
     return ttl > 0 ? { ttl, kind: "negative" } : null;
   }
   if (rcode !== Rcode.NOERROR || info.minTtl <= 0) return null;
-  const ttl = Math.min(settings.maxTtl, Math.max(settings.minTtl, info.minTtl));
+  const ttl = Math.min(settings.maxTtl, Math.max(minTtl, info.minTtl));
   return ttl > 0 ? { ttl, kind: "positive" } : null;
 }
 
@@ -401,7 +402,8 @@ export class AnswerCache {
    * Returns the entry, or null when the answer is not
    * cacheable. A SERVFAIL does not replace an entry that can still be served (fresh or
    * stale): RFC 8767 keeps the good answer when a refresh fails. At `maxEntries` the least
-   * recently used entry goes, and its object holds the new answer.
+   * recently used entry goes, and its object holds the new answer. `keepTtls` (an answer
+   * from a zone target) leaves TTLs below `minTtl` as they are.
    */
   store(
     query: Uint8Array,
@@ -411,11 +413,13 @@ export class AnswerCache {
     info: ResponseInfo,
     now: number,
     hash: number = cacheKeyHash(query, questionEnd, flags),
+    keepTtls = false,
   ): CacheEntry | null {
     const settings = this.#settings;
     if (settings.maxEntries <= 0 || info.questionEnd !== questionEnd) return null;
     const length = response.length;
-    const decision = cacheableTtl(info, length, settings);
+    const minTtl = keepTtls ? 0 : settings.minTtl;
+    const decision = cacheableTtl(info, length, settings, minTtl);
     if (decision === null) return null;
     // One walk of the bucket: the entry to replace, and how many share the hash.
     let existing: CacheEntry | null = null;
@@ -451,7 +455,7 @@ export class AnswerCache {
     // says how long the denial lives (RFC 2308 section 5). Positive: into [min, max]. In
     // `response` itself, so the clients waiting for it get what later ones get.
     if (decision.kind === "positive") {
-      clampTtls(response, offsets, count, settings.minTtl, settings.maxTtl);
+      clampTtls(response, offsets, count, minTtl, settings.maxTtl);
     } else {
       clampTtls(response, offsets, count, 0, decision.kind === "negative" ? decision.ttl : MAX_TTL);
     }

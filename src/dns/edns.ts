@@ -111,10 +111,7 @@ export function buildUpstreamQuery(
   const optionsStart = info.optStart + OPT_FIXED;
   const kept = hasOpt ? keepOptions(query, optionsStart, info.optEnd, null, 0) : 0;
   const unpadded = questionEnd + OPT_FIXED + kept;
-  const padLength = padding
-    ? (QUERY_PADDING_BLOCK - ((unpadded + 4) % QUERY_PADDING_BLOCK)) % QUERY_PADDING_BLOCK
-    : 0;
-  const total = unpadded + (padding ? 4 + padLength : 0);
+  const total = padding ? paddedLength(unpadded) : unpadded;
   const msg = room(out, total);
   copy(query, 0, questionEnd, msg, 0);
   writeU16(msg, 6, 0);
@@ -136,11 +133,62 @@ export function buildUpstreamQuery(
   at += OPT_FIXED;
   if (kept > 0) keepOptions(query, optionsStart, info.optEnd, msg, at);
   at += kept;
-  if (padding) {
-    writeU16(msg, at, EdnsOption.PADDING);
-    writeU16(msg, at + 2, padLength);
-    for (let i = at + 4; i < total; i++) msg[i] = 0;
-  }
+  if (padding) writePadding(msg, at, total);
+  return msg;
+}
+
+/**
+ * The length of a message of `unpadded` octets once a Padding option (4 octets and the
+ * zeros) makes it a multiple of {@linkcode QUERY_PADDING_BLOCK} (RFC 8467 section 4.1).
+ */
+function paddedLength(unpadded: number): number {
+  const zeros = (QUERY_PADDING_BLOCK - ((unpadded + 4) % QUERY_PADDING_BLOCK)) %
+    QUERY_PADDING_BLOCK;
+  return unpadded + 4 + zeros;
+}
+
+/** Writes a Padding option at `at` whose zeros fill `msg` up to `total`. */
+function writePadding(msg: Uint8Array, at: number, total: number): void {
+  writeU16(msg, at, EdnsOption.PADDING);
+  writeU16(msg, at + 2, total - at - 4);
+  for (let i = at + 4; i < total; i++) msg[i] = 0;
+}
+
+/**
+ * Pads a message {@linkcode buildUpstreamQuery} built without padding, as it would have
+ * built it with: a Padding option appended to its OPT record (its only additional record,
+ * right after the question, ending the message) makes it a multiple of
+ * {@linkcode QUERY_PADDING_BLOCK} octets. Returns `message` itself when its last record is
+ * not such an OPT. Written into `out` when it is large enough (and returned as a subarray
+ * of it), else into a new array.
+ *
+ * @example
+ * ```ts
+ * import { buildUpstreamQuery, padUpstreamQuery } from "./edns.ts";
+ * import { inspectQuery, QueryInfo } from "./query.ts";
+ * const query = new Uint8Array([0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]);
+ * const info = new QueryInfo();
+ * inspectQuery(query, info);
+ * const plain = buildUpstreamQuery(query, info, false);
+ * padUpstreamQuery(plain, info.questionEnd).length; // 128
+ * ```
+ */
+export function padUpstreamQuery(
+  message: Uint8Array,
+  questionEnd: number,
+  out?: Uint8Array,
+): Uint8Array {
+  const length = message.length;
+  if (
+    length < questionEnd + OPT_FIXED || readU16(message, 10) !== 1 ||
+    message[questionEnd] !== 0 || readU16(message, questionEnd + 1) !== RRType.OPT ||
+    questionEnd + OPT_FIXED + readU16(message, questionEnd + 9) !== length
+  ) return message;
+  const total = paddedLength(length);
+  const msg = room(out, total);
+  copy(message, 0, length, msg, 0);
+  writeU16(msg, questionEnd + 9, total - questionEnd - OPT_FIXED);
+  writePadding(msg, length, total);
   return msg;
 }
 
@@ -251,4 +299,40 @@ function room(out: Uint8Array | undefined, length: number): Uint8Array {
   return out !== undefined && out.length >= length
     ? out.subarray(0, length)
     : new Uint8Array(length);
+}
+
+/**
+ * A copy of an upstream query built by {@linkcode buildUpstreamQuery} (its OPT record
+ * right after the question, as the last record) without the Padding option: for a
+ * plain-DNS target, where padding hides nothing (the name travels in clear text) and only
+ * costs octets. Any other message is copied as it is.
+ *
+ * @example
+ * ```ts
+ * import { buildUpstreamQuery, withoutPadding } from "./edns.ts";
+ * import { inspectQuery, QueryInfo } from "./query.ts";
+ * const query = new Uint8Array([0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]);
+ * const info = new QueryInfo();
+ * inspectQuery(query, info);
+ * withoutPadding(buildUpstreamQuery(query, info, true), info.questionEnd).length; // 28
+ * ```
+ */
+export function withoutPadding(msg: Uint8Array, questionEnd: number): Uint8Array {
+  const opt = questionEnd;
+  const isOpt = msg.length >= opt + OPT_FIXED && msg[opt] === 0 &&
+    readU16(msg, opt + 1) === RRType.OPT && readU16(msg, 10) === 1;
+  if (!isOpt || opt + OPT_FIXED + readU16(msg, opt + 9) !== msg.length) return msg.slice();
+  // Options in order; buildUpstreamQuery puts the Padding option last.
+  let at = opt + OPT_FIXED;
+  let padding = -1;
+  for (let i = 0; i < 16384 && at + 4 <= msg.length; i++) {
+    if (readU16(msg, at) === EdnsOption.PADDING) padding = at;
+    at += 4 + readU16(msg, at + 2);
+  }
+  if (padding < 0 || at !== msg.length || padding + 4 + readU16(msg, padding + 2) !== at) {
+    return msg.slice();
+  }
+  const out = msg.slice(0, padding);
+  writeU16(out, opt + 9, padding - opt - OPT_FIXED);
+  return out;
 }

@@ -7,7 +7,7 @@
 
 import { QUERY_PADDING_BLOCK } from "./edns.ts";
 import { ADVERTISED_UDP_SIZE } from "./response.ts";
-import { EdnsOption, RRClass, RRType, writeU16 } from "./wire.ts";
+import { EdnsOption, HEADER_SIZE, RRClass, RRType, writeU16 } from "./wire.ts";
 
 /** Length of the unpadded probe. */
 const PROBE_SIZE = 28;
@@ -73,6 +73,42 @@ export function buildProbeQuery(recursionDesired = true, padded = false): Uint8A
     writeU16(out, PROBE_SIZE + 2, paddingLength);
   }
   if (!recursionDesired) out[2] = 0;
+  crypto.getRandomValues(out.subarray(0, 2));
+  return out;
+}
+
+/**
+ * Builds the health check of a plain-DNS zone target: `ZONE IN SOA` with RD set and an OPT
+ * record advertising 1232 octets, a random ID. Not `. NS`: a cluster DNS forwards what is
+ * outside its zones to the internet, so `. NS` would test the way out, not the server;
+ * the SOA of the zone it serves it answers itself. `zone` is lowercase text without the
+ * final dot (`cluster.local`), of labels of at most 63 octets.
+ *
+ * @example
+ * ```ts
+ * import { buildZoneProbe } from "./probe.ts";
+ * buildZoneProbe("cluster.local").length; // 12 + 15 + 4 + 11
+ * ```
+ */
+export function buildZoneProbe(zone: string): Uint8Array {
+  const labels = zone === "" ? [] : zone.split(".");
+  const nameLength = labels.reduce((sum, label) => sum + label.length + 1, 1);
+  const out = new Uint8Array(HEADER_SIZE + nameLength + 4 + 11);
+  out[2] = 0x01; // RD
+  writeU16(out, 4, 1);
+  writeU16(out, 10, 1);
+  let at = HEADER_SIZE;
+  for (const label of labels) {
+    out[at++] = label.length;
+    for (let i = 0; i < label.length; i++) out[at++] = label.charCodeAt(i);
+  }
+  out[at++] = 0;
+  writeU16(out, at, RRType.SOA);
+  writeU16(out, at + 2, RRClass.IN);
+  at += 4;
+  out[at] = 0; // OPT: root owner
+  writeU16(out, at + 1, RRType.OPT);
+  writeU16(out, at + 3, ADVERTISED_UDP_SIZE);
   crypto.getRandomValues(out.subarray(0, 2));
   return out;
 }

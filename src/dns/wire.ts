@@ -47,6 +47,7 @@ export const RRType = {
   SRV: 33,
   DNAME: 39,
   OPT: 41,
+  DS: 43,
   RRSIG: 46,
   TKEY: 249,
   TSIG: 250,

@@ -21,7 +21,7 @@
  * @module
  */
 
-import { type Cidr, cidrContains, parseIpAddress } from "../config.ts";
+import { type Cidr, cidrContains, parseIpAddress } from "../net/ip.ts";
 import type { Clock } from "../timers.ts";
 
 /** What the admit stage says about a message. */

@@ -1,6 +1,6 @@
 /**
  * A question in flight to the upstreams on behalf of clients: the resolver's
- * {@linkcode UpstreamRequest}. Several client jobs can wait on one flight (concurrent misses
+ * {@linkcode UpstreamRequest}, which a forwarder settles once. Several client jobs can wait on one flight (concurrent misses
  * for the same key are coalesced), and a flight may have none at all (a prefetch). The
  * {@linkcode FlightTable} finds the flight already out for a key.
  *
@@ -10,8 +10,8 @@
 import { HashChains, MAX_CHAIN } from "../cache/hash_chains.ts";
 import { questionKeyEquals } from "../dns/cache_key.ts";
 import type { ResponseInfo } from "../dns/message.ts";
-import { UpstreamRequest } from "../upstream/request.ts";
-import type { UpstreamError } from "../upstream/types.ts";
+import type { UpstreamError } from "../upstream/errors.ts";
+import type { UpstreamRequest } from "../upstream/forwarder.ts";
 import type { ClientJob } from "./job.ts";
 
 /** Where a flight's outcome goes (the resolver). */
@@ -35,11 +35,21 @@ export const MAX_WAITERS = 256;
  *
  * @example
  * ```ts ignore
- * const flight = new Flight(owner, upstreamMessage, questionEnd, deadline, keyQuery, hash, flags, false, job);
+ * const flight = new Flight(owner, upstreamMessage, questionEnd, deadline, keyQuery, hash, flags, job);
  * pool.forward(flight);
  * ```
  */
-export class Flight extends UpstreamRequest {
+export class Flight implements UpstreamRequest {
+  /** See {@linkcode UpstreamRequest}. */
+  readonly query: Uint8Array;
+  /** See {@linkcode UpstreamRequest}. */
+  readonly questionEnd: number;
+  /** See {@linkcode UpstreamRequest}. */
+  readonly deadline: number;
+  /** See {@linkcode UpstreamRequest.keepTtls}. */
+  keepTtls = false;
+  /** True once settled. */
+  done = false;
   /** Clients waiting for it. */
   readonly waiters: ClientJob[];
   /** A message carrying the key's question (the first client's query). */
@@ -48,8 +58,6 @@ export class Flight extends UpstreamRequest {
   readonly hash: number;
   /** The key's flags. */
   readonly keyFlags: number;
-  /** True for a background refresh with no client. */
-  readonly prefetch: boolean;
   /** The next flight in the same bucket of the table. */
   chain: Flight | null = null;
   /** True while in the table. */
@@ -67,10 +75,11 @@ export class Flight extends UpstreamRequest {
     keyQuery: Uint8Array,
     hash: number,
     keyFlags: number,
-    prefetch = false,
     firstWaiter: ClientJob | null = null,
   ) {
-    super(message, questionEnd, deadline);
+    this.query = message;
+    this.questionEnd = questionEnd;
+    this.deadline = deadline;
     // Sized for the one waiter most flights ever have: a push onto an empty array reserves
     // 17 slots, garbage for every question.
     this.waiters = firstWaiter === null ? [] : [firstWaiter];
@@ -78,16 +87,19 @@ export class Flight extends UpstreamRequest {
     this.keyQuery = keyQuery;
     this.hash = hash;
     this.keyFlags = keyFlags;
-    this.prefetch = prefetch;
   }
 
-  /** Hands the answer to the owner. */
-  protected onAnswer(response: Uint8Array, upstream: string, info: ResponseInfo | null): void {
+  /** Hands the answer to the owner, once. */
+  settleAnswer(response: Uint8Array, upstream: string, info: ResponseInfo | null): void {
+    if (this.done) return;
+    this.done = true;
     this.#owner.flightAnswered(this, response, upstream, info);
   }
 
-  /** Hands the failure to the owner. */
-  protected onFailure(error: UpstreamError): void {
+  /** Hands the failure to the owner, once. */
+  settleFailure(error: UpstreamError): void {
+    if (this.done) return;
+    this.done = true;
     this.#owner.flightFailed(this, error);
   }
 }

@@ -10,7 +10,6 @@
 import type { CacheEntry } from "../cache/answer_cache.ts";
 import { MAX_MESSAGE_SIZE } from "../dns/wire.ts";
 import type { Timed } from "../timers.ts";
-import type { Flight } from "./flight.ts";
 
 /** The client transport a query arrived on. */
 export type Transport = "udp" | "tcp";
@@ -25,6 +24,15 @@ export interface ResponseSink {
    * `null` to drop it. `close` asks a TCP listener to close the connection after writing.
    */
   deliver(response: Uint8Array | null, client: Deno.Addr | undefined, close?: boolean): void;
+}
+
+/**
+ * What a job waits on upstream, as the job sees it: the list of jobs waiting with it (a
+ * `Flight`, which knows its waiters; the job knows no more of it).
+ */
+export interface AwaitedFlight {
+  /** The jobs waiting on it. */
+  readonly waiters: ClientJob[];
 }
 
 /** Something that finishes jobs (the resolver). */
@@ -71,7 +79,7 @@ export class ClientJob implements Timed {
   /** Who answered (upstream label), empty when the proxy did. */
   upstream = "";
   /** The upstream question it waits on, if any. */
-  flight: Flight | null = null;
+  flight: AwaitedFlight | null = null;
   /** An expired entry to serve if no fresh answer comes in time. */
   stale: CacheEntry | null = null;
   /** True once answered or dropped. */

@@ -1,15 +1,14 @@
 /**
  * One query on the wire to one upstream: the unit the connections carry. It owns the wire ID,
  * the connection carrying it, when it was written, how often, and whether it was nudged; it
- * knows no client. Its outcome goes to one {@linkcode ExchangeWaiter}: the pool (for a
- * question being answered) or an upstream's health check (for a probe).
+ * knows no client. Its outcome goes to one {@linkcode ExchangeWaiter}: the pool's record of
+ * the question it is an attempt at (`PoolRequest`), or an upstream's health check (a probe).
  *
  * @module
  */
 
 import type { ResponseInfo } from "../dns/message.ts";
-import type { UpstreamRequest } from "./request.ts";
-import type { UpstreamError } from "./types.ts";
+import type { UpstreamError, UpstreamErrorReason } from "./errors.ts";
 
 /** Hears how an exchange ended. Called at most once per exchange. */
 export interface ExchangeWaiter {
@@ -19,10 +18,31 @@ export interface ExchangeWaiter {
   exchangeFailed(exchange: Exchange, error: UpstreamError): void;
 }
 
-/** Where an exchange is in flight; implemented by a DoT connection. */
+/**
+ * The connection an exchange is in flight on, as those who hold the exchange see it: whether
+ * it is still connecting (an attempt waits on a handshake), whether it has answered since,
+ * and closing it. `UpstreamConnection` is the whole of it.
+ */
 export interface ExchangeCarrier {
-  /** Stops waiting for `exchange` (its ID stays reserved until answered or expired). */
-  forget(exchange: Exchange): void;
+  /** Lifecycle state. */
+  readonly state: "connecting" | "open" | "closed";
+  /** Clock time the connection was created. */
+  readonly createdAt: number;
+  /** Clock time of the last valid answer (0: none yet). */
+  readonly lastReadAt: number;
+  /** See `UpstreamConnection.stalledSince`. */
+  readonly stalledSince: number;
+  /** Exchanges in flight on it. */
+  readonly load: number;
+  /** Closes it; what it carries is handed back. */
+  close(): void;
+  /** Closes it as a failure, which judges the upstream. */
+  abandon(reason: UpstreamErrorReason, message: string): void;
+  /**
+   * One of the exchanges it carries ended (answered, failed or cancelled). For a carrier
+   * that holds something per exchange: a plain-UDP exchange closes its socket at once.
+   */
+  release?(exchange: Exchange): void;
 }
 
 /** Counts the exchanges an upstream is carrying. */
@@ -52,8 +72,6 @@ export class Exchange {
   readonly kind: ExchangeKind;
   /** Who hears the outcome; null once it ended or was cancelled. */
   waiter: ExchangeWaiter | null;
-  /** The question it is an attempt at (null for probes). */
-  request: UpstreamRequest | null = null;
   /** Index of the upstream it went to (set by the upstream). */
   upstreamIndex: number = -1;
   /** The upstream counting it as outstanding, once sent. */
@@ -62,8 +80,10 @@ export class Exchange {
   orphaned = false;
   /** True when it was the oldest unanswered exchange on the connection that went away. */
   firstOrphan = false;
-  /** True when it was alone on a connection of its own (see `Upstream.sendIsolated`). */
-  isolated = false;
+  /** True when it was the newest unanswered exchange on the connection that went away. */
+  lastOrphan = false;
+  /** True when it re-sends a question a connection that went away left unanswered. */
+  resent = false;
   /** True when it was alone on its connection and the connection died before answering. */
   poisoned = false;
   /** True once judged slow (its attempt deadline passed). */
@@ -76,11 +96,7 @@ export class Exchange {
   sentAt = 0;
   /** Clock time it was handed to the upstream. */
   startedAt = 0;
-  /** Writes on a connection (more than one after its connection closed under it). */
-  writes = 0;
-  /** True once written again on its connection to nudge a Nagle-bound server. */
-  nudged = false;
-  /** Times written again on its connection (see `DotConnection`'s nudge). */
+  /** Times nudged on its connection (see `nudge.ts`). */
   nudges = 0;
   /** Clock time of the last nudge (0: none). */
   nudgedAt = 0;
@@ -114,7 +130,8 @@ export class Exchange {
   fail(error: UpstreamError): void {
     if (this.ended) return;
     this.#end();
-    this.carrier?.forget(this);
+    // Its connection keeps its entry (the ID reserved, the answer owed) until answered or
+    // purged: see `StreamConnection.purge`.
     this.carrier = null;
     const waiter = this.waiter;
     this.waiter = null;
@@ -126,12 +143,12 @@ export class Exchange {
     if (this.ended) return;
     this.#end();
     this.waiter = null;
-    this.carrier?.forget(this);
     this.carrier = null;
   }
 
   #end(): void {
     this.ended = true;
+    this.carrier?.release?.(this);
     const holder = this.holder;
     this.holder = null;
     holder?.ended();

@@ -16,7 +16,7 @@
  * @module
  */
 
-import type { UpstreamError } from "./types.ts";
+import type { UpstreamError } from "./errors.ts";
 
 /** Health states. */
 export type HealthState = "unknown" | "up" | "down";

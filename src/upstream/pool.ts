@@ -1,9 +1,32 @@
 /**
- * The upstream pool: gets each question answered by the upstreams within its deadline, so
- * that no client waits on a dead upstream while another could answer.
+ * An upstream set (the pool): gets each question answered by its upstreams within its
+ * deadline, so that no client waits on a dead upstream while another could answer.
  *
- * A question ({@linkcode UpstreamRequest}) goes to the upstream the policy picks, as one
- * {@linkcode Exchange}. From there:
+ * ## As a value
+ *
+ * A pool is built from {@linkcode PoolOptions} alone (its upstreams, strategy, hedging,
+ * retry, failover rcodes, health checks, padding, how connections are made) and owns
+ * everything it runs on except the clock and the timer queue, which it may share with the
+ * resolver and with other pools. `app.ts` builds one for `--upstream`; a router builds one
+ * per route, each with its own upstreams and options, and hands every question to the set
+ * of its zone:
+ *
+ * - {@linkcode UpstreamPool.forward} takes the resolver's {@linkcode UpstreamRequest}
+ *   (the {@linkcode Forwarder} seam) and settles it exactly once, by its deadline at the
+ *   latest. The pool keeps its own record of the question (a `PoolRequest`) and, when
+ *   `padding` is on, its own padded copy of the message: nothing of the request changes.
+ * - {@linkcode UpstreamPool.start} connects to and probes every upstream;
+ *   {@linkcode UpstreamPool.close} stops it.
+ * - {@linkcode UpstreamPool.readiness} says whether the set can answer now (`/readyz`);
+ *   {@linkcode UpstreamPool.snapshot} gives each upstream's state for the metrics;
+ *   {@linkcode UpstreamPool.healthChange} resolves at its next change of health.
+ * - Statistics go through `stats` (one `UpstreamStats` per upstream label).
+ * - `connect` makes the connections: DoT by default; anything implementing
+ *   `UpstreamConnection` (plain TCP, a UDP exchange, a test's fake) otherwise.
+ *
+ * ## A question's way
+ *
+ * A question goes to the upstream the policy picks, as one {@linkcode Exchange}. From there:
  *
  * - **Retry**: when the exchange fails (refused, TLS error, reset, invalid answer) or passes
  *   its attempt deadline (the upstream's usual answer time; a multiple of its handshake time
@@ -12,13 +35,15 @@
  * - **Hedge**: when the first exchange has not answered within the hedge delay, the same
  *   question goes to a second upstream (or a second connection when there is one upstream),
  *   within a budget of hedges per question. The automatic delay is the recent p95 answer time
- *   of the fastest usable upstream (see {@linkcode UpstreamPool.hedgeDelay}).
+ *   of the fastest usable upstream, this one included (see {@linkcode UpstreamPool.hedgeDelay}).
  * - **Failover on answers**: an answer whose rcode is in `--failover-rcodes` is kept while one
  *   other upstream is asked; the client gets the other's answer or, when that one gives such
  *   an rcode too or none at all, the last such answer.
- * - **Query of death**: the oldest question on a connection that died goes again alone on a
- *   connection of its own; if that one dies too, the question goes to no other connection
- *   of that upstream (another upstream may still be asked, once).
+ * - **Query of death**: the oldest question on a connection that died (and the newest, when
+ *   no other upstream is left to move it to, and any question on a second connection that
+ *   died) goes again alone, on a connection of its own; if that one dies too, the question
+ *   goes to no other connection of that upstream (another upstream may still be asked,
+ *   once). Its own retries are not the upstream's failures in a row.
  *
  * Health (up/down, probes) and latency live with each {@linkcode Upstream}; which upstream
  * goes next is the {@linkcode Policy}'s business.
@@ -27,20 +52,40 @@
  */
 
 import type { Strategy, UpstreamSpec } from "../config.ts";
+import { padUpstreamQuery } from "../dns/edns.ts";
 import type { ResponseInfo } from "../dns/message.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
+import { SlabCopier } from "../slab.ts";
 import { type Clock, SYSTEM_CLOCK, type Timed, TimerQueue } from "../timers.ts";
-import type { ConnectionFactory, UpstreamConnection } from "./dot_connection.ts";
-import { Exchange, type ExchangeWaiter } from "./exchange.ts";
+import type { ConnectionFactory } from "./connection.ts";
+import { UpstreamError } from "./errors.ts";
+import { Exchange, type ExchangeCarrier } from "./exchange.ts";
+import type { Forwarder, UpstreamRequest } from "./forwarder.ts";
+import { HedgeBudget } from "./hedge_budget.ts";
 import { createPolicy, type Policy, type Random } from "./policy.ts";
-import type { RequestDriver, UpstreamRequest } from "./request.ts";
-import {
-  type Forwarder,
-  NO_UPSTREAM_STATS,
-  UpstreamError,
-  type UpstreamStatsFactory,
-} from "./types.ts";
-import { Upstream } from "./upstream.ts";
+import { PoolRequest, type PoolRequestDriver } from "./pool_request.ts";
+import { NO_UPSTREAM_STATS, type UpstreamStatsFactory } from "./stats.ts";
+import { Upstream, type UpstreamTransport } from "./upstream.ts";
+
+/** Whether an upstream set can answer now, and why (what `/readyz` shows). */
+export interface PoolReadiness {
+  /** True when one of its upstreams answered recently or answers a probe now. */
+  ready: boolean;
+  /** Why, in a few words. */
+  reason: string;
+}
+
+/** What the metrics show of one upstream of a set, read when they are rendered. */
+export interface UpstreamSnapshot {
+  /** The upstream's label (`--upstream` as written, normalised). */
+  label: string;
+  /** True unless it is down. */
+  healthy: boolean;
+  /** Questions it owes answers to. */
+  inflight: number;
+  /** Connections open or opening. */
+  connections: number;
+}
 
 /** Options of {@linkcode UpstreamPool}. */
 export interface PoolOptions {
@@ -54,7 +99,10 @@ export interface PoolOptions {
   idleTimeoutMs: number;
   /** TCP connect plus TLS handshake deadline per attempt. */
   connectTimeoutMs: number;
-  /** `"auto"` (each upstream's recent p95, within 10..1000 ms), a delay in ms, or 0 (off). */
+  /**
+   * `"auto"` (the recent p95 answer time of the fastest usable upstream, within 10..1000 ms;
+   * see {@linkcode UpstreamPool.hedgeDelay}), a delay in ms, or 0 (off).
+   */
   hedgeDelay: "auto" | number;
   /** Most hedged questions, in percent of all questions. */
   hedgeBudgetPercent: number;
@@ -64,9 +112,19 @@ export interface PoolOptions {
   failoverRcodes: readonly number[];
   /** Which upstream goes next. */
   strategy: Strategy;
+  /**
+   * How the upstreams' connections carry DNS: `"tls"` (DoT, the default; `caCerts` and
+   * `nudge` apply) or `"tcp"` (plain DNS over TCP, only where the user named it). A plain
+   * UDP exchange is a `connect` of its own.
+   */
+  transport?: UpstreamTransport;
   /** Whether to nudge Nagle-bound servers. */
   nudge: boolean;
-  /** Pad health probes to 128 octets, as `--padding` pads queries (default false). */
+  /**
+   * Pad queries and health probes to multiples of 128 octets with EDNS(0) padding (RFC
+   * 8467; default false). The resolver's messages come unpadded: padding is a property of
+   * the path to the upstreams (encrypted or not), not of the question.
+   */
   padding?: boolean;
   /** Logger. */
   log: Logger;
@@ -85,38 +143,16 @@ export interface PoolOptions {
  * longest, and the one used before any upstream's answer time is known.
  */
 const AUTO_HEDGE_MS = { min: 10, max: 1000, unknown: 100 } as const;
+/** How long {@linkcode UpstreamPool.readiness} waits for the first health checks at start. */
+const STARTUP_READY_WAIT_MS = 3000;
 /** Most exchanges for one question (first try, retries, hedge, failover). */
 const MAX_EXCHANGES = 6;
 /** How often idle connections and late answers are tidied. */
 const MAINTAIN_EVERY_MS = 1000;
+/** Most octets padding adds to a message: the option's 4 and up to a block less one. */
+const QUERY_PADDING_ROOM = 4 + 127;
 
-/**
- * Hedges earned per question and spent per hedge (a token bucket): at most `percent` of the
- * questions plus a burst of {@linkcode HedgeBudget.BURST}, which is also what it starts with,
- * so the first questions after a start (when nothing is measured yet) can be hedged too.
- */
-class HedgeBudget {
-  /** Hedges that may be spent at once before the budget refills. */
-  static readonly BURST = 10;
-  #tokens: number;
-  readonly #rate: number;
-
-  constructor(percent: number) {
-    this.#rate = percent / 100;
-    this.#tokens = percent > 0 ? HedgeBudget.BURST : 0;
-  }
-
-  earn(): void {
-    const next = this.#tokens + this.#rate;
-    this.#tokens = next > HedgeBudget.BURST ? HedgeBudget.BURST : next;
-  }
-
-  take(): boolean {
-    if (this.#tokens < 1) return false;
-    this.#tokens--;
-    return true;
-  }
-}
+const copier = new SlabCopier();
 
 /** The pool's periodic tidy-up, as a timer entry. */
 class Maintenance implements Timed {
@@ -133,7 +169,7 @@ class Maintenance implements Timed {
  * Adds `exchange` to `request`'s list. The first goes into an array of one: a push onto an
  * empty array reserves 17 slots, garbage for every question.
  */
-function addExchange(request: UpstreamRequest, exchange: Exchange): void {
+function addExchange(request: PoolRequest, exchange: Exchange): void {
   if (request.exchanges.length === 0) request.exchanges = [exchange];
   else request.exchanges.push(exchange);
 }
@@ -148,11 +184,13 @@ function addExchange(request: UpstreamRequest, exchange: Exchange): void {
  * await pool.close();
  * ```
  */
-export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
+export class UpstreamPool implements Forwarder, PoolRequestDriver {
   /** The upstreams, in configured order. */
   readonly upstreams: Upstream[];
-  /** The timer queue (shared with the resolver). */
+  /** The timer queue (shared with the resolver when given, else the pool's own). */
   readonly timers: TimerQueue;
+  /** True when {@linkcode timers} is the pool's own, closed with it. */
+  readonly #ownTimers: boolean;
   readonly #clock: Clock;
   readonly #policy: Policy;
   readonly #log: Logger;
@@ -163,6 +201,9 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
   readonly #maintenance: Maintenance;
   readonly #healthWaiters: (() => void)[] = [];
   readonly #poisonLog: RateLimitedLog;
+  readonly #padding: boolean;
+  /** Clock time {@linkcode start} was called (the first health checks went out). */
+  #startedAt = 0;
   #closed = false;
 
   /** Creates a pool; call {@linkcode start} to connect and probe. */
@@ -170,6 +211,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     if (options.upstreams.length > 31) throw new RangeError("at most 31 upstreams");
     this.#clock = options.clock ?? SYSTEM_CLOCK;
     this.timers = timers ?? new TimerQueue(this.#clock);
+    this.#ownTimers = timers === undefined;
     this.#log = options.log;
     this.#poisonLog = new RateLimitedLog(options.log, 10_000, () => this.#clock.now());
     this.#policy = createPolicy(options.strategy, options.random);
@@ -177,8 +219,10 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     this.#budget = new HedgeBudget(options.hedgeBudgetPercent);
     for (const rcode of options.failoverRcodes) this.#failover[rcode & 0xf] = 1;
     this.#idleTimeoutMs = options.idleTimeoutMs;
+    this.#padding = options.padding ?? false;
     const stats = options.stats ?? NO_UPSTREAM_STATS;
     const settings = {
+      transport: options.transport ?? "tls",
       caCerts: options.caCerts,
       maxConnections: options.connectionsPerUpstream,
       connectTimeoutMs: options.connectTimeoutMs,
@@ -251,8 +295,46 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
    * and a broken upstream shows in the log at start rather than at the first question.
    */
   start(): void {
+    this.#startedAt = this.#clock.now();
     for (const upstream of this.upstreams) upstream.startProbing();
     this.timers.schedule(this.#maintenance, this.#clock.now() + MAINTAIN_EVERY_MS);
+  }
+
+  /**
+   * Whether the set can answer now: ready when one of its upstreams is up (it answered a
+   * question or a probe lately). Just after {@linkcode start}, while the first health checks
+   * are on their way, waits for them (up to 3 s from the start) rather than saying no.
+   */
+  async readiness(): Promise<PoolReadiness> {
+    for (let round = 0; round < 2; round++) {
+      const up = this.upstreams.find((u) => u.health.state === "up");
+      if (up) {
+        const how = up.health.lastAnswerWasProbe ? "answered a probe" : "answered";
+        return { ready: true, reason: `${up.spec.label} ${how}` };
+      }
+      const unknown = this.upstreams.some((u) => u.health.state === "unknown");
+      const waited = this.#clock.now() - this.#startedAt;
+      if (!unknown || waited >= STARTUP_READY_WAIT_MS || round > 0 || this.#closed) break;
+      // Just started: the first health checks are on their way.
+      await this.healthChange(STARTUP_READY_WAIT_MS - waited);
+    }
+    const reasons = this.upstreams.map((u) => {
+      const why = u.health.lastError?.message ??
+        (u.health.state === "unknown" ? "not checked yet" : "down");
+      // Most upstream errors name the upstream already.
+      return why.includes(u.spec.label) ? why : `${u.spec.label}: ${why}`;
+    });
+    return { ready: false, reason: `no upstream answers: ${reasons.join("; ")}` };
+  }
+
+  /** Each upstream's state for the metrics, in configured order. */
+  snapshot(): UpstreamSnapshot[] {
+    return this.upstreams.map((u) => ({
+      label: u.spec.label,
+      healthy: u.usable,
+      inflight: u.outstanding,
+      connections: u.connections.length,
+    }));
   }
 
   /** Resolves at the next change of any upstream's health, or after `timeoutMs`. */
@@ -274,13 +356,21 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     for (const waiter of this.#healthWaiters.splice(0)) waiter();
   }
 
-  /** Starts getting `request` answered. */
-  forward(request: UpstreamRequest): void {
+  /** See {@linkcode Forwarder}. */
+  forward(given: UpstreamRequest): void {
     if (this.#closed) {
-      request.settleFailure(new UpstreamError("unavailable", "the proxy is shutting down"));
+      given.settleFailure(new UpstreamError("unavailable", "the proxy is shutting down"));
       return;
     }
-    request.driver = this;
+    // The padded copy goes into a slab: a fresh array per question would be garbage.
+    const message = this.#padding
+      ? padUpstreamQuery(
+        given.query,
+        given.questionEnd,
+        copier.reserve(given.query.length + QUERY_PADDING_ROOM),
+      )
+      : given.query;
+    const request = new PoolRequest(given, message, this);
     this.#budget.earn();
     const now = this.#clock.now();
     if (!this.#start(request, now, false, null)) {
@@ -295,7 +385,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
    * tried yet (or, with `again`, any worth asking). False when there is none.
    */
   #start(
-    request: UpstreamRequest,
+    request: PoolRequest,
     now: number,
     again: boolean,
     hedgeOf: Exchange | null,
@@ -303,7 +393,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     if (request.started >= MAX_EXCHANGES || this.#closed) return false;
     for (const candidate of this.upstreams) candidate.noticeStall(now);
     let upstream = this.#policy.choose(this.upstreams, request.tried, now);
-    let avoid: UpstreamConnection | null = null;
+    let avoid: ExchangeCarrier | null = null;
     if (hedgeOf !== null && upstream !== null && (upstream.slow || upstream.connecting)) {
       // A hedge is worth sending only where an answer is likely soon: not to an upstream
       // still connecting (a black hole looks like that) or already slow.
@@ -313,19 +403,19 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
       // No other upstream to ask (one configured, or the others down): hedge on another
       // connection to the same one, when it may have one.
       const same = this.upstreams[hedgeOf.upstreamIndex];
-      avoid = hedgeOf.carrier as UpstreamConnection | null;
+      avoid = hedgeOf.carrier;
       upstream = same !== undefined && same.usable && same.hasRoomBeside(avoid) ? same : null;
     }
     if (upstream === null && again) upstream = this.#policy.choose(this.upstreams, 0, now);
     if (upstream === null) return false;
     const exchange = new Exchange(
-      request.query,
+      request.message,
       request.questionEnd,
-      this,
+      request,
       hedgeOf !== null ? "hedge" : "query",
     );
-    exchange.request = request;
     exchange.startedAt = now;
+    exchange.resent = request.orphaned > 0;
     addExchange(request, exchange);
     request.tried |= 1 << upstream.index;
     request.started++;
@@ -335,7 +425,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
   }
 
   /** Arms the request's timer for its next event: hedge, attempt deadline or deadline. */
-  #arm(request: UpstreamRequest, now: number): void {
+  #arm(request: PoolRequest, now: number): void {
     let next = request.deadline;
     const exchanges = request.exchanges;
     if (!request.hedged && exchanges.length === 1 && request.started === 1) {
@@ -357,9 +447,8 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     return this.hedgeDelay(upstream);
   }
 
-  /** See {@linkcode RequestDriver}. */
-  requestTimer(request: UpstreamRequest, now: number): void {
-    if (request.done) return;
+  /** See {@linkcode PoolRequestDriver}. */
+  requestTimer(request: PoolRequest, now: number): void {
     if (now >= request.deadline) {
       this.#fail(request, this.#timeoutError(request));
       return;
@@ -387,10 +476,13 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     this.#arm(request, now);
   }
 
-  /** See {@linkcode ExchangeWaiter}. */
-  exchangeAnswered(exchange: Exchange, response: Uint8Array, info: ResponseInfo): void {
-    const request = exchange.request;
-    if (request === null || request.done) return;
+  /** See {@linkcode PoolRequestDriver}. */
+  attemptAnswered(
+    request: PoolRequest,
+    exchange: Exchange,
+    response: Uint8Array,
+    info: ResponseInfo,
+  ): void {
     this.#remove(request, exchange);
     const upstream = this.upstreams[exchange.upstreamIndex];
     if (this.#failover[info.rcode] === 1) {
@@ -416,10 +508,8 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     request.settleAnswer(response, upstream.spec.label, info);
   }
 
-  /** See {@linkcode ExchangeWaiter}. */
-  exchangeFailed(exchange: Exchange, error: UpstreamError): void {
-    const request = exchange.request;
-    if (request === null || request.done) return;
+  /** See {@linkcode PoolRequestDriver}. */
+  attemptFailed(request: PoolRequest, exchange: Exchange, error: UpstreamError): void {
     this.#remove(request, exchange);
     request.lastError = error;
     const upstream = this.upstreams[exchange.upstreamIndex];
@@ -440,29 +530,37 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
             upstream: upstream?.spec.label,
           },
         );
-      } else if (exchange.firstOrphan && request.deaths === 0) {
-        // The oldest unanswered question on the connection that died is the suspect: it
-        // goes again alone, on a connection of its own, to an upstream it was not on when
-        // there is one (the client is answered sooner if the first upstream is the broken
-        // party), else to the same one.
-        const target = this.#policy.choose(this.upstreams, request.tried, now) ??
-          (upstream !== undefined && upstream.usable ? upstream : null);
-        if (target !== null) {
+      } else if (
+        ++request.orphaned > 1 || exchange.firstOrphan ||
+        (exchange.lastOrphan && !this.#hasUntried(request))
+      ) {
+        if (request.deaths === 0) {
+          // A suspect of the connection that died (see `Upstream.onClosed`), or a question
+          // on a second one that died: it goes again alone, on a connection of its own, to
+          // an upstream it was not on when there is one (the client is answered sooner if
+          // the first upstream is the broken party), else to the same one. With another
+          // upstream to go to, the newest moves at once with the rest.
+          const target = this.#policy.choose(this.upstreams, request.tried, now) ??
+            (upstream !== undefined && upstream.usable ? upstream : null);
+          if (target !== null && target.mayIsolate) {
+            request.deaths++;
+            const retry = new Exchange(request.message, request.questionEnd, request, "query");
+            retry.startedAt = now;
+            retry.resent = true;
+            addExchange(request, retry);
+            request.tried |= 1 << target.index;
+            if (target !== upstream) upstream?.stats.retry(error.reason);
+            target.sendIsolated(retry);
+            if (!request.done) this.#arm(request, now);
+            return;
+          }
+          // None usable: only an upstream it was not on may still take it. Isolation at its
+          // limit: it goes again as any other.
+          if (target === null) request.deaths++;
+        } else if (exchange.firstOrphan) {
+          // A suspect for the second time: not sent again to an upstream it was on.
           request.deaths++;
-          const retry = new Exchange(request.query, request.questionEnd, this, "query");
-          retry.request = request;
-          retry.startedAt = now;
-          addExchange(request, retry);
-          request.tried |= 1 << target.index;
-          if (target !== upstream) upstream?.stats.retry(error.reason);
-          target.sendIsolated(retry);
-          if (!request.done) this.#arm(request, now);
-          return;
         }
-        request.deaths++;
-      } else if (exchange.firstOrphan) {
-        // A suspect for the second time: not sent again to an upstream it was on.
-        request.deaths++;
       }
     }
     if (request.heldAnswer !== null && request.exchanges.length === 0) {
@@ -481,7 +579,15 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     if (!request.done) this.#arm(request, now);
   }
 
-  #remove(request: UpstreamRequest, exchange: Exchange): void {
+  /** True when a usable upstream has not been tried for `request` yet. */
+  #hasUntried(request: PoolRequest): boolean {
+    for (const upstream of this.upstreams) {
+      if (upstream.usable && (request.tried & (1 << upstream.index)) === 0) return true;
+    }
+    return false;
+  }
+
+  #remove(request: PoolRequest, exchange: Exchange): void {
     // In place: `splice` returns a new array of what it removed.
     const exchanges = request.exchanges;
     const index = exchanges.indexOf(exchange);
@@ -494,7 +600,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
    * Stops the request's timer, cancels its remaining exchanges, and counts its hedge as won
    * (it gave the answer: `winner`) or lost (anything else: beaten, failed, or no answer).
    */
-  #finish(request: UpstreamRequest, winner: Exchange | null): void {
+  #finish(request: PoolRequest, winner: Exchange | null): void {
     this.timers.cancel(request);
     const exchanges = request.exchanges;
     if (exchanges.length === 1) {
@@ -514,12 +620,12 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
   }
 
   /** Settles with the answer kept for its rcode. */
-  #settleHeld(request: UpstreamRequest): void {
+  #settleHeld(request: PoolRequest): void {
     this.#finish(request, request.heldFrom);
     request.settleAnswer(request.heldAnswer!, request.heldUpstream, null);
   }
 
-  #fail(request: UpstreamRequest, error: UpstreamError): void {
+  #fail(request: PoolRequest, error: UpstreamError): void {
     if (request.heldAnswer !== null) {
       this.#settleHeld(request);
       return;
@@ -533,7 +639,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     request.settleFailure(error);
   }
 
-  #unavailable(request: UpstreamRequest): UpstreamError {
+  #unavailable(request: PoolRequest): UpstreamError {
     const last = request.lastError ??
       this.upstreams.map((u) => u.health.lastError).find((e) => e !== null) ?? null;
     return new UpstreamError(
@@ -543,7 +649,7 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     );
   }
 
-  #timeoutError(request: UpstreamRequest): UpstreamError {
+  #timeoutError(request: PoolRequest): UpstreamError {
     const last = request.lastError;
     const first = request.exchanges[0];
     const label = first !== undefined
@@ -572,5 +678,6 @@ export class UpstreamPool implements Forwarder, ExchangeWaiter, RequestDriver {
     this.timers.cancel(this.#maintenance);
     await Promise.all(this.upstreams.map((u) => u.close()));
     this.#healthChanged();
+    if (this.#ownTimers) this.timers.close();
   }
 }

@@ -1,5 +1,6 @@
 /**
- * One DoT upstream: its pipelined connections, its health and latency, and its probes.
+ * One upstream (DoT, or plain DNS over TCP): its pipelined connections, its health and
+ * latency, and its probes.
  * The pool decides which upstream a question goes to; the upstream decides which of its
  * connections carries it, when to open another, and when it is up or down.
  *
@@ -8,21 +9,25 @@
 
 import type { UpstreamSpec } from "../config.ts";
 import type { ResponseInfo } from "../dns/message.ts";
-import { buildProbeQuery } from "../dns/probe.ts";
-import { HEADER_SIZE, skipUncompressedName } from "../dns/wire.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
-import type { Clock, Timed, TimerQueue } from "../timers.ts";
+import type { Clock, TimerQueue } from "../timers.ts";
 import {
+  type ConnectionContext,
   type ConnectionFactory,
   type ConnectionOwner,
-  DotConnection,
   MAX_QUERIES_PER_CONNECTION,
-  NUDGE_BURST,
   type UpstreamConnection,
-} from "./dot_connection.ts";
-import { Exchange, type ExchangeWaiter } from "./exchange.ts";
+} from "./connection.ts";
+import { ConnectionSet } from "./connection_set.ts";
+import { tcpDialer } from "./dial.ts";
+import { UpstreamError } from "./errors.ts";
+import type { Exchange, ExchangeCarrier } from "./exchange.ts";
 import { LatencyTracker, UpstreamHealth } from "./health.ts";
-import { UpstreamError, type UpstreamStats } from "./types.ts";
+import { HealthChecks } from "./health_checks.ts";
+import { NudgeBudget } from "./nudge.ts";
+import type { UpstreamStats } from "./stats.ts";
+import { StreamConnection } from "./stream_connection.ts";
+import { tlsDialer } from "./tls_dial.ts";
 
 /**
  * A connection with this many queries written since its last answer, the first of them
@@ -34,33 +39,27 @@ const STALL_BURST_WRITES = 8;
 /** See {@linkcode STALL_BURST_WRITES}. */
 const STALL_BURST_MIN_MS = 50;
 
-/** Least time a probe on an open connection is given to be answered. */
-const PROBE_ANSWER_MS = 500;
-/**
- * With health checks off, the least time between two probes sent because the server closed
- * the last connection (see `onClosed`).
- */
-const CLOSE_PROBE_SPACING_MS = 10_000;
-
-/** A timer this late says the process was stalled, not the upstream (see probeTimedOut). */
-const LATE_TIMER_MS = 50;
-
 /** Least time a question waits on a handshake before it also goes elsewhere. */
 const HANDSHAKE_ALLOWANCE_MIN_MS = 100;
 /** Time a question waits on a handshake when no handshake time is known at all. */
 const HANDSHAKE_ALLOWANCE_DEFAULT_MS = 500;
 
+/** How an upstream's connections carry DNS: over TLS (DoT, RFC 7858) or plain TCP. */
+export type UpstreamTransport = "tls" | "tcp";
+
 /** Settings of an upstream shared by all upstreams of a pool. */
 export interface UpstreamSettings {
+  /** DNS over TLS (`"tls"`), or plain DNS over TCP (`"tcp"`). */
+  transport: UpstreamTransport;
   /** Extra trusted CA certificates (PEM). */
   caCerts: string[];
-  /** Most TLS connections to this upstream. */
+  /** Most connections to this upstream. */
   maxConnections: number;
-  /** TCP connect plus TLS handshake deadline. */
+  /** TCP connect (plus TLS handshake) deadline. */
   connectTimeoutMs: number;
   /** Idle upstreams are probed this often (0: never). */
   healthCheckIntervalMs: number;
-  /** Whether to nudge Nagle-bound servers. */
+  /** Whether to nudge Nagle-bound servers (DoT only, see `nudge.ts`). */
   nudge: boolean;
   /** Pad health probes (and frame fillers) to 128 octets, as `--padding` pads queries. */
   padProbes: boolean;
@@ -89,84 +88,6 @@ export interface UpstreamSettings {
   referenceAttemptMs?: () => number;
 }
 
-/** Questions owed by an upstream from which it counts as busy (see `Upstream.send`). */
-const BUSY_OUTSTANDING = 8;
-
-/** Most questions in flight on a connection before a busy upstream spreads to another. */
-const BATCH_LIMIT = 128;
-
-/**
- * Under load: a connection that owes the server an ACK (the one owing longest), whose write
- * then releases the answers held on it; else the connection written most recently. Either
- * unless it carries too much already.
- */
-function batchesBetter(a: UpstreamConnection, b: UpstreamConnection): boolean {
-  const aFull = a.load >= BATCH_LIMIT;
-  const bFull = b.load >= BATCH_LIMIT;
-  if (aFull !== bFull) return bFull;
-  if (aFull) return a.load < b.load;
-  const aOwes = a.owesAck;
-  if (aOwes !== b.owesAck) return aOwes;
-  return aOwes ? a.lastWriteAt < b.lastWriteAt : a.lastWriteAt > b.lastWriteAt;
-}
-
-function lessBusy(a: UpstreamConnection, b: UpstreamConnection): boolean {
-  const loadA = a.load;
-  const loadB = b.load;
-  return loadA < loadB || (loadA === loadB && a.lastWriteAt < b.lastWriteAt);
-}
-
-const PROBE_QUESTION_END = (() => {
-  const probe = buildProbeQuery(false);
-  return skipUncompressedName(probe, HEADER_SIZE, probe.length) + 4;
-})();
-
-/** An in-flight health probe (`. IN NS`): its exchange and its deadline. */
-export class Probe implements Timed, ExchangeWaiter {
-  /** See {@linkcode Timed}. */
-  timerAt = 0;
-  /** See {@linkcode Timed}. */
-  timerIndex: number = -1;
-  /** See {@linkcode Timed}. */
-  timerSlot: number = -1;
-  /** The probe on the wire. */
-  readonly exchange: Exchange;
-  /** True once its deadline was extended because its timer fired late (see probeTimedOut). */
-  graced = false;
-  /**
-   * True for a check of an idle, up upstream sent on a connection opened earlier: left
-   * unanswered, it is asked again on a new connection before the upstream is judged.
-   */
-  recheck = false;
-  readonly #upstream: Upstream;
-
-  /** Creates a probe of `upstream`. */
-  constructor(upstream: Upstream) {
-    this.#upstream = upstream;
-    this.exchange = new Exchange(
-      buildProbeQuery(false, upstream.padProbes),
-      PROBE_QUESTION_END,
-      this,
-      "probe",
-    );
-  }
-
-  /** The probe's deadline passed. */
-  onTimer(now: number): void {
-    this.#upstream.probeTimedOut(this, now);
-  }
-
-  /** See {@linkcode ExchangeWaiter}. */
-  exchangeAnswered(): void {
-    this.#upstream.probeAnswered(this);
-  }
-
-  /** See {@linkcode ExchangeWaiter}. */
-  exchangeFailed(_exchange: Exchange, error: UpstreamError): void {
-    this.#upstream.probeFailed(this, error);
-  }
-}
-
 /**
  * One upstream and its connections.
  *
@@ -176,69 +97,50 @@ export class Probe implements Timed, ExchangeWaiter {
  * upstream.send(exchange);
  * ```
  */
-export class Upstream implements ConnectionOwner, Timed {
+export class Upstream implements ConnectionOwner {
   /** Position in the configured list. */
   readonly index: number;
   /** Address and TLS name. */
   readonly spec: UpstreamSpec;
   /** Statistics hooks. */
   readonly stats: UpstreamStats;
-  /** See {@linkcode ConnectionOwner}. */
-  nudgeTokens: number = NUDGE_BURST;
   /** Health state. */
   readonly health = new UpstreamHealth();
   /** Answer times. */
   readonly latency = new LatencyTracker();
-  /** Open or opening connections. */
-  readonly connections: UpstreamConnection[] = [];
+  /** Its connections, and which one a query goes on. */
+  readonly #connections: ConnectionSet;
   /** Exchanges handed to it and not ended. */
   outstanding = 0;
   /** Clock time from which it counts as slow (an attempt passed its timeout), 0 if not. */
   slowSince = 0;
   /** When {@linkcode noticeStall} last looked (it looks once per clock reading). */
   #stallCheckedAt = -1;
-  /** The connection the last query under load went to (see `#sameBatch`). */
-  #batchTarget: UpstreamConnection | null = null;
-  /** When the last probe went out because the server closed the last connection. */
-  #closeProbeAt = -Infinity;
   /** Clock time it was last chosen by the policy. */
   lastChosenAt = 0;
   /** Last TLS handshake time in milliseconds (0: none yet). */
   handshakeMs = 0;
-  /** See {@linkcode ConnectionOwner}. */
-  readonly caCerts: string[];
-  /** See {@linkcode ConnectionOwner}. */
-  readonly log: Logger;
-  /** See {@linkcode ConnectionOwner}. */
-  readonly connectTimeoutMs: number;
-  /** See {@linkcode ConnectionOwner}. */
-  readonly nudge: boolean;
   /**
    * True when its health probes, and the probes that complete a nudge's frame, are padded
    * like queries (see `UpstreamSettings`).
    */
   readonly padProbes: boolean;
-  /** See {@linkcode ConnectionOwner}. */
+  /** What its connections share (see {@linkcode ConnectionContext}). */
+  readonly context: ConnectionContext;
+  /** Logger. */
+  readonly log: Logger;
+  /** The clock. */
   readonly clock: Clock;
-  /** See {@linkcode Timed} (the probe schedule). */
-  timerAt = 0;
-  /** See {@linkcode Timed}. */
-  timerIndex: number = -1;
-  /** See {@linkcode Timed}. */
-  timerSlot: number = -1;
+  /** TCP connect (plus TLS handshake) deadline. */
+  readonly connectTimeoutMs: number;
   readonly #settings: UpstreamSettings;
-  readonly #timers: TimerQueue;
-  /** See {@linkcode ConnectionOwner}. */
-  get timers(): TimerQueue {
-    return this.#timers;
-  }
-  readonly #connect: ConnectionFactory;
-  readonly #random: () => number;
+  /** Its health checks: the probe schedule, probes and verdicts. */
+  readonly #checks: HealthChecks;
   readonly #warnings: RateLimitedLog;
   readonly #connectErrors: RateLimitedLog;
-  #probe: Probe | null = null;
-  readonly #isolated = new Set<UpstreamConnection>();
   #badAnswers = 0;
+  /** The message of the last rejected answer's question (see `onBadAnswer`). */
+  #lastBadMessage: Uint8Array | null = null;
   #silentCloses = 0;
   #closed = false;
 
@@ -252,16 +154,52 @@ export class Upstream implements ConnectionOwner, Timed {
     this.index = index;
     this.spec = spec;
     this.stats = stats;
-    this.caCerts = settings.caCerts;
     this.log = settings.log;
     this.connectTimeoutMs = settings.connectTimeoutMs;
-    this.nudge = settings.nudge;
     this.padProbes = settings.padProbes;
     this.clock = settings.clock;
     this.#settings = settings;
-    this.#timers = settings.timers;
-    this.#connect = settings.connect ?? ((owner) => new DotConnection(owner));
-    this.#random = settings.random ?? Math.random;
+    const tls = settings.transport === "tls";
+    this.context = {
+      spec,
+      dial: tls ? tlsDialer(spec, settings.caCerts) : tcpDialer(spec),
+      connectTimeoutMs: settings.connectTimeoutMs,
+      nudging: tls && settings.nudge
+        ? {
+          budget: new NudgeBudget(),
+          outstanding: () => this.outstanding,
+          padFiller: settings.padProbes,
+        }
+        : null,
+      log: settings.log,
+      stats,
+      clock: settings.clock,
+      timers: settings.timers,
+    };
+    const connect: ConnectionFactory = settings.connect ??
+      ((owner, context) => new StreamConnection(owner, context));
+    this.#connections = new ConnectionSet(
+      () => connect(this, this.context),
+      settings.maxConnections,
+    );
+    this.#checks = new HealthChecks({
+      label: spec.label,
+      index,
+      health: this.health,
+      latency: this.latency,
+      connections: this.#connections,
+      stats,
+      log: settings.log,
+      clock: settings.clock,
+      timers: settings.timers,
+      random: settings.random ?? Math.random,
+      intervalMs: settings.healthCheckIntervalMs,
+      connectTimeoutMs: settings.connectTimeoutMs,
+      padProbes: settings.padProbes,
+      attemptTimeout: () => this.attemptTimeout(),
+      onUp: () => this.slowSince = 0,
+      onHealthChange: () => settings.onHealthChange?.(),
+    });
     this.#warnings = new RateLimitedLog(settings.log, 5_000, () => this.clock.now());
     this.#connectErrors = new RateLimitedLog(settings.log, 10_000, () => this.clock.now());
   }
@@ -276,37 +214,38 @@ export class Upstream implements ConnectionOwner, Timed {
     return this.slowSince !== 0;
   }
 
+  /** Open or opening shared connections (for the metrics and tests). */
+  get connections(): readonly UpstreamConnection[] {
+    return this.#connections.shared;
+  }
+
   /**
    * True when no connection is open and one is being opened: a question sent now waits for
    * a handshake that may never complete (a tarpit, a black hole, a frozen server).
    */
   get connecting(): boolean {
-    let connecting = false;
-    for (const connection of this.connections) {
-      if (connection.state === "open") return false;
-      if (connection.state === "connecting") connecting = true;
-    }
-    return connecting;
+    return this.#connections.connecting;
   }
 
   /**
    * True when a hedge on this upstream could go on a connection other than `busy`: another
    * open or opening connection exists, or there is room to open one.
    */
-  hasRoomBeside(busy: UpstreamConnection | null): boolean {
-    if (this.connections.length < this.#settings.maxConnections) return true;
-    return this.connections.some((c) => c !== busy && c.state !== "closed");
+  hasRoomBeside(busy: ExchangeCarrier | null): boolean {
+    return this.#connections.hasRoomBeside(busy);
   }
 
   /** Exchanges in flight on its connections (late ones included). */
   get load(): number {
-    let total = 0;
-    for (const connection of this.connections) total += connection.load;
-    return total;
+    return this.#connections.load;
   }
 
-  /** Sends `exchange` on the least loaded connection, opening one when warranted. */
-  send(exchange: Exchange, avoid: UpstreamConnection | null = null): void {
+  /**
+   * Sends `exchange` on the connection where it is likely answered soonest (not simply the
+   * least loaded: see `connection_set.ts`), opening one when warranted; `avoid` is a
+   * connection it must not go on (a hedge's first attempt).
+   */
+  send(exchange: Exchange, avoid: ExchangeCarrier | null = null): void {
     if (this.#closed) {
       exchange.upstreamIndex = this.index;
       exchange.fail(
@@ -315,23 +254,7 @@ export class Upstream implements ConnectionOwner, Timed {
       return;
     }
     const now = this.clock.now();
-    // A server under Nagle's algorithm (Unbound's DoT) holds an answer while an earlier one
-    // on the connection is unacknowledged, and Linux delays this side's ACK by up to 40 ms.
-    // A query written on a clean idle connection (see REST_MS) is answered at once, so each
-    // query goes to one, the most recently used (the others can idle out); with none, another
-    // connection opens, up to the limit, and meanwhile the query goes to the least loaded
-    // connection already dirty rather than dirtying a clean one. Failing that: the least
-    // loaded open connection, then the least loaded of any.
-    //
-    // Under load what costs is the number of TLS writes: a burst of queries shares one
-    // connection, and one write (measured: 2 connections at saturation 19.5k qps, 8 used in
-    // turn 14.3k). The burst goes where answers were read since the last write while more are
-    // owed: its write carries the ACK the server's held answers wait for (closed-loop clients
-    // with 32 in flight over TCP: 8-11k qps without, 15-17k with). Else to the settled
-    // connection written most recently.
-    const busy = this.outstanding >= BUSY_OUTSTANDING;
-    let best = busy && avoid === null ? this.#sameBatch(now) : null;
-    if (best === null) best = this.#choose(busy, avoid, now);
+    const best = this.#connections.choose(this.outstanding, avoid, now);
     if (best === null || best.state === "closed") {
       exchange.upstreamIndex = this.index;
       exchange.fail(
@@ -356,81 +279,28 @@ export class Upstream implements ConnectionOwner, Timed {
   }
 
   /**
-   * Under load, the connection this clock reading's batch is going to: chosen by
-   * {@linkcode #choose} for an earlier query of the same run of work and written then, so still
-   * the one written most recently; null when it filled up or closed (then choose again).
-   */
-  #sameBatch(now: number): UpstreamConnection | null {
-    const last = this.#batchTarget;
-    return last !== null && last.lastWriteAt === now && last.load < BATCH_LIMIT &&
-        last.settled(now)
-      ? last
-      : null;
-  }
-
-  /** The connection for a query now, by the rules in {@linkcode send}; null when none. */
-  #choose(busy: boolean, avoid: UpstreamConnection | null, now: number): UpstreamConnection | null {
-    let clean: UpstreamConnection | null = null;
-    let dirty: UpstreamConnection | null = null;
-    let best: UpstreamConnection | null = null;
-    for (const connection of this.connections) {
-      if (connection === avoid) continue;
-      if (!busy && connection.cleanIdle(now)) {
-        if (clean === null || connection.lastWriteAt > clean.lastWriteAt) clean = connection;
-      } else if (connection.state === "open" && connection.settled(now)) {
-        if (
-          dirty === null || (busy ? batchesBetter(connection, dirty) : lessBusy(connection, dirty))
-        ) {
-          dirty = connection;
-        }
-      }
-      if (
-        best === null || (connection.state === "open" && best.state !== "open") ||
-        (connection.state === best.state && lessBusy(connection, best))
-      ) best = connection;
-    }
-    if (
-      clean === null && (!busy || dirty === null) &&
-      this.connections.length < this.#settings.maxConnections && !this.#anyConnecting(avoid)
-    ) {
-      // It takes queries once clean (or at once when it is the only one).
-      const fresh = this.open();
-      if (best === null) best = fresh;
-    }
-    best = clean ?? dirty ?? best;
-    if (busy) this.#batchTarget = best;
-    return best;
-  }
-
-  /**
-   * Sends `exchange` alone on a connection of its own, closed after the answer. A question
-   * that was the oldest unanswered on a connection that died is retried this way: if that
-   * connection dies too before answering, the question is the query of death (for example
-   * something the server drops the connection for) and is not sent again, and no other
-   * client's question went down with it.
+   * Sends `exchange` alone on a connection of its own, closed after the answer. A suspect
+   * of a connection that died (see `onClosed`), or a question on a second connection that
+   * died, is retried this way: if that connection dies too before answering, the question is
+   * the query of death (for example something the server drops the connection for) and is
+   * not sent again, and no other client's question went down with it.
    */
   sendIsolated(exchange: Exchange): void {
     if (this.#closed) {
       this.send(exchange);
       return;
     }
-    const connection = this.#connect(this);
-    this.#isolated.add(connection);
-    connection.start();
+    const connection = this.#connections.openIsolated();
     exchange.upstreamIndex = this.index;
-    exchange.isolated = true;
     if (exchange.startedAt === 0) exchange.startedAt = this.clock.now();
     exchange.holder = this;
     this.outstanding++;
     connection.send(exchange);
   }
 
-  /** True while a connection (other than `except`) is still being opened. */
-  #anyConnecting(except: UpstreamConnection | null): boolean {
-    for (const connection of this.connections) {
-      if (connection !== except && connection.state === "connecting") return true;
-    }
-    return false;
+  /** True when one more connection of one question may open. */
+  get mayIsolate(): boolean {
+    return this.#connections.mayIsolate;
   }
 
   /** An exchange it carried ended (answered, failed or cancelled). */
@@ -440,10 +310,7 @@ export class Upstream implements ConnectionOwner, Timed {
 
   /** Opens one more connection. */
   open(): UpstreamConnection {
-    const fresh = this.#connect(this);
-    this.connections.push(fresh);
-    fresh.start();
-    return fresh;
+    return this.#connections.open();
   }
 
   /**
@@ -454,7 +321,7 @@ export class Upstream implements ConnectionOwner, Timed {
    * connect timeout bounds all of these: past it the connection itself gives up.
    */
   attemptDeadline(exchange: Exchange): number {
-    const connection = exchange.carrier as UpstreamConnection | null;
+    const connection = exchange.carrier;
     if (connection !== null && connection.state === "connecting") {
       const reference = this.handshakeMs > 0
         ? this.handshakeMs
@@ -484,10 +351,11 @@ export class Upstream implements ConnectionOwner, Timed {
    */
   suspect(exchange: Exchange, now: number): void {
     if (this.slowSince === 0) this.slowSince = now;
-    const connection = exchange.carrier as UpstreamConnection | null;
-    if (connection === null || connection.state !== "open") return;
+    // Its carrier, as one of this upstream's connections.
+    const connection = this.#connections.find(exchange.carrier);
+    if (connection === undefined || connection.state !== "open") return;
     if (connection.stalledSince !== 0 && connection.stalledSince <= exchange.sentAt) {
-      this.#sendProbe(connection);
+      this.#checks.probe(connection);
     }
   }
 
@@ -509,7 +377,7 @@ export class Upstream implements ConnectionOwner, Timed {
     this.#stallCheckedAt = now;
     const timeout = this.attemptTimeout();
     const burstTimeout = Math.min(timeout, Math.max(STALL_BURST_MIN_MS, 4 * this.latency.p95));
-    for (const connection of this.connections) {
+    for (const connection of this.#connections.shared) {
       const since = connection.stalledSince;
       if (connection.state !== "open" || since === 0) continue;
       const writes = connection.writesSinceAnswer;
@@ -517,7 +385,7 @@ export class Upstream implements ConnectionOwner, Timed {
         now - since >= timeout || (writes >= STALL_BURST_WRITES && now - since >= burstTimeout)
       ) {
         this.slowSince = now;
-        this.#sendProbe(connection);
+        this.#checks.probe(connection);
         return;
       }
     }
@@ -525,16 +393,9 @@ export class Upstream implements ConnectionOwner, Timed {
 
   /** Closes idle connections and forgets late answers that never came. */
   maintain(now: number, idleSince: number, lateBefore: number): void {
-    for (const connection of [...this.connections]) {
-      connection.purge(lateBefore);
-      connection.completePendingFrame(now);
-      if (
-        connection.state === "open" && connection.load === 0 && connection.lastActive < idleSince
-      ) {
-        this.log.debug("closing idle upstream connection", { upstream: this.spec.label });
-        connection.close();
-      }
-    }
+    this.#connections.maintain(now, idleSince, lateBefore, () => {
+      this.log.debug("closing idle upstream connection", { upstream: this.spec.label });
+    });
     if (this.slowSince !== 0 && now - this.slowSince > 5_000 && this.outstanding === 0) {
       this.slowSince = 0;
     }
@@ -542,223 +403,14 @@ export class Upstream implements ConnectionOwner, Timed {
 
   /** Starts health checking: a probe now (start-up), then on schedule. */
   startProbing(): void {
-    this.#sendProbe(null);
+    this.#checks.start();
   }
 
   /** Closes every connection and stops probing. */
   async close(): Promise<void> {
     this.#closed = true;
-    this.#timers.cancel(this);
-    if (this.#probe) this.#timers.cancel(this.#probe);
-    this.#probe?.exchange.cancel();
-    this.#probe = null;
-    const connections = [...this.connections, ...this.#isolated];
-    for (const connection of connections) connection.close();
-    await Promise.all(connections.map((c) => c.finished));
-  }
-
-  // ---- health ---------------------------------------------------------------------------
-
-  #markUp(now: number): void {
-    this.slowSince = 0;
-    const before = this.health.state;
-    this.health.answered(now);
-    if (before !== "up") {
-      if (before === "down") {
-        this.log.info("upstream answering again", { upstream: this.spec.label });
-        this.latency.reset();
-      }
-      this.#settings.onHealthChange?.();
-    }
-    this.#scheduleProbe(now);
-  }
-
-  #markDown(error: UpstreamError, afterHandshake: boolean): void {
-    const now = this.clock.now();
-    if (this.health.failed(error, now, afterHandshake)) {
-      this.log.warn("upstream down; probing until it answers", {
-        upstream: this.spec.label,
-        reason: error.reason,
-        error: error.message,
-      });
-      this.#settings.onHealthChange?.();
-    } else if (this.health.failures % 20 === 0) {
-      this.log.warn("upstream still down", {
-        upstream: this.spec.label,
-        reason: error.reason,
-        failures: this.health.failures,
-        down_s: Math.round((now - this.health.downSince) / 1000),
-      });
-    }
-    this.#scheduleProbe(now);
-  }
-
-  #scheduleProbe(now: number): void {
-    if (this.#closed || this.#probe !== null) return;
-    if (this.health.state === "down") {
-      this.#timers.schedule(this, now + this.health.probeDelay(this.#random()));
-      return;
-    }
-    const interval = this.#settings.healthCheckIntervalMs;
-    if (interval <= 0) {
-      this.#timers.cancel(this);
-      return;
-    }
-    const last = Math.max(this.health.lastAnswerAt, now - interval);
-    this.#timers.schedule(this, last + interval * (0.9 + 0.2 * this.#random()));
-  }
-
-  /** The probe schedule is due. */
-  onTimer(now: number): void {
-    if (this.#closed) return;
-    const interval = this.#settings.healthCheckIntervalMs;
-    if (
-      this.health.state !== "down" && interval > 0 && now - this.health.lastAnswerAt < interval
-    ) {
-      // Answers kept coming: nothing to check yet.
-      this.#scheduleProbe(now);
-      return;
-    }
-    this.#sendProbe(null, this.health.state !== "down");
-  }
-
-  #sendProbe(on: UpstreamConnection | null, idleCheck = false): void {
-    if (this.#closed || this.#probe !== null) return;
-    const probe = new Probe(this);
-    this.#probe = probe;
-    this.#timers.cancel(this);
-    const now = this.clock.now();
-    let connection = on;
-    if (connection === null) {
-      for (const candidate of this.connections) {
-        if (
-          candidate.state === "open" && (connection === null || lessBusy(candidate, connection))
-        ) {
-          connection = candidate;
-        }
-      }
-    }
-    if (connection === null) connection = this.open();
-    else probe.recheck = idleCheck;
-    probe.exchange.upstreamIndex = this.index;
-    probe.exchange.startedAt = now;
-    connection.send(probe.exchange);
-    const answerWithin = this.#probeAnswerMs();
-    const allowance = connection.state === "open"
-      ? answerWithin
-      : this.connectTimeoutMs + answerWithin;
-    this.#timers.schedule(probe, now + allowance);
-  }
-
-  /** How long an open connection has to answer a probe. */
-  #probeAnswerMs(): number {
-    return Math.max(PROBE_ANSWER_MS, this.attemptTimeout());
-  }
-
-  /** The probe was answered. */
-  probeAnswered(probe: Probe): void {
-    if (probe !== this.#probe) return;
-    this.#timers.cancel(probe);
-    this.#probe = null;
-    this.stats.healthCheck(true);
-    this.#markUp(this.clock.now());
-  }
-
-  /** The probe failed before its deadline (its connection failed or closed). */
-  probeFailed(probe: Probe, error: UpstreamError): void {
-    if (probe !== this.#probe) return;
-    this.#timers.cancel(probe);
-    this.#probe = null;
-    this.stats.healthCheck(false);
-    if (this.#closed) return;
-    if (probe.exchange.orphaned) {
-      // Its connection went away; onClosed judged the upstream already.
-      this.#scheduleProbe(this.clock.now());
-      return;
-    }
-    const connectLevel = error.reason === "refused" || error.reason === "unreachable" ||
-      error.reason === "tls" || error.reason === "timeout";
-    this.#markDown(error, !connectLevel);
-  }
-
-  /** The probe got no answer in time: its connection has stopped answering. */
-  probeTimedOut(probe: Probe, now: number): void {
-    if (probe !== this.#probe) return;
-    if (now - probe.timerAt > LATE_TIMER_MS && !probe.graced) {
-      // The timer fired late: this process was stalled (CPU starved, a long GC), and an
-      // answer that came meanwhile may be waiting unread behind this very timer. Judge
-      // after the reads have had a turn, not before.
-      probe.graced = true;
-      this.#timers.schedule(probe, now + LATE_TIMER_MS);
-      return;
-    }
-    this.#probe = null;
-    const connection = probe.exchange.carrier as UpstreamConnection | null;
-    probe.exchange.cancel();
-    this.stats.healthCheck(false);
-    if (this.#closed) return;
-    const lastAnswer = this.health.lastAnswerAt;
-    if (
-      this.health.state !== "down" && lastAnswer > probe.exchange.startedAt &&
-      now - lastAnswer < this.attemptTimeout()
-    ) {
-      // Questions were answered since the probe went out, and lately: the server is alive
-      // and the probe is a straggler (a resolver that cannot reach the root servers answers
-      // `. NS` late).
-      this.log.debug("health check unanswered, but the upstream answers questions", {
-        upstream: this.spec.label,
-      });
-      if (
-        connection !== null && connection.state === "open" &&
-        connection.lastReadAt < probe.exchange.startedAt
-      ) {
-        // Unless the probe's connection itself has read nothing since: then it is that
-        // connection that went silent while others answer (a middlebox that lost its state
-        // drops what crosses it). Closed, not judged: what it still owes goes elsewhere now,
-        // and no later health check waits on it and takes the upstream down for it.
-        this.log.info("closing an upstream connection that stopped answering", {
-          upstream: this.spec.label,
-          owed: connection.load,
-        });
-        connection.close();
-      }
-      this.#scheduleProbe(now);
-      return;
-    }
-    const message = "a health check got no answer in time";
-    if (probe.recheck && connection !== null && connection.state === "open") {
-      // An idle check on a connection opened earlier: the silence may be that connection's
-      // (a NAT or firewall that forgot an idle flow drops what crosses it), not the
-      // upstream's, and nobody is waiting on it. Its connections that read nothing since
-      // are closed, not judged, and the check is asked again at once on a new connection,
-      // whose silence or failed handshake does judge.
-      this.log.info("idle health check unanswered; checking again on a new connection", {
-        upstream: this.spec.label,
-      });
-      this.#closeSilentSince(probe.exchange.startedAt);
-      this.#sendProbe(null);
-      return;
-    }
-    // Closing the connection as failed judges the upstream (onClosed); questions still on
-    // it go elsewhere at once.
-    if (connection !== null && connection.state === "open") {
-      connection.abandon("timeout", message);
-      // Other connections that answered nothing since the probe went out are as stalled (a
-      // frozen server answers on none): close them too, so their questions move now and the
-      // next probe does not wait on one of them again.
-      this.#closeSilentSince(probe.exchange.startedAt);
-    } else if (connection !== null && connection.state === "connecting") {
-      connection.abandon("timeout", `no handshake within ${this.connectTimeoutMs} ms`);
-    } else {
-      this.#markDown(new UpstreamError("timeout", message, this.spec.label), false);
-    }
-  }
-
-  /** Closes (without judging the upstream) every open connection that read nothing since `at`. */
-  #closeSilentSince(at: number): void {
-    for (const connection of [...this.connections]) {
-      if (connection.state === "open" && connection.lastReadAt < at) connection.close();
-    }
+    this.#checks.close();
+    await this.#connections.close();
   }
 
   // ---- connection events ----------------------------------------------------------------
@@ -766,11 +418,8 @@ export class Upstream implements ConnectionOwner, Timed {
   /** See {@linkcode ConnectionOwner.onOpen}. */
   onOpen(connection: UpstreamConnection, handshakeMs: number): void {
     this.handshakeMs = handshakeMs;
-    const probe = this.#probe;
-    if (probe !== null && probe.exchange.carrier === connection) {
-      // The probe waited for this handshake; from now on it is owed an answer as any other.
-      this.#timers.schedule(probe, this.clock.now() + this.#probeAnswerMs());
-    }
+    // A probe that waited for this handshake is owed an answer from now on, as any other.
+    this.#checks.connectionOpened(connection);
   }
 
   /** See {@linkcode ConnectionOwner.onAnswer}. */
@@ -789,12 +438,13 @@ export class Upstream implements ConnectionOwner, Timed {
     // Client questions only: health checks have their own counter.
     if (exchange.kind !== "probe") this.stats.answered(ms / 1000);
     this.#badAnswers = 0;
+    this.#lastBadMessage = null;
     this.#silentCloses = 0;
     this.health.lastAnswerWasProbe = exchange.kind === "probe";
-    if (this.health.state !== "up" || this.slowSince !== 0) this.#markUp(now);
+    if (this.health.state !== "up" || this.slowSince !== 0) this.#checks.markUp(now);
     else this.health.lastAnswerAt = now;
     exchange.answer(response, info);
-    if (this.#isolated.has(connection) && connection.load === 0) connection.close();
+    if (this.#connections.isIsolated(connection) && connection.load === 0) connection.close();
   }
 
   /** See {@linkcode ConnectionOwner.onBadAnswer}. */
@@ -809,10 +459,15 @@ export class Upstream implements ConnectionOwner, Timed {
     // A rejected probe answer judges the upstream itself (see probeFailed).
     const probe = exchange.kind === "probe";
     exchange.fail(error);
-    // One bad answer may be a poisoned question; a run of them is a broken server.
-    if (!probe && ++this.#badAnswers >= 3) {
+    // One bad answer may be a poisoned question; a run of them is a broken server. The
+    // retries of one question (every exchange of it carries the same message) count once: a
+    // question whose answers always fail validation (a zone's odd records) is not a broken
+    // server, and with one upstream it would take every other client's answers down with it.
+    if (probe || exchange.message === this.#lastBadMessage) return;
+    this.#lastBadMessage = exchange.message;
+    if (++this.#badAnswers >= 3) {
       this.#badAnswers = 0;
-      this.#markDown(error, true);
+      this.#checks.markDown(error, true);
     }
   }
 
@@ -822,14 +477,12 @@ export class Upstream implements ConnectionOwner, Timed {
     orphans: Exchange[],
     failure: UpstreamError | null,
   ): void {
-    const index = this.connections.indexOf(connection);
-    if (index >= 0) this.connections.splice(index, 1);
-    if (this.#isolated.delete(connection) && !this.#closed) {
+    if (this.#connections.remove(connection) && !this.#closed) {
       // A connection of one question: its death says something about the question, not
       // about the upstream, unless it never got through the handshake.
       const error = failure ??
         new UpstreamError("reset", `${this.spec.label} closed the connection`, this.spec.label);
-      if (!connection.opened) this.#markDown(error, false);
+      if (!connection.opened) this.#checks.markDown(error, false);
       for (const exchange of orphans) {
         exchange.orphaned = true;
         exchange.poisoned = connection.opened;
@@ -849,9 +502,7 @@ export class Upstream implements ConnectionOwner, Timed {
         ? new UpstreamError("reset", `${label} closed the connection`, label)
         : new UpstreamError("reset", `${label} closed during the handshake`, label));
     // The probe in flight on it, if any: while down, that is all a connection carries.
-    const probe = this.#probe !== null && orphans.includes(this.#probe.exchange)
-      ? this.#probe
-      : null;
+    const probed = this.#checks.probeAmong(orphans);
     if (!connection.opened) {
       // Never got through the handshake: the upstream is unreachable as far as we can tell.
       this.#connectErrors.error("upstream connection failed", {
@@ -859,7 +510,7 @@ export class Upstream implements ConnectionOwner, Timed {
         reason: error.reason,
         error: error.message,
       });
-      this.#markDown(error, false);
+      this.#checks.markDown(error, false);
     } else if (failure !== null || (orphans.length > 0 && !connection.closeRequested)) {
       // It opened, then went away with questions unanswered or broke: a restart, a server
       // shedding connections (RFC 7766 allows it), or a broken one. Several in a row without
@@ -872,49 +523,48 @@ export class Upstream implements ConnectionOwner, Timed {
           inflight: orphans.length,
         });
       }
-      if (connection.answered === 0 || failure !== null) this.#silentCloses++;
+      // A close whose every unanswered question was on a connection that closed before is
+      // the work of one of those questions (a query of death being looked for, see
+      // `sendIsolated`), not one more failure of the upstream in a row.
+      const fresh = orphans.length === 0 || orphans.some((exchange) => !exchange.resent);
+      if (fresh && (connection.answered === 0 || failure !== null)) this.#silentCloses++;
       if (
         failure?.reason === "bad_response" || failure?.reason === "timeout" ||
-        (probe !== null && this.health.state === "down")
+        (probed && this.health.state === "down")
       ) {
         // Broken frames, silence, or (while down) a health check the server hung up on after
         // the handshake: it is reachable but misbehaves, and each look costs it a handshake,
         // so it is looked at less and less often (see UpstreamHealth.probeDelay). A server
         // that closes connections while up (a restart) is judged by the run of them below.
         this.#silentCloses = 0;
-        this.#markDown(error, true);
+        this.#checks.markDown(error, true);
       } else if (this.#silentCloses >= 3) {
         this.#silentCloses = 0;
-        this.#markDown(error, true);
+        this.#checks.markDown(error, true);
       } else if (orphans.length > 0) {
         this.stats.reconnect();
       }
     }
-    // The first of them in write order is the one a query of death would be: a server that
-    // drops the connection on reading it leaves it first among the unanswered. (Not when this
-    // side closed it.)
-    if (orphans.length > 0 && !connection.closeRequested) orphans[0].firstOrphan = true;
+    // A query of death is the last question the server read before it dropped the
+    // connection: the newest unanswered one when the server reads as fast as questions come
+    // (with pipelining and slow answers, the oldest is merely the slowest), the oldest when
+    // the server stopped reading at it. Both are suspects (see `sendIsolated`); a question
+    // between them is caught when it closes a second connection. (Not when this side closed
+    // it.)
+    if (orphans.length > 0 && !connection.closeRequested) {
+      orphans[0].firstOrphan = true;
+      orphans[orphans.length - 1].lastOrphan = true;
+    }
     for (const exchange of orphans) {
       exchange.orphaned = true;
       exchange.fail(error);
     }
     if (
       connection.opened && !connection.closeRequested && this.health.state !== "down" &&
-      !this.connections.some((c) => c.state === "open")
+      !this.#connections.anyOpen
     ) {
-      // The server closed our last connection: find out now whether it is still there,
-      // rather than when a client asks. Servers also close idle connections (dnsdist after 2
-      // s by default): the connection the probe opens would be closed again, so an idle close
-      // is followed by at most one such probe per health-check interval, not a handshake
-      // every few seconds for as long as no client asks anything.
-      const now = this.clock.now();
-      const spacing = this.#settings.healthCheckIntervalMs > 0
-        ? this.#settings.healthCheckIntervalMs
-        : CLOSE_PROBE_SPACING_MS;
-      if (orphans.length > 0 || now - this.#closeProbeAt >= spacing) {
-        this.#closeProbeAt = now;
-        this.#sendProbe(null);
-      }
+      // The server closed our last connection: find out now whether it is still there.
+      this.#checks.lastConnectionClosed(orphans.length > 0);
     }
   }
 }

@@ -1,6 +1,6 @@
 /**
- * A {@linkcode ConnectionOwner} for tests that drive one {@linkcode DotConnection} by hand:
- * it records what the connection reports.
+ * A {@linkcode ConnectionOwner} for tests that drive one {@linkcode StreamConnection} by hand:
+ * it records what the connection reports, and gives it a DoT context.
  *
  * @module
  */
@@ -8,13 +8,18 @@
 import assert from "node:assert/strict";
 import { Logger } from "../../src/log.ts";
 import { SYSTEM_CLOCK, TimerQueue } from "../../src/timers.ts";
+import type { UpstreamSpec } from "../../src/config.ts";
 import type {
+  ConnectionContext,
   ConnectionOwner,
-  DotConnection,
   UpstreamConnection,
-} from "../../src/upstream/dot_connection.ts";
+} from "../../src/upstream/connection.ts";
 import { Exchange } from "../../src/upstream/exchange.ts";
-import { NO_UPSTREAM_STATS, type UpstreamError } from "../../src/upstream/types.ts";
+import { NudgeBudget } from "../../src/upstream/nudge.ts";
+import type { StreamConnection } from "../../src/upstream/stream_connection.ts";
+import { tlsDialer } from "../../src/upstream/tls_dial.ts";
+import type { UpstreamError } from "../../src/upstream/errors.ts";
+import { NO_UPSTREAM_STATS } from "../../src/upstream/stats.ts";
 import { CA_PEM } from "../fixtures/certs.ts";
 import { buildQuery } from "./dns.ts";
 
@@ -23,25 +28,34 @@ import { buildQuery } from "./dns.ts";
  * connection may send, `nudge` turns nudging off, `outstanding` is the upstream's load.
  */
 export class RecordingOwner implements ConnectionOwner {
-  readonly caCerts = [CA_PEM];
-  readonly log = new Logger({ level: "error", sink: () => {} });
-  readonly stats = NO_UPSTREAM_STATS("test");
-  readonly connectTimeoutMs = 2000;
-  readonly clock = SYSTEM_CLOCK;
-  readonly padProbes = false;
   /** Close it when done: a cancelled nudge leaves its platform timer armed until it fires. */
   readonly timers = new TimerQueue(SYSTEM_CLOCK);
+  /** A DoT context for a connection to `spec`, trusting the test CA. */
+  readonly context: ConnectionContext;
   readonly answered: { exchange: Exchange; response: Uint8Array }[] = [];
   readonly problems: string[] = [];
   #opened: () => void = () => {};
   readonly opened = new Promise<void>((resolve) => this.#opened = resolve);
   constructor(
-    readonly spec: ConnectionOwner["spec"],
-    public nudgeTokens: number,
-    readonly nudge = true,
+    spec: UpstreamSpec,
+    nudgeTokens: number,
+    nudge = true,
     /** What the upstream owes over all its connections: above 4, no nudge at read time. */
-    readonly outstanding = 1,
-  ) {}
+    outstanding = 1,
+  ) {
+    this.context = {
+      spec,
+      dial: tlsDialer(spec, [CA_PEM]),
+      connectTimeoutMs: 2000,
+      nudging: nudge
+        ? { budget: new NudgeBudget(nudgeTokens), outstanding: () => outstanding, padFiller: false }
+        : null,
+      log: new Logger({ level: "error", sink: () => {} }),
+      stats: NO_UPSTREAM_STATS("test"),
+      clock: SYSTEM_CLOCK,
+      timers: this.timers,
+    };
+  }
   onOpen(): void {
     this.#opened();
   }
@@ -57,13 +71,13 @@ export class RecordingOwner implements ConnectionOwner {
 }
 
 /** The upstream spec of a test DoT server on loopback `port` (TLS name `dns.test`). */
-export function loopbackSpec(port: number): ConnectionOwner["spec"] {
+export function loopbackSpec(port: number): UpstreamSpec {
   return { address: "127.0.0.1", port, tlsName: "dns.test", label: `127.0.0.1:${port}#dns.test` };
 }
 
 /** Closes `connection` and waits for it, then its owner's timer queue, then `server`. */
 export async function closeAll(
-  connection: DotConnection,
+  connection: StreamConnection,
   owner: RecordingOwner,
   server: { close(): Promise<void> },
 ): Promise<void> {

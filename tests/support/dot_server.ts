@@ -1,6 +1,6 @@
 /**
  * An in-process DNS-over-TLS upstream for tests (`Deno.listenTls` with the test CA's
- * certificate), with knobs for the misbehaviour a proxy must survive: slow and out-of-order
+ * certificate; or plain DNS over TCP with `plain`), with knobs for the misbehaviour a proxy must survive: slow and out-of-order
  * answers, closing after a few answers, wrong answers, silence.
  *
  * @module
@@ -35,13 +35,15 @@ export interface DotServerOptions {
   hostname?: string;
   /** Port to listen on (default 0: any). */
   port?: number;
+  /** Plain DNS over TCP (`Deno.listen`), no TLS. */
+  plain?: boolean;
 }
 
 /** A DoT server for tests. Close it at the end of the test. */
 export class DotServer {
-  readonly #listener: Deno.TlsListener;
+  readonly #listener: Deno.Listener<Deno.Conn, Deno.NetAddr>;
   readonly #options: DotServerOptions;
-  readonly #conns = new Set<Deno.TlsConn>();
+  readonly #conns = new Set<Deno.Conn>();
   readonly #timers = new Set<ReturnType<typeof setTimeout>>();
   readonly #loops = new Set<Promise<void>>();
   readonly #accepting: Promise<void>;
@@ -65,7 +67,10 @@ export class DotServer {
   /** Query IDs seen, per connection, in arrival order. */
   readonly idsPerConnection: number[][] = [];
 
-  private constructor(listener: Deno.TlsListener, options: DotServerOptions) {
+  private constructor(
+    listener: Deno.Listener<Deno.Conn, Deno.NetAddr>,
+    options: DotServerOptions,
+  ) {
     this.#listener = listener;
     this.#options = options;
     this.#accepting = this.#accept();
@@ -73,9 +78,14 @@ export class DotServer {
 
   /** Starts a server. */
   static start(options: DotServerOptions = {}): DotServer {
+    const hostname = options.hostname ?? "127.0.0.1";
+    const port = options.port ?? 0;
+    if (options.plain) {
+      return new DotServer(Deno.listen({ hostname, port, transport: "tcp" }), options);
+    }
     const listener = Deno.listenTls({
-      hostname: options.hostname ?? "127.0.0.1",
-      port: options.port ?? 0,
+      hostname,
+      port,
       cert: options.cert ?? SERVER_PEM,
       key: options.key ?? SERVER_KEY,
     });
@@ -94,7 +104,7 @@ export class DotServer {
 
   async #accept(): Promise<void> {
     for (;;) {
-      let conn: Deno.TlsConn;
+      let conn: Deno.Conn;
       try {
         conn = await this.#listener.accept();
       } catch {
@@ -112,7 +122,7 @@ export class DotServer {
     }
   }
 
-  async #serve(conn: Deno.TlsConn, ids: number[]): Promise<void> {
+  async #serve(conn: Deno.Conn, ids: number[]): Promise<void> {
     let buffer = new Uint8Array(0);
     let answered = 0;
     let closed = false;

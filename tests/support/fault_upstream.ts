@@ -128,6 +128,11 @@ export interface FaultyUpstreamOptions {
    * queries that arrived under `slow` so far (0-based).
    */
   isSlow?: (query: Uint8Array, index: number) => boolean;
+  /**
+   * A query this accepts closes its connection on arrival, unanswered, whatever the fault (a
+   * query of death: the `reset` fault for one question only).
+   */
+  hangUpOn?: (query: Uint8Array) => boolean;
   /** Seed of the random bytes of `garbage` and `short_frames` (default 1). */
   seed?: number;
   /** Entries kept in `queryLog` (default 1000; the oldest are dropped). */
@@ -378,6 +383,7 @@ export class FaultyUpstream {
   readonly #waiters = new Set<Waiter>();
   readonly #answer: (query: Uint8Array) => Uint8Array | null;
   readonly #isSlow: ((query: Uint8Array, index: number) => boolean) | undefined;
+  readonly #hangUpOn: ((query: Uint8Array) => boolean) | undefined;
   readonly #random: (length: number) => Uint8Array;
   readonly #logLimit: number;
   #slowIndex = 0;
@@ -396,6 +402,7 @@ export class FaultyUpstream {
     this.slowMs = options.slowMs ?? 300;
     this.#answer = options.answer ?? answerFor;
     this.#isSlow = options.isSlow;
+    this.#hangUpOn = options.hangUpOn;
     this.#random = randomBytes(options.seed ?? 1);
     this.#logLimit = options.queryLogLimit ?? 1000;
     this.#good = Deno.listenTls({
@@ -796,6 +803,7 @@ export class FaultyUpstream {
       fault,
       at: performance.now(),
     });
+    if (this.#hangUpOn?.(query)) return false;
     switch (fault) {
       case "silent":
         return true;

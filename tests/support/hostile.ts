@@ -7,8 +7,7 @@
  * @module
  */
 
-import type { UpstreamRequest } from "../../src/upstream/request.ts";
-import type { Forwarder } from "../../src/upstream/types.ts";
+import type { Forwarder, UpstreamRequest } from "../../src/upstream/forwarder.ts";
 import { answerFor, encodeName } from "./dns.ts";
 
 /**

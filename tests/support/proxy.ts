@@ -6,7 +6,14 @@
  */
 
 import { type RunningProxy, type StartOptions, startProxy } from "../../src/app.ts";
-import { type Config, defaultConfig, parseUpstream } from "../../src/config.ts";
+import {
+  type Config,
+  ConfigError,
+  defaultConfig,
+  parseConfig,
+  parseUpstream,
+  type ZoneRoute,
+} from "../../src/config.ts";
 import { Logger, type LogLevel } from "../../src/log.ts";
 import { CA_PEM } from "../fixtures/certs.ts";
 
@@ -37,6 +44,13 @@ export function testConfig(upstreams: string[], overrides: Partial<Config> = {})
     tcpIdleTimeoutMs: 2000,
     ...overrides,
   };
+}
+
+/** The routes of `--zone` values, parsed as the command line parses them. */
+export function zones(...entries: string[]): ZoneRoute[] {
+  const request = parseConfig(entries.flatMap((entry) => ["--zone", entry]), () => undefined);
+  if (request.kind !== "config") throw new ConfigError("not a configuration");
+  return request.config.zones;
 }
 
 /** A proxy started for one test, with its captured logs. */

@@ -31,6 +31,13 @@ export interface UnboundOptions {
   key?: string;
   /** How long `start` and `restart` wait for the port to accept TCP (default 5000 ms). */
   readyTimeoutMs?: number;
+  /**
+   * Serve plain DNS (UDP and TCP) on the port instead of DoT: a stand-in for a cluster DNS
+   * or any other plain-DNS zone target.
+   */
+  plain?: boolean;
+  /** More static local zones, beside `zone` (their records go in `localData`). */
+  moreZones?: string[];
 }
 
 /** Where the process is: running, stopped by SIGSTOP, or not running at all. */
@@ -60,6 +67,44 @@ export function unboundServerHead(port: number, dir: string): string[] {
     "  so-reuseport: no",
     `  module-config: "iterator"`,
   ];
+}
+
+/** The `server:` lines of a plain-DNS Unbound: UDP and TCP on `port`, otherwise the same. */
+function plainServerHead(port: number, dir: string): string[] {
+  return unboundServerHead(port, dir).filter((line) => !line.trimStart().startsWith("tls-"));
+}
+
+/**
+ * Writes the configuration (`unbound.conf`), certificate and key of an Unbound on `port` into
+ * a new temporary directory and returns it: what {@linkcode UnboundUpstream.start} runs, for
+ * a test that runs `unbound -d -c DIR/unbound.conf` elsewhere (in a network namespace).
+ */
+export async function writeUnboundDir(port: number, options: UnboundOptions): Promise<string> {
+  const zone = (options.zone ?? "unbound.test").replace(/\.?$/, ".");
+  const data = options.localData ?? [`www.${zone} 300 IN A 192.0.2.10`];
+  const dir = await Deno.makeTempDir({ prefix: "dotproxy-unbound-" });
+  try {
+    await Deno.writeTextFile(`${dir}/server.pem`, options.cert ?? SERVER_PEM);
+    await Deno.writeTextFile(`${dir}/server.key`, options.key ?? SERVER_KEY);
+    await Deno.writeTextFile(
+      `${dir}/unbound.conf`,
+      [
+        ...(options.plain ? plainServerHead(port, dir) : unboundServerHead(port, dir)),
+        "  incoming-num-tcp: 64",
+        `  local-zone: "${zone}" static`,
+        ...(options.moreZones ?? []).map((more) => `  local-zone: "${more}" static`),
+        ...data.map((record) => `  local-data: '${record}'`),
+        ...(options.extraServerConfig ?? []),
+        "remote-control:",
+        "  control-enable: no",
+        "",
+      ].join("\n"),
+    );
+  } catch (error) {
+    await Deno.remove(dir, { recursive: true });
+    throw error;
+  }
+  return dir;
 }
 
 /**
@@ -120,28 +165,7 @@ export class UnboundUpstream {
   static async start(options: UnboundOptions = {}): Promise<UnboundUpstream> {
     const zone = (options.zone ?? "unbound.test").replace(/\.?$/, ".");
     const port = options.port ?? freeStablePort();
-    const data = options.localData ?? [`www.${zone} 300 IN A 192.0.2.10`];
-    const dir = await Deno.makeTempDir({ prefix: "dotproxy-unbound-" });
-    try {
-      await Deno.writeTextFile(`${dir}/server.pem`, options.cert ?? SERVER_PEM);
-      await Deno.writeTextFile(`${dir}/server.key`, options.key ?? SERVER_KEY);
-      await Deno.writeTextFile(
-        `${dir}/unbound.conf`,
-        [
-          ...unboundServerHead(port, dir),
-          "  incoming-num-tcp: 64",
-          `  local-zone: "${zone}" static`,
-          ...data.map((record) => `  local-data: '${record}'`),
-          ...(options.extraServerConfig ?? []),
-          "remote-control:",
-          "  control-enable: no",
-          "",
-        ].join("\n"),
-      );
-    } catch (error) {
-      await Deno.remove(dir, { recursive: true });
-      throw error;
-    }
+    const dir = await writeUnboundDir(port, options);
     const unbound = new UnboundUpstream(dir, port, zone, options.readyTimeoutMs ?? 5000);
     try {
       await unbound.restart();

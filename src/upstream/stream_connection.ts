@@ -1,247 +1,52 @@
 /**
- * One long-lived DNS-over-TLS connection (RFC 7858) carrying many exchanges at once
- * (RFC 7766 pipelining), each under an ID chosen here and unique on the connection.
+ * One long-lived length-framed DNS connection carrying many exchanges at once (RFC 7766
+ * pipelining), each under an ID chosen here and unique on the connection: DNS over TLS (RFC
+ * 7858) when its context dials TLS (`tls_dial.ts`), plain DNS over TCP when it dials TCP
+ * (`dial.ts`). The same class either way; the nudge against Nagle holds (`nudge.ts`) runs
+ * when the context gives it the upstream's budget.
  *
  * Writes are coalesced: every exchange queued in the same turn of the event loop goes out in
- * one TLS write. Reads land in one reusable buffer and are split into frames in place. Every
+ * one write. Reads land in one reusable buffer and are split into frames in place. Every
  * answer is validated in full (every section parses, the question matches) before it is
  * handed on; the client's ID and question casing are not this layer's business.
  *
  * @module
  */
 
-import type { UpstreamSpec } from "../config.ts";
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "../dns/message.ts";
 import { buildProbeQuery } from "../dns/probe.ts";
 import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
 import { FrameBuffer } from "../frame_buffer.ts";
-import type { Logger } from "../log.ts";
 import { SlabCopier } from "../slab.ts";
-import type { Clock, Timed, TimerQueue } from "../timers.ts";
-import type { Exchange, ExchangeCarrier } from "./exchange.ts";
-import { tlsHint } from "./tls_hint.ts";
-import { UpstreamError, type UpstreamErrorReason, type UpstreamStats } from "./types.ts";
-
-/**
- * How long (at least; four times the connection's fastest answer if more) a connection may
- * owe the server an ACK before it is nudged. A server that holds small writes under Nagle's
- * algorithm (Unbound's DoT does) holds every answer after the first until the client
- * acknowledges, and Linux delays that ACK by up to 40 ms when the client has nothing to send.
- * When queries are still in flight that long after the last read with no write since, the
- * connection is nudged: the first octet of the next frame's length prefix goes out alone (the
- * segment carries the ACK, the held answers come at once, and the server waits for the rest
- * of the frame with nothing to answer); when that octet is out already, the oldest query is
- * written again under the same ID, and the echo of the duplicate is ignored.
- */
-export const NUDGE_MS = 2;
-
-/** How long a new connection rests before it takes queries (see `settled`). */
-export const SETTLE_MS = 50;
-
-/**
- * How long after its last write a connection may still have an answer held on it. A server
- * under Nagle's algorithm holds an answer while an earlier one is unacknowledged; the client's
- * ACK for it leaves at the latest after Linux's 40 ms delayed-ACK timer, so 50 ms after a write
- * made with answers pending (or a nudge, or the handshake's session tickets) the connection is
- * clean again: a query written on it then is answered at once (measured: p50 1.2 ms with two
- * busy connections, 0.33 ms with one query per clean connection; bench/README.md).
- */
-export const REST_MS = 50;
-
-/**
- * An idle connection whose last write was a nudge's lone length octet gets the rest of that
- * frame this long after the write (see {@linkcode UpstreamConnection.completePendingFrame}).
- */
-export const COMPLETE_FRAME_AFTER_MS = 100;
-
-/**
- * Nudge at read time only while the upstream owes this few answers in all (light load): under
- * load, the stream of writes carries the ACKs, and a nudge would cost a query for nothing
- * (measured: saturation qps 14.3k with nudges at any load against 19.4k without).
- */
-const NUDGE_ON_READ_MAX_OUTSTANDING = 4;
-/**
- * Most nudges per exchange: a second and a third cover a server that left a query unread in
- * its buffer until more bytes came (seen once in a capture of Unbound).
- */
-const MAX_NUDGES = 3;
-/**
- * Only a query younger than this is nudged. A held answer is released by this side's delayed
- * ACK within 40 ms anyway, and a query still unanswered after that is most likely one the
- * upstream is still resolving (a cache miss at a recursive resolver takes 10-500 ms), where a
- * duplicate would only add load: measured with answers taking 400 ms, nudging at any age
- * asked the upstreams 1.9-2.1 times per question.
- */
-const NUDGE_MAX_AGE_MS = REST_MS;
-/**
- * Nudges that write a query again are paid for from a budget (the lone length octet costs the
- * server nothing and needs none): each query written earns this share of one, and at most
- * {@linkcode NUDGE_BURST} can be saved up. Whatever the traffic, duplicates stay under a fifth
- * of the queries an upstream's connections carry; the budget is the upstream's, so a connection
- * no longer written to under load can still be nudged for its held answers (measured: 8-19% more
- * saturation qps than with a budget per connection). Measured: with every answer taking 400 ms the upstream
- * was asked 1.26 times per question (hedges included; 1.9-2.1 with no budget); a budget of a
- * twentieth let answers held after a burst wait out the 40 ms delayed ACK (p99 43 ms against
- * 2.6-5 ms at 2,000 qps).
- */
-const NUDGE_SHARE = 0.2;
-/** Most nudges a connection can save up (see {@linkcode NUDGE_SHARE}). */
-export const NUDGE_BURST = 16;
-
-/** Most exchanges in flight on one connection (IDs are 16 bits; keep plenty free). */
-export const MAX_QUERIES_PER_CONNECTION = 16384;
+import type { Clock, Timed } from "../timers.ts";
+import {
+  type ConnectionContext,
+  type ConnectionOwner,
+  type ConnectionState,
+  SETTLE_MS,
+  type UpstreamConnection,
+} from "./connection.ts";
+import { closeQuietly } from "./dial.ts";
+import { classifyError, UpstreamError, type UpstreamErrorReason } from "./errors.ts";
+import type { Exchange } from "./exchange.ts";
+import {
+  COMPLETE_FRAME_AFTER_MS,
+  NUDGE_MS,
+  NUDGE_ON_READ_MAX_OUTSTANDING,
+  nudgeOnRead,
+  nudgeOnTimer,
+  type Nudging,
+  REST_MS,
+} from "./nudge.ts";
 
 const READ_BUFFER_SIZE = 64 * 1024;
 const MAX_FRAME = 2 + 65535;
-
-/** What a connection needs from the upstream that owns it. */
-export interface ConnectionOwner {
-  /** The upstream's address and TLS name. */
-  readonly spec: UpstreamSpec;
-  /** Extra trusted CA certificates (PEM). */
-  readonly caCerts: string[];
-  /** Logger. */
-  readonly log: Logger;
-  /** Statistics hooks. */
-  readonly stats: UpstreamStats;
-  /** Deadline for TCP connect plus TLS handshake. */
-  readonly connectTimeoutMs: number;
-  /** Whether to nudge Nagle-bound servers (see {@linkcode NUDGE_MS}). */
-  readonly nudge: boolean;
-  /** Pads the filler that completes a nudge's frame like a padded health probe. */
-  readonly padProbes: boolean;
-  /** Questions the upstream owes answers to, over all its connections (its load). */
-  readonly outstanding: number;
-  /** The clock. */
-  readonly clock: Clock;
-  /**
-   * The timer queue the connection's nudge timer goes in: one platform timer for every
-   * connection (a `setTimeout` per connection every few milliseconds under load cost about
-   * 2 us per query).
-   */
-  readonly timers: TimerQueue;
-  /**
-   * Nudges its connections may still make, earned and spent by all of them (see
-   * {@linkcode NUDGE_SHARE}): a connection no longer written to can still be nudged for the
-   * answers held on it.
-   */
-  nudgeTokens: number;
-  /** The handshake completed after `handshakeMs`. */
-  onOpen(connection: UpstreamConnection, handshakeMs: number): void;
-  /**
-   * An answer (valid, matching) arrived for `exchange`, at `connection.lastReadAt`;
-   * `exchange` may be ended. `info` is one object reused for every answer: read it during
-   * the call only.
-   */
-  onAnswer(
-    connection: UpstreamConnection,
-    exchange: Exchange,
-    response: Uint8Array,
-    info: ResponseInfo,
-  ): void;
-  /** An answer arrived that is malformed or answers another question. */
-  onBadAnswer(connection: UpstreamConnection, exchange: Exchange, reason: string): void;
-  /**
-   * The connection is gone. `orphans` were in flight and unanswered; `failure` is set when
-   * it broke rather than closed normally.
-   */
-  onClosed(
-    connection: UpstreamConnection,
-    orphans: Exchange[],
-    failure: UpstreamError | null,
-  ): void;
-}
-
-/** Connection lifecycle states. */
-export type ConnectionState = "connecting" | "open" | "closed";
-
-/**
- * What an upstream needs of a connection. {@linkcode DotConnection} is the real one; the pool's
- * unit tests use a fake.
- */
-export interface UpstreamConnection extends ExchangeCarrier {
-  /** Lifecycle state. */
-  readonly state: ConnectionState;
-  /** Exchanges in flight, ended ones awaiting their late answer included. */
-  readonly load: number;
-  /** Answers read on this connection. */
-  readonly answered: number;
-  /** True once the TLS handshake completed. */
-  readonly opened: boolean;
-  /** Clock time the connection was created. */
-  readonly createdAt: number;
-  /** Clock time of the last exchange handed to it. */
-  readonly lastWriteAt: number;
-  /** Clock time of the last send or answer. */
-  readonly lastActive: number;
-  /** Clock time of the last valid answer, or echo of a nudge (0: none yet). */
-  readonly lastReadAt: number;
-  /**
-   * True when answers arrived after the last write while more are owed: a server under
-   * Nagle's algorithm holds those until this side's next segment carries the ACK.
-   */
-  readonly owesAck: boolean;
-  /**
-   * Clock time of the first write since the last answer (0 when an answer came after the
-   * last write, or nothing was written): when it is set and old, the server has answered
-   * nothing written to it for that long, which is how a connection that stopped answering
-   * looks. Queries written before an answer that are still unanswered are stragglers, not a
-   * stall: the server was alive after them.
-   */
-  readonly stalledSince: number;
-  /** Exchanges written since the last answer (see `stalledSince`). */
-  readonly writesSinceAnswer: number;
-  /** True once this side asked it to close (idle, abandoned, shutting down). */
-  readonly closeRequested: boolean;
-  /** True once open long enough to take queries (see {@linkcode SETTLE_MS}). */
-  settled(now: number): boolean;
-  /**
-   * True when a query written now is answered at once: open, nothing in flight, no write in
-   * progress, and no answer possibly held by the server (see {@linkcode REST_MS}).
-   */
-  cleanIdle(now: number): boolean;
-  /** Clock time until which the server may hold an answer on it (see {@linkcode REST_MS}). */
-  readonly dirtyUntil: number;
-  /** Starts connecting. */
-  start(): void;
-  /** Puts `exchange` on the wire (queued until the handshake completes). */
-  send(exchange: Exchange): void;
-  /** Closes; exchanges in flight are handed back as orphans. */
-  close(): void;
-  /**
-   * Closes as a failure (stalled or misbehaving); exchanges in flight are handed back and the
-   * owner hears of it through `onClosed` with the failure.
-   */
-  abandon(reason: UpstreamErrorReason, message: string): void;
-  /** Forgets ended exchanges written before `before` whose answers never came. */
-  purge(before: number): void;
-  /**
-   * On an idle connection (nothing in flight, no write for {@linkcode COMPLETE_FRAME_AFTER_MS})
-   * whose last write was a nudge's lone length octet, writes the rest of that frame: a server
-   * waits for a message it has begun to read, and one with a short read timeout (dnsdist
-   * closes after 2 s by default) would drop the connection. True when it wrote.
-   */
-  completePendingFrame(now: number): boolean;
-  /** Resolves once fully closed. */
-  readonly finished: Promise<void>;
-}
-
-/** Creates a connection for an upstream. */
-export type ConnectionFactory = (owner: ConnectionOwner) => UpstreamConnection;
 
 const copier = new SlabCopier();
 const randomIds = new Uint16Array(2048);
 let randomIndex = randomIds.length;
 /** Reused for every answer: connections run on one thread and hand answers on synchronously. */
 const responseInfo = new ResponseInfo();
-
-function closeQuietly(resource: { close(): void } | null): void {
-  try {
-    resource?.close();
-  } catch {
-    // Already closed (by the peer, or consumed by startTls).
-  }
-}
 
 function nextRandomId(): number {
   if (randomIndex === randomIds.length) {
@@ -252,74 +57,27 @@ function nextRandomId(): number {
 }
 
 /**
- * Makes Deno build its TLS client configuration (the built-in root store) now, with a
- * handshake against a throwaway loopback socket. The first TLS connection of a process
- * otherwise spends about 35 ms on it while queries wait.
- */
-export async function primeTls(): Promise<void> {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0, transport: "tcp" });
-  try {
-    const accepted = listener.accept();
-    const tcp = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
-    const peer = await accepted;
-    const tls = await Deno.startTls(tcp, { hostname: "prime.invalid" });
-    const handshake = tls.handshake().catch(() => {});
-    peer.close();
-    await handshake;
-    tls.close();
-  } catch {
-    // Priming is an optimisation; a failure here changes nothing else.
-  } finally {
-    listener.close();
-  }
-}
-
-/** Classifies a connect, handshake or I/O error into a metrics reason. */
-export function classifyError(error: unknown): UpstreamErrorReason {
-  if (error instanceof UpstreamError) return error.reason;
-  if (error instanceof Deno.errors.ConnectionRefused) return "refused";
-  if (error instanceof Deno.errors.TimedOut) return "timeout";
-  const message = error instanceof Error ? error.message : String(error);
-  // ENETUNREACH (101) and EHOSTUNREACH (113): no route, not a reset.
-  if (
-    /unreachable|os error 101|os error 113|os error 51|os error 65/i.test(message) ||
-    (error instanceof Error && error.name === "NetworkUnreachable")
-  ) return "unreachable";
-  if (
-    error instanceof Deno.errors.ConnectionReset ||
-    error instanceof Deno.errors.ConnectionAborted ||
-    error instanceof Deno.errors.BrokenPipe ||
-    error instanceof Deno.errors.UnexpectedEof ||
-    error instanceof Deno.errors.NotConnected
-  ) return "reset";
-  if (/certificate|tls|handshake|CertNotValid|UnknownIssuer|NotValidForName/i.test(message)) {
-    return "tls";
-  }
-  if (/refused/i.test(message)) return "refused";
-  return "reset";
-}
-
-/**
- * A pipelined DoT connection. Created by an upstream, which hands it exchanges with
- * {@linkcode DotConnection.send} and hears back through its {@linkcode ConnectionOwner}.
+ * A pipelined stream connection (DoT, or plain DNS over TCP). Created by an upstream, which
+ * hands it exchanges with {@linkcode StreamConnection.send} and hears back through its
+ * {@linkcode ConnectionOwner}.
  *
  * @example
  * ```ts ignore
- * const connection = new DotConnection(owner);
+ * const connection = new StreamConnection(owner, { ...context, dial: tlsDialer(spec, caCerts) });
  * connection.start();
  * connection.send(exchange);
  * ```
  */
-export class DotConnection implements UpstreamConnection {
+export class StreamConnection implements UpstreamConnection {
   /** Lifecycle state. */
   state: ConnectionState = "connecting";
   /** Exchanges in flight by wire ID (ended ones stay until answered or purged). */
   readonly inflight = new Map<number, Exchange>();
   /** Answers delivered on this connection. */
   answered = 0;
-  /** True once the TLS handshake completed. */
+  /** True once the connection opened (the TLS handshake too, for DoT). */
   opened = false;
-  /** Clock time when the handshake completed. */
+  /** Clock time when it opened. */
   openedAt = 0;
   /** Clock time the connection was created. */
   readonly createdAt: number;
@@ -335,14 +93,14 @@ export class DotConnection implements UpstreamConnection {
   stalledSince = 0;
   /** See {@linkcode UpstreamConnection.writesSinceAnswer}. */
   writesSinceAnswer = 0;
-  /** See {@linkcode UpstreamConnection.dirtyUntil}. */
-  dirtyUntil: number = Infinity;
+  /** Clock time until which the server may hold an answer on it (see {@linkcode REST_MS}). */
+  #dirtyUntil: number = Infinity;
   /** Clock time the latest write was issued: exchanges sent before it are on the wire. */
   #writeIssuedAt = 0;
   readonly #onWrite = () => {
     this.#writeIssuedAt = this.#clock.now();
   };
-  /** The nudge timer, queued in the owner's timer queue while armed. */
+  /** The nudge timer, queued in the context's timer queue while armed. */
   readonly #nudgeTimer: Timed = {
     timerAt: 0,
     timerIndex: -1,
@@ -356,10 +114,12 @@ export class DotConnection implements UpstreamConnection {
   /** The last octet queued or written is the first of a length prefix, sent as a nudge. */
   #lengthHighSent = false;
   readonly #owner: ConnectionOwner;
+  readonly #context: ConnectionContext;
+  /** The context's nudging, or null: no nudge on this connection. */
+  readonly #nudging: Nudging | null;
   readonly #clock: Clock;
-  #conn: Deno.TlsConn | null = null;
-  #tcp: Deno.TcpConn | null = null;
-  /** Aborts the TCP connect (connect timeout, or closed while connecting). */
+  #conn: Deno.Conn | null = null;
+  /** Aborts the dial (connect timeout, or closed while connecting). */
   readonly #connecting = new AbortController();
   readonly #frames = new FrameBuffer(16 * 1024);
   #flushScheduled = false;
@@ -379,14 +139,16 @@ export class DotConnection implements UpstreamConnection {
   }
 
   /** Creates an unconnected connection; call {@linkcode start}. */
-  constructor(owner: ConnectionOwner) {
+  constructor(owner: ConnectionOwner, context: ConnectionContext) {
     this.#owner = owner;
-    this.#clock = owner.clock;
+    this.#context = context;
+    this.#nudging = context.nudging;
+    this.#clock = context.clock;
     this.createdAt = this.#clock.now();
     this.lastActive = this.createdAt;
   }
 
-  /** Connects, handshakes and serves until closed. */
+  /** Dials (and for DoT handshakes) and serves until closed. */
   start(): void {
     this.#done = this.#run();
   }
@@ -410,7 +172,7 @@ export class DotConnection implements UpstreamConnection {
 
   /** See {@linkcode UpstreamConnection.cleanIdle}. */
   cleanIdle(now: number): boolean {
-    return this.state === "open" && this.inflight.size === 0 && now >= this.dirtyUntil &&
+    return this.state === "open" && this.inflight.size === 0 && now >= this.#dirtyUntil &&
       !this.#writing;
   }
 
@@ -425,14 +187,12 @@ export class DotConnection implements UpstreamConnection {
     while (this.inflight.has(id) || this.#echoes.has(id)) id = nextRandomId();
     exchange.wireId = id;
     exchange.carrier = this;
-    exchange.nudged = false;
     exchange.nudges = 0;
     exchange.nudgedAt = 0;
-    exchange.writes++;
-    if (this.#owner.nudgeTokens < NUDGE_BURST) this.#owner.nudgeTokens += NUDGE_SHARE;
+    this.#nudging?.budget.earn();
     const now = this.#clock.now();
     // Written beside another in flight (or soon after): an answer may now be held on it.
-    if (this.inflight.size > 0 || now < this.dirtyUntil) this.dirtyUntil = now + REST_MS;
+    if (this.inflight.size > 0 || now < this.#dirtyUntil) this.#dirtyUntil = now + REST_MS;
     if (this.stalledSince === 0) this.stalledSince = now;
     this.writesSinceAnswer++;
     this.inflight.set(id, exchange);
@@ -444,13 +204,10 @@ export class DotConnection implements UpstreamConnection {
   }
 
   /**
-   * Stops waiting for `exchange`. Its entry stays (the ID reserved, the connection still
-   * owing an answer, which counts when judging whether the server stopped answering) until
-   * the answer comes or {@linkcode purge} drops it.
+   * Drops ended exchanges written before `before` that were never answered. Until then an
+   * ended exchange's entry stays: its ID reserved, the connection still owing an answer,
+   * which counts when judging whether the server stopped answering.
    */
-  forget(_exchange: Exchange): void {}
-
-  /** Drops ended exchanges written before `before` that were never answered. */
   purge(before: number): void {
     for (const [id, exchange] of this.inflight) {
       if (exchange.ended && exchange.sentAt < before) this.inflight.delete(id);
@@ -461,7 +218,12 @@ export class DotConnection implements UpstreamConnection {
     }
   }
 
-  /** See {@linkcode UpstreamConnection.completePendingFrame}. */
+  /**
+   * On an idle connection (nothing in flight, no write for {@linkcode COMPLETE_FRAME_AFTER_MS})
+   * whose last write was a nudge's lone length octet, writes the rest of that frame: a server
+   * waits for a message it has begun to read, and one with a short read timeout (dnsdist
+   * closes after 2 s by default) would drop the connection. True when it wrote.
+   */
   completePendingFrame(now: number): boolean {
     if (
       !this.#lengthHighSent || this.state !== "open" || this.inflight.size > 0 ||
@@ -472,7 +234,7 @@ export class DotConnection implements UpstreamConnection {
     // The filler's answer is an echo the server may hold like any other answer.
     this.#completeWithFiller();
     this.lastWriteAt = now;
-    this.dirtyUntil = now + REST_MS;
+    this.#dirtyUntil = now + REST_MS;
     this.#scheduleFlush();
     return true;
   }
@@ -489,9 +251,9 @@ export class DotConnection implements UpstreamConnection {
    */
   abandon(reason: UpstreamErrorReason, message: string): void {
     if (this.state === "closed") return;
-    const label = this.#owner.spec.label;
-    this.#owner.stats.error(reason);
-    this.#owner.log.debug("closing upstream connection", {
+    const label = this.#context.spec.label;
+    this.#context.stats.error(reason);
+    this.#context.log.debug("closing upstream connection", {
       upstream: label,
       reason,
       error: message,
@@ -522,7 +284,7 @@ export class DotConnection implements UpstreamConnection {
   #completeWithFiller(): void {
     let id = nextRandomId();
     while (this.inflight.has(id) || this.#echoes.has(id)) id = nextRandomId();
-    const filler = buildProbeQuery(false, this.#owner.padProbes);
+    const filler = buildProbeQuery(false, this.#nudging?.padFiller ?? false);
     filler[0] = id >> 8;
     filler[1] = id & 0xff;
     this.#frames.append(filler, true);
@@ -544,51 +306,30 @@ export class DotConnection implements UpstreamConnection {
   }
 
   async #run(): Promise<void> {
-    const { spec, caCerts, log, stats, connectTimeoutMs } = this.#owner;
+    const { spec, log, stats, connectTimeoutMs } = this.#context;
     const controller = this.#connecting;
     let timedOut = false;
+    // The dialer closes what it opened when the signal aborts.
     const timer = setTimeout(() => {
       timedOut = true;
       controller.abort();
-      closeQuietly(this.#tcp);
-      closeQuietly(this.#conn);
     }, connectTimeoutMs);
     const startedAt = this.#clock.now();
+    let conn: Deno.Conn;
     try {
-      const tcp = await Deno.connect({
-        hostname: spec.address,
-        port: spec.port,
-        transport: "tcp",
-        signal: controller.signal,
-      });
-      if (this.#isClosed()) {
-        // Closed (or abandoned) while connecting: nothing more to do with it.
-        closeQuietly(tcp);
-        throw new UpstreamError("unavailable", "closed while connecting", spec.label);
-      }
-      this.#tcp = tcp;
-      tcp.setNoDelay(true);
-      tcp.setKeepAlive(true);
-      this.#conn = await Deno.startTls(tcp, { hostname: spec.tlsName, caCerts });
-      this.#tcp = null;
-      await this.#conn.handshake();
+      conn = await this.#context.dial(controller.signal);
     } catch (error) {
       clearTimeout(timer);
-      if (this.#isClosed()) {
-        // Whoever closed it has accounted for it; release what the attempt left open.
-        closeQuietly(this.#conn);
-        closeQuietly(this.#tcp);
-        this.#conn = null;
-        this.#tcp = null;
-        return;
-      }
+      // Closed (or abandoned) while connecting: whoever closed it has accounted for it.
+      if (this.#isClosed()) return;
       const reason = timedOut ? "timeout" : classifyError(error);
       stats.handshake(false);
       stats.error(reason);
-      const message = error instanceof Error ? error.message : String(error);
       const detail = timedOut
         ? `no handshake within ${connectTimeoutMs} ms`
-        : message + (reason === "tls" ? tlsHint(message, caCerts.length) : "");
+        : error instanceof Error
+        ? error.message
+        : String(error);
       const failure = new UpstreamError(
         reason,
         `connecting to ${spec.label} failed: ${detail}`,
@@ -599,18 +340,18 @@ export class DotConnection implements UpstreamConnection {
     }
     clearTimeout(timer);
     if (this.#isClosed()) {
-      // Closed while the handshake ran: #shutdown could not close what did not exist yet.
-      closeQuietly(this.#conn);
-      this.#conn = null;
+      // Closed as the dial completed: #shutdown could not close what did not exist yet.
+      closeQuietly(conn);
       return;
     }
+    this.#conn = conn;
     stats.handshake(true);
     this.state = "open";
     this.opened = true;
     this.openedAt = this.#clock.now();
     // The session tickets sent after the handshake are unacknowledged for a while: like an
     // answer just read, they may hold the next answers (the nudge timer covers it).
-    this.dirtyUntil = this.openedAt + Math.max(SETTLE_MS, REST_MS);
+    this.#dirtyUntil = this.openedAt + Math.max(SETTLE_MS, REST_MS);
     this.lastReadAt = this.openedAt;
     // Queued exchanges go on the wire now: time their answers from here, not from the queue.
     for (const exchange of this.inflight.values()) exchange.sentAt = this.openedAt;
@@ -618,7 +359,7 @@ export class DotConnection implements UpstreamConnection {
     log.debug("upstream connection open", { upstream: spec.label });
     this.#owner.onOpen(this, this.openedAt - startedAt);
     if (this.#frames.length > 0 && this.state === "open") this.#flushLoop();
-    if (this.state === "open") await this.#readLoop(this.#conn);
+    if (this.state === "open") await this.#readLoop(conn);
   }
 
   async #flushLoop(): Promise<void> {
@@ -640,8 +381,8 @@ export class DotConnection implements UpstreamConnection {
         this.#shutdown(
           new UpstreamError(
             reason,
-            `writing to ${this.#owner.spec.label} failed`,
-            this.#owner.spec.label,
+            `writing to ${this.#context.spec.label} failed`,
+            this.#context.spec.label,
           ),
         );
       }
@@ -650,12 +391,12 @@ export class DotConnection implements UpstreamConnection {
     }
   }
 
-  async #readLoop(conn: Deno.TlsConn): Promise<void> {
+  async #readLoop(conn: Deno.Conn): Promise<void> {
     const buffer = new Uint8Array(READ_BUFFER_SIZE + MAX_FRAME);
     let start = 0;
     let end = 0;
     let failure: UpstreamError | null = null;
-    const label = this.#owner.spec.label;
+    const label = this.#context.spec.label;
     try {
       for (;;) {
         if (buffer.length - end < MAX_FRAME && start > 0) {
@@ -684,10 +425,11 @@ export class DotConnection implements UpstreamConnection {
         }
         if (failure || this.state !== "open") break;
         if (start === end) start = end = 0;
-        if (this.#owner.nudge && this.inflight.size > 0) {
+        const nudging = this.#nudging;
+        if (nudging !== null && this.inflight.size > 0) {
           if (
             this.answered + this.#echoesRead > heardBefore &&
-            this.#owner.outstanding <= NUDGE_ON_READ_MAX_OUTSTANDING && !this.#flushScheduled
+            nudging.outstanding() <= NUDGE_ON_READ_MAX_OUTSTANDING && !this.#flushScheduled
           ) {
             this.#nudgeOnRead(readAt);
           }
@@ -704,10 +446,10 @@ export class DotConnection implements UpstreamConnection {
     if (this.state !== "open") return;
     if (failure && !this.#closeRequested) {
       // The owner logs it (rate limited) when it hears of it in onClosed.
-      this.#owner.stats.error(failure.reason);
+      this.#context.stats.error(failure.reason);
     } else if (!this.#closeRequested) {
       // RFC 7766 lets a server close an idle connection (or one it wants to shed) at any time.
-      this.#owner.log.debug("upstream closed the connection", {
+      this.#context.log.debug("upstream closed the connection", {
         upstream: label,
         inflight: this.inflight.size,
         answered: this.answered,
@@ -733,8 +475,8 @@ export class DotConnection implements UpstreamConnection {
         return true;
       }
       // A late answer to something no longer tracked: harmless.
-      this.#owner.log.debug("upstream answer for no query in flight", {
-        upstream: this.#owner.spec.label,
+      this.#context.log.debug("upstream answer for no query in flight", {
+        upstream: this.#context.spec.label,
         id,
       });
       return true;
@@ -763,7 +505,7 @@ export class DotConnection implements UpstreamConnection {
     // The fastest answer seen, drifting up slowly so a path that got slower is relearnt. Not
     // from a query written before the connection settled: the server may have held its answer
     // behind the session tickets for a delayed ACK (40 ms), and a patience of four times that
-    // would outlast NUDGE_MAX_AGE_MS: no timer nudge at all on this connection.
+    // would outlast the nudge's age limit (`nudge.ts`): no timer nudge at all on this connection.
     if (this.settled(exchange.sentAt)) {
       const rtt = now - exchange.sentAt;
       this.minRttMs = this.minRttMs === 0 || rtt < this.minRttMs ? rtt : this.minRttMs * 1.01;
@@ -789,15 +531,8 @@ export class DotConnection implements UpstreamConnection {
     if (!this.#mayNudge()) return;
     const onWire = Math.min(readAt, this.#writeIssuedAt);
     const now = this.#clock.now();
-    for (const exchange of this.inflight.values()) {
-      if (exchange.sentAt > onWire) break;
-      if (
-        exchange.ended || exchange.nudges >= MAX_NUDGES || exchange.nudgedAt > onWire ||
-        now - exchange.sentAt >= NUDGE_MAX_AGE_MS
-      ) continue;
-      this.#nudgeExchange(exchange, now);
-      return;
-    }
+    const exchange = nudgeOnRead(this.inflight.values(), onWire, now);
+    if (exchange !== null) this.#nudgeExchange(exchange, now);
   }
 
   /**
@@ -805,7 +540,8 @@ export class DotConnection implements UpstreamConnection {
    * the lone length octet) always; a duplicate query only within the budget.
    */
   #mayNudge(): boolean {
-    return this.#frames.length > 0 || !this.#lengthHighSent || this.#owner.nudgeTokens >= 1;
+    return this.#frames.length > 0 || !this.#lengthHighSent ||
+      this.#nudging?.budget.available === true;
   }
 
   /**
@@ -815,7 +551,6 @@ export class DotConnection implements UpstreamConnection {
    * that octet went out already, `exchange` again under the same ID, whose answer is an echo.
    */
   #nudgeExchange(exchange: Exchange, now: number): void {
-    exchange.nudged = true;
     exchange.nudges++;
     exchange.nudgedAt = now;
     this.lastWriteAt = now;
@@ -824,53 +559,39 @@ export class DotConnection implements UpstreamConnection {
       this.#frames.appendLengthHigh();
       this.#lengthHighSent = true;
     } else {
-      this.#owner.nudgeTokens--;
+      this.#nudging?.budget.spend();
       // Whichever of the two answers comes second is the echo.
       this.#expectEcho(exchange.wireId, 1);
       this.#enqueue(exchange, exchange.wireId);
       // Its echo will be held behind the answer, as one more answer on the connection.
-      this.dirtyUntil = now + REST_MS;
+      this.#dirtyUntil = now + REST_MS;
     }
     this.#scheduleFlush();
   }
 
   #armNudge(now: number): void {
-    this.#owner.timers.schedule(this.#nudgeTimer, now + NUDGE_MS);
+    this.#context.timers.schedule(this.#nudgeTimer, now + NUDGE_MS);
   }
 
   #nudgeNow(): void {
     // Out of budget: the next query written earns some back, and the next read re-arms.
     if (this.state !== "open" || !this.owesAck || !this.#mayNudge()) return;
     const now = this.#clock.now();
-    // Held answers inflate the average RTT; the fastest answer seen says what prompt is.
-    const patience = Math.max(NUDGE_MS, 4 * this.minRttMs);
+    const due = nudgeOnTimer(this.inflight.values(), now, this.minRttMs);
     // Checked again while some query is young enough to be worth a nudge.
-    let young = false;
-    for (const exchange of this.inflight.values()) {
-      if (exchange.ended || exchange.nudges >= MAX_NUDGES) continue;
-      if (now - exchange.sentAt >= NUDGE_MAX_AGE_MS) continue;
-      young = true;
-      if (now - Math.max(exchange.sentAt, exchange.nudgedAt) < patience) {
-        if (exchange.nudgedAt === 0) break;
-        continue;
-      }
-      this.#nudgeExchange(exchange, now);
-      return;
-    }
-    if (young) this.#armNudge(now);
+    if (due === "later") this.#armNudge(now);
+    else if (due !== null) this.#nudgeExchange(due, now);
   }
 
   #shutdown(failure: UpstreamError | null): void {
-    this.#owner.timers.cancel(this.#nudgeTimer);
+    this.#context.timers.cancel(this.#nudgeTimer);
     if (this.state === "closed") return;
     const wasConnecting = this.state === "connecting";
     this.state = "closed";
     // A connect still under way stops now rather than at the connect timeout.
     if (wasConnecting) this.#connecting.abort();
     closeQuietly(this.#conn);
-    closeQuietly(this.#tcp);
     this.#conn = null;
-    this.#tcp = null;
     this.#frames.clear();
     const orphans: Exchange[] = [];
     for (const exchange of this.inflight.values()) {

@@ -1,0 +1,79 @@
+/**
+ * An upstream set whose upstreams speak plain DNS over TCP (`transport: "tcp"`, the seam a
+ * zone's plain targets use): the same pool and connections as DoT, without TLS, over real
+ * loopback sockets.
+ */
+
+import assert from "node:assert/strict";
+import { Logger } from "../src/log.ts";
+import type { ResponseInfo } from "../src/dns/message.ts";
+import type { UpstreamError } from "../src/upstream/errors.ts";
+import type { UpstreamRequest } from "../src/upstream/forwarder.ts";
+import { UpstreamPool } from "../src/upstream/pool.ts";
+import { DotServer } from "./support/dot_server.ts";
+import { buildQuery, encodeName, parseMessage } from "./support/dns.ts";
+import { loopbackSpec, until } from "./support/connection_owner.ts";
+
+/** A question with an OPT record, recording how it settled. */
+class Question implements UpstreamRequest {
+  readonly query: Uint8Array;
+  readonly questionEnd: number;
+  readonly deadline: number;
+  answer: Uint8Array | null = null;
+  error: UpstreamError | null = null;
+
+  constructor(name: string) {
+    this.query = buildQuery(name, { id: 7, ednsUdpSize: 1232 });
+    this.questionEnd = 12 + encodeName(name).length + 4;
+    this.deadline = performance.now() + 2000;
+  }
+
+  settleAnswer(response: Uint8Array, _upstream: string, _info: ResponseInfo | null): void {
+    this.answer = response;
+  }
+
+  settleFailure(error: UpstreamError): void {
+    this.error = error;
+  }
+}
+
+Deno.test("plain upstream set: questions answered and health checked over plain TCP, unpadded", async () => {
+  const server = DotServer.start({ plain: true });
+  const pool = new UpstreamPool({
+    upstreams: [loopbackSpec(server.port)],
+    transport: "tcp",
+    caCerts: [],
+    connectionsPerUpstream: 2,
+    idleTimeoutMs: 10_000,
+    connectTimeoutMs: 1000,
+    hedgeDelay: 0,
+    hedgeBudgetPercent: 0,
+    healthCheckIntervalMs: 0,
+    failoverRcodes: [],
+    strategy: "failover",
+    nudge: true,
+    padding: false,
+    log: new Logger({ level: "error", sink: () => {} }),
+  });
+  try {
+    pool.start();
+    const ready = await pool.readiness();
+    assert.equal(ready.ready, true, ready.reason);
+    assert.equal(server.probes, 1, "the health check went over plain TCP");
+    const questions = ["a.plain.test", "b.plain.test"].map((name) => new Question(name));
+    for (const question of questions) pool.forward(question);
+    await until("both answered", () => questions.every((q) => q.answer !== null));
+    assert.deepEqual(
+      questions.map((q) => parseMessage(q.answer!).question?.name),
+      ["a.plain.test.", "b.plain.test."],
+    );
+    assert.ok(
+      server.messageLengths.filter((m) => !m.probe).every((m) => m.length % 128 !== 0),
+      "no padding",
+    );
+    assert.equal(server.lengthOctets, 0, "no nudge on plain TCP");
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
