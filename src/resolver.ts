@@ -455,17 +455,24 @@ export class Resolver implements JobOwner, FlightOwner {
       ? this.#flights.find(job.query, job.questionEnd, hash, job.keyFlags)
       : null;
     this.#inflight++;
-    if (out !== null && out.waiters.length < MAX_WAITERS && !out.done) {
+    if (out !== null && !out.done) {
       job.cache = "coalesced";
-      job.flight = out;
-      out.waiters.push(job);
+      if (out.waiters.length < MAX_WAITERS) {
+        job.flight = out;
+        out.waiters.push(job);
+      } else {
+        // Full: the job starts a follower, which later clients join and which settles with
+        // `out` (never a question of its own upstream).
+        const follower = this.#newFlight(job, hash, false, now);
+        job.flight = follower;
+        this.#flights.follow(out, follower);
+      }
       this.#armStale(job, now);
       return;
     }
     if (this.cache !== null) job.cache = "miss";
     const flight = this.#newFlight(job, hash, false, now);
     job.flight = flight;
-    // A full flight stays the one others join; this one goes on its own.
     if (coalesce && out === null) this.#flights.add(flight);
     this.#armStale(job, now);
     this.#forwarder.forward(flight);
@@ -524,7 +531,7 @@ export class Resolver implements JobOwner, FlightOwner {
     upstream: string,
     given: ResponseInfo | null,
   ): void {
-    this.#flights.remove(flight);
+    this.#settleChain(flight);
     let info = given;
     if (info === null) {
       // From a test forwarder, or an answer kept for failover: check it here.
@@ -557,7 +564,6 @@ export class Resolver implements JobOwner, FlightOwner {
     }
     const now = this.#clock.now();
     const rcode = info.extendedRcode;
-    const waiters = flight.waiters;
     if (rcode === Rcode.SERVFAIL) {
       // RFC 8767: a SERVFAIL refresh is a failure: stale beats it for the waiters that have
       // an expired entry, and the entry remembers it (failure recheck window).
@@ -581,63 +587,100 @@ export class Resolver implements JobOwner, FlightOwner {
     // An error answer may come without a question (RFC 1035 allows it for FORMERR and the
     // like): then there is no question to write the client's casing into.
     const questionEnd = info.qdcount === 1 ? info.questionEnd : 0;
-    const count = waiters.length;
-    for (let i = 0; i < count; i++) {
-      const job = waiters[i];
-      if (job.done) continue;
-      job.flight = null;
-      this.#timers.cancel(job);
-      let out: Uint8Array;
-      const last = i === count - 1;
-      if (!job.hasEdns && optStart >= 0 && last && optEnd === canonical.length) {
-        // The OPT ends the message (where servers put it): the last waiter's answer is the
-        // bytes before it, no copy.
-        out = canonical.subarray(0, optStart);
-        const arcount = ((out[10] << 8) | out[11]) - 1;
-        out[10] = arcount >> 8;
-        out[11] = arcount & 0xff;
-      } else if (!job.hasEdns && optStart >= 0) {
-        // One copy, without the OPT record, for a client that sent none.
-        const scratch = this.#stripInfo;
-        scratch.optStart = optStart;
-        scratch.optEnd = optEnd;
-        out = stripResponseOpt(
-          canonical,
-          scratch,
-          false,
-          copier.reserve(canonical.length - (optEnd - optStart)),
-        );
-      } else {
-        // The last waiter may take the bytes themselves (the cache copied what it keeps).
-        out = last ? canonical : copier.copy(canonical, 0, canonical.length);
+    let total = 0;
+    for (let f: Flight | null = flight; f !== null; f = f.follower) total += f.waiters.length;
+    let index = 0;
+    for (let f: Flight | null = flight; f !== null; f = f.follower) {
+      const waiters = f.waiters;
+      const count = waiters.length;
+      for (let i = 0; i < count; i++) {
+        const job = waiters[i];
+        index++;
+        if (job.done) continue;
+        const last = index === total;
+        this.#answerWaiter(job, canonical, upstream, optStart, optEnd, questionEnd, last);
       }
-      const query = job.query;
-      out[0] = query[0];
-      out[1] = query[1];
-      if (questionEnd === job.questionEnd) {
-        for (let at = 12; at < questionEnd; at++) out[at] = query[at];
-      }
-      job.upstream = upstream;
-      this.#inflight--;
-      this.#finish(job, out);
+      waiters.length = 0;
     }
-    waiters.length = 0;
-    if (count > 0) this.#wakeCapacity();
+    if (total > 0) this.#wakeCapacity();
+  }
+
+  /**
+   * Marks the followers of `flight` settled with it, and takes the chain out of the table
+   * (nobody may join a settled flight).
+   */
+  #settleChain(flight: Flight): void {
+    this.#flights.remove(flight);
+    for (let f = flight.follower; f !== null; f = f.follower) {
+      f.done = true;
+      this.#flights.remove(f);
+    }
+  }
+
+  /**
+   * Finishes one waiter of an answered flight with `canonical` in its own ID, casing and
+   * EDNS shape; the `last` waiter may take the bytes themselves.
+   */
+  #answerWaiter(
+    job: ClientJob,
+    canonical: Uint8Array,
+    upstream: string,
+    optStart: number,
+    optEnd: number,
+    questionEnd: number,
+    last: boolean,
+  ): void {
+    job.flight = null;
+    this.#timers.cancel(job);
+    let out: Uint8Array;
+    if (!job.hasEdns && optStart >= 0 && last && optEnd === canonical.length) {
+      // The OPT ends the message (where servers put it): the last waiter's answer is the
+      // bytes before it, no copy.
+      out = canonical.subarray(0, optStart);
+      const arcount = ((out[10] << 8) | out[11]) - 1;
+      out[10] = arcount >> 8;
+      out[11] = arcount & 0xff;
+    } else if (!job.hasEdns && optStart >= 0) {
+      // One copy, without the OPT record, for a client that sent none.
+      const scratch = this.#stripInfo;
+      scratch.optStart = optStart;
+      scratch.optEnd = optEnd;
+      out = stripResponseOpt(
+        canonical,
+        scratch,
+        false,
+        copier.reserve(canonical.length - (optEnd - optStart)),
+      );
+    } else {
+      // The last waiter may take the bytes themselves (the cache copied what it keeps).
+      out = last ? canonical : copier.copy(canonical, 0, canonical.length);
+    }
+    const query = job.query;
+    out[0] = query[0];
+    out[1] = query[1];
+    if (questionEnd === job.questionEnd) {
+      for (let at = 12; at < questionEnd; at++) out[at] = query[at];
+    }
+    job.upstream = upstream;
+    this.#inflight--;
+    this.#finish(job, out);
   }
 
   /** Serves stale to the waiters that can have it, remembering the failure on the entry. */
   #refreshFailed(flight: Flight, now: number): void {
-    const waiters = flight.waiters;
-    for (let i = waiters.length - 1; i >= 0; i--) {
-      const job = waiters[i];
-      const entry = this.#fallbackFor(job, now);
-      if (entry === null) continue;
-      if (now >= entry.expiresAt) entry.refreshFailedAt = now;
-      waiters.splice(i, 1);
-      job.flight = null;
-      this.#timers.cancel(job);
-      this.#inflight--;
-      this.#serveFallback(job, entry, now);
+    for (let f: Flight | null = flight; f !== null; f = f.follower) {
+      const waiters = f.waiters;
+      for (let i = waiters.length - 1; i >= 0; i--) {
+        const job = waiters[i];
+        const entry = this.#fallbackFor(job, now);
+        if (entry === null) continue;
+        if (now >= entry.expiresAt) entry.refreshFailedAt = now;
+        waiters.splice(i, 1);
+        job.flight = null;
+        this.#timers.cancel(job);
+        this.#inflight--;
+        this.#serveFallback(job, entry, now);
+      }
     }
     // A prefetch or a refresh with no stale waiter left: remember the failure on the entry.
     if (this.cache !== null && flight.cacheable) {
@@ -654,11 +697,11 @@ export class Resolver implements JobOwner, FlightOwner {
 
   /** See {@linkcode FlightOwner}. */
   flightFailed(flight: Flight, error: UpstreamError): void {
-    this.#flights.remove(flight);
+    this.#settleChain(flight);
     const now = this.#clock.now();
     this.#refreshFailed(flight, now);
-    const waiters = flight.waiters;
-    const count = waiters.length;
+    let count = 0;
+    for (let f: Flight | null = flight; f !== null; f = f.follower) count += f.waiters.length;
     if (count > 0) {
       this.#failureLog.warn("query failed; answering SERVFAIL", {
         upstream: error.upstream,
@@ -668,21 +711,24 @@ export class Resolver implements JobOwner, FlightOwner {
       });
     }
     const info = this.#failInfo;
-    for (let i = 0; i < count; i++) {
-      const job = waiters[i];
-      if (job.done) continue;
-      job.flight = null;
-      this.#timers.cancel(job);
-      this.#inflight--;
-      inspectQuery(job.query, info);
-      const ede = error.reason === "timeout"
-        ? { code: EdeCode.NO_REACHABLE_AUTHORITY, text: "upstream timeout" }
-        : error.reason === "unavailable"
-        ? { code: EdeCode.NO_REACHABLE_AUTHORITY, text: "no upstream available" }
-        : { code: EdeCode.NETWORK_ERROR, text: `upstream ${error.reason}` };
-      this.#finish(job, buildErrorResponse(job.query, info, Rcode.SERVFAIL, { ede }));
+    const ede = error.reason === "timeout"
+      ? { code: EdeCode.NO_REACHABLE_AUTHORITY, text: "upstream timeout" }
+      : error.reason === "unavailable"
+      ? { code: EdeCode.NO_REACHABLE_AUTHORITY, text: "no upstream available" }
+      : { code: EdeCode.NETWORK_ERROR, text: `upstream ${error.reason}` };
+    for (let f: Flight | null = flight; f !== null; f = f.follower) {
+      const waiters = f.waiters;
+      for (let i = 0; i < waiters.length; i++) {
+        const job = waiters[i];
+        if (job.done) continue;
+        job.flight = null;
+        this.#timers.cancel(job);
+        this.#inflight--;
+        inspectQuery(job.query, info);
+        this.#finish(job, buildErrorResponse(job.query, info, Rcode.SERVFAIL, { ede }));
+      }
+      waiters.length = 0;
     }
-    waiters.length = 0;
     this.#wakeCapacity();
   }
 

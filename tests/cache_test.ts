@@ -652,22 +652,18 @@ Deno.test("serve-stale: past --serve-stale, or with it 0, or with RD=0, no stale
   assert.equal(parseMessage(out[0]).rcode, 2);
 });
 
-Deno.test("serve-stale: a waiter whose entry was refreshed meanwhile gets the fresh answer at the timer", () => {
+Deno.test("serve-stale: 257 waiters share one refresh and get the fresh answer, not stale", () => {
   const { r, clock, up } = setup();
   ask(r, q("crowded.test"));
   up.answer(0, { answers: [a(10)] });
   clock.advance(11_000);
-  // 256 wait on one refresh; the 257th goes upstream on its own and is answered first.
+  // 256 wait on the refresh, the 257th on its follower: still one question upstream.
   const waiting = Array.from({ length: 257 }, (_, i) => ask(r, q("crowded.test", i)));
-  assert.equal(up.requests.length, 3);
-  up.answer(2, { answers: [a(120, [192, 0, 2, 9])] });
-  assert.equal(waiting[256].length, 1);
-  clock.advance(1800);
-  for (const out of waiting) {
-    const reply = parseMessage(out[0]);
-    // Fresh, not stale (30): the 257th at once, the others 1.8 s later.
-    assert.deepEqual(ttls(reply), [reply.id === 256 ? 120 : 119]);
-  }
+  assert.equal(up.requests.length, 2);
+  clock.advance(1000);
+  up.answer(1, { answers: [a(120, [192, 0, 2, 9])] });
+  for (const out of waiting) assert.deepEqual(ttls(parseMessage(out[0])), [120]);
+  assert.equal(r.inflight, 0);
 });
 
 Deno.test("serve-stale: --stale-answer-timeout 0 answers stale at once and refreshes behind", () => {
@@ -848,15 +844,32 @@ Deno.test("coalescing: clients without EDNS get the answer without the OPT, wher
   }
 });
 
-Deno.test("coalescing: waiters are bounded: beyond 256 a query goes upstream on its own", () => {
+Deno.test("coalescing: past 256 waiters, clients wait on a follower: one upstream query", () => {
   const { r, up } = setup();
   const replies: Uint8Array[][] = [];
-  for (let i = 0; i < 300; i++) replies.push(ask(r, q("crowd.test", i)));
-  assert.equal(up.requests.length, 1 + 300 - 256);
-  assert.equal(r.flights, 1, "the full flight stays the one to join");
-  for (let i = up.requests.length - 1; i >= 0; i--) up.answer(i, { answers: [a(300)] });
-  assert.ok(replies.every((out) => out.length === 1));
+  for (let i = 0; i < 600; i++) {
+    replies.push(ask(r, q(i % 2 === 0 ? "crowd.test" : "CROWD.test", i)));
+  }
+  assert.equal(up.requests.length, 1);
+  assert.equal(r.flights, 1, "the newest follower is the one to join");
+  assert.equal(r.inflight, 600);
+  up.answer(0, { answers: [a(300)] });
+  for (const [i, out] of replies.entries()) {
+    assert.equal(out.length, 1);
+    const reply = parseMessage(out[0]);
+    assert.equal(reply.id, i);
+    assert.equal(reply.question?.name, i % 2 === 0 ? "crowd.test." : "CROWD.test.");
+  }
   assert.equal(r.inflight, 0);
+  assert.equal(r.flights, 0);
+  // A failure reaches the followers' clients too.
+  const failed: Uint8Array[][] = [];
+  for (let i = 0; i < 300; i++) failed.push(ask(r, q("lost.test", i)));
+  assert.equal(up.requests.length, 2);
+  up.fail(1, "timeout");
+  assert.ok(failed.every((out) => out.length === 1 && parseMessage(out[0]).rcode === 2));
+  assert.equal(r.inflight, 0);
+  assert.equal(r.flights, 0);
 });
 
 Deno.test("coalescing: an upstream failure reaches every waiter as SERVFAIL with its own ID", () => {

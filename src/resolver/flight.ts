@@ -27,7 +27,14 @@ export interface FlightOwner {
   flightFailed(flight: Flight, error: UpstreamError): void;
 }
 
-/** Most clients waiting on one flight; beyond it, queries go upstream on their own. */
+/**
+ * Most clients waiting on one flight. Later clients of the same key wait on a follower
+ * ({@linkcode Flight.follower}), which is never sent upstream and settles when its leader
+ * does: every client of a key shares one upstream question, however many there are. The
+ * bound keeps the per-flight work linear (a waiter leaving for a stale answer is an
+ * `indexOf` and a `splice` over the list): 1,000 clients of one slow name made 758 upstream
+ * queries when the clients past the bound went upstream on their own (issue 23).
+ */
 export const MAX_WAITERS = 256;
 
 /**
@@ -56,6 +63,11 @@ export class Flight extends UpstreamRequest {
   registered = false;
   /** True when its answer may be cached (no client subnet, EDNS version 0, cache on). */
   cacheable = false;
+  /**
+   * A flight for the clients past {@linkcode MAX_WAITERS}: not sent upstream, registered in
+   * this one's place, settled with this one's outcome.
+   */
+  follower: Flight | null = null;
   readonly #owner: FlightOwner;
 
   /** Creates a flight for the upstream-bound `message`, with `firstWaiter` waiting on it. */
@@ -130,6 +142,17 @@ export class FlightTable {
     this.#table.add(flight);
     flight.registered = true;
     return true;
+  }
+
+  /**
+   * Registers `follower` in the place of the full `leader` (clients past
+   * {@linkcode MAX_WAITERS} join it), to settle when `leader` does.
+   */
+  follow(leader: Flight, follower: Flight): void {
+    this.remove(leader);
+    leader.follower = follower;
+    this.#table.add(follower);
+    follower.registered = true;
   }
 
   /** Unregisters `flight`. */
