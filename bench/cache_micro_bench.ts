@@ -44,6 +44,7 @@ function makeResolver(cacheSize: number): Resolver {
     tcpConnections: () => 0,
     upstreams: () => [],
     cacheEntries: () => 0,
+    cacheBytes: () => 0,
     queriesInflight: () => 0,
   });
   return new Resolver(forwarder, {

@@ -124,6 +124,7 @@ export async function startProxy(
         connections: u.connections.length,
       })) ?? [],
     cacheEntries: () => resolver?.cache?.size ?? 0,
+    cacheBytes: () => resolver?.cache?.bytes ?? 0,
     queriesInflight: () => resolver?.inflight ?? 0,
   });
   if (!options.forwarder) {
@@ -156,6 +157,7 @@ export async function startProxy(
     stats: metrics.resolver,
     cache: {
       maxEntries: config.cacheSize,
+      maxBytes: config.cacheMaxBytes,
       minTtl: config.cacheMinTtl,
       maxTtl: config.cacheMaxTtl,
       maxNegativeTtl: config.cacheMaxNegativeTtl,

@@ -29,6 +29,8 @@ export interface ProxyState {
   upstreams(): { label: string; healthy: boolean; inflight: number; connections: number }[];
   /** Entries in the answer cache (0 with the cache off). */
   cacheEntries(): number;
+  /** Bytes of memory the answer cache holds (0 with the cache off). */
+  cacheBytes(): number;
   /** Client queries waiting for an upstream answer. */
   queriesInflight(): number;
 }
@@ -200,7 +202,8 @@ const FAMILIES = {
   cacheEvictions: [
     "counter",
     "dotproxy_cache_evictions_total",
-    "Entries evicted (least recently used first) to stay within --cache-size.",
+    "Entries evicted (least recently used first) to stay within --cache-size and " +
+    "--cache-max-bytes.",
     [],
   ],
   cacheEntries: [
@@ -209,6 +212,14 @@ const FAMILIES = {
     "Entries in the answer cache.",
     [],
     (state) => (set) => set(state.cacheEntries()),
+  ],
+  cacheBytes: [
+    "gauge",
+    "dotproxy_cache_bytes",
+    "Bytes of memory the answer cache holds for answers (256 KiB chunks, at most " +
+    "--cache-max-bytes).",
+    [],
+    (state) => (set) => set(state.cacheBytes()),
   ],
   tcpAccepted: [
     "counter",
@@ -331,6 +342,8 @@ export class ProxyMetrics {
   declare readonly cacheEvictions: Counter;
   /** `dotproxy_cache_entries`, computed at scrape time. */
   declare readonly cacheEntries: Gauge;
+  /** `dotproxy_cache_bytes`, computed at scrape time. */
+  declare readonly cacheBytes: Gauge;
 
   /** Hooks for the resolver. */
   readonly resolver: ResolverStats;

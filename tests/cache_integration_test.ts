@@ -174,6 +174,34 @@ Deno.test("cache over sockets: 1,000 clients of one slow name make one upstream 
   }
 });
 
+Deno.test("cache over sockets: 15 KB answers for unique names stay within --cache-max-bytes (dotproxy_cache_bytes)", async () => {
+  const dot = DotServer.start();
+  try {
+    const mib = 1024 * 1024;
+    const config = testConfig([dot.upstream()], { cacheMaxBytes: mib });
+    await withProxy(config, async ({ proxy, port }) => {
+      const client = await TcpDnsClient.connect(port);
+      try {
+        for (let i = 0; i < 200; i++) {
+          await client.send(buildQuery(`big15000.n${i}.fill.test`, { id: i, type: 16 }));
+          const reply = await client.receive();
+          assert.ok(reply && reply.length > 15_000, `answer ${i} whole over TCP`);
+        }
+      } finally {
+        client.close();
+      }
+      const text = proxy.metrics.registry.render();
+      const bytes = metricValue(text, "dotproxy_cache_bytes") ?? -1;
+      const entries = metricValue(text, "dotproxy_cache_entries", {});
+      assert.ok(bytes > 0 && bytes <= mib, `dotproxy_cache_bytes ${bytes}`);
+      assert.equal(entries, 64, "16 KiB slots: 64 fit in 1 MiB");
+      assert.equal(metricValue(text, "dotproxy_cache_evictions_total", {}), 200 - 64);
+    });
+  } finally {
+    await dot.close();
+  }
+});
+
 Deno.test("cache over sockets: every upstream dead: the expired answer is served stale", async () => {
   const dot = DotServer.start();
   let closed = false;

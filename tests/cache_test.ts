@@ -985,6 +985,56 @@ Deno.test("cache: at most MAX_CHAIN entries share a hash (a flood of colliding n
   assert.deepEqual(found, stored, "each stored name found, by its own question");
 });
 
+Deno.test("cache: --cache-max-bytes bounds the memory held whatever the mix of answer sizes", () => {
+  const mib = 1024 * 1024;
+  const cache = new AnswerCache({
+    maxEntries: 10_000,
+    maxBytes: mib,
+    minTtl: 0,
+    maxTtl: 86_400,
+    maxNegativeTtl: 3600,
+    serveStaleSeconds: 0,
+  });
+  const info = new ResponseInfo();
+  const txt = (size: number): Rec[] => {
+    const records: Rec[] = [];
+    for (let left = size; left > 0; left -= 255) {
+      const n = Math.min(255, left);
+      records.push({ type: TXT, ttl: 300, rdata: [n, ...new Array(n).fill(0x78)] });
+    }
+    return records;
+  };
+  const store = (name: string, answers: Rec[]): boolean => {
+    const query = q(name, 1, { type: TXT });
+    const response = respond(query, { answers });
+    assert.ok(analyzeResponse(response, info));
+    return cache.store(query, questionEnd(query), 0, response, info, 1000) !== null;
+  };
+  const has = (name: string): boolean => {
+    const query = q(name, 1, { type: TXT });
+    return cache.lookup(query, questionEnd(query), 0, 1000) !== null;
+  };
+  // 15 KB answers (16 KiB slots): 1 MiB holds 64 of them (16 per chunk), not 500.
+  const large = txt(14_500);
+  for (let i = 0; i < 500; i++) assert.ok(store(`large${i}.test`, large));
+  assert.ok(cache.bytes <= mib, `${cache.bytes} bytes held`);
+  assert.equal(cache.size, 64);
+  assert.ok(has("large499.test") && !has("large435.test"), "the least recently used went");
+  // Then small answers: the chunks of the large ones go to them, the total stays bounded.
+  const small = [a(300)];
+  for (let i = 0; i < 20_000; i++) assert.ok(store(`small${i}.test`, small));
+  assert.ok(cache.bytes <= mib, `${cache.bytes} bytes held`);
+  assert.equal(cache.size, 10_000, "small answers: the entry limit binds first");
+  // And mixed, over and over: still bounded, and each answer stored finds its slot.
+  for (let i = 0; i < 2_000; i++) {
+    assert.ok(store(`mixed${i}.test`, i % 3 === 0 ? large : i % 3 === 1 ? txt(2000) : small));
+    assert.ok(cache.bytes <= mib);
+  }
+  assert.ok(has("mixed1999.test") && has("mixed1998.test") && has("mixed1997.test"));
+  assert.equal(cache.flush() > 0, true);
+  assert.equal(cache.bytes, 0);
+});
+
 // ---- off -----------------------------------------------------------------------------------------
 
 Deno.test("--cache-size 0: no cache, no coalescing, no prefetch; the log says cache=off", () => {

@@ -2,7 +2,7 @@
  * The answer cache: whole upstream answers keyed by question (name ignoring case, type,
  * class) and the header and EDNS bits that change an answer (DO, CD, AD, RD), with
  * TTL-correct serving, RFC 2308 negative caching, RFC 8767 serve-stale bookkeeping and LRU
- * eviction at a fixed number of entries.
+ * eviction at a fixed number of entries and a fixed number of bytes.
  *
  * What is stored is the upstream's answer after the hop-by-hop EDNS options were removed,
  * with its TTLs clamped to the configured bounds. What is served is a copy with the client's
@@ -59,6 +59,11 @@ export const STALE_RECHECK_MS = 30_000;
 export interface CacheSettings {
   /** Most entries; the least recently used goes first. */
   maxEntries: number;
+  /**
+   * Most bytes of answers held (in 256 KiB chunks, at least one); the least recently used
+   * entries go until a new answer fits. Unbounded when left out.
+   */
+  maxBytes?: number;
   /** Lower bound for positive TTLs, seconds. */
   minTtl: number;
   /** Upper bound for positive TTLs, seconds. */
@@ -101,7 +106,7 @@ export class CacheEntry {
   bytes: Uint8Array = EMPTY;
   /** Where the answer starts in `bytes`. */
   at = 0;
-  /** The arena slot (for freeing it; its size class follows from the length and TTL count). */
+  /** The arena slot (for freeing it). */
   slot = 0;
   /** Length of the message. */
   length = 0;
@@ -228,8 +233,7 @@ export function cacheableTtl(
 const INITIAL_BUCKETS = 1024;
 
 /** Bytes of one arena chunk (2^18: over glibc's 128 KiB threshold, so a mapping of its own). */
-const CHUNK_BITS = 18;
-const CHUNK_SIZE = 1 << CHUNK_BITS;
+const CHUNK_SIZE = 1 << 18;
 /**
  * Slot sizes of the arena: steps of at most 50%, up to the largest entry (16 KiB of answer
  * plus two octets per TTL field, and an answer of 16 KiB has fewer than 1,500 records).
@@ -256,16 +260,41 @@ const SIZE_CLASSES = [
 ];
 
 /**
- * Fixed-size slots in shared chunks, a free list per size class. Memory grows to the most
- * slots of each class ever held at once and is given back only by {@linkcode Arena.clear}.
+ * Fixed-size slots in chunks of 256 KiB, at most `maxBytes` of them in all (one at least).
+ * A chunk serves one size class at a time and keeps its own free slots; a chunk whose slots
+ * are all free again goes to whichever class next needs a chunk when the budget is spent.
+ * So the memory held is at most `maxChunks` chunks whatever the mix of answer sizes: with a
+ * free list per class and no budget, each class kept the most slots it ever held at once.
  */
 class Arena {
+  readonly #maxChunks: number;
   #chunks: Uint8Array[] = [];
-  /** Per class: freed slots (chunk index * CHUNK_SIZE + offset). */
-  #free: number[][] = SIZE_CLASSES.map(() => []);
-  /** Per class: the next never-used slot in its newest chunk, and where that chunk ends. */
-  #next: number[] = SIZE_CLASSES.map(() => 0);
-  #end: number[] = SIZE_CLASSES.map(() => 0);
+  /** Per chunk: its size class. */
+  #chunkClass: number[] = [];
+  /** Per chunk: slots in use. */
+  #live: number[] = [];
+  /** Per chunk: freed slots (chunk index * CHUNK_SIZE + offset). */
+  #free: number[][] = [];
+  /** Per chunk: its next never-used slot, and true while it is on its class's list. */
+  #next: number[] = [];
+  #listed: boolean[] = [];
+  /** Per class: chunks that may have room (a chunk found full is taken off). */
+  #withRoom: number[][] = SIZE_CLASSES.map(() => []);
+  /**
+   * Chunks whose slots all went free (some may have been used again since), each at most
+   * once: `#emptyListed` says which are on it.
+   */
+  #empty: number[] = [];
+  #emptyListed: boolean[] = [];
+
+  constructor(maxBytes: number) {
+    this.#maxChunks = Math.max(1, Math.floor(maxBytes / CHUNK_SIZE));
+  }
+
+  /** Bytes held in chunks. */
+  get bytes(): number {
+    return this.#chunks.length * CHUNK_SIZE;
+  }
 
   /** The size class for `length` octets (-1: too large); the same for the same length. */
   classFor(length: number): number {
@@ -273,18 +302,61 @@ class Arena {
     return -1;
   }
 
-  /** A free slot of class `sizeClass`. */
+  /** A free slot of class `sizeClass`; -1 when none is left within the budget. */
   allocate(sizeClass: number): number {
-    const free = this.#free[sizeClass];
-    if (free.length > 0) return free.pop()!;
-    if (this.#next[sizeClass] >= this.#end[sizeClass]) {
-      const base = this.#chunks.length * CHUNK_SIZE;
-      this.#chunks.push(new Uint8Array(CHUNK_SIZE));
-      this.#next[sizeClass] = base;
-      this.#end[sizeClass] = base + CHUNK_SIZE - SIZE_CLASSES[sizeClass] + 1;
+    const withRoom = this.#withRoom[sizeClass];
+    while (withRoom.length > 0) {
+      const chunk = withRoom[withRoom.length - 1];
+      const slot = this.#take(chunk);
+      if (slot >= 0) return slot;
+      withRoom.pop();
+      this.#listed[chunk] = false;
     }
-    const slot = this.#next[sizeClass];
-    this.#next[sizeClass] += SIZE_CLASSES[sizeClass];
+    let chunk = -1;
+    if (this.#chunks.length < this.#maxChunks) {
+      chunk = this.#chunks.length;
+      this.#chunks.push(new Uint8Array(CHUNK_SIZE));
+      this.#live.push(0);
+      this.#free.push([]);
+      this.#next.push(0);
+      this.#listed.push(false);
+      this.#emptyListed.push(false);
+      this.#chunkClass.push(sizeClass);
+    } else {
+      while (this.#empty.length > 0) {
+        const candidate = this.#empty.pop()!;
+        this.#emptyListed[candidate] = false;
+        if (this.#live[candidate] === 0) {
+          chunk = candidate;
+          break;
+        }
+      }
+      if (chunk < 0) return -1;
+      // Moves to `sizeClass`: off the old class's list, its slots forgotten.
+      const old = this.#withRoom[this.#chunkClass[chunk]];
+      if (this.#listed[chunk]) old.splice(old.indexOf(chunk), 1);
+      this.#free[chunk] = [];
+      this.#chunkClass[chunk] = sizeClass;
+    }
+    this.#next[chunk] = chunk * CHUNK_SIZE;
+    this.#listed[chunk] = true;
+    withRoom.push(chunk);
+    return this.#take(chunk);
+  }
+
+  /** A slot of `chunk`, or -1 when it is full. */
+  #take(chunk: number): number {
+    const free = this.#free[chunk];
+    let slot: number;
+    if (free.length > 0) {
+      slot = free.pop()!;
+    } else {
+      const size = SIZE_CLASSES[this.#chunkClass[chunk]];
+      slot = this.#next[chunk];
+      if (slot + size > (chunk + 1) * CHUNK_SIZE) return -1;
+      this.#next[chunk] = slot + size;
+    }
+    this.#live[chunk]++;
     return slot;
   }
 
@@ -294,16 +366,30 @@ class Arena {
   }
 
   /** Gives `slot` back. */
-  release(slot: number, sizeClass: number): void {
-    this.#free[sizeClass].push(slot);
+  release(slot: number): void {
+    const chunk = Math.floor(slot / CHUNK_SIZE);
+    this.#free[chunk].push(slot);
+    if (!this.#listed[chunk]) {
+      this.#listed[chunk] = true;
+      this.#withRoom[this.#chunkClass[chunk]].push(chunk);
+    }
+    if (--this.#live[chunk] === 0 && !this.#emptyListed[chunk]) {
+      this.#emptyListed[chunk] = true;
+      this.#empty.push(chunk);
+    }
   }
 
   /** Drops every chunk. */
   clear(): void {
     this.#chunks = [];
-    this.#free = SIZE_CLASSES.map(() => []);
-    this.#next = SIZE_CLASSES.map(() => 0);
-    this.#end = SIZE_CLASSES.map(() => 0);
+    this.#chunkClass = [];
+    this.#live = [];
+    this.#free = [];
+    this.#next = [];
+    this.#listed = [];
+    this.#emptyListed = [];
+    this.#withRoom = SIZE_CLASSES.map(() => []);
+    this.#empty = [];
   }
 }
 
@@ -350,7 +436,7 @@ export class AnswerCache {
   readonly #stats: CacheStats | null;
   /** The entries by hash, chained through `CacheEntry.chain`. */
   readonly #table = new HashChains<CacheEntry>(INITIAL_BUCKETS);
-  readonly #arena = new Arena();
+  readonly #arena: Arena;
   /** Most recently used. */
   #newest: CacheEntry | null = null;
   /** Least recently used. */
@@ -360,6 +446,12 @@ export class AnswerCache {
   constructor(settings: CacheSettings, stats: CacheStats | null = null) {
     this.#settings = settings;
     this.#stats = stats;
+    this.#arena = new Arena(settings.maxBytes ?? Number.MAX_SAFE_INTEGER);
+  }
+
+  /** Bytes of memory the cached answers hold (whole chunks, in use or free). */
+  get bytes(): number {
+    return this.#arena.bytes;
   }
 
   /** Entries held. */
@@ -428,7 +520,7 @@ export class AnswerCache {
     const count = info.ttlCount;
     const sizeClass = this.#arena.classFor(length + 2 * count);
     if (sizeClass < 0) return null;
-    let entry: CacheEntry;
+    let entry: CacheEntry | null = null;
     if (existing !== null) {
       if (
         decision.kind === "servfail" && existing.kind !== "servfail" && now < existing.staleUntil
@@ -443,9 +535,20 @@ export class AnswerCache {
       entry = this.#oldest;
       this.#remove(entry);
       this.#stats?.evicted();
-    } else {
-      entry = new CacheEntry();
     }
+    // Within --cache-max-bytes: the least recently used go until a slot of the class frees
+    // or a whole chunk does (at most every entry, when the new answer is of a class no
+    // chunk serves and the old ones are spread over all chunks).
+    let slot = this.#arena.allocate(sizeClass);
+    while (slot < 0) {
+      const victim = this.#oldest;
+      if (victim === null) return null;
+      this.#remove(victim);
+      this.#stats?.evicted();
+      entry ??= victim;
+      slot = this.#arena.allocate(sizeClass);
+    }
+    entry ??= new CacheEntry();
     const offsets = info.ttlOffsets;
     // Negative answers: every TTL at most the negative TTL, so the SOA a client caches from
     // says how long the denial lives (RFC 2308 section 5). Positive: into [min, max]. In
@@ -460,7 +563,7 @@ export class AnswerCache {
     entry.questionEnd = questionEnd;
     entry.optStart = info.optStart;
     entry.optEnd = info.optEnd;
-    this.#place(entry, response, info, sizeClass);
+    this.#place(entry, response, info, slot);
     this.#setLifetime(entry, decision.kind, decision.ttl, now);
     this.#table.add(entry);
     this.#linkNewest(entry);
@@ -468,11 +571,10 @@ export class AnswerCache {
   }
 
   /**
-   * Copies `response` and the offsets of its TTL fields (from `info`) into a fresh slot of
-   * class `sizeClass`, and records in `entry` where they are.
+   * Copies `response` and the offsets of its TTL fields (from `info`) into `slot`, and
+   * records in `entry` where they are.
    */
-  #place(entry: CacheEntry, response: Uint8Array, info: ResponseInfo, sizeClass: number): void {
-    const slot = this.#arena.allocate(sizeClass);
+  #place(entry: CacheEntry, response: Uint8Array, info: ResponseInfo, slot: number): void {
     const data = this.#arena.chunk(slot);
     const at = slot % CHUNK_SIZE;
     const length = response.length;
@@ -573,7 +675,7 @@ export class AnswerCache {
   #remove(entry: CacheEntry): void {
     if (!this.#table.remove(entry)) return;
     this.#unlink(entry);
-    this.#arena.release(entry.slot, this.#arena.classFor(entry.length + 2 * entry.ttlCount));
+    this.#arena.release(entry.slot);
   }
 
   #touch(entry: CacheEntry): void {
