@@ -664,3 +664,23 @@ netTest(
     }
   },
 );
+
+Deno.test("proxy: a UDP listener on a wildcard address warns at start (replies leave from the route's address)", async () => {
+  const dot = DotServer.start();
+  try {
+    for (const [hostname, warned] of [["0.0.0.0", 1], ["127.0.0.1", 0]] as const) {
+      const config = testConfig([dot.upstream()], { listen: [{ hostname, port: 0 }] });
+      await withProxy(config, async ({ logs, port }) => {
+        const lines = logs.find("listening for UDP on a wildcard address");
+        assert.equal(lines.length, warned, hostname);
+        if (warned > 0) {
+          assert.equal(lines[0].level, "warn");
+          assert.equal(lines[0].listen, `0.0.0.0:${port}`);
+        }
+        assert.ok(await udpExchange(port, buildQuery("wildcard.test")), "and it serves");
+      });
+    }
+  } finally {
+    await dot.close();
+  }
+});
