@@ -921,13 +921,16 @@ function formatIp(bytes: Uint8Array): string {
 
 /**
  * Parses a network in CIDR notation; a bare address means a single host (/32 or /128).
- * Host bits must be zero, so that `10.0.0.1/8` is caught rather than silently widened.
+ * Host bits must be zero, so that `10.0.0.1/8` is caught rather than silently widened. An
+ * IPv4-mapped network (`::ffff:10.0.0.0/104`) is its IPv4 network (`10.0.0.0/8`), since
+ * clients are matched by their IPv4 address; one shorter than /96 is refused.
  *
  * @example
  * ```ts
  * import { parseCidr } from "./config.ts";
  * parseCidr("fd00::/8", "--allow"); // { family: 6, prefix: 8, text: "fd00::/8", bytes: ... }
  * parseCidr("192.0.2.7", "--allow").text; // "192.0.2.7/32"
+ * parseCidr("::ffff:10.0.0.0/104", "--allow").text; // "10.0.0.0/8" (IPv4-mapped: unwrapped)
  * ```
  */
 export function parseCidr(text: string, what: string): Cidr {
@@ -935,7 +938,7 @@ export function parseCidr(text: string, what: string): Cidr {
   const context = `${what} "${trimmed}"`;
   const slash = trimmed.indexOf("/");
   const address = slash < 0 ? trimmed : trimmed.slice(0, slash);
-  const bytes = parseIpAddress(address);
+  let bytes = parseIpAddress(address);
   if (bytes === null) {
     throw new ConfigError(`${context}: "${address}" is not an IP address (write ADDRESS/PREFIX)`);
   }
@@ -948,6 +951,18 @@ export function parseCidr(text: string, what: string): Cidr {
     }
     prefix = Number(prefixText);
   }
+  if (isV4Mapped(bytes)) {
+    // Clients are matched by their IPv4 address (a dual-stack socket's ::ffff:a.b.c.d is
+    // unwrapped), so a mapped network is its IPv4 network; kept as written it never matched.
+    if (prefix < 96) {
+      throw new ConfigError(
+        `${context}: an IPv4-mapped network needs a prefix of at least /96; ` +
+          `write the IPv4 network (IPv4 clients are matched as IPv4, mapped or not)`,
+      );
+    }
+    bytes = bytes.subarray(12);
+    prefix -= 96;
+  }
   const network = bytes.map((byte, i) => byte & prefixMask(prefix, i));
   const canonical = `${formatIp(network)}/${prefix}`;
   if (!network.every((byte, i) => byte === bytes[i])) {
@@ -956,6 +971,13 @@ export function parseCidr(text: string, what: string): Cidr {
     );
   }
   return { family: bytes.length === 4 ? 4 : 6, bytes: network, prefix, text: canonical };
+}
+
+/** True for an IPv4-mapped IPv6 address, `::ffff:a.b.c.d` (RFC 4291 section 2.5.5.2). */
+function isV4Mapped(bytes: Uint8Array): boolean {
+  if (bytes.length !== 16 || bytes[10] !== 0xff || bytes[11] !== 0xff) return false;
+  for (let i = 0; i < 10; i++) if (bytes[i] !== 0) return false;
+  return true;
 }
 
 /** The mask byte at `index` for a prefix of `prefix` bits. */
