@@ -33,6 +33,7 @@ import { buildUpstreamQuery, stripResponseOpt, trimResponseOpt } from "./dns/edn
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "./dns/message.ts";
 import { inspectQuery, QueryInfo, QueryVerdict, verdictRcode } from "./dns/query.ts";
 import { buildErrorResponse, clientUdpLimit, EdeCode, truncateResponse } from "./dns/response.ts";
+import { zeroHighTtls } from "./dns/ttl.ts";
 import { getRcode, nameToString, Rcode, rcodeName, RRType, typeName } from "./dns/wire.ts";
 import { type Logger, RateLimitedLog } from "./log.ts";
 import { Admission, Admit } from "./resolver/admission.ts";
@@ -562,6 +563,8 @@ export class Resolver implements JobOwner, FlightOwner {
         }
       }
     }
+    // RFC 2181 section 8: a TTL with its top bit set is zero, for the clients and the cache.
+    zeroHighTtls(canonical, info.ttlOffsets, info.ttlCount);
     const now = this.#clock.now();
     const rcode = info.extendedRcode;
     if (rcode === Rcode.SERVFAIL) {
