@@ -233,12 +233,18 @@ Deno.test("http: parseRequestHead reads request lines, fields and bodies by RFC 
   assert.equal(get.fields.get("accept"), "b, c");
   assert.equal(get.hasBody, false);
   assert.equal(head("GET http://h:1/readyz?x HTTP/1.0\n").path, "/readyz");
-  assert.equal(head("GET http://h HTTP/1.1\n").path, "/");
-  assert.equal(head("OPTIONS * HTTP/1.1\r\n").path, "*");
-  assert.equal(head("POST /x HTTP/1.1\r\nContent-Length: 5\r\n").hasBody, true);
-  assert.equal(head("POST /x HTTP/1.1\r\nContent-Length: 0\r\n").hasBody, false);
-  assert.equal(head("POST /x HTTP/1.1\r\nContent-Length: 3, 3\r\n").hasBody, true);
-  assert.equal(head("POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n").hasBody, true);
+  assert.equal(head("GET http://h HTTP/1.1\nHost: h\n").path, "/");
+  assert.equal(head("OPTIONS * HTTP/1.1\r\nHost: h\r\n").path, "*");
+  assert.equal(head("POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n").hasBody, true);
+  assert.equal(head("POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n").hasBody, false);
+  assert.equal(head("POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 3\r\n").hasBody, true);
+  assert.equal(
+    head("POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n").hasBody,
+    true,
+  );
+  // HTTP/1.0 needs no Host; HTTP/1.1 needs exactly one (RFC 9112 section 3.2), empty allowed.
+  assert.equal(head("GET /healthz HTTP/1.0\r\n").path, "/healthz");
+  assert.equal(head("GET /healthz HTTP/1.1\r\nhost:\r\n").fields.get("host"), "");
 
   const rejected: [string, number][] = [
     ["", 400],
@@ -257,6 +263,10 @@ Deno.test("http: parseRequestHead reads request lines, fields and bodies by RFC 
     ["GET / HTTP/1.1\r\nContent-Length: -1\r\n", 400],
     ["GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n", 400],
     ["GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n", 400],
+    ["GET /healthz HTTP/1.1\r\n", 400],
+    ["GET /healthz HTTP/1.1\r\nAccept: */*\r\n", 400],
+    ["GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n", 400],
+    ["GET /healthz HTTP/1.0\r\nHost: a\r\nhost: a\r\n", 400],
   ];
   for (const [text, status] of rejected) {
     assert.throws(
@@ -424,7 +434,9 @@ Deno.test("http: malformed requests get 400 (431, 505) and a closed connection",
       ["GET  /healthz HTTP/1.1\r\n\r\n", 400],
       ["GET /healthz HTTP/1.1\r\nno colon\r\n\r\n", 400],
       ["GET /healthz HTTP/1.1\r\nHost: t\r\n folded\r\n\r\n", 400],
-      ["GET /healthz HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400],
+      ["GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n", 400],
+      ["GET /healthz HTTP/1.1\r\n\r\n", 400],
+      ["GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400],
       ["\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400],
       ["GET /healthz HTTP/2.0\r\n\r\n", 505],
       [`GET /healthz HTTP/1.1\r\nX-Pad: ${"a".repeat(9000)}\r\n\r\n`, 431],

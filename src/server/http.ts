@@ -261,7 +261,14 @@ export function parseRequestHead(bytes: Uint8Array): RequestHead {
     if (hasControlCharacter(value)) throw new HttpRequestError(400, "control character in field");
     const key = name.toLowerCase();
     const previous = fields.get(key);
+    if (key === "host" && previous !== undefined) {
+      throw new HttpRequestError(400, "more than one Host field");
+    }
     fields.set(key, previous === undefined ? value : `${previous}, ${value}`);
+  }
+  // RFC 9112 section 3.2: an HTTP/1.1 request without Host, or with several, gets 400.
+  if (version === "HTTP/1.1" && !fields.has("host")) {
+    throw new HttpRequestError(400, "no Host field");
   }
 
   const length = fields.get("content-length");
