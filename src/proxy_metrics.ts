@@ -164,7 +164,8 @@ const FAMILIES = {
     "counter",
     "dotproxy_upstream_retries_total",
     "Questions also sent to another upstream because an attempt on this one failed (reason: " +
-    "the error), was slow (slow), or answered with an rcode in --failover-rcodes (rcode).",
+    "the error), was slow (slow), answered with an rcode in --failover-rcodes (rcode), or " +
+    "answered with TC=1 (truncated).",
     ["upstream", "reason"],
   ],
   healthChecks: [
