@@ -22,13 +22,11 @@ import { formatAddr } from "./address.ts";
 import {
   AnswerCache,
   type CacheEntry,
-  cacheKeyFlags,
-  cacheKeyHash,
   type CacheSettings,
   type CacheStats,
-  KEY_RECURSION_DESIRED,
   STALE_RECHECK_MS,
 } from "./cache/answer_cache.ts";
+import { cacheKeyFlags, cacheKeyHash, KEY_RECURSION_DESIRED } from "./dns/cache_key.ts";
 import { buildUpstreamQuery, stripResponseOpt, trimResponseOpt } from "./dns/edns.ts";
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "./dns/message.ts";
 import { inspectQuery, QueryInfo, QueryVerdict, verdictRcode } from "./dns/query.ts";

@@ -7,11 +7,11 @@
 import assert from "node:assert/strict";
 import {
   AnswerCache,
-  cacheKeyHash,
   type CacheSettings,
   MAX_CACHED_ANSWER,
   MAX_CHAIN,
 } from "../src/cache/answer_cache.ts";
+import { cacheKeyHash } from "../src/dns/cache_key.ts";
 import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
 import { Logger } from "../src/log.ts";
 import { type CacheStatus, Resolver, type ResolverOptions } from "../src/resolver.ts";

@@ -18,30 +18,20 @@
  * 10,000 entries and +180 MB at 100,000 with an `ArrayBuffer` and a new object per entry;
  * +5 to +15 MB and +60 to +70 MB with the arena and recycling.
  *
- * Why AD and RD are in the key besides DO and CD: an upstream sets AD in an answer only
- * when the query had AD or DO (RFC 6840 section 5.7), and answers a query without RD from
- * its cache alone (RFC 1034 section 4.3.1), so answers to the same question with different
- * AD or RD bits are different answers.
+ * The key (question, DO, CD, AD, RD; seeded hash) is `dns/cache_key.ts`'s, which says why
+ * each bit is in it.
  *
  * @module
  */
 
+import { cacheKeyHash } from "../dns/cache_key.ts";
 import type { ResponseInfo } from "../dns/message.ts";
 import { clampTtls, MAX_TTL, readTtl, writeTtl } from "../dns/ttl.ts";
-import { HEADER_SIZE, Rcode } from "../dns/wire.ts";
+import { HEADER_SIZE, Rcode, sameQuestion } from "../dns/wire.ts";
 import { SlabCopier } from "../slab.ts";
 import { HashChains, MAX_CHAIN } from "./hash_chains.ts";
 
 export { MAX_CHAIN };
-
-/** Key flag: the DO bit of the query's OPT record. */
-export const KEY_DNSSEC_OK = 1;
-/** Key flag: the CD bit of the query's header. */
-export const KEY_CHECKING_DISABLED = 2;
-/** Key flag: the AD bit of the query's header. */
-export const KEY_AUTHENTIC_DATA = 4;
-/** Key flag: RD. */
-export const KEY_RECURSION_DESIRED = 8;
 
 /** Answers larger than this are not cached. */
 export const MAX_CACHED_ANSWER = 16 * 1024;
@@ -92,9 +82,9 @@ export type EntryKind = "positive" | "negative" | "servfail";
  * entry is valid only until the cache is next changed: look it up again rather than keep it.
  */
 export class CacheEntry {
-  /** The key's hash ({@linkcode cacheKeyHash}). */
+  /** The key's hash (`cacheKeyHash` of `dns/cache_key.ts`). */
   hash = 0;
-  /** Key flags ({@linkcode cacheKeyFlags}). */
+  /** Key flags (`cacheKeyFlags` of `dns/cache_key.ts`). */
   flags = 0;
   /** Offset just past the question, in the message. */
   questionEnd = 0;
@@ -135,61 +125,6 @@ export class CacheEntry {
 }
 
 const EMPTY = new Uint8Array(0);
-
-/**
- * The key flags of a query: DO, CD, AD and RD.
- *
- * @example
- * ```ts
- * import { cacheKeyFlags } from "./answer_cache.ts";
- * cacheKeyFlags(new Uint8Array([0, 0, 1, 0x20]), true, false); // DO | AD | RD = 13
- * ```
- */
-export function cacheKeyFlags(query: Uint8Array, dnssecOk: boolean, cd: boolean): number {
-  return (dnssecOk ? KEY_DNSSEC_OK : 0) | (cd ? KEY_CHECKING_DISABLED : 0) |
-    ((query[3] & 0x20) !== 0 ? KEY_AUTHENTIC_DATA : 0) |
-    ((query[2] & 0x01) !== 0 ? KEY_RECURSION_DESIRED : 0);
-}
-
-/**
- * A per-process random seed for {@linkcode cacheKeyHash}: names are chosen by clients, and
- * with a fixed hash anyone could send names that all land in one chain.
- */
-const SEED = crypto.getRandomValues(new Uint32Array(1))[0];
-
-/**
- * The hash of a cache key: the question in `msg[12, questionEnd)` (name lower-cased, type,
- * class) and the key `flags`, keyed by a per-process random seed. A 30-bit value, so V8
- * keeps it (and a `Map` keyed by it) in small integers. Allocates nothing.
- *
- * @example
- * ```ts
- * import { cacheKeyHash } from "./answer_cache.ts";
- * const a = new Uint8Array([0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0x41, 0, 0, 1, 0, 1]);
- * const b = a.slice();
- * b[13] = 0x61; // "a" for "A"
- * cacheKeyHash(a, a.length, 0) === cacheKeyHash(b, b.length, 0); // true
- * ```
- */
-export function cacheKeyHash(msg: Uint8Array, questionEnd: number, flags: number): number {
-  // FNV-1a from a random basis, then a murmur3 finalizer so every input bit reaches the
-  // low bits the Map and the chains use.
-  let hash = SEED ^ 0x811c9dc5;
-  const nameEnd = questionEnd - 4;
-  for (let i = HEADER_SIZE; i < nameEnd; i++) {
-    let c = msg[i];
-    if (c >= 0x41 && c <= 0x5a) c |= 0x20;
-    hash = Math.imul(hash ^ c, 0x01000193);
-  }
-  for (let i = nameEnd; i < questionEnd; i++) hash = Math.imul(hash ^ msg[i], 0x01000193);
-  hash = Math.imul(hash ^ flags, 0x01000193);
-  hash ^= hash >>> 16;
-  hash = Math.imul(hash, 0x85ebca6b);
-  hash ^= hash >>> 13;
-  hash = Math.imul(hash, 0xc2b2ae35);
-  hash ^= hash >>> 16;
-  return hash & 0x3fffffff;
-}
 
 /**
  * Decides how long an answer may be cached, in seconds; null when it must not be.
@@ -401,27 +336,6 @@ class Arena {
 const answers = new SlabCopier();
 
 /**
- * True when `entry` holds the question of `query[12, questionEnd)`: the same name ignoring
- * ASCII case (RFC 4343), type and class.
- */
-function sameQuestion(entry: CacheEntry, query: Uint8Array, questionEnd: number): boolean {
-  if (entry.questionEnd !== questionEnd || query.length < questionEnd) return false;
-  const bytes = entry.bytes;
-  const base = entry.at;
-  const typeAt = questionEnd - 4;
-  for (let i = HEADER_SIZE; i < typeAt; i++) {
-    let x = bytes[base + i];
-    let y = query[i];
-    if (x === y) continue;
-    if (x >= 0x41 && x <= 0x5a) x |= 0x20;
-    if (y >= 0x41 && y <= 0x5a) y |= 0x20;
-    if (x !== y) return false;
-  }
-  for (let i = typeAt; i < questionEnd; i++) if (bytes[base + i] !== query[i]) return false;
-  return true;
-}
-
-/**
  * A bounded LRU answer cache.
  *
  * @example
@@ -467,8 +381,8 @@ export class AnswerCache {
   /**
    * The entry for the question in `query[12, questionEnd)` with key `flags`, fresh or
    * stale; null when there is none or it is past serving even stale (it is dropped then).
-   * A found entry becomes the most recently used. `hash` is the key's
-   * {@linkcode cacheKeyHash}, computed when not given.
+   * A found entry becomes the most recently used. `hash` is the key's `cacheKeyHash`
+   * (`dns/cache_key.ts`), computed when not given.
    */
   lookup(
     query: Uint8Array,
@@ -515,7 +429,9 @@ export class AnswerCache {
     for (let e = this.#table.first(hash); e !== null; e = e.chain) {
       if (e.hash !== hash) continue;
       sameHash++;
-      if (e.flags === flags && sameQuestion(e, query, questionEnd)) existing = e;
+      if (e.flags === flags && sameQuestion(e.bytes, e.questionEnd, query, questionEnd, e.at)) {
+        existing = e;
+      }
     }
     const count = info.ttlCount;
     const sizeClass = this.#arena.classFor(length + 2 * count);
@@ -666,7 +582,10 @@ export class AnswerCache {
   #find(hash: number, flags: number, query: Uint8Array, questionEnd: number): CacheEntry | null {
     let entry = this.#table.first(hash);
     while (entry !== null) {
-      if (entry.flags === flags && sameQuestion(entry, query, questionEnd)) return entry;
+      if (
+        entry.flags === flags &&
+        sameQuestion(entry.bytes, entry.questionEnd, query, questionEnd, entry.at)
+      ) return entry;
       entry = entry.chain;
     }
     return null;

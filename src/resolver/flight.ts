@@ -8,8 +8,8 @@
  */
 
 import { HashChains, MAX_CHAIN } from "../cache/hash_chains.ts";
-import { questionKeyEquals } from "../dns/cache_key.ts";
 import type { ResponseInfo } from "../dns/message.ts";
+import { sameQuestion } from "../dns/wire.ts";
 import { UpstreamRequest } from "../upstream/request.ts";
 import type { UpstreamError } from "../upstream/types.ts";
 import type { ClientJob } from "./job.ts";
@@ -51,7 +51,7 @@ export class Flight extends UpstreamRequest {
   readonly waiters: ClientJob[];
   /** A message carrying the key's question (the first client's query). */
   readonly keyQuery: Uint8Array;
-  /** The key's hash (`cacheKeyHash` of the answer cache). */
+  /** The key's hash (`cacheKeyHash` of `dns/cache_key.ts`). */
   readonly hash: number;
   /** The key's flags. */
   readonly keyFlags: number;
@@ -126,7 +126,7 @@ export class FlightTable {
     while (flight !== null) {
       if (
         flight.hash === hash && flight.keyFlags === flags &&
-        questionKeyEquals(flight.keyQuery, flight.questionEnd, 0, query, questionEnd, 0)
+        sameQuestion(flight.keyQuery, flight.questionEnd, query, questionEnd)
       ) return flight;
       flight = flight.chain;
     }
