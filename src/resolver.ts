@@ -634,7 +634,19 @@ export class Resolver implements JobOwner, FlightOwner {
     job.flight = null;
     this.#timers.cancel(job);
     let out: Uint8Array;
-    if (!job.hasEdns && optStart >= 0 && last && optEnd === canonical.length) {
+    const optLength = optStart >= 0 ? optEnd - optStart : 0;
+    if ((job.hasEdns ? canonical.length : canonical.length - optLength) > job.limit) {
+      // A UDP client that gets TC=1: cut from the shared answer, not copied whole first. One
+      // flight may have thousands of waiters (followers), and a copy of a 60 KB answer for
+      // each, in one turn of the event loop, is hundreds of megabytes of garbage at once.
+      out = truncateResponse(canonical, job.limit);
+      if (!job.hasEdns && optLength > 0 && out[11] === 1) {
+        // The OPT record it kept ends the cut answer: a client that sent none gets none.
+        out = out.subarray(0, out.length - optLength);
+        out[11] = 0;
+      }
+      this.#stats.truncated();
+    } else if (!job.hasEdns && optStart >= 0 && last && optEnd === canonical.length) {
       // The OPT ends the message (where servers put it): the last waiter's answer is the
       // bytes before it, no copy.
       out = canonical.subarray(0, optStart);

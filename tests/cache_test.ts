@@ -872,6 +872,45 @@ Deno.test("coalescing: past 256 waiters, clients wait on a follower: one upstrea
   assert.equal(r.flights, 0);
 });
 
+Deno.test("coalescing: waiters that get TC=1 are cut from the shared answer in their own shape", () => {
+  const { r, up } = setup();
+  const txt = (size: number): Rec[] => {
+    const records: Rec[] = [];
+    for (let left = size; left > 0; left -= 255) {
+      const n = Math.min(255, left);
+      records.push({ type: TXT, ttl: 300, rdata: [n, ...new Array(n).fill(0x78)] });
+    }
+    return records;
+  };
+  const plain = ask(r, q("Cut.test", 1, { type: TXT }));
+  const edns = ask(r, q("cUT.test", 2, { type: TXT, ednsUdpSize: 1232 }));
+  const stream = ask(r, q("CUT.TEST", 3, { type: TXT }), "tcp");
+  const last = ask(r, q("cut.TEST", 4, { type: TXT }));
+  // Followers too: past 256 waiters.
+  const more = Array.from({ length: 300 }, (_, i) => ask(r, q("cut.test", 10 + i, { type: TXT })));
+  assert.equal(up.requests.length, 1);
+  up.answer(0, { answers: txt(3000), opt: { udpSize: 4096 } });
+  for (
+    const [out, id, name, tc, opt] of [
+      [plain, 1, "Cut.test.", true, false],
+      [edns, 2, "cUT.test.", true, true],
+      [stream, 3, "CUT.TEST.", false, false],
+      [last, 4, "cut.TEST.", true, false],
+      ...more.map((o, i) => [o, 10 + i, "cut.test.", true, false] as const),
+    ] as const
+  ) {
+    assert.equal(out.length, 1, `answer ${id}`);
+    const reply = parseMessage(out[0]);
+    assert.deepEqual(
+      [reply.id, reply.question?.name, reply.tc, reply.opt !== null, reply.answers.length],
+      [id, name, tc, opt, tc ? 0 : 12],
+      `answer ${id}`,
+    );
+    assert.ok(out[0].length <= (tc ? (opt ? 1232 : 512) : 65535));
+  }
+  assert.equal(r.inflight, 0);
+});
+
 Deno.test("coalescing: an upstream failure reaches every waiter as SERVFAIL with its own ID", () => {
   const { r, up } = setup();
   const replies = [ask(r, q("down.test", 1)), ask(r, q("DOWN.test", 2, { ednsUdpSize: 1232 }))];
