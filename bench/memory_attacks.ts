@@ -268,11 +268,19 @@ async function tcpClients(
   return conns;
 }
 
-/** `count` connections, each pipelining 128 queries for a 60 KB answer and reading nothing. */
-async function noRead(proxy: Proxy, seconds: number, count: number): Promise<string> {
+/**
+ * `count` connections, each pipelining 128 queries for `name` (default: a 60 KB answer) and
+ * reading nothing.
+ */
+async function noRead(
+  proxy: Proxy,
+  seconds: number,
+  count: number,
+  name = "big.unbound.test",
+): Promise<string> {
   const queries = Array.from(
     { length: 128 },
-    (_, i) => buildQuery("big.unbound.test", { id: i, type: 16 }),
+    (_, i) => buildQuery(name, { id: i, type: 16 }),
   );
   const conns = await tcpClients(proxy.dnsPort, count, framed(queries));
   await sleep(seconds * 1000);
@@ -398,6 +406,16 @@ const ATTACKS: Attack[] = [
       "(per-client cap lifted: 16 attacker addresses)",
     extraFlags: ["--max-tcp-connections-per-client", "1000"],
     run: (proxy, seconds) => noRead(proxy, seconds, 1000),
+  },
+  {
+    name: "tcp-no-read-1000-cached",
+    what: "1,000 TCP connections x 128 pipelined 16 KB answers from the cache, never read " +
+      "(per-client cap lifted: 16 attacker addresses)",
+    extraFlags: ["--max-tcp-connections-per-client", "1000"],
+    run: async (proxy, seconds) => {
+      await tcpAnswerLength(proxy.dnsPort, "f00000.fill.unbound.test");
+      return await noRead(proxy, seconds, 1000, "f00000.fill.unbound.test");
+    },
   },
   {
     name: "idle-connections",

@@ -662,6 +662,8 @@ Deno.test("serve-stale: 257 waiters share one refresh and get the fresh answer, 
   assert.equal(up.requests.length, 2);
   clock.advance(1000);
   up.answer(1, { answers: [a(120, [192, 0, 2, 9])] });
+  assert.equal(waiting[256].length, 0, "the follower's waiters: in the next turn");
+  clock.advance(0);
   for (const out of waiting) assert.deepEqual(ttls(parseMessage(out[0])), [120]);
   assert.equal(r.inflight, 0);
 });
@@ -845,7 +847,7 @@ Deno.test("coalescing: clients without EDNS get the answer without the OPT, wher
 });
 
 Deno.test("coalescing: past 256 waiters, clients wait on a follower: one upstream query", () => {
-  const { r, up } = setup();
+  const { r, up, clock } = setup();
   const replies: Uint8Array[][] = [];
   for (let i = 0; i < 600; i++) {
     replies.push(ask(r, q(i % 2 === 0 ? "crowd.test" : "CROWD.test", i)));
@@ -854,6 +856,10 @@ Deno.test("coalescing: past 256 waiters, clients wait on a follower: one upstrea
   assert.equal(r.flights, 1, "the newest follower is the one to join");
   assert.equal(r.inflight, 600);
   up.answer(0, { answers: [a(300)] });
+  // The flight's 256 at once, each follower's in a turn of its own.
+  assert.equal(replies.filter((out) => out.length === 1).length, 256);
+  assert.equal(r.flights, 0, "a settled chain is joined by nobody");
+  clock.advance(0);
   for (const [i, out] of replies.entries()) {
     assert.equal(out.length, 1);
     const reply = parseMessage(out[0]);
@@ -873,7 +879,7 @@ Deno.test("coalescing: past 256 waiters, clients wait on a follower: one upstrea
 });
 
 Deno.test("coalescing: waiters that get TC=1 are cut from the shared answer in their own shape", () => {
-  const { r, up } = setup();
+  const { r, up, clock } = setup();
   const txt = (size: number): Rec[] => {
     const records: Rec[] = [];
     for (let left = size; left > 0; left -= 255) {
@@ -890,6 +896,7 @@ Deno.test("coalescing: waiters that get TC=1 are cut from the shared answer in t
   const more = Array.from({ length: 300 }, (_, i) => ask(r, q("cut.test", 10 + i, { type: TXT })));
   assert.equal(up.requests.length, 1);
   up.answer(0, { answers: txt(3000), opt: { udpSize: 4096 } });
+  clock.advance(0);
   for (
     const [out, id, name, tc, opt] of [
       [plain, 1, "Cut.test.", true, false],
