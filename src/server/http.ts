@@ -8,10 +8,13 @@
  * `ulimit -n 1024`), one request to /healthz ended the process with an uncaught
  * `Http: Error: Too many open files`; and 3,000 idle HTTP connections were held for over 40 s.
  * Here every accept error is logged and survived (running out of descriptors pauses accepting
- * for 10–50 ms), open connections are capped, and every phase of a connection has a deadline:
+ * for 10–50 ms), open connections are capped (8 per client address; at the cap a new address
+ * takes the place of an idle connection of the client holding the most, so a hog cannot keep
+ * the kubelet's probe out), and every phase of a connection has a deadline:
  * the request head, an idle keep-alive connection, the handler and the response write.
  * Measured with this server and the defaults: the same 1,000 DNS clients, and /healthz answers
- * 200 once descriptors free up; 3,000 idle HTTP connections, 2,936 closed on accept and the
+ * 200 once descriptors free up; 3,000 idle HTTP connections (before the per-client cap), 2,936
+ * closed on accept and the
  * last of the other 64 after 5.0 s (tests/http_test.ts checks both, on a smaller scale).
  *
  * It serves what Prometheus, the kubelet and curl send: GET and HEAD, HTTP/1.0 and
