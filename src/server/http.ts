@@ -14,8 +14,8 @@
  * the request head, an idle keep-alive connection, the handler and the response write.
  * Measured with this server and the defaults: the same 1,000 DNS clients, and /healthz answers
  * 200 once descriptors free up; 3,000 idle HTTP connections (before the per-client cap), 2,936
- * closed on accept and the
- * last of the other 64 after 5.0 s (tests/http_test.ts checks both, on a smaller scale).
+ * closed on accept and the last of the other 64 after 5.0 s (tests/http_test.ts checks both,
+ * on a smaller scale).
  *
  * It serves what Prometheus, the kubelet and curl send: GET and HEAD, HTTP/1.0 and
  * HTTP/1.1, keep-alive and pipelining (RFC 9112). A request with a body is answered and its
