@@ -3,7 +3,8 @@
  * `deno bench --allow-env bench/cache_micro_bench.ts`. What a cache hit costs in JavaScript,
  * apart from the UDP receive and send (bench/cache_bench.sh measures those end to end).
  */
-import { AnswerCache, cacheKeyHash } from "../src/cache/answer_cache.ts";
+import { AnswerCache } from "../src/cache/answer_cache.ts";
+import { cacheKeyHash } from "../src/dns/cache_key.ts";
 import { defaultConfig } from "../src/config.ts";
 import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
 import { Logger } from "../src/log.ts";
@@ -43,6 +44,7 @@ function makeResolver(cacheSize: number): Resolver {
     tcpConnections: () => 0,
     upstreams: () => [],
     cacheEntries: () => 0,
+    cacheBytes: () => 0,
     queriesInflight: () => 0,
   });
   return new Resolver(forwarder, {

@@ -268,16 +268,57 @@ async function tcpClients(
   return conns;
 }
 
-/** `count` connections, each pipelining 128 queries for a 60 KB answer and reading nothing. */
-async function noRead(proxy: Proxy, seconds: number, count: number): Promise<string> {
+/**
+ * `count` connections, each pipelining 128 queries for `name` (default: a 60 KB answer) and
+ * reading nothing.
+ */
+async function noRead(
+  proxy: Proxy,
+  seconds: number,
+  count: number,
+  name = "big.unbound.test",
+): Promise<string> {
   const queries = Array.from(
     { length: 128 },
-    (_, i) => buildQuery("big.unbound.test", { id: i, type: 16 }),
+    (_, i) => buildQuery(name, { id: i, type: 16 }),
   );
   const conns = await tcpClients(proxy.dnsPort, count, framed(queries));
   await sleep(seconds * 1000);
   for (const conn of conns) conn.close();
   return `${conns.length} connections`;
+}
+
+/** Fills the cache with 12,000 answers of 16,381 octets over `seconds` (UDP, TC=1 to us). */
+async function fillCache(proxy: Proxy, seconds: number, tmp: string): Promise<string> {
+  const lines = Array.from(
+    { length: 12_000 },
+    (_, i) => `f${String(i).padStart(5, "0")}.fill.unbound.test TXT`,
+  );
+  await Deno.writeTextFile(`${tmp}/fill.txt`, lines.join("\n") + "\n");
+  const size = await tcpAnswerLength(proxy.dnsPort, "f99999.fill.unbound.test");
+  const sent = await dnsperf(proxy.dnsPort, `${tmp}/fill.txt`, seconds, 12_000 / seconds);
+  const metrics = await fetch(`http://127.0.0.1:${proxy.httpPort}/metrics`).then((r) => r.text());
+  const gauge = (name: string) => new RegExp(`^${name} (\\S+)`, "m").exec(metrics)?.[1];
+  return `${sent}; answers of ${size} octets; ${gauge("dotproxy_cache_entries")} entries, ` +
+    `dotproxy_cache_bytes ${gauge("dotproxy_cache_bytes") ?? "(none)"}`;
+}
+
+/** The length of the answer to a TXT query for `name` over TCP (with EDNS, as dnsperf asks). */
+async function tcpAnswerLength(port: number, name: string): Promise<number> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    await conn.write(framed([buildQuery(name, { type: 16, ednsUdpSize: 4096 })]));
+    const prefix = new Uint8Array(2);
+    let got = 0;
+    while (got < 2) {
+      const n = await conn.read(prefix.subarray(got));
+      if (n === null) return -1;
+      got += n;
+    }
+    return (prefix[0] << 8) | prefix[1];
+  } finally {
+    conn.close();
+  }
 }
 
 function framed(queries: Uint8Array[]): Uint8Array {
@@ -335,6 +376,20 @@ const ATTACKS: Attack[] = [
     run: (proxy, seconds) => flood(proxy.dnsPort, seconds, 150_000, "big"),
   },
   {
+    name: "cache-fill-large",
+    what: "12,000 unique names under a wildcard with a 16.38 KB TXT answer, over UDP " +
+      "(clients get TC=1, the whole answer is cached)",
+    run: (proxy, seconds, tmp) => fillCache(proxy, seconds, tmp),
+  },
+  {
+    name: "cache-fill-then-tcp-no-read-1000",
+    what: "cache-fill-large, then tcp-no-read-1000 with the cache full",
+    extraFlags: ["--max-tcp-connections-per-client", "1000"],
+    run: async (proxy, seconds, tmp) =>
+      `${await fillCache(proxy, seconds, tmp)}; ${await noRead(proxy, seconds, 1000)}`,
+  },
+
+  {
     name: "tcp-flood",
     what: "TCP, 64 pipelining connections (one client's cap), unique names",
     run: async (proxy, seconds, tmp) =>
@@ -351,6 +406,16 @@ const ATTACKS: Attack[] = [
       "(per-client cap lifted: 16 attacker addresses)",
     extraFlags: ["--max-tcp-connections-per-client", "1000"],
     run: (proxy, seconds) => noRead(proxy, seconds, 1000),
+  },
+  {
+    name: "tcp-no-read-1000-cached",
+    what: "1,000 TCP connections x 128 pipelined 16 KB answers from the cache, never read " +
+      "(per-client cap lifted: 16 attacker addresses)",
+    extraFlags: ["--max-tcp-connections-per-client", "1000"],
+    run: async (proxy, seconds) => {
+      await tcpAnswerLength(proxy.dnsPort, "f00000.fill.unbound.test");
+      return await noRead(proxy, seconds, 1000, "f00000.fill.unbound.test");
+    },
   },
   {
     name: "idle-connections",
@@ -416,6 +481,17 @@ const ATTACKS: Attack[] = [
   },
 ];
 
+/**
+ * The strings of the `i`th TXT record of fill.unbound.test: 4,070 octets of RDATA, so that
+ * four of them answer f<5 digits>.fill.unbound.test in 16,381 octets with an OPT record.
+ */
+function fillText(i: number): string {
+  const strings = [`"${i}"`, `"${"y".repeat(254)}"`];
+  for (let j = 0; j < 15; j++) strings.push(`"${"y".repeat(250)}"`);
+  strings.push(`"${"y".repeat(47)}"`);
+  return strings.join(" ");
+}
+
 async function main() {
   const args = parseArgs();
   proxyEnv = args.env;
@@ -427,7 +503,18 @@ async function main() {
       // 15 records of 4 KB: a 60 KB answer (TCP only; UDP clients get TC=1).
       ...Array.from({ length: 15 }, (_, i) => `big.unbound.test. 300 IN TXT "${i}" ${bigText}`),
     ],
-    extraServerConfig: ["  incoming-num-tcp: 1000", "  num-queries-per-thread: 4096"],
+    extraServerConfig: [
+      "  incoming-num-tcp: 1000",
+      "  num-queries-per-thread: 4096",
+      // Every name under fill.unbound.test gets the same answer: 4 TXT records, 16,377 to
+      // 16,384 octets with the question of f<i>.fill.unbound.test and an OPT record, the
+      // largest cached and the worst case for the arena (20 KiB slots).
+      `  local-zone: "fill.unbound.test." redirect`,
+      ...Array.from(
+        { length: 4 },
+        (_, i) => `  local-data: 'fill.unbound.test. 300 IN TXT ${fillText(i)}'`,
+      ),
+    ],
   });
   try {
     await writeNames(`${tmp}/misses.txt`, 3_000_000, (i) => `n${i}.unbound.test`);

@@ -2,13 +2,13 @@
  * Micro-benchmarks of the wire-format hot path: `deno bench bench/wire_bench.ts`
  * (or `deno task bench`). Numbers go in bench/README.md.
  */
-import { questionHash, questionKeyEquals } from "../src/dns/cache_key.ts";
+import { cacheKeyHash } from "../src/dns/cache_key.ts";
 import { buildUpstreamQuery, stripResponseOpt } from "../src/dns/edns.ts";
 import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "../src/dns/message.ts";
 import { inspectQuery, QueryInfo } from "../src/dns/query.ts";
 import { answersQuestion, truncateResponse } from "../src/dns/response.ts";
 import { writeAgedTtls } from "../src/dns/ttl.ts";
-import { getRcode, setId } from "../src/dns/wire.ts";
+import { getRcode, sameQuestion, setId } from "../src/dns/wire.ts";
 import { answerFor, buildQuery, encodeName } from "../tests/support/dns.ts";
 
 const query = buildQuery("www.Example.com", { id: 0x1234, ednsUdpSize: 1232 });
@@ -174,12 +174,12 @@ Deno.bench("stripResponseOpt keepOpt=false, into a reused buffer", { group: "ups
   stripResponseOpt(typical, typicalInfo, false, stripBuffer);
 });
 
-Deno.bench("questionHash www.Example.com A +DO", { group: "cache" }, () => {
-  questionHash(clientQuery, clientInfo.questionEnd, true, false);
+Deno.bench("cacheKeyHash www.Example.com A +DO +RD", { group: "cache" }, () => {
+  cacheKeyHash(clientQuery, clientInfo.questionEnd, 9);
 });
 
-Deno.bench("questionKeyEquals (same key, other case)", { group: "cache" }, () => {
-  questionKeyEquals(clientQuery, clientInfo.questionEnd, 1, typical, 33, 1);
+Deno.bench("sameQuestion (same question, other case)", { group: "cache" }, () => {
+  sameQuestion(clientQuery, clientInfo.questionEnd, typical, 33);
 });
 
 Deno.bench("writeAgedTtls 18 records", { group: "cache" }, () => {

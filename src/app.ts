@@ -6,7 +6,13 @@
  */
 
 import { formatHostPort } from "./address.ts";
-import type { Config, ListenAddress, UpstreamSpec, ZoneRoute } from "./config.ts";
+import {
+  type Config,
+  type ListenAddress,
+  parseIpAddress,
+  type UpstreamSpec,
+  type ZoneRoute,
+} from "./config.ts";
 import type { Logger } from "./log.ts";
 import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
@@ -208,6 +214,26 @@ function routeZones(
 }
 
 /**
+ * Warns when `address` is a wildcard (0.0.0.0, ::). A UDP reply from a socket bound to a
+ * wildcard leaves from the address the kernel's route picks, not necessarily the one the
+ * query was sent to, and a client drops a reply from another address (measured: a query to
+ * 127.0.0.2 answered from 127.0.0.1, `dig` timed out). Servers bound to one address avoid
+ * it with IP_PKTINFO; Deno's UDP socket offers no such option, nor (without --allow-sys) a
+ * list of the host's addresses to bind each one. Harmless where the host (a pod, a
+ * container on a bridge network) has one address per family besides loopback.
+ */
+function warnIfWildcard(address: ListenAddress, log: Logger): void {
+  const bytes = parseIpAddress(address.hostname);
+  if (bytes === null || bytes.some((b) => b !== 0)) return;
+  log.warn(
+    "listening for UDP on a wildcard address: a reply leaves from the address the route " +
+      "picks, which clients drop when they asked another address of this host; list each " +
+      "address clients use with --listen where the host has several",
+    { listen: formatHostPort(address.hostname, address.port) },
+  );
+}
+
+/**
  * Starts a proxy for `config`. Throws {@linkcode StartupError} when a listener cannot bind,
  * after closing whatever had started.
  *
@@ -241,6 +267,7 @@ export async function startProxy(
       );
     },
     cacheEntries: () => resolver?.cache?.size ?? 0,
+    cacheBytes: () => resolver?.cache?.bytes ?? 0,
     queriesInflight: () => resolver?.inflight ?? 0,
   });
   const shared = { log, stats: metrics.upstream, clock };
@@ -295,6 +322,7 @@ export async function startProxy(
     stats: metrics.resolver,
     cache: {
       maxEntries: config.cacheSize,
+      maxBytes: config.cacheMaxBytes,
       minTtl: config.cacheMinTtl,
       maxTtl: config.cacheMaxTtl,
       maxNegativeTtl: config.cacheMaxNegativeTtl,
@@ -380,6 +408,7 @@ export async function startProxy(
         try {
           tcp.push(TcpServer.listen(tcpAddress, core, log, tcpOptions, metrics.tcp));
           udp.push(udpServer);
+          warnIfWildcard(tcpAddress, log);
           break;
         } catch (error) {
           await udpServer.close();

@@ -25,6 +25,8 @@ export interface ProxyState {
   upstreams(): { label: string; healthy: boolean; inflight: number; connections: number }[];
   /** Entries in the answer cache (0 with the cache off). */
   cacheEntries(): number;
+  /** Bytes of memory the answer cache holds (0 with the cache off). */
+  cacheBytes(): number;
   /** Client queries waiting for an upstream answer. */
   queriesInflight(): number;
 }
@@ -158,7 +160,8 @@ const FAMILIES = {
     "counter",
     "dotproxy_upstream_retries_total",
     "Questions also sent to another upstream because an attempt on this one failed (reason: " +
-    "the error), was slow (slow), or answered with an rcode in --failover-rcodes (rcode).",
+    "the error), was slow (slow), answered with an rcode in --failover-rcodes (rcode), or " +
+    "answered with TC=1 (truncated).",
     ["upstream", "reason"],
   ],
   healthChecks: [
@@ -197,7 +200,8 @@ const FAMILIES = {
   cacheEvictions: [
     "counter",
     "dotproxy_cache_evictions_total",
-    "Entries evicted (least recently used first) to stay within --cache-size.",
+    "Entries evicted (least recently used first) to stay within --cache-size and " +
+    "--cache-max-bytes.",
     [],
   ],
   cacheEntries: [
@@ -213,6 +217,14 @@ const FAMILIES = {
     "Questions sent on by route: the zone as configured (--zone), default (--upstream) or " +
     "special-use (answered here, --special-use-names). Cache hits are not routed.",
     ["route"],
+  ],
+  cacheBytes: [
+    "gauge",
+    "dotproxy_cache_bytes",
+    "Bytes of memory the answer cache holds for answers (256 KiB chunks, at most " +
+    "--cache-max-bytes).",
+    [],
+    (state) => (set) => set(state.cacheBytes()),
   ],
   tcpAccepted: [
     "counter",
@@ -337,6 +349,8 @@ export class ProxyMetrics {
   declare readonly cacheEvictions: Counter;
   /** `dotproxy_cache_entries`, computed at scrape time. */
   declare readonly cacheEntries: Gauge;
+  /** `dotproxy_cache_bytes`, computed at scrape time. */
+  declare readonly cacheBytes: Gauge;
 
   /** Hooks for the resolver. */
   readonly resolver: ResolverStats;

@@ -144,6 +144,64 @@ Deno.test("cache over sockets: 100 concurrent identical queries make one upstrea
   }
 });
 
+Deno.test("cache over sockets: 1,000 clients of one slow name make one upstream query (past 256 waiters too)", async () => {
+  // Health probes (the root's NS) are answered at once: the upstream is slow, not down.
+  const dot = DotServer.start({ delayMs: (query) => query[12] === 0 ? 0 : 1000 });
+  try {
+    const config = testConfig([dot.upstream()], { hedgeDelay: 0 });
+    await withProxy(config, async ({ port }) => {
+      // Sent in waves, so that most clients arrive while the flight is out and full.
+      const replies: Promise<Uint8Array | null>[] = [];
+      for (let wave = 0; wave < 10; wave++) {
+        for (let i = 0; i < 100; i++) {
+          const id = wave * 100 + i;
+          replies.push(udpExchange(port, buildQuery("slow.many.test", { id }), 5000));
+        }
+        await sleep(20);
+      }
+      const answered = await Promise.all(replies);
+      assert.equal(dot.queries, 1, "one question upstream for every client");
+      for (const [id, reply] of answered.entries()) {
+        assert.ok(reply, `client ${id} got an answer`);
+        const parsed = parseMessage(reply);
+        assert.equal(parsed.id, id);
+        assert.equal(parsed.rcode, 0);
+        assert.equal(formatA(parsed.answers[0].data), addressFor("slow.many.test"));
+      }
+    });
+  } finally {
+    await dot.close();
+  }
+});
+
+Deno.test("cache over sockets: 15 KB answers for unique names stay within --cache-max-bytes (dotproxy_cache_bytes)", async () => {
+  const dot = DotServer.start();
+  try {
+    const mib = 1024 * 1024;
+    const config = testConfig([dot.upstream()], { cacheMaxBytes: mib });
+    await withProxy(config, async ({ proxy, port }) => {
+      const client = await TcpDnsClient.connect(port);
+      try {
+        for (let i = 0; i < 200; i++) {
+          await client.send(buildQuery(`big15000.n${i}.fill.test`, { id: i, type: 16 }));
+          const reply = await client.receive();
+          assert.ok(reply && reply.length > 15_000, `answer ${i} whole over TCP`);
+        }
+      } finally {
+        client.close();
+      }
+      const text = proxy.metrics.registry.render();
+      const bytes = metricValue(text, "dotproxy_cache_bytes") ?? -1;
+      const entries = metricValue(text, "dotproxy_cache_entries", {});
+      assert.ok(bytes > 0 && bytes <= mib, `dotproxy_cache_bytes ${bytes}`);
+      assert.equal(entries, 64, "16 KiB slots: 64 fit in 1 MiB");
+      assert.equal(metricValue(text, "dotproxy_cache_evictions_total", {}), 200 - 64);
+    });
+  } finally {
+    await dot.close();
+  }
+});
+
 Deno.test("cache over sockets: every upstream dead: the expired answer is served stale", async () => {
   const dot = DotServer.start();
   let closed = false;

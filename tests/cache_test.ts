@@ -7,11 +7,11 @@
 import assert from "node:assert/strict";
 import {
   AnswerCache,
-  cacheKeyHash,
   type CacheSettings,
   MAX_CACHED_ANSWER,
   MAX_CHAIN,
 } from "../src/cache/answer_cache.ts";
+import { cacheKeyHash } from "../src/dns/cache_key.ts";
 import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
 import { Logger } from "../src/log.ts";
 import { type CacheStatus, Resolver, type ResolverOptions } from "../src/resolver.ts";
@@ -651,22 +651,20 @@ Deno.test("serve-stale: past --serve-stale, or with it 0, or with RD=0, no stale
   assert.equal(parseMessage(out[0]).rcode, 2);
 });
 
-Deno.test("serve-stale: a waiter whose entry was refreshed meanwhile gets the fresh answer at the timer", () => {
+Deno.test("serve-stale: 257 waiters share one refresh and get the fresh answer, not stale", () => {
   const { r, clock, up } = setup();
   ask(r, q("crowded.test"));
   up.answer(0, { answers: [a(10)] });
   clock.advance(11_000);
-  // 256 wait on one refresh; the 257th goes upstream on its own and is answered first.
+  // 256 wait on the refresh, the 257th on its follower: still one question upstream.
   const waiting = Array.from({ length: 257 }, (_, i) => ask(r, q("crowded.test", i)));
-  assert.equal(up.requests.length, 3);
-  up.answer(2, { answers: [a(120, [192, 0, 2, 9])] });
-  assert.equal(waiting[256].length, 1);
-  clock.advance(1800);
-  for (const out of waiting) {
-    const reply = parseMessage(out[0]);
-    // Fresh, not stale (30): the 257th at once, the others 1.8 s later.
-    assert.deepEqual(ttls(reply), [reply.id === 256 ? 120 : 119]);
-  }
+  assert.equal(up.requests.length, 2);
+  clock.advance(1000);
+  up.answer(1, { answers: [a(120, [192, 0, 2, 9])] });
+  assert.equal(waiting[256].length, 0, "the follower's waiters: in the next turn");
+  clock.advance(0);
+  for (const out of waiting) assert.deepEqual(ttls(parseMessage(out[0])), [120]);
+  assert.equal(r.inflight, 0);
 });
 
 Deno.test("serve-stale: --stale-answer-timeout 0 answers stale at once and refreshes behind", () => {
@@ -847,14 +845,75 @@ Deno.test("coalescing: clients without EDNS get the answer without the OPT, wher
   }
 });
 
-Deno.test("coalescing: waiters are bounded: beyond 256 a query goes upstream on its own", () => {
-  const { r, up } = setup();
+Deno.test("coalescing: past 256 waiters, clients wait on a follower: one upstream query", () => {
+  const { r, up, clock } = setup();
   const replies: Uint8Array[][] = [];
-  for (let i = 0; i < 300; i++) replies.push(ask(r, q("crowd.test", i)));
-  assert.equal(up.requests.length, 1 + 300 - 256);
-  assert.equal(r.flights, 1, "the full flight stays the one to join");
-  for (let i = up.requests.length - 1; i >= 0; i--) up.answer(i, { answers: [a(300)] });
-  assert.ok(replies.every((out) => out.length === 1));
+  for (let i = 0; i < 600; i++) {
+    replies.push(ask(r, q(i % 2 === 0 ? "crowd.test" : "CROWD.test", i)));
+  }
+  assert.equal(up.requests.length, 1);
+  assert.equal(r.flights, 1, "the newest follower is the one to join");
+  assert.equal(r.inflight, 600);
+  up.answer(0, { answers: [a(300)] });
+  // The flight's 256 at once, each follower's in a turn of its own.
+  assert.equal(replies.filter((out) => out.length === 1).length, 256);
+  assert.equal(r.flights, 0, "a settled chain is joined by nobody");
+  clock.advance(0);
+  for (const [i, out] of replies.entries()) {
+    assert.equal(out.length, 1);
+    const reply = parseMessage(out[0]);
+    assert.equal(reply.id, i);
+    assert.equal(reply.question?.name, i % 2 === 0 ? "crowd.test." : "CROWD.test.");
+  }
+  assert.equal(r.inflight, 0);
+  assert.equal(r.flights, 0);
+  // A failure reaches the followers' clients too.
+  const failed: Uint8Array[][] = [];
+  for (let i = 0; i < 300; i++) failed.push(ask(r, q("lost.test", i)));
+  assert.equal(up.requests.length, 2);
+  up.fail(1, "timeout");
+  assert.ok(failed.every((out) => out.length === 1 && parseMessage(out[0]).rcode === 2));
+  assert.equal(r.inflight, 0);
+  assert.equal(r.flights, 0);
+});
+
+Deno.test("coalescing: waiters that get TC=1 are cut from the shared answer in their own shape", () => {
+  const { r, up, clock } = setup();
+  const txt = (size: number): Rec[] => {
+    const records: Rec[] = [];
+    for (let left = size; left > 0; left -= 255) {
+      const n = Math.min(255, left);
+      records.push({ type: TXT, ttl: 300, rdata: [n, ...new Array(n).fill(0x78)] });
+    }
+    return records;
+  };
+  const plain = ask(r, q("Cut.test", 1, { type: TXT }));
+  const edns = ask(r, q("cUT.test", 2, { type: TXT, ednsUdpSize: 1232 }));
+  const stream = ask(r, q("CUT.TEST", 3, { type: TXT }), "tcp");
+  const last = ask(r, q("cut.TEST", 4, { type: TXT }));
+  // Followers too: past 256 waiters.
+  const more = Array.from({ length: 300 }, (_, i) => ask(r, q("cut.test", 10 + i, { type: TXT })));
+  assert.equal(up.requests.length, 1);
+  up.answer(0, { answers: txt(3000), opt: { udpSize: 4096 } });
+  clock.advance(0);
+  for (
+    const [out, id, name, tc, opt] of [
+      [plain, 1, "Cut.test.", true, false],
+      [edns, 2, "cUT.test.", true, true],
+      [stream, 3, "CUT.TEST.", false, false],
+      [last, 4, "cut.TEST.", true, false],
+      ...more.map((o, i) => [o, 10 + i, "cut.test.", true, false] as const),
+    ] as const
+  ) {
+    assert.equal(out.length, 1, `answer ${id}`);
+    const reply = parseMessage(out[0]);
+    assert.deepEqual(
+      [reply.id, reply.question?.name, reply.tc, reply.opt !== null, reply.answers.length],
+      [id, name, tc, opt, tc ? 0 : 12],
+      `answer ${id}`,
+    );
+    assert.ok(out[0].length <= (tc ? (opt ? 1232 : 512) : 65535));
+  }
   assert.equal(r.inflight, 0);
 });
 
@@ -969,6 +1028,56 @@ Deno.test("cache: at most MAX_CHAIN entries share a hash (a flood of colliding n
     cache.lookup(query, questionEnd(query), 0, 1000, collide) !== null
   );
   assert.deepEqual(found, stored, "each stored name found, by its own question");
+});
+
+Deno.test("cache: --cache-max-bytes bounds the memory held whatever the mix of answer sizes", () => {
+  const mib = 1024 * 1024;
+  const cache = new AnswerCache({
+    maxEntries: 10_000,
+    maxBytes: mib,
+    minTtl: 0,
+    maxTtl: 86_400,
+    maxNegativeTtl: 3600,
+    serveStaleSeconds: 0,
+  });
+  const info = new ResponseInfo();
+  const txt = (size: number): Rec[] => {
+    const records: Rec[] = [];
+    for (let left = size; left > 0; left -= 255) {
+      const n = Math.min(255, left);
+      records.push({ type: TXT, ttl: 300, rdata: [n, ...new Array(n).fill(0x78)] });
+    }
+    return records;
+  };
+  const store = (name: string, answers: Rec[]): boolean => {
+    const query = q(name, 1, { type: TXT });
+    const response = respond(query, { answers });
+    assert.ok(analyzeResponse(response, info));
+    return cache.store(query, questionEnd(query), 0, response, info, 1000) !== null;
+  };
+  const has = (name: string): boolean => {
+    const query = q(name, 1, { type: TXT });
+    return cache.lookup(query, questionEnd(query), 0, 1000) !== null;
+  };
+  // 15 KB answers (16 KiB slots): 1 MiB holds 64 of them (16 per chunk), not 500.
+  const large = txt(14_500);
+  for (let i = 0; i < 500; i++) assert.ok(store(`large${i}.test`, large));
+  assert.ok(cache.bytes <= mib, `${cache.bytes} bytes held`);
+  assert.equal(cache.size, 64);
+  assert.ok(has("large499.test") && !has("large435.test"), "the least recently used went");
+  // Then small answers: the chunks of the large ones go to them, the total stays bounded.
+  const small = [a(300)];
+  for (let i = 0; i < 20_000; i++) assert.ok(store(`small${i}.test`, small));
+  assert.ok(cache.bytes <= mib, `${cache.bytes} bytes held`);
+  assert.equal(cache.size, 10_000, "small answers: the entry limit binds first");
+  // And mixed, over and over: still bounded, and each answer stored finds its slot.
+  for (let i = 0; i < 2_000; i++) {
+    assert.ok(store(`mixed${i}.test`, i % 3 === 0 ? large : i % 3 === 1 ? txt(2000) : small));
+    assert.ok(cache.bytes <= mib);
+  }
+  assert.ok(has("mixed1999.test") && has("mixed1998.test") && has("mixed1997.test"));
+  assert.equal(cache.flush() > 0, true);
+  assert.equal(cache.bytes, 0);
 });
 
 // ---- off -----------------------------------------------------------------------------------------

@@ -876,15 +876,7 @@ Deno.test("parseCidr: IPv4, IPv6, bare addresses, canonical text, host bits", ()
       0,
       7,
     ]],
-    ["::ffff:192.0.2.1", 6, 128, "::ffff:c000:201/128", [
-      ...new Array(10).fill(0),
-      0xff,
-      0xff,
-      192,
-      0,
-      2,
-      1,
-    ]],
+    ["::ffff:192.0.2.1", 4, 32, "192.0.2.1/32", [192, 0, 2, 1]],
     ["64:ff9b::/96", 6, 96, "64:ff9b::/96", [0, 0x64, 0xff, 0x9b, ...new Array(12).fill(0)]],
     [" 172.16.0.0/12 ", 4, 12, "172.16.0.0/12", [172, 16, 0, 0]],
   ];
@@ -922,6 +914,34 @@ Deno.test("parseCidr: IPv4, IPv6, bare addresses, canonical text, host bits", ()
       bad,
     );
   }
+});
+
+Deno.test("parseCidr: an IPv4-mapped network is its IPv4 network (clients are matched as IPv4); shorter than /96 refused", () => {
+  const cases: [string, string][] = [
+    ["::ffff:10.0.0.0/104", "10.0.0.0/8"],
+    ["::FFFF:192.0.2.7", "192.0.2.7/32"],
+    ["::ffff:0:0/96", "0.0.0.0/0"],
+    ["0:0:0:0:0:ffff:c000:0200/120", "192.0.2.0/24"],
+  ];
+  for (const [text, canonical] of cases) {
+    const cidr = parseCidr(text, "--allow");
+    assert.deepEqual([cidr.family, cidr.text, cidr.bytes.length], [4, canonical, 4], text);
+    assert.ok(cidrContains(cidr, parseIpAddress(canonical.split("/")[0])!), text);
+  }
+  assert.throws(
+    () => parseCidr("::ffff:10.0.0.1/104", "--allow"),
+    /host bits are set after \/8; did you mean 10\.0\.0\.0\/8\?/,
+  );
+  assert.throws(
+    () => parseCidr("::ffff:0:0/80", "--allow"),
+    (error: Error) =>
+      error instanceof ConfigError &&
+      error.message === '--allow "::ffff:0:0/80": an IPv4-mapped network needs a prefix of at ' +
+          "least /96; write the IPv4 network (IPv4 clients are matched as IPv4, mapped or not)",
+  );
+  // Not mapped: left as IPv6.
+  assert.equal(parseCidr("::fffe:0:0/96", "--allow").family, 6);
+  assert.equal(parseCidr("64:ff9b::a00:1", "--allow").family, 6);
 });
 
 Deno.test("IP literals: IPv6 parsed by its grammar, not by look", () => {
@@ -988,7 +1008,9 @@ Deno.test("cidrContains matches by prefix and family", () => {
   assert.ok(cidrContains(net("::/0"), ip("2001:db8::1")));
   assert.ok(cidrContains(net("192.0.2.7"), ip("192.0.2.7")));
   assert.ok(!cidrContains(net("192.0.2.7"), ip("192.0.2.6")));
-  assert.ok(!cidrContains(net("::ffff:0:0/96"), ip("192.0.2.1")), "mapped addresses: no magic");
+  // A mapped network is its IPv4 network: the admission unwraps mapped client addresses.
+  assert.ok(cidrContains(net("::ffff:192.0.2.0/120"), ip("192.0.2.1")));
+  assert.ok(!cidrContains(net("::ffff:192.0.2.0/120"), ip("::ffff:192.0.2.1")), "no magic here");
 });
 
 /** The index table of docs/configuration.md's settings reference: [flag, variable] as written. */

@@ -38,8 +38,11 @@ const RELEASE_TARGETS = [
   "aarch64-apple-darwin",
   "x86_64-pc-windows-msvc",
 ];
-/** Kubernetes files that kustomization.yaml must not list (they need CRDs). */
-const OPTIONAL_K8S_FILES = ["servicemonitor.yaml"];
+/**
+ * Kubernetes files that kustomization.yaml must not list: they need CRDs, or (the
+ * NetworkPolicy) are examples to adapt to the cluster before applying.
+ */
+const OPTIONAL_K8S_FILES = ["servicemonitor.yaml", "networkpolicy.yaml"];
 const COMPOSE_FILE = "deploy/docker-compose.yml";
 
 const ROOT = new URL("../", import.meta.url);
@@ -573,7 +576,7 @@ Deno.test("deploy: kustomization.yaml lists every manifest but the CRD-dependent
   const expected = manifests.filter((f) => !OPTIONAL_K8S_FILES.includes(f)).sort();
   assert.deepEqual([...resources].sort(), expected);
   for (const f of OPTIONAL_K8S_FILES) {
-    assert.ok(!resources.includes(f), `${f} needs CRDs and must stay out of kustomization`);
+    assert.ok(!resources.includes(f), `${f} is optional and must stay out of kustomization`);
   }
   for (const kind of ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"]) {
     assert.ok(resources.includes(k8s(kind).file.slice("deploy/kubernetes/".length)), kind);
@@ -1357,4 +1360,28 @@ Deno.test("deploy: grace periods outlast the shutdown delay and timeout", async 
   const unitEnv = new Map<string, string>();
   for (const m of unit.matchAll(/^Environment=(\S+?)=(.*)$/gm)) unitEnv.set(m[1], m[2]);
   assert.ok(seconds(stop[1]) >= shutdownSeconds(unitEnv) + 2, `TimeoutStopSec=${stop[1]}`);
+});
+
+Deno.test("deploy: the NetworkPolicy example admits DNS from anywhere, the HTTP port from named sources only", () => {
+  const policy = k8s("NetworkPolicy");
+  assert.equal(policy.apiVersion, "networking.k8s.io/v1");
+  const spec = obj(policy.doc.spec, "NetworkPolicy spec");
+  const selector = strRecord(obj(spec.podSelector, "podSelector").matchLabels, "matchLabels");
+  assert.ok(selects(selector, podLabels), "the policy must select the pods");
+  const rules = arr(spec.ingress, "ingress").map((r, i) => obj(r, `ingress ${i}`));
+  const portsOf = (rule: Obj) =>
+    arr(rule.ports, "ports").map((p) => {
+      const port = obj(p, "port");
+      return `${num(port.port, "port")}/${str(port.protocol, "protocol")}`;
+    });
+  const dns = rules.filter((r) => portsOf(r).includes(`${DNS_PORT}/UDP`));
+  assert.equal(dns.length, 1);
+  assert.deepEqual(portsOf(dns[0]).sort(), [`${DNS_PORT}/TCP`, `${DNS_PORT}/UDP`]);
+  assert.equal(dns[0].from, undefined, "DNS from any source");
+  const http = rules.filter((r) => portsOf(r).includes(`${HTTP_PORT}/TCP`));
+  assert.equal(http.length, 1);
+  const from = arr(http[0].from, "HTTP port sources").map((f, i) => obj(f, `from ${i}`));
+  assert.ok(from.length > 0, "the HTTP port from named sources only");
+  assert.ok(from.some((f) => f.ipBlock !== undefined), "the nodes (kubelet probes)");
+  assert.ok(from.some((f) => f.namespaceSelector !== undefined), "the scraper");
 });

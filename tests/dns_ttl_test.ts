@@ -1,6 +1,14 @@
 import assert from "node:assert/strict";
 import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
-import { clampTtls, MAX_TTL, readTtl, writeAgedTtls, writeTtl, writeTtls } from "../src/dns/ttl.ts";
+import {
+  clampTtls,
+  MAX_TTL,
+  readTtl,
+  writeAgedTtls,
+  writeTtl,
+  writeTtls,
+  zeroHighTtls,
+} from "../src/dns/ttl.ts";
 import { encodeName, parseMessage } from "./support/dns.ts";
 
 type Part = number | readonly number[] | Uint8Array;
@@ -138,4 +146,28 @@ Deno.test("writeTtls sets every TTL but OPT's (serve-stale's 30 seconds)", () =>
   assert.deepEqual(recordTtls(msg), [MAX_TTL, MAX_TTL, MAX_TTL, MAX_TTL]);
   writeTtls(msg, info.ttlOffsets, info.ttlCount, -1);
   assert.deepEqual(recordTtls(msg), [0, 0, 0, 0]);
+});
+
+Deno.test("zeroHighTtls: TTLs with the top bit set become 0 (RFC 2181 section 8), others stay", () => {
+  const msg = new Uint8Array([
+    0x80,
+    0,
+    0,
+    1,
+    0x7f,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0,
+    0,
+    1,
+    44,
+  ]);
+  assert.equal(zeroHighTtls(msg, new Uint32Array([0, 4, 8, 12]), 4), 2);
+  assert.deepEqual([...msg], [0, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 1, 44]);
+  assert.equal(zeroHighTtls(msg, new Uint32Array([0, 4, 8, 12]), 4), 0);
 });

@@ -780,3 +780,61 @@ Deno.test("metrics: retries, health checks and hedges count what happened", asyn
     await Promise.all([bad.close(), good.close()]);
   }
 });
+
+Deno.test("failover: an upstream's TC=1 answer is a failed attempt: a TCP client gets the whole answer from another", async () => {
+  // The first upstream truncates every answer (as a server does whose answer exceeds 64 KiB);
+  // the second answers whole. Strategy failover: the first is always asked first.
+  const truncating = DotServer.start({
+    answer: (query) => {
+      const response = answerFor(query);
+      if (query[12] !== 0) response[2] |= 0x02; // TC, except for health probes (. NS)
+      return response;
+    },
+  });
+  const whole = DotServer.start();
+  try {
+    const config = testConfig([truncating.upstream(), whole.upstream()], {
+      strategy: "failover",
+      hedgeDelay: 0,
+    });
+    const { proxy } = await startTestProxy(config);
+    try {
+      const port = proxy.tcp[0].addr.port;
+      for (let id = 1; id <= 3; id++) {
+        const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+        try {
+          const query = buildQuery(`tc${id}.test`, { id });
+          const framed = new Uint8Array(2 + query.length);
+          framed.set([query.length >> 8, query.length & 0xff]);
+          framed.set(query, 2);
+          await conn.write(framed);
+          const buffer = new Uint8Array(4096);
+          let got = 0;
+          for (let i = 0; i < 100 && (got < 2 || got < 2 + ((buffer[0] << 8) | buffer[1])); i++) {
+            const n = await conn.read(buffer.subarray(got));
+            if (n === null) break;
+            got += n;
+          }
+          const reply = buffer.subarray(2, got);
+          assert.ok(reply.length >= 12, `answer ${id}`);
+          assert.equal(reply[2] & 0x02, 0, `answer ${id}: TC clear, from the second upstream`);
+          assert.equal((reply[6] << 8) | reply[7], 1, `answer ${id}: its record`);
+        } finally {
+          conn.close();
+        }
+      }
+      assert.equal(truncating.queries, 3, "each asked the first upstream first");
+      assert.equal(whole.queries, 3, "and then the second");
+      const retries = sampleValue(
+        scrape(proxy),
+        "dotproxy_upstream_retries_total",
+        { upstream: truncating.upstream(), reason: "truncated" },
+      );
+      assert.equal(retries, 3);
+    } finally {
+      await proxy.close();
+    }
+  } finally {
+    await Promise.all([truncating.close(), whole.close()]);
+  }
+});

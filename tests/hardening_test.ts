@@ -94,6 +94,17 @@ Deno.test("acl: only --allow sources are answered; REFUSED is never larger than 
   }, { forwarder });
 });
 
+Deno.test("acl: --allow ::ffff:127.0.0.2/128 (IPv4-mapped) admits the IPv4 client 127.0.0.2", async () => {
+  const forwarder = new InstantForwarder();
+  const allow = [parseCidr("::ffff:127.0.0.2/128", "--allow")];
+  await withProxy(testConfig(UNUSED, { allow }), async ({ port }) => {
+    const [allowed] = await udpFrom("127.0.0.2", port, [buildQuery("mapped.test", { id: 1 })]);
+    expectAddress(allowed, "mapped.test");
+    const [refused] = await udpFrom("127.0.0.3", port, [buildQuery("mapped.test", { id: 2 })]);
+    assert.equal(parseMessage(refused).rcode, 5, "another address still REFUSED");
+  }, { forwarder });
+});
+
 Deno.test("rate limit: a flooding source gets drops and TC=1 slips; TCP REFUSED; others served", async () => {
   const forwarder = new InstantForwarder();
   // A clock that stands still: no tokens come back during the test.

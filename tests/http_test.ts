@@ -233,12 +233,18 @@ Deno.test("http: parseRequestHead reads request lines, fields and bodies by RFC 
   assert.equal(get.fields.get("accept"), "b, c");
   assert.equal(get.hasBody, false);
   assert.equal(head("GET http://h:1/readyz?x HTTP/1.0\n").path, "/readyz");
-  assert.equal(head("GET http://h HTTP/1.1\n").path, "/");
-  assert.equal(head("OPTIONS * HTTP/1.1\r\n").path, "*");
-  assert.equal(head("POST /x HTTP/1.1\r\nContent-Length: 5\r\n").hasBody, true);
-  assert.equal(head("POST /x HTTP/1.1\r\nContent-Length: 0\r\n").hasBody, false);
-  assert.equal(head("POST /x HTTP/1.1\r\nContent-Length: 3, 3\r\n").hasBody, true);
-  assert.equal(head("POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n").hasBody, true);
+  assert.equal(head("GET http://h HTTP/1.1\nHost: h\n").path, "/");
+  assert.equal(head("OPTIONS * HTTP/1.1\r\nHost: h\r\n").path, "*");
+  assert.equal(head("POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n").hasBody, true);
+  assert.equal(head("POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n").hasBody, false);
+  assert.equal(head("POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 3\r\n").hasBody, true);
+  assert.equal(
+    head("POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n").hasBody,
+    true,
+  );
+  // HTTP/1.0 needs no Host; HTTP/1.1 needs exactly one (RFC 9112 section 3.2), empty allowed.
+  assert.equal(head("GET /healthz HTTP/1.0\r\n").path, "/healthz");
+  assert.equal(head("GET /healthz HTTP/1.1\r\nhost:\r\n").fields.get("host"), "");
 
   const rejected: [string, number][] = [
     ["", 400],
@@ -257,6 +263,10 @@ Deno.test("http: parseRequestHead reads request lines, fields and bodies by RFC 
     ["GET / HTTP/1.1\r\nContent-Length: -1\r\n", 400],
     ["GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n", 400],
     ["GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n", 400],
+    ["GET /healthz HTTP/1.1\r\n", 400],
+    ["GET /healthz HTTP/1.1\r\nAccept: */*\r\n", 400],
+    ["GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n", 400],
+    ["GET /healthz HTTP/1.0\r\nHost: a\r\nhost: a\r\n", 400],
   ];
   for (const [text, status] of rejected) {
     assert.throws(
@@ -424,7 +434,9 @@ Deno.test("http: malformed requests get 400 (431, 505) and a closed connection",
       ["GET  /healthz HTTP/1.1\r\n\r\n", 400],
       ["GET /healthz HTTP/1.1\r\nno colon\r\n\r\n", 400],
       ["GET /healthz HTTP/1.1\r\nHost: t\r\n folded\r\n\r\n", 400],
-      ["GET /healthz HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400],
+      ["GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n", 400],
+      ["GET /healthz HTTP/1.1\r\n\r\n", 400],
+      ["GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400],
       ["\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400],
       ["GET /healthz HTTP/2.0\r\n\r\n", 505],
       [`GET /healthz HTTP/1.1\r\nX-Pad: ${"a".repeat(9000)}\r\n\r\n`, 431],
@@ -629,6 +641,117 @@ Deno.test("http: connections beyond the cap are closed at once; new ones work wh
   }, { maxConnections });
 });
 
+/** `GET /healthz` with curl from `source` (another loopback address); the status, 0 for none. */
+async function probeFrom(source: string, port: number): Promise<number> {
+  const output = await new Deno.Command("curl", {
+    args: [
+      "-s",
+      "-o",
+      "/dev/null",
+      "-w",
+      "%{http_code}",
+      "--max-time",
+      "2",
+      "--interface",
+      source,
+      `http://127.0.0.1:${port}/healthz`,
+    ],
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  return Number(new TextDecoder().decode(output.stdout).trim() || "0");
+}
+
+/**
+ * A hog on 127.0.0.1: keeps up to `count` connections open with a partial head each, and
+ * opens a new one for each the server closes, until `stop()`.
+ */
+function hog(port: number, count: number): { opened: () => number; stop: () => Promise<void> } {
+  const held = new Set<Deno.TcpConn>();
+  let stopped = false;
+  let opened = 0;
+  const loops = Array.from({ length: count }, async () => {
+    for (let i = 0; i < 1000 && !stopped; i++) {
+      let conn: Deno.TcpConn;
+      try {
+        conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      } catch {
+        await sleep(20);
+        continue;
+      }
+      opened++;
+      held.add(conn);
+      try {
+        await conn.write(encoder.encode("GET /healthz HTTP/1.1\r\nHo"));
+        // Until the server closes it (or the test ends).
+        await conn.read(new Uint8Array(1024));
+      } catch {
+        // Reset: open the next one.
+      } finally {
+        held.delete(conn);
+        try {
+          conn.close();
+        } catch {
+          // Already closed.
+        }
+      }
+      await sleep(5);
+    }
+  });
+  return {
+    opened: () => opened,
+    stop: async () => {
+      stopped = true;
+      for (const conn of held) {
+        try {
+          conn.close();
+        } catch {
+          // Already closed.
+        }
+      }
+      await Promise.all(loops);
+    },
+  };
+}
+
+Deno.test("http: one client holding every connection with partial heads cannot keep a probe from another address out", async () => {
+  // The per-client cap lifted, so one loopback address can fill the server, as many
+  // addresses can in a cluster: a new client still takes a hogged connection's place.
+  await withServer(async ({ port, server, logs }) => {
+    const attack = hog(port, 16);
+    try {
+      await waitFor("the hog to fill the server", () => server.openConnections >= 16);
+      for (let i = 0; i < 10; i++) {
+        assert.equal(await probeFrom("127.0.0.2", port), 200, `probe ${i} answered`);
+      }
+      assert.ok(
+        logs.find("http connection closed").some((r) =>
+          r.reason === "taken by a client holding fewer connections"
+        ),
+      );
+    } finally {
+      await attack.stop();
+    }
+  }, { maxConnections: 16, maxConnectionsPerClient: 16 });
+});
+
+Deno.test("http: the default per-client cap: one address gets 8 connections, other addresses are served", async () => {
+  await withServer(async ({ port, server, logs }) => {
+    const attack = hog(port, 64);
+    try {
+      await waitFor("the hog's connections", () => attack.opened() >= 64);
+      assert.ok(server.openConnections <= 8, `${server.openConnections} open`);
+      for (let i = 0; i < 10; i++) {
+        assert.equal(await probeFrom("127.0.0.2", port), 200, `probe ${i} answered`);
+      }
+      const limit = logs.find("http connection limit reached; closing new connection");
+      assert.deepEqual([limit[0].per, limit[0].limit], ["client", 8]);
+    } finally {
+      await attack.stop();
+    }
+  });
+});
+
 /** Wraps a real listener, failing `accept()` as `script` says before delegating. */
 class FlakyListener implements TcpAcceptor {
   readonly #inner: Deno.TcpListener;
@@ -755,9 +878,13 @@ Deno.test({
 });
 
 async function childOutOfDescriptors(): Promise<void> {
-  // The cap is raised and the head deadline lengthened so that idle HTTP connections alone
+  // The caps are raised and the head deadline lengthened so that idle HTTP connections alone
   // exhaust the child's 256 descriptors (in production the DNS side's clients do).
-  const options: HttpServerOptions = { maxConnections: 10_000, headTimeoutMs: 60_000 };
+  const options: HttpServerOptions = {
+    maxConnections: 10_000,
+    maxConnectionsPerClient: 10_000,
+    headTimeoutMs: 60_000,
+  };
   const script = new URL("./support/http_child.ts", import.meta.url).pathname;
   const child = new Deno.Command("bash", {
     args: [

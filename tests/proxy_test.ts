@@ -664,3 +664,62 @@ netTest(
     }
   },
 );
+
+Deno.test("proxy: a UDP listener on a wildcard address warns at start (replies leave from the route's address)", async () => {
+  const dot = DotServer.start();
+  try {
+    for (const [hostname, warned] of [["0.0.0.0", 1], ["127.0.0.1", 0]] as const) {
+      const config = testConfig([dot.upstream()], { listen: [{ hostname, port: 0 }] });
+      await withProxy(config, async ({ logs, port }) => {
+        const lines = logs.find("listening for UDP on a wildcard address");
+        assert.equal(lines.length, warned, hostname);
+        if (warned > 0) {
+          assert.equal(lines[0].level, "warn");
+          assert.equal(lines[0].listen, `0.0.0.0:${port}`);
+        }
+        assert.ok(await udpExchange(port, buildQuery("wildcard.test")), "and it serves");
+      });
+    }
+  } finally {
+    await dot.close();
+  }
+});
+
+Deno.test("proxy: an upstream TTL with the top bit set is relayed as 0 and not cached (RFC 2181 section 8)", async () => {
+  const dot = DotServer.start({
+    answer: (query) => {
+      const response = answerFor(query);
+      let at = 12;
+      while (response[at] !== 0) at += response[at] + 1;
+      // Question end, then the answer's pointer, type and class: its TTL, 2^31 + 1.
+      response.set([0x80, 0, 0, 1], at + 5 + 6);
+      return response;
+    },
+  });
+  try {
+    await withProxy(testConfig([dot.upstream()]), async ({ port }) => {
+      for (const [id, transport] of [[1, "udp"], [2, "tcp"]] as const) {
+        const query = buildQuery("highbit.test", { id });
+        let reply: Uint8Array | null;
+        if (transport === "udp") {
+          reply = await udpExchange(port, query);
+        } else {
+          const client = await TcpDnsClient.connect(port);
+          try {
+            await client.send(query);
+            reply = await client.receive();
+          } finally {
+            client.close();
+          }
+        }
+        assert.ok(reply, transport);
+        const parsed = parseMessage(reply);
+        assert.equal(parsed.answers[0].ttl, 0, `${transport}: TTL 0, not 2,147,483,649`);
+        assert.equal(formatA(parsed.answers[0].data), addressFor("highbit.test"));
+      }
+      assert.equal(dot.queries, 2, "a TTL of 0 is not cached: each asked upstream");
+    });
+  } finally {
+    await dot.close();
+  }
+});

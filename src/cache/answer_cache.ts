@@ -2,7 +2,7 @@
  * The answer cache: whole upstream answers keyed by question (name ignoring case, type,
  * class) and the header and EDNS bits that change an answer (DO, CD, AD, RD), with
  * TTL-correct serving, RFC 2308 negative caching, RFC 8767 serve-stale bookkeeping and LRU
- * eviction at a fixed number of entries.
+ * eviction at a fixed number of entries and a fixed number of bytes.
  *
  * What is stored is the upstream's answer after the hop-by-hop EDNS options were removed,
  * with its TTLs clamped to the configured bounds. What is served is a copy with the client's
@@ -18,30 +18,20 @@
  * 10,000 entries and +180 MB at 100,000 with an `ArrayBuffer` and a new object per entry;
  * +5 to +15 MB and +60 to +70 MB with the arena and recycling.
  *
- * Why AD and RD are in the key besides DO and CD: an upstream sets AD in an answer only
- * when the query had AD or DO (RFC 6840 section 5.7), and answers a query without RD from
- * its cache alone (RFC 1034 section 4.3.1), so answers to the same question with different
- * AD or RD bits are different answers.
+ * The key (question, DO, CD, AD, RD; seeded hash) is `dns/cache_key.ts`'s, which says why
+ * each bit is in it.
  *
  * @module
  */
 
+import { cacheKeyHash } from "../dns/cache_key.ts";
 import type { ResponseInfo } from "../dns/message.ts";
 import { clampTtls, MAX_TTL, readTtl, writeTtl } from "../dns/ttl.ts";
-import { HEADER_SIZE, Rcode } from "../dns/wire.ts";
+import { HEADER_SIZE, Rcode, sameQuestion } from "../dns/wire.ts";
 import { SlabCopier } from "../slab.ts";
 import { HashChains, MAX_CHAIN } from "./hash_chains.ts";
 
 export { MAX_CHAIN };
-
-/** Key flag: the DO bit of the query's OPT record. */
-export const KEY_DNSSEC_OK = 1;
-/** Key flag: the CD bit of the query's header. */
-export const KEY_CHECKING_DISABLED = 2;
-/** Key flag: the AD bit of the query's header. */
-export const KEY_AUTHENTIC_DATA = 4;
-/** Key flag: RD. */
-export const KEY_RECURSION_DESIRED = 8;
 
 /** Answers larger than this are not cached. */
 export const MAX_CACHED_ANSWER = 16 * 1024;
@@ -59,6 +49,11 @@ export const STALE_RECHECK_MS = 30_000;
 export interface CacheSettings {
   /** Most entries; the least recently used goes first. */
   maxEntries: number;
+  /**
+   * Most bytes of answers held (in 256 KiB chunks, at least one); the least recently used
+   * entries go until a new answer fits. Unbounded when left out.
+   */
+  maxBytes?: number;
   /** Lower bound for positive TTLs, seconds. */
   minTtl: number;
   /** Upper bound for positive TTLs, seconds. */
@@ -87,9 +82,9 @@ export type EntryKind = "positive" | "negative" | "servfail";
  * entry is valid only until the cache is next changed: look it up again rather than keep it.
  */
 export class CacheEntry {
-  /** The key's hash ({@linkcode cacheKeyHash}). */
+  /** The key's hash (`cacheKeyHash` of `dns/cache_key.ts`). */
   hash = 0;
-  /** Key flags ({@linkcode cacheKeyFlags}). */
+  /** Key flags (`cacheKeyFlags` of `dns/cache_key.ts`). */
   flags = 0;
   /** Offset just past the question, in the message. */
   questionEnd = 0;
@@ -101,7 +96,7 @@ export class CacheEntry {
   bytes: Uint8Array = EMPTY;
   /** Where the answer starts in `bytes`. */
   at = 0;
-  /** The arena slot (for freeing it; its size class follows from the length and TTL count). */
+  /** The arena slot (for freeing it). */
   slot = 0;
   /** Length of the message. */
   length = 0;
@@ -130,61 +125,6 @@ export class CacheEntry {
 }
 
 const EMPTY = new Uint8Array(0);
-
-/**
- * The key flags of a query: DO, CD, AD and RD.
- *
- * @example
- * ```ts
- * import { cacheKeyFlags } from "./answer_cache.ts";
- * cacheKeyFlags(new Uint8Array([0, 0, 1, 0x20]), true, false); // DO | AD | RD = 13
- * ```
- */
-export function cacheKeyFlags(query: Uint8Array, dnssecOk: boolean, cd: boolean): number {
-  return (dnssecOk ? KEY_DNSSEC_OK : 0) | (cd ? KEY_CHECKING_DISABLED : 0) |
-    ((query[3] & 0x20) !== 0 ? KEY_AUTHENTIC_DATA : 0) |
-    ((query[2] & 0x01) !== 0 ? KEY_RECURSION_DESIRED : 0);
-}
-
-/**
- * A per-process random seed for {@linkcode cacheKeyHash}: names are chosen by clients, and
- * with a fixed hash anyone could send names that all land in one chain.
- */
-const SEED = crypto.getRandomValues(new Uint32Array(1))[0];
-
-/**
- * The hash of a cache key: the question in `msg[12, questionEnd)` (name lower-cased, type,
- * class) and the key `flags`, keyed by a per-process random seed. A 30-bit value, so V8
- * keeps it (and a `Map` keyed by it) in small integers. Allocates nothing.
- *
- * @example
- * ```ts
- * import { cacheKeyHash } from "./answer_cache.ts";
- * const a = new Uint8Array([0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0x41, 0, 0, 1, 0, 1]);
- * const b = a.slice();
- * b[13] = 0x61; // "a" for "A"
- * cacheKeyHash(a, a.length, 0) === cacheKeyHash(b, b.length, 0); // true
- * ```
- */
-export function cacheKeyHash(msg: Uint8Array, questionEnd: number, flags: number): number {
-  // FNV-1a from a random basis, then a murmur3 finalizer so every input bit reaches the
-  // low bits the Map and the chains use.
-  let hash = SEED ^ 0x811c9dc5;
-  const nameEnd = questionEnd - 4;
-  for (let i = HEADER_SIZE; i < nameEnd; i++) {
-    let c = msg[i];
-    if (c >= 0x41 && c <= 0x5a) c |= 0x20;
-    hash = Math.imul(hash ^ c, 0x01000193);
-  }
-  for (let i = nameEnd; i < questionEnd; i++) hash = Math.imul(hash ^ msg[i], 0x01000193);
-  hash = Math.imul(hash ^ flags, 0x01000193);
-  hash ^= hash >>> 16;
-  hash = Math.imul(hash, 0x85ebca6b);
-  hash ^= hash >>> 13;
-  hash = Math.imul(hash, 0xc2b2ae35);
-  hash ^= hash >>> 16;
-  return hash & 0x3fffffff;
-}
 
 /**
  * Decides how long an answer may be cached, in seconds; null when it must not be.
@@ -229,8 +169,7 @@ export function cacheableTtl(
 const INITIAL_BUCKETS = 1024;
 
 /** Bytes of one arena chunk (2^18: over glibc's 128 KiB threshold, so a mapping of its own). */
-const CHUNK_BITS = 18;
-const CHUNK_SIZE = 1 << CHUNK_BITS;
+const CHUNK_SIZE = 1 << 18;
 /**
  * Slot sizes of the arena: steps of at most 50%, up to the largest entry (16 KiB of answer
  * plus two octets per TTL field, and an answer of 16 KiB has fewer than 1,500 records).
@@ -257,16 +196,41 @@ const SIZE_CLASSES = [
 ];
 
 /**
- * Fixed-size slots in shared chunks, a free list per size class. Memory grows to the most
- * slots of each class ever held at once and is given back only by {@linkcode Arena.clear}.
+ * Fixed-size slots in chunks of 256 KiB, at most `maxBytes` of them in all (one at least).
+ * A chunk serves one size class at a time and keeps its own free slots; a chunk whose slots
+ * are all free again goes to whichever class next needs a chunk when the budget is spent.
+ * So the memory held is at most `maxChunks` chunks whatever the mix of answer sizes: with a
+ * free list per class and no budget, each class kept the most slots it ever held at once.
  */
 class Arena {
+  readonly #maxChunks: number;
   #chunks: Uint8Array[] = [];
-  /** Per class: freed slots (chunk index * CHUNK_SIZE + offset). */
-  #free: number[][] = SIZE_CLASSES.map(() => []);
-  /** Per class: the next never-used slot in its newest chunk, and where that chunk ends. */
-  #next: number[] = SIZE_CLASSES.map(() => 0);
-  #end: number[] = SIZE_CLASSES.map(() => 0);
+  /** Per chunk: its size class. */
+  #chunkClass: number[] = [];
+  /** Per chunk: slots in use. */
+  #live: number[] = [];
+  /** Per chunk: freed slots (chunk index * CHUNK_SIZE + offset). */
+  #free: number[][] = [];
+  /** Per chunk: its next never-used slot, and true while it is on its class's list. */
+  #next: number[] = [];
+  #listed: boolean[] = [];
+  /** Per class: chunks that may have room (a chunk found full is taken off). */
+  #withRoom: number[][] = SIZE_CLASSES.map(() => []);
+  /**
+   * Chunks whose slots all went free (some may have been used again since), each at most
+   * once: `#emptyListed` says which are on it.
+   */
+  #empty: number[] = [];
+  #emptyListed: boolean[] = [];
+
+  constructor(maxBytes: number) {
+    this.#maxChunks = Math.max(1, Math.floor(maxBytes / CHUNK_SIZE));
+  }
+
+  /** Bytes held in chunks. */
+  get bytes(): number {
+    return this.#chunks.length * CHUNK_SIZE;
+  }
 
   /** The size class for `length` octets (-1: too large); the same for the same length. */
   classFor(length: number): number {
@@ -274,18 +238,61 @@ class Arena {
     return -1;
   }
 
-  /** A free slot of class `sizeClass`. */
+  /** A free slot of class `sizeClass`; -1 when none is left within the budget. */
   allocate(sizeClass: number): number {
-    const free = this.#free[sizeClass];
-    if (free.length > 0) return free.pop()!;
-    if (this.#next[sizeClass] >= this.#end[sizeClass]) {
-      const base = this.#chunks.length * CHUNK_SIZE;
-      this.#chunks.push(new Uint8Array(CHUNK_SIZE));
-      this.#next[sizeClass] = base;
-      this.#end[sizeClass] = base + CHUNK_SIZE - SIZE_CLASSES[sizeClass] + 1;
+    const withRoom = this.#withRoom[sizeClass];
+    while (withRoom.length > 0) {
+      const chunk = withRoom[withRoom.length - 1];
+      const slot = this.#take(chunk);
+      if (slot >= 0) return slot;
+      withRoom.pop();
+      this.#listed[chunk] = false;
     }
-    const slot = this.#next[sizeClass];
-    this.#next[sizeClass] += SIZE_CLASSES[sizeClass];
+    let chunk = -1;
+    if (this.#chunks.length < this.#maxChunks) {
+      chunk = this.#chunks.length;
+      this.#chunks.push(new Uint8Array(CHUNK_SIZE));
+      this.#live.push(0);
+      this.#free.push([]);
+      this.#next.push(0);
+      this.#listed.push(false);
+      this.#emptyListed.push(false);
+      this.#chunkClass.push(sizeClass);
+    } else {
+      while (this.#empty.length > 0) {
+        const candidate = this.#empty.pop()!;
+        this.#emptyListed[candidate] = false;
+        if (this.#live[candidate] === 0) {
+          chunk = candidate;
+          break;
+        }
+      }
+      if (chunk < 0) return -1;
+      // Moves to `sizeClass`: off the old class's list, its slots forgotten.
+      const old = this.#withRoom[this.#chunkClass[chunk]];
+      if (this.#listed[chunk]) old.splice(old.indexOf(chunk), 1);
+      this.#free[chunk] = [];
+      this.#chunkClass[chunk] = sizeClass;
+    }
+    this.#next[chunk] = chunk * CHUNK_SIZE;
+    this.#listed[chunk] = true;
+    withRoom.push(chunk);
+    return this.#take(chunk);
+  }
+
+  /** A slot of `chunk`, or -1 when it is full. */
+  #take(chunk: number): number {
+    const free = this.#free[chunk];
+    let slot: number;
+    if (free.length > 0) {
+      slot = free.pop()!;
+    } else {
+      const size = SIZE_CLASSES[this.#chunkClass[chunk]];
+      slot = this.#next[chunk];
+      if (slot + size > (chunk + 1) * CHUNK_SIZE) return -1;
+      this.#next[chunk] = slot + size;
+    }
+    this.#live[chunk]++;
     return slot;
   }
 
@@ -295,16 +302,30 @@ class Arena {
   }
 
   /** Gives `slot` back. */
-  release(slot: number, sizeClass: number): void {
-    this.#free[sizeClass].push(slot);
+  release(slot: number): void {
+    const chunk = Math.floor(slot / CHUNK_SIZE);
+    this.#free[chunk].push(slot);
+    if (!this.#listed[chunk]) {
+      this.#listed[chunk] = true;
+      this.#withRoom[this.#chunkClass[chunk]].push(chunk);
+    }
+    if (--this.#live[chunk] === 0 && !this.#emptyListed[chunk]) {
+      this.#emptyListed[chunk] = true;
+      this.#empty.push(chunk);
+    }
   }
 
   /** Drops every chunk. */
   clear(): void {
     this.#chunks = [];
-    this.#free = SIZE_CLASSES.map(() => []);
-    this.#next = SIZE_CLASSES.map(() => 0);
-    this.#end = SIZE_CLASSES.map(() => 0);
+    this.#chunkClass = [];
+    this.#live = [];
+    this.#free = [];
+    this.#next = [];
+    this.#listed = [];
+    this.#emptyListed = [];
+    this.#withRoom = SIZE_CLASSES.map(() => []);
+    this.#empty = [];
   }
 }
 
@@ -314,27 +335,6 @@ class Arena {
  * being sent is never overwritten.
  */
 const answers = new SlabCopier();
-
-/**
- * True when `entry` holds the question of `query[12, questionEnd)`: the same name ignoring
- * ASCII case (RFC 4343), type and class.
- */
-function sameQuestion(entry: CacheEntry, query: Uint8Array, questionEnd: number): boolean {
-  if (entry.questionEnd !== questionEnd || query.length < questionEnd) return false;
-  const bytes = entry.bytes;
-  const base = entry.at;
-  const typeAt = questionEnd - 4;
-  for (let i = HEADER_SIZE; i < typeAt; i++) {
-    let x = bytes[base + i];
-    let y = query[i];
-    if (x === y) continue;
-    if (x >= 0x41 && x <= 0x5a) x |= 0x20;
-    if (y >= 0x41 && y <= 0x5a) y |= 0x20;
-    if (x !== y) return false;
-  }
-  for (let i = typeAt; i < questionEnd; i++) if (bytes[base + i] !== query[i]) return false;
-  return true;
-}
 
 /**
  * A bounded LRU answer cache.
@@ -351,7 +351,7 @@ export class AnswerCache {
   readonly #stats: CacheStats | null;
   /** The entries by hash, chained through `CacheEntry.chain`. */
   readonly #table = new HashChains<CacheEntry>(INITIAL_BUCKETS);
-  readonly #arena = new Arena();
+  readonly #arena: Arena;
   /** Most recently used. */
   #newest: CacheEntry | null = null;
   /** Least recently used. */
@@ -361,6 +361,12 @@ export class AnswerCache {
   constructor(settings: CacheSettings, stats: CacheStats | null = null) {
     this.#settings = settings;
     this.#stats = stats;
+    this.#arena = new Arena(settings.maxBytes ?? Number.MAX_SAFE_INTEGER);
+  }
+
+  /** Bytes of memory the cached answers hold (whole chunks, in use or free). */
+  get bytes(): number {
+    return this.#arena.bytes;
   }
 
   /** Entries held. */
@@ -376,8 +382,8 @@ export class AnswerCache {
   /**
    * The entry for the question in `query[12, questionEnd)` with key `flags`, fresh or
    * stale; null when there is none or it is past serving even stale (it is dropped then).
-   * A found entry becomes the most recently used. `hash` is the key's
-   * {@linkcode cacheKeyHash}, computed when not given.
+   * A found entry becomes the most recently used. `hash` is the key's `cacheKeyHash`
+   * (`dns/cache_key.ts`), computed when not given.
    */
   lookup(
     query: Uint8Array,
@@ -427,12 +433,14 @@ export class AnswerCache {
     for (let e = this.#table.first(hash); e !== null; e = e.chain) {
       if (e.hash !== hash) continue;
       sameHash++;
-      if (e.flags === flags && sameQuestion(e, query, questionEnd)) existing = e;
+      if (e.flags === flags && sameQuestion(e.bytes, e.questionEnd, query, questionEnd, e.at)) {
+        existing = e;
+      }
     }
     const count = info.ttlCount;
     const sizeClass = this.#arena.classFor(length + 2 * count);
     if (sizeClass < 0) return null;
-    let entry: CacheEntry;
+    let entry: CacheEntry | null = null;
     if (existing !== null) {
       if (
         decision.kind === "servfail" && existing.kind !== "servfail" && now < existing.staleUntil
@@ -447,9 +455,20 @@ export class AnswerCache {
       entry = this.#oldest;
       this.#remove(entry);
       this.#stats?.evicted();
-    } else {
-      entry = new CacheEntry();
     }
+    // Within --cache-max-bytes: the least recently used go until a slot of the class frees
+    // or a whole chunk does (at most every entry, when the new answer is of a class no
+    // chunk serves and the old ones are spread over all chunks).
+    let slot = this.#arena.allocate(sizeClass);
+    while (slot < 0) {
+      const victim = this.#oldest;
+      if (victim === null) return null;
+      this.#remove(victim);
+      this.#stats?.evicted();
+      entry ??= victim;
+      slot = this.#arena.allocate(sizeClass);
+    }
+    entry ??= new CacheEntry();
     const offsets = info.ttlOffsets;
     // Negative answers: every TTL at most the negative TTL, so the SOA a client caches from
     // says how long the denial lives (RFC 2308 section 5). Positive: into [min, max]. In
@@ -464,7 +483,7 @@ export class AnswerCache {
     entry.questionEnd = questionEnd;
     entry.optStart = info.optStart;
     entry.optEnd = info.optEnd;
-    this.#place(entry, response, info, sizeClass);
+    this.#place(entry, response, info, slot);
     this.#setLifetime(entry, decision.kind, decision.ttl, now);
     this.#table.add(entry);
     this.#linkNewest(entry);
@@ -472,11 +491,10 @@ export class AnswerCache {
   }
 
   /**
-   * Copies `response` and the offsets of its TTL fields (from `info`) into a fresh slot of
-   * class `sizeClass`, and records in `entry` where they are.
+   * Copies `response` and the offsets of its TTL fields (from `info`) into `slot`, and
+   * records in `entry` where they are.
    */
-  #place(entry: CacheEntry, response: Uint8Array, info: ResponseInfo, sizeClass: number): void {
-    const slot = this.#arena.allocate(sizeClass);
+  #place(entry: CacheEntry, response: Uint8Array, info: ResponseInfo, slot: number): void {
     const data = this.#arena.chunk(slot);
     const at = slot % CHUNK_SIZE;
     const length = response.length;
@@ -568,7 +586,10 @@ export class AnswerCache {
   #find(hash: number, flags: number, query: Uint8Array, questionEnd: number): CacheEntry | null {
     let entry = this.#table.first(hash);
     while (entry !== null) {
-      if (entry.flags === flags && sameQuestion(entry, query, questionEnd)) return entry;
+      if (
+        entry.flags === flags &&
+        sameQuestion(entry.bytes, entry.questionEnd, query, questionEnd, entry.at)
+      ) return entry;
       entry = entry.chain;
     }
     return null;
@@ -577,7 +598,7 @@ export class AnswerCache {
   #remove(entry: CacheEntry): void {
     if (!this.#table.remove(entry)) return;
     this.#unlink(entry);
-    this.#arena.release(entry.slot, this.#arena.classFor(entry.length + 2 * entry.ttlCount));
+    this.#arena.release(entry.slot);
   }
 
   #touch(entry: CacheEntry): void {

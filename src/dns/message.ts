@@ -18,10 +18,10 @@ import {
   HEADER_SIZE,
   isResponse,
   isTruncated,
-  namesEqual,
   Rcode,
   readU16,
   RRType,
+  sameQuestion,
   skipUncompressedName,
 } from "./wire.ts";
 
@@ -335,11 +335,7 @@ export function responseAnswersQuery(
     return info.extendedRcode !== Rcode.NOERROR && info.ancount === 0 && info.nscount === 0 &&
       (info.arcount === 0 || (info.arcount === 1 && info.optStart >= 0));
   }
-  if (info.qdcount !== 1 || info.questionEnd !== queryQuestionEnd) return false;
-  if (queryQuestionEnd < HEADER_SIZE + 5 || resp.length < queryQuestionEnd) return false;
+  if (info.qdcount !== 1) return false;
   if ((resp[2] & 0x78) !== (query[2] & 0x78)) return false; // opcode
-  const typeAt = queryQuestionEnd - 4;
-  if (!namesEqual(resp, HEADER_SIZE, query, HEADER_SIZE, typeAt - HEADER_SIZE)) return false;
-  return resp[typeAt] === query[typeAt] && resp[typeAt + 1] === query[typeAt + 1] &&
-    resp[typeAt + 2] === query[typeAt + 2] && resp[typeAt + 3] === query[typeAt + 3];
+  return sameQuestion(resp, info.questionEnd, query, queryQuestionEnd);
 }

@@ -46,6 +46,30 @@ export function writeTtl(msg: Uint8Array, offset: number, value: number): void {
   msg[offset + 3] = value & 0xff;
 }
 
+/**
+ * Writes 0 over every TTL field of `msg` (at the first `count` of `offsets`) that has its top
+ * bit set: RFC 2181 section 8 says such a TTL is treated as zero, and a client reading it
+ * unsigned would keep the record for 68 years. Returns how many it changed.
+ *
+ * @example
+ * ```ts
+ * import { zeroHighTtls } from "./ttl.ts";
+ * const msg = new Uint8Array([0x80, 0, 0, 1, 0, 0, 1, 44]);
+ * zeroHighTtls(msg, new Uint32Array([0, 4]), 2); // 1: msg is [0, 0, 0, 0, 0, 0, 1, 44]
+ * ```
+ */
+export function zeroHighTtls(msg: Uint8Array, offsets: Uint32Array, count: number): number {
+  let changed = 0;
+  const n = Math.min(count, offsets.length);
+  for (let i = 0; i < n; i++) {
+    const offset = offsets[i];
+    if ((msg[offset] & 0x80) === 0) continue;
+    writeTtl(msg, offset, 0);
+    changed++;
+  }
+  return changed;
+}
+
 /** Clamps `n` into `[0, MAX_TTL]`, dropping any fraction. */
 function toTtl(n: number): number {
   if (!(n > 0)) return 0; // also NaN

@@ -315,6 +315,38 @@ export function namesEqual(
 }
 
 /**
+ * True when two messages ask the same question: the uncompressed questions
+ * `a[aBase + 12, aBase + aQuestionEnd)` and `b[12, bQuestionEnd)` have the same name
+ * ignoring ASCII case (RFC 4343), the same type and the same class. The one question
+ * comparison: the cache key, coalescing and the check that a response answers its query all
+ * use it. `aBase` is where message `a` starts in its array (the cache keeps answers in
+ * shared chunks).
+ *
+ * @example
+ * ```ts
+ * import { sameQuestion } from "./wire.ts";
+ * const a = new Uint8Array([0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0x41, 0, 0, 1, 0, 1]);
+ * const b = a.slice();
+ * b[13] = 0x61; // "a" for "A"
+ * sameQuestion(a, a.length, b, b.length); // true
+ * ```
+ */
+export function sameQuestion(
+  a: Uint8Array,
+  aQuestionEnd: number,
+  b: Uint8Array,
+  bQuestionEnd: number,
+  aBase = 0,
+): boolean {
+  if (aQuestionEnd !== bQuestionEnd || aQuestionEnd < HEADER_SIZE + 5) return false;
+  if (a.length < aBase + aQuestionEnd || b.length < bQuestionEnd) return false;
+  const typeAt = aQuestionEnd - 4;
+  if (!namesEqual(a, aBase + HEADER_SIZE, b, HEADER_SIZE, typeAt - HEADER_SIZE)) return false;
+  return a[aBase + typeAt] === b[typeAt] && a[aBase + typeAt + 1] === b[typeAt + 1] &&
+    a[aBase + typeAt + 2] === b[typeAt + 2] && a[aBase + typeAt + 3] === b[typeAt + 3];
+}
+
+/**
  * Renders an uncompressed wire name as presentation text (`www.example.com.`), escaping
  * dots and non-printable bytes as RFC 1035 section 5.1 does. For logs only.
  */

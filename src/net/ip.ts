@@ -130,8 +130,9 @@ export class CidrError extends Error {
 
 /**
  * Parses a network in CIDR notation; a bare address means a single host (/32 or /128).
- * Host bits must be zero, so that `10.0.0.1/8` is caught rather than silently widened.
- * Throws {@linkcode CidrError} saying what is wrong (the caller names the input).
+ * Host bits must be zero, so that `10.0.0.1/8` is caught rather than silently widened. An
+ * IPv4-mapped network (`::ffff:10.0.0.0/104`) is its IPv4 network (`10.0.0.0/8`), since
+ * clients are matched by their IPv4 address; one shorter than /96 is refused. Throws {@linkcode CidrError} saying what is wrong (the caller names the input).
  *
  * @example
  * ```ts
@@ -144,7 +145,7 @@ export function parseCidr(text: string): Cidr {
   const trimmed = text.trim();
   const slash = trimmed.indexOf("/");
   const address = slash < 0 ? trimmed : trimmed.slice(0, slash);
-  const bytes = parseIpAddress(address);
+  let bytes = parseIpAddress(address);
   if (bytes === null) {
     throw new CidrError(`"${address}" is not an IP address (write ADDRESS/PREFIX)`);
   }
@@ -157,12 +158,32 @@ export function parseCidr(text: string): Cidr {
     }
     prefix = Number(prefixText);
   }
-  const network = bytes.map((byte, i) => byte & prefixMask(prefix, i));
+  if (isV4Mapped(bytes)) {
+    // Clients are matched by their IPv4 address (a dual-stack socket's ::ffff:a.b.c.d is
+    // unwrapped), so a mapped network is its IPv4 network; kept as written it never matched.
+    if (prefix < 96) {
+      throw new CidrError(
+        "an IPv4-mapped network needs a prefix of at least /96; write the IPv4 network " +
+          "(IPv4 clients are matched as IPv4, mapped or not)",
+      );
+    }
+    bytes = bytes.subarray(12);
+    prefix -= 96;
+  }
+  const given = bytes;
+  const network = given.map((byte, i) => byte & prefixMask(prefix, i));
   const canonical = `${formatIp(network)}/${prefix}`;
-  if (!network.every((byte, i) => byte === bytes[i])) {
+  if (!network.every((byte, i) => byte === given[i])) {
     throw new CidrError(`host bits are set after /${prefix}; did you mean ${canonical}?`);
   }
   return { family: bytes.length === 4 ? 4 : 6, bytes: network, prefix, text: canonical };
+}
+
+/** True for an IPv4-mapped IPv6 address, `::ffff:a.b.c.d` (RFC 4291 section 2.5.5.2). */
+function isV4Mapped(bytes: Uint8Array): boolean {
+  if (bytes.length !== 16 || bytes[10] !== 0xff || bytes[11] !== 0xff) return false;
+  for (let i = 0; i < 10; i++) if (bytes[i] !== 0) return false;
+  return true;
 }
 
 /** The mask byte at `index` for a prefix of `prefix` bits. */

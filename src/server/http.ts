@@ -9,11 +9,14 @@
  * `ulimit -n 1024`), one request to /healthz ended the process with an uncaught
  * `Http: Error: Too many open files`; and 3,000 idle HTTP connections were held for over 40 s.
  * Here every accept error is logged and survived (running out of descriptors pauses accepting
- * for 10–50 ms), open connections are capped, and every phase of a connection has a deadline:
+ * for 10–50 ms), open connections are capped (8 per client address; at the cap a new address
+ * takes the place of an idle connection of the client holding the most, so a hog cannot keep
+ * the kubelet's probe out), and every phase of a connection has a deadline:
  * the request head, an idle keep-alive connection, the handler and the response write.
  * Measured with this server and the defaults: the same 1,000 DNS clients, and /healthz answers
- * 200 once descriptors free up; 3,000 idle HTTP connections, 2,936 closed on accept and the
- * last of the other 64 after 5.0 s (tests/http_test.ts checks both, on a smaller scale).
+ * 200 once descriptors free up; 3,000 idle HTTP connections (before the per-client cap), 2,936
+ * closed on accept and the last of the other 64 after 5.0 s (tests/http_test.ts checks both,
+ * on a smaller scale).
  *
  * It serves what Prometheus, the kubelet and curl send: GET and HEAD, HTTP/1.0 and
  * HTTP/1.1, keep-alive and pipelining (RFC 9112). A request with a body is answered and its
@@ -55,8 +58,14 @@ export const UPSTREAMS_PATH = "/healthz/upstreams";
 
 /** Limits of the HTTP endpoint; each one left out takes its value from {@linkcode HTTP_DEFAULTS}. */
 export interface HttpServerOptions {
-  /** Most connections open at once; more are closed on accept. */
+  /**
+   * Most connections open at once. At the cap, a client holding fewer connections than the
+   * client holding the most takes the place of one of that client's connections still
+   * waiting for a request; otherwise the new connection is closed on accept.
+   */
   maxConnections?: number;
+  /** Most connections open at once from one client address; more are closed on accept. */
+  maxConnectionsPerClient?: number;
   /** The whole request head must arrive within this long of its first byte (slowloris). */
   headTimeoutMs?: number;
   /** Largest request head (request line and header fields); larger gets 431. */
@@ -73,10 +82,13 @@ export interface HttpServerOptions {
 
 /**
  * The default limits. 64 connections are plenty for a few scrapers and probes; each holds at
- * most one head buffer (8 KiB), so the endpoint's memory stays under a megabyte.
+ * most one head buffer (8 KiB), so the endpoint's memory stays under a megabyte. 8 per client:
+ * a scraper keeps one connection, the kubelet opens one per probe. Without a per-client cap,
+ * one client holding all 64 with partial heads made 11 of 11 `/healthz` probes fail (issue 23).
  */
 export const HTTP_DEFAULTS: Readonly<Required<HttpServerOptions>> = Object.freeze({
   maxConnections: 64,
+  maxConnectionsPerClient: 8,
   headTimeoutMs: 5_000,
   maxHeadBytes: 8 * 1024,
   idleTimeoutMs: 5_000,
@@ -274,7 +286,14 @@ export function parseRequestHead(bytes: Uint8Array): RequestHead {
     if (hasControlCharacter(value)) throw new HttpRequestError(400, "control character in field");
     const key = name.toLowerCase();
     const previous = fields.get(key);
+    if (key === "host" && previous !== undefined) {
+      throw new HttpRequestError(400, "more than one Host field");
+    }
     fields.set(key, previous === undefined ? value : `${previous}, ${value}`);
+  }
+  // RFC 9112 section 3.2: an HTTP/1.1 request without Host, or with several, gets 400.
+  if (version === "HTTP/1.1" && !fields.has("host")) {
+    throw new HttpRequestError(400, "no Host field");
   }
 
   const length = fields.get("content-length");
@@ -509,6 +528,8 @@ export class HttpServer {
   readonly #listener: TcpAcceptor;
   readonly #context: ServeContext;
   readonly #connections = new Set<HttpConnection>();
+  /** Open connections by client address (a `Set` keeps them oldest first). */
+  readonly #bySource = new Map<string, Set<HttpConnection>>();
   readonly #exhaustedLog: RateLimitedLog;
   readonly #acceptErrorLog: RateLimitedLog;
   readonly #limitLog: RateLimitedLog;
@@ -639,16 +660,28 @@ export class HttpServer {
       closeQuietly(conn);
       return;
     }
-    const limit = this.#context.options.maxConnections;
-    if (this.#connections.size >= limit) {
-      let client = "unknown";
-      try {
-        client = formatRemote(conn.remoteAddr);
-      } catch {
-        // Gone already.
-      }
+    let client = "unknown";
+    let source = "";
+    try {
+      const remote = conn.remoteAddr;
+      client = formatRemote(remote);
+      source = "hostname" in remote ? remote.hostname : "";
+    } catch {
+      // Gone already.
+    }
+    const { maxConnections, maxConnectionsPerClient } = this.#context.options;
+    const mine = this.#bySource.get(source);
+    const held = mine?.size ?? 0;
+    let per: "client" | "server" | "" = held >= maxConnectionsPerClient ? "client" : "";
+    if (per === "" && this.#connections.size >= maxConnections) {
+      const victim = this.#victimFor(held);
+      if (victim === null) per = "server";
+      else victim.abort("taken by a client holding fewer connections");
+    }
+    if (per !== "") {
       this.#limitLog.warn("http connection limit reached; closing new connection", {
-        limit,
+        limit: per === "client" ? maxConnectionsPerClient : maxConnections,
+        per,
         client,
       });
       closeQuietly(conn);
@@ -656,7 +689,32 @@ export class HttpServer {
     }
     const connection = new HttpConnection(conn, this.#context);
     this.#connections.add(connection);
-    connection.finished.then(() => this.#connections.delete(connection));
+    const group = mine ?? new Set<HttpConnection>();
+    if (mine === undefined) this.#bySource.set(source, group);
+    group.add(connection);
+    connection.finished.then(() => {
+      this.#connections.delete(connection);
+      group.delete(connection);
+      if (group.size === 0 && this.#bySource.get(source) === group) this.#bySource.delete(source);
+    });
+  }
+
+  /**
+   * At the cap, a connection to close for a new client that holds `held` connections: the
+   * oldest one waiting for a request of the client holding the most, if that client holds
+   * at least two more than the new one (so shares even out and a probe from a new address
+   * always gets in); null when there is none.
+   */
+  #victimFor(held: number): HttpConnection | null {
+    let largest: Set<HttpConnection> | null = null;
+    for (const group of this.#bySource.values()) {
+      if (largest === null || group.size > largest.size) largest = group;
+    }
+    if (largest === null || largest.size < held + 2) return null;
+    for (const connection of largest) {
+      if (connection.waiting) return connection;
+    }
+    return null;
   }
 
   /** Stops accepting and closes every connection, whatever it is doing. */
@@ -691,6 +749,7 @@ class HttpConnection {
   #stop: () => void = () => {};
   #timer: ReturnType<typeof setTimeout> | undefined;
   #closed = false;
+  #waiting = true;
   /** Why the server closed the connection, when it did. */
   #reason = "";
 
@@ -720,6 +779,14 @@ class HttpConnection {
         });
       },
     ).finally(() => this.#close(""));
+  }
+
+  /**
+   * True while open and waiting for a request (or the rest of one), not handling or
+   * answering one.
+   */
+  get waiting(): boolean {
+    return this.#waiting && !this.#closed;
   }
 
   /** Closes the connection now. */
@@ -798,6 +865,7 @@ class HttpConnection {
       }
       if (found === null) return;
       this.#disarm();
+      this.#waiting = false;
 
       let head: RequestHead;
       try {
@@ -819,6 +887,7 @@ class HttpConnection {
         await this.#linger();
         return;
       }
+      this.#waiting = true;
     }
   }
 

@@ -485,7 +485,9 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
   ): void {
     this.#remove(request, exchange);
     const upstream = this.upstreams[exchange.upstreamIndex];
-    if (this.#failover[info.rcode] === 1) {
+    // TC=1 over a stream: the upstream has no whole answer to give (a TCP client cannot ask
+    // again over TCP, a UDP client would, only to get TC=1 again); another may.
+    if (this.#failover[info.rcode] === 1 || info.truncated) {
       // Kept (the latest such answer wins: if every upstream gives it, the client gets the
       // last one) while another upstream is asked, once.
       request.heldAnswer = response;
@@ -495,7 +497,7 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
         request.failedOver = true;
         const now = this.#clock.now();
         if (this.#start(request, now, false, null)) {
-          upstream.stats.retry("rcode");
+          upstream.stats.retry(info.truncated ? "truncated" : "rcode");
           if (!request.done) this.#arm(request, now);
           return;
         }

@@ -8,10 +8,15 @@
 import { UPSTREAM_ERROR_REASONS, type UpstreamErrorReason } from "./errors.ts";
 
 /** Why a question was sent to another upstream while it was being answered. */
-export type RetryReason = UpstreamErrorReason | "slow" | "rcode";
+export type RetryReason = UpstreamErrorReason | "slow" | "rcode" | "truncated";
 
 /** Every {@linkcode RetryReason}. */
-export const RETRY_REASONS: readonly RetryReason[] = [...UPSTREAM_ERROR_REASONS, "slow", "rcode"];
+export const RETRY_REASONS: readonly RetryReason[] = [
+  ...UPSTREAM_ERROR_REASONS,
+  "slow",
+  "rcode",
+  "truncated",
+];
 
 /** Statistics hooks for one upstream, bound once so the hot path only bumps numbers. */
 export interface UpstreamStats {
