@@ -33,6 +33,7 @@ const GROUP_DETAILS: Readonly<Record<string, string>> = {
   Clients:
     "[Threat model](security.md#threat-model) and [Limits](security.md#limits-and-their-defaults)",
   Upstreams: "[Upstreams and failover](upstreams.md)",
+  Routing: "[Per-zone routing and special-use names](zones.md)",
   Cache: "[The answer cache](cache.md)",
   Logging: "[Logs](operations.md#logs)",
   Shutdown: "[Signals and graceful shutdown](operations.md#signals-and-graceful-shutdown)",
@@ -90,7 +91,8 @@ export function renderSettings(settings: readonly Setting[] = SETTINGS): string 
     out.push("", `#### ${heading(setting)}`, "");
     out.push(setting.help.replace(/^./, (first) => first.toUpperCase()) + ".");
     out.push("");
-    out.push(`- Variable: ${code(setting.env)}`);
+    const alias = setting.alias ? ` (or ${code(setting.alias)})` : "";
+    out.push(`- Variable: ${code(setting.env)}${alias}`);
     out.push(`- Default: ${value(setting.defaultText)}`);
     if (setting.range) out.push(`- Accepts: ${setting.range}`);
     if (setting.kind === "boolean") {
