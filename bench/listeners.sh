@@ -237,7 +237,7 @@ probe_dotproxy_flags() {
 }
 
 start_dotproxy() {
-  local listeners=""
+  local listeners="" extra="$DOTPROXY_LIMIT_ARGS $DOTPROXY_ARGS"
   ((DOTPROXY_HAS_DOT)) && listeners+=" --listen-dot 127.0.0.1:${DOT[dotproxy]}"
   ((DOTPROXY_HAS_DOH)) && listeners+=" --listen-doh 127.0.0.1:${DOH[dotproxy]}"
   # shellcheck disable=SC2086 # word lists on purpose
@@ -246,7 +246,7 @@ start_dotproxy() {
     DOTPROXY_TLS_KEY="$(cat "$TMP/server.key")" exec taskset -c "$PROXY_CORE" \
     deno run --allow-net --allow-env ${V8_FLAGS:+"$V8_FLAGS"} main.ts \
     --listen "127.0.0.1:${PLAIN[dotproxy]}" $listeners \
-    --upstream "127.0.0.1:$UP_TLS_PORT#dns.test" --log-level warn $DOTPROXY_LIMIT_ARGS $DOTPROXY_ARGS \
+    --upstream "127.0.0.1:$UP_TLS_PORT#dns.test" --log-level warn $extra \
     >"$TMP/dotproxy.log" 2>&1 </dev/null) &
   PID[dotproxy]=$!
   STARTED_PIDS+=("$!")
@@ -575,6 +575,7 @@ write_skips() {
     [[ -n "${DEAD[$t]:-}" ]] && printf '%s\tall\t%s\n' "$t" "${DEAD[$t]}" >>"$OUT/skipped.tsv"
   done
   for k in "${!SKIP[@]}"; do
+    [[ " $TARGETS " == *" ${k% *} "* && -z "${DEAD[${k% *}]:-}" ]] || continue
     printf '%s\t%s\t%s\n' "${k% *}" "${k#* }" "${SKIP[$k]}" >>"$OUT/skipped.tsv"
   done
   return 0
