@@ -6,8 +6,8 @@
 # a new DoT connection, CPU per query, and RSS per idle DoT and DoH connection. Everything
 # runs on loopback, in a temp dir deleted at exit. See bench/README.md ("Client listeners").
 #
-#   bash bench/listeners.sh            # full run, about 12 minutes
-#   bash bench/listeners.sh --quick    # smoke run, about 2 minutes
+#   bash bench/listeners.sh            # full run, about 15 minutes
+#   bash bench/listeners.sh --quick    # smoke run, about 3 minutes
 #   DOTPROXY_REPO=/tmp/bench-try bash bench/listeners.sh --quick   # another dotproxy tree
 #   bash bench/listeners.sh --help
 set -euo pipefail
@@ -62,7 +62,8 @@ usage() {
   cat <<EOF
 usage: bash bench/listeners.sh [--quick] [--duration S] [--rounds N] [--targets a,b]
                                [--tests a,b] [--idle-conns N] [--keep-tmp]
-  --quick            smoke run: 3 s runs, 1 round, 500 idle connections (about 2 minutes)
+  --quick            smoke run: 2 s runs, 1 round, 500 idle connections, N = 1 and 100
+                     queries per connection (about 3 minutes)
   --duration S       seconds per load run (default $DURATION)
   --rounds N         rounds of the load runs, target order rotated (default $ROUNDS)
   --targets LIST     comma-separated subset of: ${ALL_TARGETS// /,}
@@ -83,7 +84,8 @@ EOF
 KEEP_TMP=0
 while (($#)); do
   case "$1" in
-    --quick) QUICK=1; DURATION=3; ROUNDS=1; WARMUP=1; IDLE_CONNS=500; SETTLE=2 ;;
+    --quick) QUICK=1; DURATION=2; ROUNDS=1; WARMUP=1; IDLE_CONNS=500; SETTLE=2
+      PER_CONN_LIST="1 100" ;;
     --duration) DURATION="$2"; shift ;;
     --rounds) ROUNDS="$2"; shift ;;
     --targets) TARGETS="${2//,/ }"; shift ;;
