@@ -289,9 +289,12 @@ start_unbound() {
   module-config: "iterator"
   do-not-query-localhost: no
   tls-cert-bundle: "$TMP/ca.pem"
-  # Slots for every idle test connection, with room: Unbound shortens its idle timeout
-  # once fewer than half of them are free.
-  incoming-num-tcp: $((2 * IDLE_CONNS + 1000))
+  # Slots for every idle test connection, twice over: once more than half of them are in
+  # use, Unbound gives new connections 1/100 of tcp-idle-timeout (1/500 above 65%, 0 above
+  # 80%). It reserves descriptors for these slots on each of its 3 TCP ports and for
+  # outgoing-range: few UDP ports (it forwards over TLS), so that the total fits ulimit -n.
+  incoming-num-tcp: $((2 * IDLE_CONNS + 100))
+  outgoing-range: 256
   tcp-idle-timeout: 300000
   num-queries-per-thread: 4096
   # Its cache at the default sizes (msg-cache-size 4m, rrset-cache-size 4m).
@@ -607,6 +610,9 @@ main() {
   # Idle clients and their servers need a descriptor each, plus room.
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   (($(ulimit -n) > IDLE_CONNS + 1000)) || die "ulimit -n $(ulimit -n) is too low for $IDLE_CONNS idle connections"
+  if [[ " $TARGETS " == *" unbound "* ]] && ((3 * (2 * IDLE_CONNS + 100) + 1000 > $(ulimit -n))); then
+    die "ulimit -n $(ulimit -n) is too low for Unbound's slots for $IDLE_CONNS idle connections (3 ports x $((2 * IDLE_CONNS + 100))): lower --idle-conns"
+  fi
 
   local a b
   a="$(core_ticks 0) $(core_ticks 1)"
