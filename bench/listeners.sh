@@ -7,7 +7,7 @@
 # runs on loopback, in a temp dir deleted at exit. See bench/README.md ("Client listeners").
 #
 #   bash bench/listeners.sh            # full run, about 15 minutes
-#   bash bench/listeners.sh --quick    # smoke run, about 3 minutes
+#   bash bench/listeners.sh --quick    # smoke run, about 1.5 minutes
 #   DOTPROXY_REPO=/tmp/bench-try bash bench/listeners.sh --quick   # another dotproxy tree
 #   bash bench/listeners.sh --help
 set -euo pipefail
@@ -63,7 +63,7 @@ usage() {
 usage: bash bench/listeners.sh [--quick] [--duration S] [--rounds N] [--targets a,b]
                                [--tests a,b] [--idle-conns N] [--keep-tmp]
   --quick            smoke run: 2 s runs, 1 round, 500 idle connections, N = 1 and 100
-                     queries per connection (about 3 minutes)
+                     queries per connection (about 1.5 minutes)
   --duration S       seconds per load run (default $DURATION)
   --rounds N         rounds of the load runs, target order rotated (default $ROUNDS)
   --targets LIST     comma-separated subset of: ${ALL_TARGETS// /,}
