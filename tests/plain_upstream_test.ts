@@ -9,7 +9,7 @@ import { Logger } from "../src/log.ts";
 import type { ResponseInfo } from "../src/dns/message.ts";
 import type { UpstreamError } from "../src/upstream/errors.ts";
 import type { UpstreamRequest } from "../src/upstream/forwarder.ts";
-import { UpstreamPool } from "../src/upstream/pool.ts";
+import { type PoolOptions, UpstreamPool } from "../src/upstream/pool.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { buildQuery, encodeName, parseMessage } from "./support/dns.ts";
 import { loopbackSpec, until } from "./support/connection_owner.ts";
@@ -37,10 +37,10 @@ class Question implements UpstreamRequest {
   }
 }
 
-Deno.test("plain upstream set: questions answered and health checked over plain TCP, unpadded", async () => {
-  const server = DotServer.start({ plain: true });
-  const pool = new UpstreamPool({
-    upstreams: [loopbackSpec(server.port)],
+/** An upstream set of one plain DNS-over-TCP upstream on loopback `port`. */
+function plainPool(port: number, options: Partial<PoolOptions> = {}): UpstreamPool {
+  return new UpstreamPool({
+    upstreams: [loopbackSpec(port)],
     transport: "tcp",
     caCerts: [],
     connectionsPerUpstream: 2,
@@ -54,7 +54,13 @@ Deno.test("plain upstream set: questions answered and health checked over plain 
     nudge: true,
     padding: false,
     log: new Logger({ level: "error", sink: () => {} }),
+    ...options,
   });
+}
+
+Deno.test("plain upstream set: questions answered and health checked over plain TCP, unpadded", async () => {
+  const server = DotServer.start({ plain: true });
+  const pool = plainPool(server.port);
   try {
     pool.start();
     const ready = await pool.readiness();
@@ -72,6 +78,22 @@ Deno.test("plain upstream set: questions answered and health checked over plain 
       "no padding",
     );
     assert.equal(server.lengthOctets, 0, "no nudge on plain TCP");
+  } finally {
+    await pool.close();
+    await server.close();
+  }
+});
+
+Deno.test("plain upstream set: the health check asks the question the set names (ZONE SOA), not . NS", async () => {
+  const server = DotServer.start({ plain: true });
+  const soa = buildQuery("cluster.test", { id: 0, type: 6 });
+  const pool = plainPool(server.port, { probeQuery: soa, nudge: false });
+  try {
+    pool.start();
+    const ready = await pool.readiness();
+    assert.equal(ready.ready, true, ready.reason);
+    assert.equal(server.probes, 0, "no . NS");
+    assert.deepEqual(server.messageLengths, [{ probe: false, length: soa.length }]);
   } finally {
     await pool.close();
     await server.close();

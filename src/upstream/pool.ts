@@ -118,6 +118,12 @@ export interface PoolOptions {
    * UDP exchange is a `connect` of its own.
    */
   transport?: UpstreamTransport;
+  /**
+   * The health check's question (a whole query message; its ID is replaced on the wire),
+   * when not `. IN NS` without RD (padded with `padding`). A zone's plain-DNS targets are
+   * checked with `ZONE SOA`.
+   */
+  probeQuery?: Uint8Array;
   /** Whether to nudge Nagle-bound servers. */
   nudge: boolean;
   /**
@@ -223,6 +229,7 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
     const stats = options.stats ?? NO_UPSTREAM_STATS;
     const settings = {
       transport: options.transport ?? "tls",
+      probeQuery: options.probeQuery,
       caCerts: options.caCerts,
       maxConnections: options.connectionsPerUpstream,
       connectTimeoutMs: options.connectTimeoutMs,

@@ -24,6 +24,7 @@ import { UpstreamError } from "./errors.ts";
 import type { Exchange, ExchangeCarrier } from "./exchange.ts";
 import { LatencyTracker, UpstreamHealth } from "./health.ts";
 import { HealthChecks } from "./health_checks.ts";
+import { probeQuery } from "./health_probe.ts";
 import { NudgeBudget } from "./nudge.ts";
 import type { UpstreamStats } from "./stats.ts";
 import { StreamConnection } from "./stream_connection.ts";
@@ -63,6 +64,8 @@ export interface UpstreamSettings {
   nudge: boolean;
   /** Pad health probes (and frame fillers) to 128 octets, as `--padding` pads queries. */
   padProbes: boolean;
+  /** The health check's question, when not `. IN NS` (see `probeQuery`). */
+  probeQuery?: Uint8Array;
   /** Logger. */
   log: Logger;
   /** The clock. */
@@ -195,7 +198,7 @@ export class Upstream implements ConnectionOwner {
       random: settings.random ?? Math.random,
       intervalMs: settings.healthCheckIntervalMs,
       connectTimeoutMs: settings.connectTimeoutMs,
-      padProbes: settings.padProbes,
+      probeQuery: settings.probeQuery ?? probeQuery(settings.padProbes),
       attemptTimeout: () => this.attemptTimeout(),
       onUp: () => this.slowSince = 0,
       onHealthChange: () => settings.onHealthChange?.(),
