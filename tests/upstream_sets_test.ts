@@ -1,11 +1,13 @@
 /**
- * An upstream set whose upstreams speak plain DNS over TCP (`transport: "tcp"`, the seam a
- * zone's plain targets use): the same pool and connections as DoT, without TLS, over real
- * loopback sockets.
+ * Upstream sets as values, over real loopback sockets: one whose upstreams speak plain DNS
+ * over TCP (`transport: "tcp"`, the seam a zone's plain targets use: the same pool and
+ * connections as DoT, without TLS), and a DoT set beside a plain one.
  */
 
 import assert from "node:assert/strict";
 import { Logger } from "../src/log.ts";
+import { SYSTEM_CLOCK, TimerQueue } from "../src/timers.ts";
+import { CA_PEM } from "./fixtures/certs.ts";
 import type { ResponseInfo } from "../src/dns/message.ts";
 import type { UpstreamError } from "../src/upstream/errors.ts";
 import type { UpstreamRequest } from "../src/upstream/forwarder.ts";
@@ -37,9 +39,9 @@ class Question implements UpstreamRequest {
   }
 }
 
-/** An upstream set of one plain DNS-over-TCP upstream on loopback `port`. */
-function plainPool(port: number, options: Partial<PoolOptions> = {}): UpstreamPool {
-  return new UpstreamPool({
+/** The options of a set of one plain DNS-over-TCP upstream on loopback `port`. */
+function plainOptions(port: number, options: Partial<PoolOptions> = {}): PoolOptions {
+  return {
     upstreams: [loopbackSpec(port)],
     transport: "tcp",
     caCerts: [],
@@ -55,7 +57,12 @@ function plainPool(port: number, options: Partial<PoolOptions> = {}): UpstreamPo
     padding: false,
     log: new Logger({ level: "error", sink: () => {} }),
     ...options,
-  });
+  };
+}
+
+/** A set of one plain DNS-over-TCP upstream on loopback `port`. */
+function plainPool(port: number, options: Partial<PoolOptions> = {}): UpstreamPool {
+  return new UpstreamPool(plainOptions(port, options));
 }
 
 Deno.test("plain upstream set: questions answered and health checked over plain TCP, unpadded", async () => {
@@ -97,5 +104,43 @@ Deno.test("plain upstream set: the health check asks the question the set names 
   } finally {
     await pool.close();
     await server.close();
+  }
+});
+
+Deno.test("upstream sets are values: a DoT set and a plain set side by side, sharing one timer queue, closed apart", async () => {
+  const plain = DotServer.start({ plain: true });
+  const dot = DotServer.start();
+  const timers = new TimerQueue(SYSTEM_CLOCK);
+  const plainSet = new UpstreamPool(plainOptions(plain.port), timers);
+  const dotSet = new UpstreamPool(
+    plainOptions(dot.port, { transport: "tls", caCerts: [CA_PEM], padding: true }),
+    timers,
+  );
+  try {
+    plainSet.start();
+    dotSet.start();
+    assert.equal((await plainSet.readiness()).ready, true);
+    assert.equal((await dotSet.readiness()).ready, true);
+    const viaPlain = new Question("a.sets.test");
+    const viaDot = new Question("b.sets.test");
+    plainSet.forward(viaPlain);
+    dotSet.forward(viaDot);
+    await until("both answered", () => viaPlain.answer !== null && viaDot.answer !== null);
+    assert.equal(plain.queries, 1);
+    assert.equal(dot.queries, 1);
+    assert.ok(dot.messageLengths.every((m) => m.length % 128 === 0), "the DoT set pads");
+    await plainSet.close();
+    const after = new Question("c.sets.test");
+    dotSet.forward(after);
+    await until("the other set still answers", () => after.answer !== null);
+    const refused = new Question("d.sets.test");
+    plainSet.forward(refused);
+    assert.equal(refused.error?.reason, "unavailable", "the closed set refuses at once");
+  } finally {
+    await plainSet.close();
+    await dotSet.close();
+    timers.close();
+    await plain.close();
+    await dot.close();
   }
 });
