@@ -123,19 +123,12 @@ export class Upstream implements ConnectionOwner {
   lastChosenAt = 0;
   /** Last TLS handshake time in milliseconds (0: none yet). */
   handshakeMs = 0;
-  /**
-   * True when its health probes, and the probes that complete a nudge's frame, are padded
-   * like queries (see `UpstreamSettings`).
-   */
-  readonly padProbes: boolean;
   /** What its connections share (see {@linkcode ConnectionContext}). */
-  readonly context: ConnectionContext;
-  /** Logger. */
-  readonly log: Logger;
-  /** The clock. */
-  readonly clock: Clock;
+  readonly #context: ConnectionContext;
+  readonly #log: Logger;
+  readonly #clock: Clock;
   /** TCP connect (plus TLS handshake) deadline. */
-  readonly connectTimeoutMs: number;
+  readonly #connectTimeoutMs: number;
   readonly #settings: UpstreamSettings;
   /** Its health checks: the probe schedule, probes and verdicts. */
   readonly #checks: HealthChecks;
@@ -157,13 +150,12 @@ export class Upstream implements ConnectionOwner {
     this.index = index;
     this.spec = spec;
     this.stats = stats;
-    this.log = settings.log;
-    this.connectTimeoutMs = settings.connectTimeoutMs;
-    this.padProbes = settings.padProbes;
-    this.clock = settings.clock;
+    this.#log = settings.log;
+    this.#connectTimeoutMs = settings.connectTimeoutMs;
+    this.#clock = settings.clock;
     this.#settings = settings;
     const tls = settings.transport === "tls";
-    this.context = {
+    this.#context = {
       spec,
       dial: tls ? tlsDialer(spec, settings.caCerts) : tcpDialer(spec),
       connectTimeoutMs: settings.connectTimeoutMs,
@@ -182,7 +174,7 @@ export class Upstream implements ConnectionOwner {
     const connect: ConnectionFactory = settings.connect ??
       ((owner, context) => new StreamConnection(owner, context));
     this.#connections = new ConnectionSet(
-      () => connect(this, this.context),
+      () => connect(this, this.#context),
       settings.maxConnections,
     );
     this.#checks = new HealthChecks({
@@ -203,8 +195,8 @@ export class Upstream implements ConnectionOwner {
       onUp: () => this.slowSince = 0,
       onHealthChange: () => settings.onHealthChange?.(),
     });
-    this.#warnings = new RateLimitedLog(settings.log, 5_000, () => this.clock.now());
-    this.#connectErrors = new RateLimitedLog(settings.log, 10_000, () => this.clock.now());
+    this.#warnings = new RateLimitedLog(settings.log, 5_000, () => this.#clock.now());
+    this.#connectErrors = new RateLimitedLog(settings.log, 10_000, () => this.#clock.now());
   }
 
   /** True unless down. */
@@ -256,7 +248,7 @@ export class Upstream implements ConnectionOwner {
       );
       return;
     }
-    const now = this.clock.now();
+    const now = this.#clock.now();
     const best = this.#connections.choose(this.outstanding, avoid, now);
     if (best === null || best.state === "closed") {
       exchange.upstreamIndex = this.index;
@@ -295,7 +287,7 @@ export class Upstream implements ConnectionOwner {
     }
     const connection = this.#connections.openIsolated();
     exchange.upstreamIndex = this.index;
-    if (exchange.startedAt === 0) exchange.startedAt = this.clock.now();
+    if (exchange.startedAt === 0) exchange.startedAt = this.#clock.now();
     exchange.holder = this;
     this.outstanding++;
     connection.send(exchange);
@@ -332,7 +324,7 @@ export class Upstream implements ConnectionOwner {
       const allowance = reference > 0
         ? Math.max(HANDSHAKE_ALLOWANCE_MIN_MS, 4 * reference)
         : HANDSHAKE_ALLOWANCE_DEFAULT_MS;
-      return connection.createdAt + Math.min(this.connectTimeoutMs, allowance);
+      return connection.createdAt + Math.min(this.#connectTimeoutMs, allowance);
     }
     return exchange.sentAt + this.attemptTimeout();
   }
@@ -397,7 +389,7 @@ export class Upstream implements ConnectionOwner {
   /** Closes idle connections and forgets late answers that never came. */
   maintain(now: number, idleSince: number, lateBefore: number): void {
     this.#connections.maintain(now, idleSince, lateBefore, () => {
-      this.log.debug("closing idle upstream connection", { upstream: this.spec.label });
+      this.#log.debug("closing idle upstream connection", { upstream: this.spec.label });
     });
     if (this.slowSince !== 0 && now - this.slowSince > 5_000 && this.outstanding === 0) {
       this.slowSince = 0;
