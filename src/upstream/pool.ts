@@ -184,9 +184,32 @@ function addExchange(request: PoolRequest, exchange: Exchange): void {
  * Forwards questions to a set of DoT upstreams.
  *
  * @example
- * ```ts ignore
- * const pool = new UpstreamPool({ upstreams, caCerts: [], connectionsPerUpstream: 2, ... });
- * pool.forward(request); // settles through the request's hooks
+ * ```ts
+ * import { Logger } from "../log.ts";
+ * import type { UpstreamRequest } from "./forwarder.ts";
+ * import { UpstreamPool } from "./pool.ts";
+ *
+ * const pool = new UpstreamPool({
+ *   upstreams: [
+ *     { address: "192.0.2.1", port: 853, tlsName: "dns.example", label: "192.0.2.1:853#dns.example" },
+ *   ],
+ *   caCerts: [],
+ *   connectionsPerUpstream: 2,
+ *   idleTimeoutMs: 30_000,
+ *   connectTimeoutMs: 2000,
+ *   hedgeDelay: "auto",
+ *   hedgeBudgetPercent: 5,
+ *   healthCheckIntervalMs: 0,
+ *   failoverRcodes: [2, 5],
+ *   strategy: "fastest",
+ *   nudge: true,
+ *   padding: true,
+ *   log: new Logger({ level: "error", sink: () => {} }),
+ * });
+ * declare const flight: UpstreamRequest; // the resolver's question
+ * pool.start(); // connect and probe
+ * pool.forward(flight); // settled once, through flight.settleAnswer or settleFailure
+ * console.log((await pool.readiness()).reason);
  * await pool.close();
  * ```
  */
