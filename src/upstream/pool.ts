@@ -231,8 +231,11 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
   readonly #healthWaiters: (() => void)[] = [];
   readonly #poisonLog: RateLimitedLog;
   readonly #padding: boolean;
-  /** Clock time {@linkcode start} was called (the first health checks went out). */
-  #startedAt = 0;
+  /**
+   * Clock time the pool was made, then {@linkcode start} was called (the first health checks
+   * went out): readiness waits for them from then.
+   */
+  #startedAt: number;
   #closed = false;
 
   /** Creates a pool; call {@linkcode start} to connect and probe. */
@@ -241,6 +244,7 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
     this.#clock = options.clock ?? SYSTEM_CLOCK;
     this.timers = timers ?? new TimerQueue(this.#clock);
     this.#ownTimers = timers === undefined;
+    this.#startedAt = this.#clock.now();
     this.#log = options.log;
     this.#poisonLog = new RateLimitedLog(options.log, 10_000, () => this.#clock.now());
     this.#policy = createPolicy(options.strategy, options.random);
