@@ -1,13 +1,23 @@
 /**
  * The nudge on one real TLS connection to a server that holds answers the way a server under
  * Nagle's algorithm does: the lone length octet releases them and asks for nothing, and the
- * frame it starts is completed by whatever is written next, a long query included.
+ * frame it starts is completed by whatever is written next, a long query included. Then the
+ * nudge module's parts (budget, echoes, which exchange) without sockets.
  */
 
 import assert from "node:assert/strict";
 import { SYSTEM_CLOCK } from "../src/timers.ts";
 import { SETTLE_MS } from "../src/upstream/connection.ts";
-import { COMPLETE_FRAME_AFTER_MS, NUDGE_MS } from "../src/upstream/nudge.ts";
+import {
+  COMPLETE_FRAME_AFTER_MS,
+  Echoes,
+  NUDGE_BURST,
+  NUDGE_MS,
+  NudgeBudget,
+  nudgeOnRead,
+  nudgeOnTimer,
+  REST_MS,
+} from "../src/upstream/nudge.ts";
 import { StreamConnection } from "../src/upstream/stream_connection.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { parseMessage } from "./support/dns.ts";
@@ -133,4 +143,49 @@ Deno.test("nudge: an answer held behind the session tickets does not stop the ti
   // tickets (40 ms): it must not count as the connection's fastest answer, or the patience
   // (four times that) would outlast the age a query may still be nudged at.
   await timerNudge(false);
+});
+
+// ---------------------------------------------------------------------------------------------
+// The nudge module's own parts, without sockets.
+
+Deno.test("nudge: the budget earns a fifth of a nudge per query written, up to the burst", () => {
+  const budget = new NudgeBudget(0);
+  assert.equal(budget.available, false);
+  for (let i = 0; i < 5; i++) budget.earn();
+  assert.equal(budget.available, true, "five queries pay for one duplicate");
+  budget.spend();
+  assert.equal(budget.available, false);
+  for (let i = 0; i < 1000; i++) budget.earn();
+  assert.ok(budget.tokens < NUDGE_BURST + 1, `saved up ${budget.tokens}`);
+});
+
+Deno.test("nudge: echoes are taken once per expected answer; the ledger is bounded", () => {
+  const echoes = new Echoes();
+  echoes.expect(7);
+  echoes.expect(7);
+  assert.equal(echoes.has(7), true, "the ID is not free");
+  assert.equal(echoes.take(7), true);
+  assert.equal(echoes.take(7), true);
+  assert.equal(echoes.take(7), false, "a third answer is not ours");
+  assert.equal(echoes.read, 2);
+  for (let id = 0; id < 2000; id++) echoes.expect(id);
+  assert.ok(!echoes.has(0), "forgotten past 1,024 IDs");
+});
+
+Deno.test("nudge: which exchange the timer nudges, and when it looks again", () => {
+  const at = (sentAt: number, nudgedAt = 0) => {
+    const exchange = exchangeFor("x.test");
+    exchange.sentAt = sentAt;
+    exchange.nudgedAt = nudgedAt;
+    return exchange;
+  };
+  // Fastest answer 1 ms: patience max(2, 4) = 4 ms.
+  assert.equal(nudgeOnTimer([at(100)], 102, 1), "later", "not yet overdue");
+  const overdue = at(100);
+  assert.equal(nudgeOnTimer([overdue], 105, 1), overdue);
+  assert.equal(nudgeOnTimer([at(100)], 100 + REST_MS, 1), null, "too old to be worth one");
+  const older = at(90);
+  const younger = at(95);
+  assert.equal(nudgeOnRead([older, younger], 96, 97), older, "the oldest written before the read");
+  assert.equal(nudgeOnRead([at(98)], 96, 99), null, "written after the read: nothing held");
 });

@@ -1110,6 +1110,21 @@ Deno.test("an upstream that hangs up on everything is not a query of death: the 
   });
 });
 
+Deno.test("query of death, one upstream: a server that hangs up on everything still goes down", async () => {
+  await withHarness(1, { hedgeDelay: 0 }, (h) => {
+    h.start();
+    h.warm();
+    // Every question and every probe closes its connection: what re-sent questions close is
+    // not counted, but the closes new questions and probes cause are.
+    h.server("a").behaviour.reply = () => ({ kind: "hangup", ms: 1 });
+    for (let i = 0; i < 10 && h.upstream("a").health.state !== "down"; i++) {
+      h.ask(`crash${i}.example`);
+      h.clock.advance(10);
+    }
+    assert.equal(h.upstream("a").health.state, "down");
+  });
+});
+
 // ---------------------------------------------------------------------------------------------
 // Strategies.
 

@@ -54,8 +54,8 @@ export interface HealthCheckOptions {
   intervalMs: number;
   /** TCP connect (plus TLS handshake) deadline: a probe waiting on one gets it as well. */
   connectTimeoutMs: number;
-  /** Pad probes like queries. */
-  padProbes: boolean;
+  /** The probes' question (see `probeQuery` in `health_probe.ts`). */
+  probeQuery: Uint8Array;
   /** How long an answer on an open connection may take (see `Upstream.attemptTimeout`). */
   attemptTimeout: () => number;
   /** The upstream answered: it is no longer slow. */
@@ -92,7 +92,7 @@ export class HealthChecks implements Timed, ProbeOwner {
   readonly #random: () => number;
   readonly #intervalMs: number;
   readonly #connectTimeoutMs: number;
-  readonly #padProbes: boolean;
+  readonly #probeQuery: Uint8Array;
   readonly #attemptTimeout: () => number;
   readonly #onUp: () => void;
   readonly #onHealthChange: () => void;
@@ -116,7 +116,7 @@ export class HealthChecks implements Timed, ProbeOwner {
     this.#random = options.random;
     this.#intervalMs = options.intervalMs;
     this.#connectTimeoutMs = options.connectTimeoutMs;
-    this.#padProbes = options.padProbes;
+    this.#probeQuery = options.probeQuery;
     this.#attemptTimeout = options.attemptTimeout;
     this.#onUp = options.onUp;
     this.#onHealthChange = options.onHealthChange;
@@ -241,7 +241,7 @@ export class HealthChecks implements Timed, ProbeOwner {
    */
   probe(on: UpstreamConnection | null, idleCheck = false): void {
     if (this.#closed || this.#probe !== null) return;
-    const probe = new Probe(this, this.#padProbes);
+    const probe = new Probe(this, this.#probeQuery);
     this.#probe = probe;
     this.#timers.cancel(this);
     const now = this.#clock.now();

@@ -22,12 +22,16 @@ export interface ProbeOwner {
   probeTimedOut(probe: Probe, now: number): void;
 }
 
-const PROBE_QUESTION_END = (() => {
-  const probe = buildProbeQuery(false);
-  return skipUncompressedName(probe, HEADER_SIZE, probe.length) + 4;
-})();
+/**
+ * The health check's question: `. IN NS` without RD (see `dns/probe.ts`), padded to 128
+ * octets when `padded`, unless the upstream set names another (a zone's plain target is
+ * checked with `ZONE SOA`, not `. NS`, which a cluster DNS would forward out of the cluster).
+ */
+export function probeQuery(padded: boolean): Uint8Array {
+  return buildProbeQuery(false, padded);
+}
 
-/** An in-flight health probe (`. IN NS`): its exchange and its deadline. */
+/** An in-flight health probe: its exchange and its deadline. */
 export class Probe implements Timed, ExchangeWaiter {
   /** See {@linkcode Timed}. */
   timerAt = 0;
@@ -46,15 +50,14 @@ export class Probe implements Timed, ExchangeWaiter {
   recheck = false;
   readonly #upstream: ProbeOwner;
 
-  /** Creates a probe of `upstream`, padded like queries when `padded`. */
-  constructor(upstream: ProbeOwner, padded: boolean) {
+  /**
+   * Creates a probe of `upstream` asking `query` (one question, no compression, as
+   * {@linkcode probeQuery} makes it; shared by every probe: nobody writes into it).
+   */
+  constructor(upstream: ProbeOwner, query: Uint8Array) {
     this.#upstream = upstream;
-    this.exchange = new Exchange(
-      buildProbeQuery(false, padded),
-      PROBE_QUESTION_END,
-      this,
-      "probe",
-    );
+    const questionEnd = skipUncompressedName(query, HEADER_SIZE, query.length) + 4;
+    this.exchange = new Exchange(query, questionEnd, this, "probe");
   }
 
   /** The probe's deadline passed. */

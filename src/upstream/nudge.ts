@@ -1,8 +1,9 @@
 /**
  * The nudge against Nagle holds, DoT's own: when to send a server a segment whose ACK
  * releases the answers it holds back, and which exchange it is for. The connection
- * (`stream_connection.ts`) writes the nudge; this module decides, and keeps the upstream's
- * budget for nudges that cost the server a query.
+ * (`stream_connection.ts`) writes the nudge; this module decides, keeps the ledger of the
+ * answers expected to nudges ({@linkcode Echoes}), and keeps the upstream's budget for nudges
+ * that cost the server a query.
  *
  * A server that holds small writes under Nagle's algorithm (Unbound's DoT does) holds every
  * answer after the first until the client acknowledges, and Linux delays that ACK by up to
@@ -110,6 +111,48 @@ export class NudgeBudget {
   /** A duplicate query was written. */
   spend(): void {
     this.tokens--;
+  }
+}
+
+/**
+ * The answers a connection expects to its own nudges (a duplicate query's second answer, a
+ * frame-completing filler's answer), by wire ID: read and ignored, and their IDs not given to
+ * new queries meanwhile. Bounded: past 1,024 IDs it forgets them all (an echo then reads as a
+ * late answer, which is harmless).
+ *
+ * @example
+ * ```ts
+ * import { Echoes } from "./nudge.ts";
+ * const echoes = new Echoes();
+ * echoes.expect(0x1234);
+ * echoes.take(0x1234); // true: ours, ignore it
+ * echoes.take(0x1234); // false
+ * ```
+ */
+export class Echoes {
+  readonly #pending = new Map<number, number>();
+  /** Echoes read so far: reads that, like answers, may call for a nudge. */
+  read = 0;
+
+  /** One more answer under `id` is an echo. */
+  expect(id: number): void {
+    if (this.#pending.size > 1024) this.#pending.clear();
+    this.#pending.set(id, (this.#pending.get(id) ?? 0) + 1);
+  }
+
+  /** True when an answer under `id` is still expected (the ID is not free). */
+  has(id: number): boolean {
+    return this.#pending.has(id);
+  }
+
+  /** True (and counted read) when an answer under `id` is an expected echo. */
+  take(id: number): boolean {
+    const left = this.#pending.get(id);
+    if (left === undefined) return false;
+    if (left <= 1) this.#pending.delete(id);
+    else this.#pending.set(id, left - 1);
+    this.read++;
+    return true;
   }
 }
 

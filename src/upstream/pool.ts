@@ -118,6 +118,12 @@ export interface PoolOptions {
    * UDP exchange is a `connect` of its own.
    */
   transport?: UpstreamTransport;
+  /**
+   * The health check's question (a whole query message; its ID is replaced on the wire),
+   * when not `. IN NS` without RD (padded with `padding`). A zone's plain-DNS targets are
+   * checked with `ZONE SOA`.
+   */
+  probeQuery?: Uint8Array;
   /** Whether to nudge Nagle-bound servers. */
   nudge: boolean;
   /**
@@ -178,9 +184,32 @@ function addExchange(request: PoolRequest, exchange: Exchange): void {
  * Forwards questions to a set of DoT upstreams.
  *
  * @example
- * ```ts ignore
- * const pool = new UpstreamPool({ upstreams, caCerts: [], connectionsPerUpstream: 2, ... });
- * pool.forward(request); // settles through the request's hooks
+ * ```ts
+ * import { Logger } from "../log.ts";
+ * import type { UpstreamRequest } from "./forwarder.ts";
+ * import { UpstreamPool } from "./pool.ts";
+ *
+ * const pool = new UpstreamPool({
+ *   upstreams: [
+ *     { address: "192.0.2.1", port: 853, tlsName: "dns.example", label: "192.0.2.1:853#dns.example" },
+ *   ],
+ *   caCerts: [],
+ *   connectionsPerUpstream: 2,
+ *   idleTimeoutMs: 30_000,
+ *   connectTimeoutMs: 2000,
+ *   hedgeDelay: "auto",
+ *   hedgeBudgetPercent: 5,
+ *   healthCheckIntervalMs: 0,
+ *   failoverRcodes: [2, 5],
+ *   strategy: "fastest",
+ *   nudge: true,
+ *   padding: true,
+ *   log: new Logger({ level: "error", sink: () => {} }),
+ * });
+ * declare const flight: UpstreamRequest; // the resolver's question
+ * pool.start(); // connect and probe
+ * pool.forward(flight); // settled once, through flight.settleAnswer or settleFailure
+ * console.log((await pool.readiness()).reason);
  * await pool.close();
  * ```
  */
@@ -202,8 +231,11 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
   readonly #healthWaiters: (() => void)[] = [];
   readonly #poisonLog: RateLimitedLog;
   readonly #padding: boolean;
-  /** Clock time {@linkcode start} was called (the first health checks went out). */
-  #startedAt = 0;
+  /**
+   * Clock time the pool was made, then {@linkcode start} was called (the first health checks
+   * went out): readiness waits for them from then.
+   */
+  #startedAt: number;
   #closed = false;
 
   /** Creates a pool; call {@linkcode start} to connect and probe. */
@@ -212,6 +244,7 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
     this.#clock = options.clock ?? SYSTEM_CLOCK;
     this.timers = timers ?? new TimerQueue(this.#clock);
     this.#ownTimers = timers === undefined;
+    this.#startedAt = this.#clock.now();
     this.#log = options.log;
     this.#poisonLog = new RateLimitedLog(options.log, 10_000, () => this.#clock.now());
     this.#policy = createPolicy(options.strategy, options.random);
@@ -223,6 +256,7 @@ export class UpstreamPool implements Forwarder, PoolRequestDriver {
     const stats = options.stats ?? NO_UPSTREAM_STATS;
     const settings = {
       transport: options.transport ?? "tls",
+      probeQuery: options.probeQuery,
       caCerts: options.caCerts,
       maxConnections: options.connectionsPerUpstream,
       connectTimeoutMs: options.connectTimeoutMs,

@@ -31,6 +31,7 @@ import { classifyError, UpstreamError, type UpstreamErrorReason } from "./errors
 import type { Exchange } from "./exchange.ts";
 import {
   COMPLETE_FRAME_AFTER_MS,
+  Echoes,
   NUDGE_MS,
   NUDGE_ON_READ_MAX_OUTSTANDING,
   nudgeOnRead,
@@ -108,9 +109,7 @@ export class StreamConnection implements UpstreamConnection {
     onTimer: () => this.#nudgeNow(),
   };
   /** IDs of answered exchanges whose duplicate (see `NUDGE_MS`) may still be answered. */
-  readonly #echoes = new Map<number, number>();
-  /** Echoes read (see `#echoes`): reads that, like answers, may call for a nudge. */
-  #echoesRead = 0;
+  readonly #echoes = new Echoes();
   /** The last octet queued or written is the first of a length prefix, sent as a nudge. */
   #lengthHighSent = false;
   readonly #owner: ConnectionOwner;
@@ -288,7 +287,7 @@ export class StreamConnection implements UpstreamConnection {
     filler[0] = id >> 8;
     filler[1] = id & 0xff;
     this.#frames.append(filler, true);
-    this.#expectEcho(id, 1);
+    this.#echoes.expect(id);
     this.#lengthHighSent = false;
   }
 
@@ -297,12 +296,6 @@ export class StreamConnection implements UpstreamConnection {
     if (this.#flushScheduled || this.#writing) return;
     this.#flushScheduled = true;
     queueMicrotask(this.#flush);
-  }
-
-  /** `count` more answers under `id` are echoes, to be read and ignored. */
-  #expectEcho(id: number, count: number): void {
-    if (this.#echoes.size > 1024) this.#echoes.clear();
-    this.#echoes.set(id, (this.#echoes.get(id) ?? 0) + count);
   }
 
   async #run(): Promise<void> {
@@ -413,7 +406,7 @@ export class StreamConnection implements UpstreamConnection {
         }
         end += n;
         const readAt = this.#clock.now();
-        const heardBefore = this.answered + this.#echoesRead;
+        const heardBefore = this.answered + this.#echoes.read;
         while (end - start >= 2) {
           const length = readU16(buffer, start);
           if (end - start < 2 + length) break;
@@ -428,7 +421,7 @@ export class StreamConnection implements UpstreamConnection {
         const nudging = this.#nudging;
         if (nudging !== null && this.inflight.size > 0) {
           if (
-            this.answered + this.#echoesRead > heardBefore &&
+            this.answered + this.#echoes.read > heardBefore &&
             nudging.outstanding() <= NUDGE_ON_READ_MAX_OUTSTANDING && !this.#flushScheduled
           ) {
             this.#nudgeOnRead(readAt);
@@ -464,13 +457,9 @@ export class StreamConnection implements UpstreamConnection {
     const id = readU16(buffer, start);
     const exchange = this.inflight.get(id);
     if (exchange === undefined) {
-      const echoes = this.#echoes.get(id);
-      if (echoes !== undefined) {
+      if (this.#echoes.take(id)) {
         // The echo of a nudge (or the answer to a frame-completing filler): ours, and like an
         // answer it may hold the next ones behind it until acknowledged.
-        if (echoes <= 1) this.#echoes.delete(id);
-        else this.#echoes.set(id, echoes - 1);
-        this.#echoesRead++;
         this.lastReadAt = this.#clock.now();
         return true;
       }
@@ -561,7 +550,7 @@ export class StreamConnection implements UpstreamConnection {
     } else {
       this.#nudging?.budget.spend();
       // Whichever of the two answers comes second is the echo.
-      this.#expectEcho(exchange.wireId, 1);
+      this.#echoes.expect(exchange.wireId);
       this.#enqueue(exchange, exchange.wireId);
       // Its echo will be held behind the answer, as one more answer on the connection.
       this.#dirtyUntil = now + REST_MS;

@@ -24,6 +24,7 @@ import { UpstreamError } from "./errors.ts";
 import type { Exchange, ExchangeCarrier } from "./exchange.ts";
 import { LatencyTracker, UpstreamHealth } from "./health.ts";
 import { HealthChecks } from "./health_checks.ts";
+import { probeQuery } from "./health_probe.ts";
 import { NudgeBudget } from "./nudge.ts";
 import type { UpstreamStats } from "./stats.ts";
 import { StreamConnection } from "./stream_connection.ts";
@@ -63,6 +64,8 @@ export interface UpstreamSettings {
   nudge: boolean;
   /** Pad health probes (and frame fillers) to 128 octets, as `--padding` pads queries. */
   padProbes: boolean;
+  /** The health check's question, when not `. IN NS` (see `probeQuery`). */
+  probeQuery?: Uint8Array;
   /** Logger. */
   log: Logger;
   /** The clock. */
@@ -120,19 +123,12 @@ export class Upstream implements ConnectionOwner {
   lastChosenAt = 0;
   /** Last TLS handshake time in milliseconds (0: none yet). */
   handshakeMs = 0;
-  /**
-   * True when its health probes, and the probes that complete a nudge's frame, are padded
-   * like queries (see `UpstreamSettings`).
-   */
-  readonly padProbes: boolean;
   /** What its connections share (see {@linkcode ConnectionContext}). */
-  readonly context: ConnectionContext;
-  /** Logger. */
-  readonly log: Logger;
-  /** The clock. */
-  readonly clock: Clock;
+  readonly #context: ConnectionContext;
+  readonly #log: Logger;
+  readonly #clock: Clock;
   /** TCP connect (plus TLS handshake) deadline. */
-  readonly connectTimeoutMs: number;
+  readonly #connectTimeoutMs: number;
   readonly #settings: UpstreamSettings;
   /** Its health checks: the probe schedule, probes and verdicts. */
   readonly #checks: HealthChecks;
@@ -154,13 +150,12 @@ export class Upstream implements ConnectionOwner {
     this.index = index;
     this.spec = spec;
     this.stats = stats;
-    this.log = settings.log;
-    this.connectTimeoutMs = settings.connectTimeoutMs;
-    this.padProbes = settings.padProbes;
-    this.clock = settings.clock;
+    this.#log = settings.log;
+    this.#connectTimeoutMs = settings.connectTimeoutMs;
+    this.#clock = settings.clock;
     this.#settings = settings;
     const tls = settings.transport === "tls";
-    this.context = {
+    this.#context = {
       spec,
       dial: tls ? tlsDialer(spec, settings.caCerts) : tcpDialer(spec),
       connectTimeoutMs: settings.connectTimeoutMs,
@@ -179,7 +174,7 @@ export class Upstream implements ConnectionOwner {
     const connect: ConnectionFactory = settings.connect ??
       ((owner, context) => new StreamConnection(owner, context));
     this.#connections = new ConnectionSet(
-      () => connect(this, this.context),
+      () => connect(this, this.#context),
       settings.maxConnections,
     );
     this.#checks = new HealthChecks({
@@ -195,13 +190,13 @@ export class Upstream implements ConnectionOwner {
       random: settings.random ?? Math.random,
       intervalMs: settings.healthCheckIntervalMs,
       connectTimeoutMs: settings.connectTimeoutMs,
-      padProbes: settings.padProbes,
+      probeQuery: settings.probeQuery ?? probeQuery(settings.padProbes),
       attemptTimeout: () => this.attemptTimeout(),
       onUp: () => this.slowSince = 0,
       onHealthChange: () => settings.onHealthChange?.(),
     });
-    this.#warnings = new RateLimitedLog(settings.log, 5_000, () => this.clock.now());
-    this.#connectErrors = new RateLimitedLog(settings.log, 10_000, () => this.clock.now());
+    this.#warnings = new RateLimitedLog(settings.log, 5_000, () => this.#clock.now());
+    this.#connectErrors = new RateLimitedLog(settings.log, 10_000, () => this.#clock.now());
   }
 
   /** True unless down. */
@@ -253,7 +248,7 @@ export class Upstream implements ConnectionOwner {
       );
       return;
     }
-    const now = this.clock.now();
+    const now = this.#clock.now();
     const best = this.#connections.choose(this.outstanding, avoid, now);
     if (best === null || best.state === "closed") {
       exchange.upstreamIndex = this.index;
@@ -292,7 +287,7 @@ export class Upstream implements ConnectionOwner {
     }
     const connection = this.#connections.openIsolated();
     exchange.upstreamIndex = this.index;
-    if (exchange.startedAt === 0) exchange.startedAt = this.clock.now();
+    if (exchange.startedAt === 0) exchange.startedAt = this.#clock.now();
     exchange.holder = this;
     this.outstanding++;
     connection.send(exchange);
@@ -329,7 +324,7 @@ export class Upstream implements ConnectionOwner {
       const allowance = reference > 0
         ? Math.max(HANDSHAKE_ALLOWANCE_MIN_MS, 4 * reference)
         : HANDSHAKE_ALLOWANCE_DEFAULT_MS;
-      return connection.createdAt + Math.min(this.connectTimeoutMs, allowance);
+      return connection.createdAt + Math.min(this.#connectTimeoutMs, allowance);
     }
     return exchange.sentAt + this.attemptTimeout();
   }
@@ -394,7 +389,7 @@ export class Upstream implements ConnectionOwner {
   /** Closes idle connections and forgets late answers that never came. */
   maintain(now: number, idleSince: number, lateBefore: number): void {
     this.#connections.maintain(now, idleSince, lateBefore, () => {
-      this.log.debug("closing idle upstream connection", { upstream: this.spec.label });
+      this.#log.debug("closing idle upstream connection", { upstream: this.spec.label });
     });
     if (this.slowSince !== 0 && now - this.slowSince > 5_000 && this.outstanding === 0) {
       this.slowSince = 0;
