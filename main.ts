@@ -7,7 +7,6 @@
  * @module
  */
 
-import { formatHostPort } from "./src/address.ts";
 import { startProxy, StartupError } from "./src/app.ts";
 import { ConfigError, configWarnings, formatConfig, helpText, parseConfig } from "./src/config.ts";
 import { healthcheck } from "./src/healthcheck.ts";
@@ -62,14 +61,6 @@ async function main(args: string[]): Promise<number> {
     if (error instanceof StartupError) fail(error.message, 1);
     throw error;
   }
-  log.info("dotproxy started", {
-    version: VERSION,
-    listen: config.listen.map((a) => formatHostPort(a.hostname, a.port)).join(","),
-    upstreams: config.upstreams.map((u) => u.label).join(","),
-    http: config.http ? formatHostPort(config.http.hostname, config.http.port) : undefined,
-    strategy: config.strategy,
-    cache: config.cacheSize,
-  });
   // A bug must cost one query, never the process: log it and carry on.
   globalThis.addEventListener("unhandledrejection", (event) => {
     event.preventDefault();

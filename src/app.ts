@@ -23,6 +23,7 @@ import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import { primeTls } from "./upstream/tls_dial.ts";
+import { VERSION } from "./version.ts";
 import type { Forwarder } from "./upstream/forwarder.ts";
 import { PlainConnection } from "./upstream/plain_connection.ts";
 import { StreamConnection } from "./upstream/stream_connection.ts";
@@ -343,6 +344,8 @@ export async function startProxy(
   });
   const core = resolver;
 
+  /** Wildcard listen addresses, warned about once every listener is bound. */
+  const wildcards: ListenAddress[] = [];
   let draining = false;
   // Readiness is about this replica, never about what every replica shares: when all the
   // upstreams are down (a provider outage, port 853 blocked), failing /readyz would take every
@@ -408,7 +411,7 @@ export async function startProxy(
         try {
           tcp.push(TcpServer.listen(tcpAddress, core, log, tcpOptions, metrics.tcp));
           udp.push(udpServer);
-          warnIfWildcard(tcpAddress, log);
+          wildcards.push(tcpAddress);
           break;
         } catch (error) {
           await udpServer.close();
@@ -438,6 +441,17 @@ export async function startProxy(
     throw error;
   }
 
+  // Logged once every listener is bound: a start that fails says one line, and the started
+  // line comes first.
+  log.info("dotproxy started", {
+    version: VERSION,
+    listen: config.listen.map((a) => formatHostPort(a.hostname, a.port)).join(","),
+    upstreams: config.upstreams.map((u) => u.label).join(","),
+    http: config.http ? formatHostPort(config.http.hostname, config.http.port) : undefined,
+    strategy: config.strategy,
+    cache: config.cacheSize,
+  });
+  for (const address of wildcards) warnIfWildcard(address, log);
   for (const line of routeLines) {
     log.info("route", line);
     // Every route's series exists from start-up at 0, so rate() sees its first question.
