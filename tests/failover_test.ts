@@ -593,7 +593,11 @@ Deno.test("strategies over real sockets: spread, and failover back to the first 
   );
   assert.ok(fastest[0] >= 80, `fastest: mostly the 0 ms one ${fastest}`);
   assert.ok(fastest[1] + fastest[2] >= 2, `fastest explores ${fastest}`);
-  assert.equal(least.reduce((a, b) => a + b), 120);
+  // Every question asked, a few twice at most: on a loaded machine an answer late past the
+  // attempt deadline legitimately sends its question to the next upstream too (seen in CI-like
+  // runs of the whole suite: 124).
+  const leastTotal = least.reduce((a, b) => a + b);
+  assert.ok(leastTotal >= 120 && leastTotal <= 126, `least-outstanding ${least}`);
   // Failover switches back to the first as soon as it answers again.
   const first = await FaultyUpstream.start();
   const second = await FaultyUpstream.start();
