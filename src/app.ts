@@ -6,7 +6,7 @@
  */
 
 import { formatHostPort } from "./address.ts";
-import type { Config, ListenAddress } from "./config.ts";
+import { type Config, type ListenAddress, tlsListeners } from "./config.ts";
 import type { Logger } from "./log.ts";
 import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
@@ -16,6 +16,13 @@ import { HttpServer, type Readiness } from "./server/http.ts";
 import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
+import {
+  CertificateError,
+  CertificateMonitor,
+  loadServerCertificate,
+  registerCertificateMetrics,
+  type ServerCertificate,
+} from "./tls/certificate.ts";
 import { primeTls } from "./upstream/dot_connection.ts";
 import { UpstreamPool } from "./upstream/pool.ts";
 import type { Forwarder } from "./upstream/types.ts";
@@ -126,6 +133,20 @@ export async function startProxy(
     cacheEntries: () => resolver?.cache?.size ?? 0,
     queriesInflight: () => resolver?.inflight ?? 0,
   });
+  // The certificate every TLS listener serves (config.ts checked it already; a config built
+  // by hand in a test has not been).
+  const tlsNeeded = tlsListeners(config);
+  let certificate: ServerCertificate | null = null;
+  if (tlsNeeded.length > 0) {
+    try {
+      certificate = loadServerCertificate(config.tlsCert, config.tlsKey);
+    } catch (error) {
+      if (error instanceof CertificateError) throw new StartupError(error.message);
+      throw error;
+    }
+  }
+  registerCertificateMetrics(metrics.registry, certificate);
+  let certificateMonitor: CertificateMonitor | null = null;
   if (!options.forwarder) {
     await primeTls();
     pool = new UpstreamPool({
@@ -211,6 +232,7 @@ export async function startProxy(
       await Promise.all([...udp, ...tcp].map((server) => server.close(timeoutMs)));
       await http?.close();
       await forwarder.close();
+      certificateMonitor?.close();
       core.close();
       timers.close();
     })();
@@ -270,6 +292,9 @@ export async function startProxy(
     throw error;
   }
 
+  if (certificate !== null) {
+    certificateMonitor = new CertificateMonitor({ certificate, listeners: tlsNeeded, log, timers });
+  }
   pool?.start();
   return {
     udp,

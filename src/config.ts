@@ -12,6 +12,12 @@
 
 import { LOG_LEVELS, type LogFormat, type LogLevel } from "./log.ts";
 import { RCODE_MNEMONICS } from "./dns/wire.ts";
+import {
+  CertificateError,
+  checkCertificateText,
+  checkKeyText,
+  loadServerCertificate,
+} from "./tls/certificate.ts";
 
 /** An address to listen on. */
 export interface ListenAddress {
@@ -74,6 +80,13 @@ export interface Config {
   listen: ListenAddress[];
   /** Where the metrics and health HTTP endpoint listens, if anywhere. */
   http: ListenAddress | null;
+  /**
+   * The certificate chain served to TLS clients (DoT, DoH), PEM text, leaf first; `""` when
+   * unset. Checked with the key by {@linkcode checkServerCertificate}.
+   */
+  tlsCert: string;
+  /** The private key of {@linkcode Config.tlsCert}, PEM text; `""` when unset. */
+  tlsKey: string;
   /** Largest UDP answer sent to any client (EDNS sizes above are clamped). */
   udpMaxSize: number;
   /** Most TCP client connections open at once. */
@@ -364,6 +377,22 @@ function parseHedgeDelay(text: string, what: string): "auto" | number {
   return parseInteger(trimmed, what, 0, 60_000);
 }
 
+/** PEM text checked by `check`; `""` for an empty variable. */
+function checkedPem(
+  text: string,
+  what: string,
+  check: (text: string, variable: string) => void,
+): string {
+  if (text.trim() === "") return "";
+  try {
+    check(text, what);
+  } catch (error) {
+    if (error instanceof CertificateError) throw new ConfigError(error.message);
+    throw error;
+  }
+  return text;
+}
+
 function parseListenList(text: string, what: string): ListenAddress[] {
   const items = splitList(text);
   if (items.length === 0) throw new ConfigError(`${what}: no listen address given`);
@@ -415,6 +444,31 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     help: "serve /metrics, /healthz and /readyz over HTTP here",
     parse: (text, what) => text.trim() === "" ? null : parseListenAddress(text, what),
     fallback: () => null,
+  },
+  tlsCert: {
+    flag: "",
+    env: "DOTPROXY_TLS_CERT",
+    arg: "",
+    group: "Serving",
+    kind: "value",
+    defaultText: "none",
+    range: "",
+    help: "PEM text of the certificate chain served to TLS clients, leaf first (text, not a " +
+      "path); required with a TLS listener",
+    parse: (text, what) => checkedPem(text, what, checkCertificateText),
+    fallback: () => "",
+  },
+  tlsKey: {
+    flag: "",
+    env: "DOTPROXY_TLS_KEY",
+    arg: "",
+    group: "Serving",
+    kind: "value",
+    defaultText: "none",
+    range: "",
+    help: "PEM text of the private key of DOTPROXY_TLS_CERT, unencrypted (text, not a path)",
+    parse: (text, what) => checkedPem(text, what, checkKeyText),
+    fallback: () => "",
   },
   udpMaxSize: {
     flag: "udp-max-size",
@@ -1282,8 +1336,45 @@ function fill<K extends SettingField>(
   config[field] = declaration.fallback(config);
 }
 
+/**
+ * Every configured listener that serves TLS to clients, as `kind address` (`doh
+ * 127.0.0.1:443`): they need `DOTPROXY_TLS_CERT` and `DOTPROXY_TLS_KEY`. Each TLS listener
+ * setting (`--listen-dot`, `--listen-doh`) adds its addresses here.
+ *
+ * @example
+ * ```ts
+ * import { defaultConfig, tlsListeners } from "./config.ts";
+ * tlsListeners(defaultConfig()); // []
+ * ```
+ */
+export function tlsListeners(_config: Config): string[] {
+  return [];
+}
+
+/**
+ * Checks the server certificate and key together when a TLS listener is configured: both
+ * set, readable, the key the leaf's. Throws {@linkcode ConfigError} naming the variable.
+ *
+ * @example
+ * ```ts
+ * import { checkServerCertificate, defaultConfig } from "./config.ts";
+ * checkServerCertificate(defaultConfig()); // no TLS listener: nothing to check
+ * ```
+ */
+export function checkServerCertificate(config: Config): void {
+  const listeners = tlsListeners(config);
+  if (listeners.length === 0) return;
+  try {
+    loadServerCertificate(config.tlsCert, config.tlsKey);
+  } catch (error) {
+    if (!(error instanceof CertificateError)) throw error;
+    throw new ConfigError(`${error.message} (needed by ${listeners[0]})`);
+  }
+}
+
 /** Checks between settings, once every field has its value. */
 function checkTogether(config: Config, sources: Sources): void {
+  checkServerCertificate(config);
   const describe = (field: SettingField) =>
     `${sources.get(field) ?? `the default --${TABLE[field].flag}`} ${String(config[field])}`;
   if (config.cacheMaxTtl < config.cacheMinTtl) {
