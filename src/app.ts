@@ -12,6 +12,9 @@ import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
 import { Admission } from "./resolver/admission.ts";
 import { Resolver } from "./resolver.ts";
+import { type EncryptedEndpoint, ResolverArpa } from "./dns/ddr.ts";
+import { DohService, registerDohMetrics } from "./server/doh.ts";
+import { DohListener } from "./server/doh_listener.ts";
 import { HttpServer, type Readiness } from "./server/http.ts";
 import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
@@ -58,6 +61,8 @@ export interface RunningProxy {
   readonly udp: UdpServer[];
   /** The TCP listeners, one per listen address. */
   readonly tcp: TcpServer[];
+  /** The DoH listeners: `--listen-doh` (TLS) first, then `--listen-doh-plain`. */
+  readonly doh: DohListener[];
   /** The HTTP endpoint, when configured. */
   readonly http: HttpServer | null;
   /** The upstream pool (null when a forwarder was injected). */
@@ -117,6 +122,7 @@ export async function startProxy(
 ): Promise<RunningProxy> {
   const udp: UdpServer[] = [];
   const tcp: TcpServer[] = [];
+  const doh: DohListener[] = [];
   const clock = options.clock ?? SYSTEM_CLOCK;
   const timers = new TimerQueue(clock);
   let pool: UpstreamPool | null = null;
@@ -146,6 +152,10 @@ export async function startProxy(
     }
   }
   registerCertificateMetrics(metrics.registry, certificate);
+  const dohStats = registerDohMetrics(metrics.registry);
+  // resolver.arpa is answered locally (RFC 9462); the records follow the listeners' ports,
+  // known once they are bound.
+  let resolverArpa = new ResolverArpa(null, []);
   let certificateMonitor: CertificateMonitor | null = null;
   if (!options.forwarder) {
     await primeTls();
@@ -193,6 +203,7 @@ export async function startProxy(
     }),
     refuseAny: config.refuseAny,
     padding: config.padding,
+    local: { answer: (query, info) => resolverArpa.answer(query, info) },
     clock,
     timers,
   });
@@ -229,7 +240,7 @@ export async function startProxy(
   let closed: Promise<void> | null = null;
   const closeAll = (timeoutMs: number): Promise<void> => {
     closed ??= (async () => {
-      await Promise.all([...udp, ...tcp].map((server) => server.close(timeoutMs)));
+      await Promise.all([...udp, ...tcp, ...doh].map((server) => server.close(timeoutMs)));
       await http?.close();
       await forwarder.close();
       certificateMonitor?.close();
@@ -275,6 +286,37 @@ export async function startProxy(
         }
       }
     }
+    const service = new DohService({
+      resolver: core,
+      path: config.dohPath,
+      trustedProxies: config.trustedProxies,
+      cache: {
+        minTtl: config.cacheMinTtl,
+        maxTtl: config.cacheMaxTtl,
+        maxNegativeTtl: config.cacheMaxNegativeTtl,
+      },
+      log,
+      stats: dohStats,
+    });
+    const dohOptions = {
+      maxConnections: config.maxTcpConnections,
+      maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
+      limits: { idleTimeoutMs: config.tcpIdleTimeoutMs },
+    };
+    for (
+      const [addresses, tls] of [[config.listenDoh, certificate], [
+        config.listenDohPlain,
+        null,
+      ]] as const
+    ) {
+      for (const address of addresses) {
+        try {
+          doh.push(DohListener.listen(address, service, log, { ...dohOptions, tls }));
+        } catch (error) {
+          throw new StartupError(describeBindError(error, address, tls ? "doh" : "doh-plain"));
+        }
+      }
+    }
     if (config.http) {
       const address = config.http;
       try {
@@ -292,13 +334,30 @@ export async function startProxy(
     throw error;
   }
 
+  const encrypted: EncryptedEndpoint[] = doh.filter((listener) => listener.tls).map((listener) => ({
+    alpn: ["h2", "http/1.1"],
+    port: listener.addr.port,
+    dohpath: `${config.dohPath}{?dns}`,
+    address: listener.addr.hostname,
+  }));
   if (certificate !== null) {
-    certificateMonitor = new CertificateMonitor({ certificate, listeners: tlsNeeded, log, timers });
+    const bound = doh.filter((listener) => listener.tls).map((listener) =>
+      `doh ${formatHostPort(listener.addr.hostname, listener.addr.port)}`
+    );
+    certificateMonitor = new CertificateMonitor({ certificate, listeners: bound, log, timers });
+    const target = certificate.dnsNames[0] ?? null;
+    if (config.ddr && target === null && encrypted.length > 0) {
+      log.warn("ddr off: the certificate has no DNS name to give clients as the target", {
+        names: certificate.names.join(","),
+      });
+    }
+    resolverArpa = new ResolverArpa(target, encrypted, config.ddr);
   }
   pool?.start();
   return {
     udp,
     tcp,
+    doh,
     get http() {
       return http;
     },

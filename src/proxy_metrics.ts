@@ -262,6 +262,7 @@ function registerFamilies(registry: Registry, state: ProxyState): Families {
   return families as Families;
 }
 
+const TRANSPORTS: readonly Transport[] = ["udp", "tcp", "doh"];
 const DROP_REASONS: readonly DropReason[] = ["malformed", "response", "overload", "rate_limit"];
 const REFUSED_REASONS: readonly RefusedReason[] = ["acl", "rate_limit"];
 const CACHE_RESULTS = ["hit", "miss", "stale", "coalesced"] as const;
@@ -385,7 +386,7 @@ export class ProxyMetrics {
       (set) => set(Deno.memoryUsage().heapUsed),
     );
 
-    for (const transport of ["udp", "tcp"] as const) {
+    for (const transport of TRANSPORTS) {
       for (const rcode of [0, 1, 2, 3, 4, 5]) this.queries.labels(transport, rcodeName(rcode));
       this.queryDuration.labels(transport);
       for (const reason of DROP_REASONS) this.dropped.labels(transport, reason);
@@ -393,14 +394,12 @@ export class ProxyMetrics {
     for (const reason of REFUSED_REASONS) this.refused.labels(reason);
     const lookups = CACHE_RESULTS.map((result) => this.cacheLookups.labels(result));
 
-    const queryChildren = {
-      udp: [] as ReturnType<Counter["labels"]>[],
-      tcp: [] as ReturnType<Counter["labels"]>[],
-    };
-    const durations = {
-      udp: this.queryDuration.labels("udp"),
-      tcp: this.queryDuration.labels("tcp"),
-    };
+    const queryChildren = Object.fromEntries(
+      TRANSPORTS.map((t) => [t, [] as ReturnType<Counter["labels"]>[]]),
+    ) as Record<Transport, ReturnType<Counter["labels"]>[]>;
+    const durations = Object.fromEntries(
+      TRANSPORTS.map((t) => [t, this.queryDuration.labels(t)]),
+    ) as Record<Transport, ReturnType<Histogram["labels"]>>;
     this.resolver = {
       query: (transport: Transport, rcode: number, seconds: number) => {
         const children = queryChildren[transport];

@@ -13,7 +13,7 @@ import type { Timed } from "../timers.ts";
 import type { Flight } from "./flight.ts";
 
 /** The client transport a query arrived on. */
-export type Transport = "udp" | "tcp";
+export type Transport = "udp" | "tcp" | "doh";
 
 /** How the cache took part in an answer (the query log's `cache=` field). */
 export type CacheStatus = "off" | "hit" | "miss" | "stale" | "coalesced";
