@@ -109,6 +109,8 @@ interface Stream {
   closed: boolean;
   /** A HEAD request: no body is sent. */
   head: boolean;
+  /** The whole response is queued. */
+  sent: boolean;
 }
 
 function u32(bytes: Uint8Array, at: number): number {
@@ -575,6 +577,15 @@ export class H2Connection {
       stream.receiving = false;
       this.#complete(stream);
     }
+    if (stream.sent) {
+      // Answered early (413): the rest of the body is read and dropped while the client's
+      // window lasts; past it, RST_STREAM NO_ERROR (RFC 9113 section 8.1).
+      if (!stream.receiving) this.#forget(stream);
+      else if (stream.recvWindow <= 0) {
+        this.#reset(stream.id, H2Error.NO_ERROR);
+        this.#forget(stream);
+      }
+    }
     this.#giveCredit();
     this.#arm();
   }
@@ -658,6 +669,7 @@ export class H2Connection {
       answered: false,
       closed: false,
       head: false,
+      sent: false,
     };
     this.#streams.set(id, stream);
     const problem = decoded.tooLarge ? 431 : this.#readFields(stream, decoded.fields);
@@ -804,11 +816,11 @@ export class H2Connection {
 
   /** The response is queued in full. */
   #finishStream(stream: Stream): void {
-    if (stream.receiving) {
-      // Answered before the client finished sending (413 and the like): stop it.
-      this.#reset(stream.id, H2Error.NO_ERROR);
-    }
-    this.#forget(stream);
+    stream.sent = true;
+    stream.pending = null;
+    // Answered before the client finished sending (413 and the like): the stream stays
+    // until its END_STREAM (see #data), within the request deadline.
+    if (!stream.receiving) this.#forget(stream);
   }
 
   #forget(stream: Stream): void {
