@@ -127,12 +127,19 @@ export class H1Connection {
 
   async #serve(initial: Uint8Array): Promise<void> {
     const limits = this.#limits;
-    // Room for the largest head and the largest body after it, plus what a pipelining
-    // client sends ahead; a body is read into the same buffer.
-    const buffer = new Uint8Array(limits.maxHeadBytes + limits.maxBodyBytes + 4096);
+    // Starts small (an idle keep-alive connection holds its buffer) and grows, by doubling,
+    // to the largest head plus the largest body plus what a pipelining client sends ahead.
+    const cap = limits.maxHeadBytes + limits.maxBodyBytes + 4096;
+    let buffer = new Uint8Array(Math.min(cap, Math.max(4096, initial.length)));
     buffer.set(initial.subarray(0, buffer.length));
     let start = 0;
     let end = Math.min(initial.length, buffer.length);
+    const grow = (needed: number) => {
+      if (needed <= buffer.length) return;
+      const bigger = new Uint8Array(Math.min(cap, Math.max(needed, 2 * buffer.length)));
+      bigger.set(buffer.subarray(0, end));
+      buffer = bigger;
+    };
     for (let served = 0; served < limits.maxRequestsPerConnection; served++) {
       if (this.#shuttingDown) return;
       // Before the first byte of a request: the idle deadline (also for the first request:
@@ -144,7 +151,7 @@ export class H1Connection {
       let found: { headEnd: number; next: number } | null = null;
       let scanFrom = start;
       // Each pass finds the head or reads at least a byte into a bounded buffer: bounded.
-      for (let pass = 0; pass <= 2 * buffer.length + 2; pass++) {
+      for (let pass = 0; pass <= 2 * cap + 2; pass++) {
         start = skipEmptyLines(buffer, start, end);
         if (start === end) start = end = 0;
         found = findHeadEnd(buffer, Math.max(start, scanFrom), end);
@@ -162,6 +169,7 @@ export class H1Connection {
           end -= start;
           scanFrom -= start;
           start = 0;
+          if (end === buffer.length) grow(end + 1);
         }
         const n = await this.#conn.read(buffer.subarray(end));
         if (n === null) {
@@ -208,6 +216,7 @@ export class H1Connection {
         buffer.copyWithin(0, start, end);
         end -= start;
         start = 0;
+        grow(length);
       }
       while (end - start < length) {
         const n = await this.#conn.read(buffer.subarray(end));

@@ -289,8 +289,9 @@ export class H2Connection {
 
   async #run(initial: Uint8Array): Promise<void> {
     const conn = this.#conn;
-    let buffer = new Uint8Array(2 * (FRAME_HEADER + MAX_FRAME));
-    buffer.set(initial.subarray(0, buffer.length));
+    // Small while idle; grows by doubling to hold a whole frame (at most 32 KiB).
+    let buffer = new Uint8Array(Math.max(4096, initial.length));
+    buffer.set(initial);
     let start = 0;
     let end = Math.min(initial.length, buffer.length);
     // Our SETTINGS first (the server preface): the stream cap, a stream window of the body
