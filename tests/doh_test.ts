@@ -655,3 +655,118 @@ Deno.test("doh: connection caps, TLS handshake deadline, request and idle deadli
     }
   });
 });
+
+Deno.test("doh: HTTP/1.1 pipelining: ten requests in one write, ten answers in order", async () => {
+  await withDoh(async ({ plainPort }) => {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: plainPort });
+    try {
+      let requests = "";
+      for (let i = 0; i < 10; i++) {
+        const query = buildQuery(`p${i}.example`, { id: i });
+        requests += `GET /dns-query?dns=${base64Url(query)} HTTP/1.1\r\nhost: x\r\n\r\n`;
+      }
+      await conn.write(new TextEncoder().encode(requests));
+      let buffer = new Uint8Array(0);
+      const answers: Uint8Array[] = [];
+      const chunk = new Uint8Array(65536);
+      for (let reads = 0; reads < 1000 && answers.length < 10; reads++) {
+        const n = await conn.read(chunk);
+        if (n === null) break;
+        const joined = new Uint8Array(buffer.length + n);
+        joined.set(buffer);
+        joined.set(chunk.subarray(0, n), buffer.length);
+        buffer = joined;
+        for (;;) {
+          const text = new TextDecoder("latin1").decode(buffer);
+          const headEnd = text.indexOf("\r\n\r\n");
+          if (headEnd < 0) break;
+          const length = Number(/content-length: (\d+)/i.exec(text.slice(0, headEnd))?.[1]);
+          if (buffer.length < headEnd + 4 + length) break;
+          assert.match(text, /^HTTP\/1.1 200 OK\r\n/);
+          answers.push(buffer.slice(headEnd + 4, headEnd + 4 + length));
+          buffer = buffer.slice(headEnd + 4 + length);
+        }
+      }
+      assert.deepEqual(answers.map((a) => parseMessage(a).id), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+      assert.deepEqual(
+        answers.map((a) => parseMessage(a).question?.name),
+        answers.map((_, i) => `p${i}.example.`),
+      );
+    } finally {
+      conn.close();
+    }
+  });
+});
+
+Deno.test("doh: a client that never reads its answers is closed by the write deadline", async () => {
+  await withDoh(async ({ proxy, logs }) => {
+    const service = new DohService({
+      resolver: proxy.resolver,
+      path: "/dns-query",
+      trustedProxies: [],
+      cache: { minTtl: 0, maxTtl: 86400, maxNegativeTtl: 3600 },
+      log: logs.logger(),
+    });
+    const listener = DohListener.listen(
+      { hostname: "127.0.0.1", port: 0 },
+      service,
+      logs.logger(),
+      {
+        tls: null,
+        maxConnections: 10,
+        maxConnectionsPerClient: 10,
+        limits: { writeTimeoutMs: 300 },
+      },
+    );
+    try {
+      for (const h2 of [false, true]) {
+        const conn = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+        // 8 KB answers, asked 2,000 times, never read: 16 MB, more than socket buffers hold.
+        const path = `/dns-query?dns=${base64Url(buildQuery("big8000.example", { type: 16 }))}`;
+        const parts: Uint8Array[] = [];
+        if (h2) {
+          parts.push(new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+          // A large window, so that flow control is not what holds the answers back.
+          parts.push(frame(4, 0, 0, new Uint8Array([0, 4, 0x7f, 0xff, 0xff, 0xff])));
+          parts.push(frame(8, 0, 0, new Uint8Array([0x7f, 0xff, 0, 0])));
+          for (let i = 0; i < 2000; i++) {
+            const block = encodeHeaders([
+              [":method", "GET"],
+              [":scheme", "http"],
+              [":authority", "x"],
+              [":path", path],
+            ]);
+            parts.push(frame(1, 0x5, 1 + 2 * i, block));
+            // Stay under the stream cap: a few at a time would be the polite way; the cap
+            // refuses the rest, which is fine here.
+          }
+        } else {
+          for (let i = 0; i < 2000; i++) {
+            parts.push(new TextEncoder().encode(`GET ${path} HTTP/1.1\r\nhost: x\r\n\r\n`));
+          }
+        }
+        const writing = (async () => {
+          try {
+            for (const part of parts) await conn.write(part);
+          } catch {
+            // The server closed the connection under us: the point of the test.
+          }
+        })();
+        const closed = await waitUntil(() => listener.openConnections === 0, 5000);
+        assert.ok(closed, `${h2 ? "h2" : "http/1.1"}: a client that does not read stayed open`);
+        conn.close();
+        await writing;
+      }
+    } finally {
+      await listener.close(500);
+    }
+  });
+});
+
+async function waitUntil(condition: () => boolean, timeoutMs: number): Promise<boolean> {
+  for (let waited = 0; waited < timeoutMs; waited += 20) {
+    if (condition()) return true;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  return condition();
+}
