@@ -633,8 +633,9 @@ export class H2Connection {
     if (id <= this.#lastStream) {
       // Trailers end a stream that is still receiving; anything else is an error.
       if (existing === undefined || !existing.receiving) {
-        if (existing === undefined) return this.#reset(id, H2Error.STREAM_CLOSED);
-        throw new ConnectionError(H2Error.PROTOCOL_ERROR, "HEADERS on a closed stream");
+        // A stream id not above the last is closed (or was never opened, which closes it:
+        // RFC 9113 section 5.1.1).
+        throw new ConnectionError(H2Error.STREAM_CLOSED, "HEADERS on a closed stream");
       }
       if ((flags & END_STREAM) === 0) {
         this.#reset(id, H2Error.PROTOCOL_ERROR);
