@@ -663,7 +663,9 @@ Deno.test("doh: HTTP/1.1 pipelining: ten requests in one write, ten answers in o
       let requests = "";
       for (let i = 0; i < 10; i++) {
         const query = buildQuery(`p${i}.example`, { id: i });
-        requests += `GET /dns-query?dns=${base64Url(query)} HTTP/1.1\r\nhost: x\r\n\r\n`;
+        // The first in absolute form, as a forward proxy sends it.
+        const target = `${i === 0 ? "http://x" : ""}/dns-query?dns=${base64Url(query)}`;
+        requests += `GET ${target} HTTP/1.1\r\nhost: x\r\n\r\n`;
       }
       await conn.write(new TextEncoder().encode(requests));
       let buffer = new Uint8Array(0);

@@ -239,7 +239,9 @@ export class H1Connection {
       try {
         response = await this.#service.handle({
           method: head.method,
-          target: head.target,
+          // Absolute form (`GET http://host/dns-query?dns=...`, RFC 9112 section 3.2.2), as a
+          // forward proxy sends it, becomes origin form.
+          target: head.target.replace(/^https?:\/\/[^/?#]*/i, "") || "/",
           fields: head.fields,
           body,
           version: head.version,
