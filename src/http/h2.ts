@@ -39,6 +39,10 @@ const MAX_FRAME = 16_384;
 export const BODY_BUDGET = 256 * 1024;
 /** Octets of output waiting for the client beyond which reading pauses. */
 export const OUTPUT_BUDGET = 512 * 1024;
+/** Streams a client may reset before their answer, past which resets must stay a minority. */
+const RESET_ALLOWANCE = 200;
+/** Most CONTINUATION frames in one header block. */
+const MAX_CONTINUATIONS = 64;
 
 const enum Frame {
   DATA = 0,
@@ -167,7 +171,16 @@ export class H2Connection {
   readonly #streams = new Map<number, Stream>();
   #lastStream = 0;
   /** The stream whose header block continues in CONTINUATION frames, and the block so far. */
-  #continuing: { stream: number; flags: number; parts: Uint8Array[]; bytes: number } | null = null;
+  #continuing: {
+    stream: number;
+    flags: number;
+    parts: Uint8Array[];
+    bytes: number;
+    started: number;
+  } | null = null;
+  /** Streams opened, and those the client reset before their answer was sent. */
+  #opened = 0;
+  #resetByClient = 0;
   #peerInitialWindow = 65_535;
   #peerMaxFrame = 16_384;
   #sendWindow = 65_535;
@@ -260,7 +273,9 @@ export class H2Connection {
     for (const stream of this.#streams.values()) {
       if (stream.receiving && stream.started < oldest) oldest = stream.started;
     }
-    if (this.#continuing !== null && oldest === Infinity) oldest = performance.now();
+    if (this.#continuing !== null && this.#continuing.started < oldest) {
+      oldest = this.#continuing.started;
+    }
     let ms: number;
     let reason: string;
     if (oldest !== Infinity) {
@@ -422,7 +437,17 @@ export class H2Connection {
           throw new ConnectionError(H2Error.PROTOCOL_ERROR, "RST_STREAM on an idle stream");
         }
         const stream = this.#streams.get(id);
-        if (stream !== undefined) this.#forget(stream);
+        if (stream !== undefined) {
+          // Opening streams only to reset them makes the server work for nothing (the
+          // "rapid reset" attack, CVE-2023-44487): past a few hundred, when they are most
+          // of what a connection does, it ends.
+          if (!stream.sent && ++this.#resetByClient > RESET_ALLOWANCE) {
+            if (this.#resetByClient * 2 > this.#opened) {
+              throw new ConnectionError(H2Error.ENHANCE_YOUR_CALM, "too many streams reset");
+            }
+          }
+          this.#forget(stream);
+        }
         return;
       }
       case Frame.SETTINGS:
@@ -449,7 +474,12 @@ export class H2Connection {
         }
         block.parts.push(payload.slice());
         block.bytes += payload.length;
-        if (block.bytes > 2 * this.#limits.maxHeadBytes + MAX_FRAME) {
+        // Bounded in octets and in frames (empty CONTINUATION frames cost nothing to send;
+        // CVE-2024-27316).
+        if (
+          block.bytes > 2 * this.#limits.maxHeadBytes + MAX_FRAME ||
+          block.parts.length > MAX_CONTINUATIONS
+        ) {
           throw new ConnectionError(H2Error.ENHANCE_YOUR_CALM, "header block too large");
         }
         if (flags & END_HEADERS) {
@@ -615,7 +645,14 @@ export class H2Connection {
     if (flags & END_HEADERS) {
       this.#headerBlock(id, flags, block);
     } else {
-      this.#continuing = { stream: id, flags, parts: [block.slice()], bytes: block.length };
+      this.#continuing = {
+        stream: id,
+        flags,
+        parts: [block.slice()],
+        bytes: block.length,
+        started: performance.now(),
+      };
+      this.#arm();
     }
   }
 
@@ -648,6 +685,7 @@ export class H2Connection {
       return;
     }
     this.#lastStream = id;
+    this.#opened++;
     if (this.#goingAway) {
       this.#reset(id, H2Error.REFUSED_STREAM);
       return;
