@@ -85,6 +85,34 @@ export function svcbRdata(
   return Uint8Array.from(out);
 }
 
+/** `\x08resolver\x04arpa\x00`, the wire form of the name's end. */
+const RESOLVER_ARPA = Uint8Array.from([
+  8,
+  ..."resolver".split("").map((c) => c.charCodeAt(0)),
+  4,
+  0x61,
+  0x72,
+  0x70,
+  0x61,
+  0,
+]);
+
+/**
+ * True when the question name ending at `nameEnd` (uncompressed, as validated) ends in the
+ * labels `resolver.arpa`, case-insensitively, on a label boundary. The octets before the
+ * suffix could still be the tail of a longer label; {@linkcode questionName} settles that.
+ */
+function endsInResolverArpa(query: Uint8Array, nameEnd: number): boolean {
+  const start = nameEnd - RESOLVER_ARPA.length;
+  if (start < HEADER_SIZE) return false;
+  for (let i = 0; i < RESOLVER_ARPA.length; i++) {
+    const c = query[start + i];
+    const lower = c >= 0x41 && c <= 0x5a ? c + 0x20 : c;
+    if (lower !== RESOLVER_ARPA[i]) return false;
+  }
+  return true;
+}
+
 /** Lower-case ASCII of the question name's labels, dotted, from wire `[12, nameEnd)`. */
 function questionName(query: Uint8Array, nameEnd: number): string {
   const labels: string[] = [];
@@ -132,7 +160,9 @@ export class ResolverArpa {
    * null for any other name.
    */
   answer(query: Uint8Array, info: QueryInfo): Uint8Array | null {
-    if (info.nameEnd <= HEADER_SIZE) return null;
+    // Every query passes here: compare the name's last octets with resolver.arpa first, and
+    // build no string for the others.
+    if (!endsInResolverArpa(query, info.nameEnd)) return null;
     const name = questionName(query, info.nameEnd);
     if (name !== "resolver.arpa" && !name.endsWith(".resolver.arpa")) return null;
     const known = name === "_dns.resolver.arpa" || name === "resolver.arpa";

@@ -223,24 +223,34 @@ STATIC_TABLE.forEach(([name, value], i) => {
   if (name === ":status") STATIC_STATUS.set(value, i + 1);
 });
 
-function pushInteger(out: number[], value: number, prefixBits: number, first: number): void {
+/** Writes an HPACK integer (section 5.1) at `at`; returns the offset after it. */
+function writeInteger(
+  out: Uint8Array,
+  at: number,
+  value: number,
+  prefixBits: number,
+  first: number,
+) {
   const mask = (1 << prefixBits) - 1;
   if (value < mask) {
-    out.push(first | value);
-    return;
+    out[at++] = first | value;
+    return at;
   }
-  out.push(first | mask);
+  out[at++] = first | mask;
   let rest = value - mask;
   while (rest >= 0x80) {
-    out.push((rest & 0x7f) | 0x80);
+    out[at++] = (rest & 0x7f) | 0x80;
     rest = Math.floor(rest / 0x80);
   }
-  out.push(rest);
+  out[at++] = rest;
+  return at;
 }
 
-function pushString(out: number[], text: string): void {
-  pushInteger(out, text.length, 7, 0);
-  for (let i = 0; i < text.length; i++) out.push(text.charCodeAt(i) & 0xff);
+/** Writes a string literal without Huffman coding; returns the offset after it. */
+function writeString(out: Uint8Array, at: number, text: string): number {
+  at = writeInteger(out, at, text.length, 7, 0);
+  for (let i = 0; i < text.length; i++) out[at++] = text.charCodeAt(i) & 0xff;
+  return at;
 }
 
 /**
@@ -255,21 +265,25 @@ function pushString(out: number[], text: string): void {
  * ```
  */
 export function encodeHeaders(fields: readonly HeaderField[]): Uint8Array {
-  const out: number[] = [];
+  // At most 6 octets of integers per string (lengths under 2^28) and 6 for the index.
+  let size = 0;
+  for (const [name, value] of fields) size += name.length + value.length + 18;
+  const out = new Uint8Array(size);
+  let at = 0;
   for (const [name, value] of fields) {
     const status = name === ":status" ? STATIC_STATUS.get(value) : undefined;
     if (status !== undefined) {
-      out.push(0x80 | status);
+      out[at++] = 0x80 | status;
       continue;
     }
     const index = STATIC_NAMES.get(name);
     if (index !== undefined) {
-      pushInteger(out, index, 4, 0);
+      at = writeInteger(out, at, index, 4, 0);
     } else {
-      out.push(0);
-      pushString(out, name);
+      out[at++] = 0;
+      at = writeString(out, at, name);
     }
-    pushString(out, value);
+    at = writeString(out, at, value);
   }
-  return Uint8Array.from(out);
+  return out.subarray(0, at);
 }
