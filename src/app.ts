@@ -302,6 +302,7 @@ export async function startProxy(
       maxConnections: config.maxTcpConnections,
       maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
       limits: { idleTimeoutMs: config.tcpIdleTimeoutMs },
+      timers,
     };
     for (
       const [addresses, tls] of [[config.listenDoh, certificate], [

@@ -18,6 +18,8 @@ import {
   type RequestHead,
   skipEmptyLines,
 } from "../server/http.ts";
+import type { TimerQueue } from "../timers.ts";
+import { Deadline } from "./deadline.ts";
 import {
   type HttpLimits,
   type HttpPeer,
@@ -65,7 +67,7 @@ export class H1Connection {
   readonly #peer: HttpPeer;
   readonly #service: HttpService;
   readonly #limits: HttpLimits;
-  #timer: ReturnType<typeof setTimeout> | undefined;
+  readonly #deadline: Deadline;
   #closed = false;
   #reason = "";
   /** True while a request is being answered (a shutdown waits for it). */
@@ -79,7 +81,9 @@ export class H1Connection {
     service: HttpService,
     limits: HttpLimits,
     initial: Uint8Array,
+    timers: TimerQueue,
   ) {
+    this.#deadline = new Deadline(timers, (reason) => this.#close(reason));
     this.#conn = conn;
     this.#peer = peer;
     this.#service = service;
@@ -108,7 +112,7 @@ export class H1Connection {
     if (this.#closed) return;
     this.#closed = true;
     if (reason !== "") this.#reason ||= reason;
-    clearTimeout(this.#timer);
+    this.#deadline.disarm();
     try {
       this.#conn.close();
     } catch {
@@ -117,12 +121,7 @@ export class H1Connection {
   }
 
   #arm(ms: number, reason: string): void {
-    clearTimeout(this.#timer);
-    if (this.#closed) return;
-    this.#timer = setTimeout(() => {
-      this.#timer = undefined;
-      this.#close(reason);
-    }, ms);
+    if (!this.#closed) this.#deadline.arm(ms, reason);
   }
 
   async #serve(initial: Uint8Array): Promise<void> {
@@ -229,7 +228,7 @@ export class H1Connection {
       const body = buffer.slice(start, start + length);
       start += length;
       if (start === end) start = end = 0;
-      clearTimeout(this.#timer);
+      this.#deadline.disarm();
 
       const connection = (head.fields.get("connection") ?? "").toLowerCase();
       const keepAlive = head.version === "HTTP/1.1" && !/\bclose\b/.test(connection) &&
@@ -263,7 +262,7 @@ export class H1Connection {
   async #write(bytes: Uint8Array): Promise<void> {
     this.#arm(this.#limits.writeTimeoutMs, "write timeout");
     for (let at = 0; at < bytes.length;) at += await this.#conn.write(bytes.subarray(at));
-    clearTimeout(this.#timer);
+    this.#deadline.disarm();
   }
 
   /** Answers a request the connection will not serve, then closes. */

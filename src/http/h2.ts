@@ -26,6 +26,8 @@
  * @module
  */
 
+import type { TimerQueue } from "../timers.ts";
+import { Deadline } from "./deadline.ts";
 import { encodeHeaders, type HeaderField, HpackDecoder, HpackError } from "./hpack.ts";
 import type { HttpLimits, HttpPeer, HttpRequest, HttpResponse, HttpService } from "./types.ts";
 
@@ -191,7 +193,8 @@ export class H2Connection {
   #outBytes = 0;
   #writing: Promise<void> | null = null;
   #drained: (() => void) | null = null;
-  #timer: ReturnType<typeof setTimeout> | undefined;
+  readonly #deadline: Deadline;
+  readonly #writeDeadline: Deadline;
   #closed = false;
   #goingAway = false;
   #reason = "";
@@ -205,7 +208,10 @@ export class H2Connection {
     service: HttpService,
     limits: HttpLimits,
     initial: Uint8Array,
+    timers: TimerQueue,
   ) {
+    this.#deadline = new Deadline(timers, (reason) => this.#expired(reason));
+    this.#writeDeadline = new Deadline(timers, (reason) => this.#close(reason));
     this.#conn = conn;
     this.#peer = peer;
     this.#service = service;
@@ -249,7 +255,8 @@ export class H2Connection {
     if (this.#closed) return;
     this.#closed = true;
     if (reason !== "") this.#reason = reason;
-    clearTimeout(this.#timer);
+    this.#deadline.disarm();
+    this.#writeDeadline.disarm();
     this.#stop();
     this.#drained?.();
     try {
@@ -267,7 +274,6 @@ export class H2Connection {
 
   /** Arms the one deadline the connection has now. */
   #arm(): void {
-    clearTimeout(this.#timer);
     if (this.#closed) return;
     let oldest = Infinity;
     for (const stream of this.#streams.values()) {
@@ -286,20 +292,21 @@ export class H2Connection {
       reason = "idle";
     } else {
       // Streams being answered: the resolver's deadline bounds them, writes have their own.
+      this.#deadline.disarm();
       return;
     }
-    this.#timer = setTimeout(() => {
-      this.#timer = undefined;
-      if (reason === "idle") {
-        this.#goingAway = true;
-        this.#queue(
-          frameBytes(Frame.GOAWAY, 0, 0, u32Payload(this.#lastStream, H2Error.NO_ERROR)),
-        );
-        this.#closeAfterFlush(reason);
-      } else {
-        this.#fail(new ConnectionError(H2Error.CANCEL, reason), reason);
-      }
-    }, ms);
+    this.#deadline.arm(ms, reason);
+  }
+
+  #expired(reason: string): void {
+    if (this.#closed) return;
+    if (reason === "idle") {
+      this.#goingAway = true;
+      this.#queue(frameBytes(Frame.GOAWAY, 0, 0, u32Payload(this.#lastStream, H2Error.NO_ERROR)));
+      this.#closeAfterFlush(reason);
+    } else {
+      this.#fail(new ConnectionError(H2Error.CANCEL, reason), reason);
+    }
   }
 
   async #run(initial: Uint8Array): Promise<void> {
@@ -325,10 +332,7 @@ export class H2Connection {
     if (connectionCredit > 65_535) {
       this.#queue(frameBytes(Frame.WINDOW_UPDATE, 0, 0, u32Payload(connectionCredit - 65_535)));
     }
-    this.#timer = setTimeout(
-      () => this.#fail(new ConnectionError(H2Error.CANCEL, "no preface"), "preface timeout"),
-      this.#limits.requestTimeoutMs,
-    );
+    this.#deadline.arm(this.#limits.requestTimeoutMs, "preface timeout");
     let prefaceSeen = false;
     // Each pass consumes a frame or reads at least one byte: the loop ends with the stream.
     for (;;) {
@@ -902,15 +906,13 @@ export class H2Connection {
             at += part.length;
           }
         }
-        let timer: ReturnType<typeof setTimeout> | undefined;
         try {
           for (let at = 0; at < bytes.length;) {
-            clearTimeout(timer);
-            timer = setTimeout(() => this.#close("write timeout"), this.#limits.writeTimeoutMs);
+            this.#writeDeadline.arm(this.#limits.writeTimeoutMs, "write timeout");
             at += await this.#conn.write(bytes.subarray(at));
           }
         } finally {
-          clearTimeout(timer);
+          this.#writeDeadline.disarm();
         }
         this.#outBytes -= bytes.length;
         if (this.#outBytes <= OUTPUT_BUDGET && this.#drained !== null) {

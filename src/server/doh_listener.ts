@@ -25,6 +25,7 @@ import { H1Connection } from "../http/h1.ts";
 import { H2Connection, PREFACE } from "../http/h2.ts";
 import type { HttpLimits, HttpService } from "../http/types.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
+import { TimerQueue } from "../timers.ts";
 import { isDescriptorExhaustion } from "./http.ts";
 
 /** A TLS handshake not done within this long closes the connection (as the DoT listener). */
@@ -68,6 +69,8 @@ export interface DohListenerOptions {
   handshakeTimeoutMs?: number;
   /** Statistics hooks. */
   stats?: DohListenerStats;
+  /** The proxy's timers, for the connections' deadlines; the listener's own when not given. */
+  timers?: TimerQueue;
 }
 
 const EXHAUSTED_PAUSE_MIN_MS = 10;
@@ -98,6 +101,9 @@ export class DohListener {
   readonly #limits: HttpLimits;
   readonly #stats: DohListenerStats;
   readonly #tls: boolean;
+  readonly #timers: TimerQueue;
+  /** True when the timers are the listener's own (closed with it). */
+  readonly #ownsTimers: boolean;
   /** Every connection, from accept (handshake included) to close. */
   readonly #open = new Set<{ served: Served | null; conn: Deno.Conn }>();
   readonly #perClient = new Map<string, number>();
@@ -122,6 +128,8 @@ export class DohListener {
     this.#limits = { ...DOH_LIMITS, ...options.limits };
     this.#stats = options.stats ?? NO_DOH_LISTENER_STATS;
     this.#tls = options.tls !== null;
+    this.#ownsTimers = options.timers === undefined;
+    this.#timers = options.timers ?? new TimerQueue();
     this.#limitLog = new RateLimitedLog(log, LOG_INTERVAL_MS);
     this.#handshakeLog = new RateLimitedLog(log, LOG_INTERVAL_MS);
     this.#acceptLog = new RateLimitedLog(log, LOG_INTERVAL_MS);
@@ -293,8 +301,8 @@ export class DohListener {
         initial[2] === PREFACE[2];
     }
     const served = h2
-      ? new H2Connection(conn, peer, this.#service, this.#limits, initial)
-      : new H1Connection(conn, peer, this.#service, this.#limits, initial);
+      ? new H2Connection(conn, peer, this.#service, this.#limits, initial, this.#timers)
+      : new H1Connection(conn, peer, this.#service, this.#limits, initial, this.#timers);
     entry.served = served;
     if (this.#closing) served.shutdown();
     const outcome = await served.finished;
@@ -378,5 +386,6 @@ export class DohListener {
       await new Promise((resolve) => setTimeout(resolve, 1));
       for (const entry of this.#open) entry.served?.abort("shutdown");
     }
+    if (this.#ownsTimers) this.#timers.close();
   }
 }
