@@ -13,6 +13,7 @@ import { ProxyMetrics } from "./proxy_metrics.ts";
 import { Admission } from "./resolver/admission.ts";
 import { Resolver } from "./resolver.ts";
 import { HttpServer, type Readiness } from "./server/http.ts";
+import { AnswerBudget } from "./server/answer_budget.ts";
 import { TcpServer } from "./server/tcp.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
@@ -51,6 +52,8 @@ export interface RunningProxy {
   readonly udp: UdpServer[];
   /** The TCP listeners, one per listen address. */
   readonly tcp: TcpServer[];
+  /** The answer budget all stream (TCP, DoT) connections share. */
+  readonly budget: AnswerBudget;
   /** The HTTP endpoint, when configured. */
   readonly http: HttpServer | null;
   /** The upstream pool (null when a forwarder was injected). */
@@ -110,6 +113,8 @@ export async function startProxy(
 ): Promise<RunningProxy> {
   const udp: UdpServer[] = [];
   const tcp: TcpServer[] = [];
+  // One answer budget for every stream connection of every listener.
+  const budget = new AnswerBudget();
   const clock = options.clock ?? SYSTEM_CLOCK;
   const timers = new TimerQueue(clock);
   let pool: UpstreamPool | null = null;
@@ -231,6 +236,7 @@ export async function startProxy(
       maxQueriesPerConnection: config.maxTcpQueriesPerConnection,
       idleTimeoutMs: config.tcpIdleTimeoutMs,
     };
+
     for (const address of config.listen) {
       // Port 0 asks for any free port; UDP and TCP must share it, so retry until both bind.
       for (let attempt = 0;; attempt++) {
@@ -242,7 +248,7 @@ export async function startProxy(
         }
         const tcpAddress = { hostname: address.hostname, port: udpServer.addr.port };
         try {
-          tcp.push(TcpServer.listen(tcpAddress, core, log, tcpOptions, metrics.tcp));
+          tcp.push(TcpServer.listen(tcpAddress, core, log, tcpOptions, metrics.tcp, budget));
           udp.push(udpServer);
           break;
         } catch (error) {
@@ -274,6 +280,7 @@ export async function startProxy(
   return {
     udp,
     tcp,
+    budget,
     get http() {
       return http;
     },

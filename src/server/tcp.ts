@@ -4,23 +4,27 @@
  * whatever a client does:
  *
  * - connections: `--max-tcp-connections` in all, `--max-tcp-connections-per-client` per
- *   client (IPv4 address, IPv6 /64); more are closed on accept. Clients outside `--allow`
- *   share {@linkcode MAX_OUTSIDER_CONNECTIONS} of their own, idle for at most
- *   {@linkcode OUTSIDER_IDLE_MS}, so they cannot take the slots of the clients served;
+ *   client (IPv4 address, IPv6 /64). A client at its cap that opens one more loses its
+ *   longest-idle connection (nothing in flight) instead, so a client that leaks idle
+ *   connections is not locked out; only when none is idle is the new one closed. Clients
+ *   outside `--allow` share {@linkcode MAX_OUTSIDER_CONNECTIONS} of their own, idle for at
+ *   most {@linkcode OUTSIDER_IDLE_MS}, so they cannot take the slots of the clients served;
  * - queries in flight per connection: `--max-tcp-queries`, a hard limit (frames already read
  *   wait in the buffer until there is room); when the whole proxy is at `--max-inflight`,
  *   reading pauses too: a TCP query is never dropped. A new connection starts with a window
  *   of {@linkcode INITIAL_WINDOW} queries in flight, one more for each answer written to it
  *   (as TCP's slow start): a client that pipelines 128 queries for 64 KB answers and never
- *   reads cannot make the proxy build 8 MB of answers for it. And all connections together
- *   have at most {@linkcode TCP_ANSWER_BUDGET} bytes of answers in flight, by an estimate
- *   of the answer size that follows the largest recent answers (each connection may always
- *   have one): 1,000 such clients cannot make it build 1,000 x 16 x 64 KB at once;
+ *   reads cannot make the proxy build 8 MB of answers for it. And all connections share one
+ *   {@linkcode AnswerBudget} of answer bytes in flight and unsent, shared per client before
+ *   per connection (a connection with nothing in flight and nothing unsent may always have
+ *   one): 1,000 such clients cannot make it build 1,000 x 16 x 64 KB at once, and one client
+ *   cannot hold it against the others;
  * - unsent answer bytes: reading pauses at 64 KiB per connection (at the first unsent byte
- *   while all connections together hold more than 16 MiB); a client that still does not read
- *   is disconnected at 128 KiB (32 KiB above 16 MiB in all; then also when its write has not
- *   moved for a second), and the buffers that held a burst are let go once it is written,
- *   so memory is bounded by limits, not by luck;
+ *   while all connections together hold a whole budget unsent); a client is judged not to read by
+ *   time, never by how much is queued: its connection is closed when its write has not moved
+ *   for {@linkcode SEND_TIMEOUT_MS} (a second while the whole budget is unsent). The buffers that
+ *   held a burst are let go once it is written, so memory is bounded by limits, not by luck;
+ * - draining (`close`): nothing more is read, every frame already read is answered;
  * - query size: a frame longer than {@linkcode MAX_QUERY_FRAME} closes the connection (no
  *   query is that long; dotproxy forwards none over 512 octets), so a client cannot make a
  *   connection hold a 64 KiB read buffer;
@@ -34,11 +38,12 @@ import { formatAddr } from "../address.ts";
 import type { ListenAddress } from "../config.ts";
 import { clientKey } from "../resolver/admission.ts";
 import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
-import { FrameBuffer } from "../frame_buffer.ts";
 import { isDescriptorExhaustion } from "./http.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
 import type { Resolver, ResponseSink } from "../resolver.ts";
 import { SlabCopier } from "../slab.ts";
+import { AnswerBudget, type ClientShare } from "./answer_budget.ts";
+import { AnswerQueue } from "./answer_queue.ts";
 import { SYSTEM_CLOCK } from "../timers.ts";
 
 /** Limits of the TCP listener. */
@@ -67,13 +72,17 @@ const NO_TCP_STATS: TcpStats = { accepted() {}, rejected() {}, malformed() {} };
 
 /** Unsent answer bytes per connection at which reading pauses. */
 const PAUSE_UNSENT_BYTES = 64 * 1024;
-/** Unsent answer bytes per connection at which a client that does not read is dropped. */
-const MAX_UNSENT_BYTES = 128 * 1024;
-/** ...and the lower bound used while all connections together hold more than this. */
-const TIGHT_UNSENT_BYTES = 32 * 1024;
-const GLOBAL_UNSENT_SOFT_LIMIT = 16 * 1024 * 1024;
-/** Above it, a connection whose write has not moved for this long is closed. */
-const STUCK_UNDER_PRESSURE_MS = 1000;
+
+/**
+ * A connection whose write has not moved for this long is closed: its client does not read.
+ * dnsdist's send timeout is the same 2 s; a client that reads, however slowly, moves the
+ * write every time it reads, and one that pipelined 1,000 queries before it reads is not
+ * judged by how much is queued for it (issue 21: closing at 128 KiB queued lost up to 997 of
+ * 1,000 answers to clients that read).
+ */
+export const SEND_TIMEOUT_MS = 2000;
+/** While all connections together hold the whole budget unsent, a second is enough. */
+const SEND_TIMEOUT_PRESSED_MS = 1000;
 const INITIAL_BUFFER = 4096;
 /**
  * Queries a new connection may have in flight before any answer was written to it; each
@@ -81,28 +90,6 @@ const INITIAL_BUFFER = 4096;
  * reaches the full window within a few round trips.
  */
 export const INITIAL_WINDOW = 16;
-/**
- * Estimated bytes of answers to TCP queries in flight, all connections together: the number
- * of TCP queries in flight times the size of recent answers stays under this (a connection
- * with none in flight may always send one). With answers of a few hundred octets it never
- * binds (`--max-inflight` does first); with 60 KB answers it allows about 550.
- */
-export const TCP_ANSWER_BUDGET = 32 * 1024 * 1024;
-/** The answer size the estimate decays towards. */
-const TYPICAL_ANSWER = 512;
-/**
- * The estimate starts at the largest answer: until answers show they are small (a few
- * hundred of them), 512 TCP queries may be in flight. Starting low let 1,000 connections
- * opened at once have 10,000 queries for 60 KB answers in flight (measured: 270 MiB).
- */
-const LARGEST_ANSWER = 65535;
-/** TCP queries in flight, all connections of all listeners. */
-let tcpInflight = 0;
-/**
- * Size of recent TCP answers: jumps to any larger answer, and decays by 1 % per answer (a
- * few hundred small answers forget a big one).
- */
-let answerEstimate = LARGEST_ANSWER;
 
 /** One copier for all connections: they run on one thread, and queries are short-lived. */
 const sharedCopier = new SlabCopier();
@@ -121,9 +108,6 @@ export const MAX_OUTSIDER_CONNECTIONS = 16;
 /** An outsider's connection with no complete query for this long is closed. */
 export const OUTSIDER_IDLE_MS = 2000;
 
-/** Unsent bytes across every connection of every listener (they share one process). */
-let globalUnsent = 0;
-
 /**
  * Serves DNS over TCP on one address.
  *
@@ -141,7 +125,9 @@ export class TcpServer {
   readonly #options: TcpServerOptions;
   readonly #stats: TcpStats;
   readonly #clients = new Set<TcpClient>();
-  readonly #perClient = new Map<string, number>();
+  /** Open connections of each client inside `--allow` (IPv4 address, IPv6 /64). */
+  readonly #perClient = new Map<string, Set<TcpClient>>();
+  readonly #budget: AnswerBudget;
   /** Connections open from clients outside `--allow`. */
   #outsiders = 0;
   readonly #limitLog: RateLimitedLog;
@@ -161,8 +147,10 @@ export class TcpServer {
     log: Logger,
     options: TcpServerOptions,
     stats: TcpStats = NO_TCP_STATS,
+    budget: AnswerBudget = new AnswerBudget(),
   ) {
     this.#listener = listener;
+    this.#budget = budget;
     this.#resolver = resolver;
     this.#log = log;
     this.#options = options;
@@ -179,13 +167,14 @@ export class TcpServer {
     log: Logger,
     options: TcpServerOptions,
     stats?: TcpStats,
+    budget?: AnswerBudget,
   ): TcpServer {
     const listener = Deno.listen({
       transport: "tcp",
       hostname: address.hostname,
       port: address.port,
     });
-    return new TcpServer(listener, resolver, log, options, stats);
+    return new TcpServer(listener, resolver, log, options, stats, budget);
   }
 
   /** The bound address. */
@@ -229,21 +218,28 @@ export class TcpServer {
       const remote = conn.remoteAddr;
       const outsider = !this.#resolver.isAllowed(remote);
       const source = clientKey(remote.hostname);
-      const fromSource = this.#perClient.get(source) ?? 0;
+      let fromSource = this.#perClient.get(source);
       const perClient = this.#options.maxConnectionsPerClient ?? Infinity;
       const insiders = this.#clients.size - this.#outsiders;
+      // A client at its cap makes room by giving up its longest-idle connection, so a client
+      // that leaks idle connections is not locked out; only with none idle is the new one
+      // refused.
+      if (!outsider && fromSource !== undefined && fromSource.size >= perClient) {
+        this.#evictIdle(fromSource, remote);
+      }
+      const atClientCap = fromSource !== undefined && fromSource.size >= perClient;
       const full = outsider
         ? this.#outsiders >= MAX_OUTSIDER_CONNECTIONS
-        : insiders >= this.#options.maxConnections || fromSource >= perClient;
+        : insiders >= this.#options.maxConnections || atClientCap;
       if (full) {
         this.#stats.rejected();
         this.#limitLog.warn("tcp connection limit reached; closing new connection", {
           limit: outsider
             ? MAX_OUTSIDER_CONNECTIONS
-            : fromSource >= perClient
+            : atClientCap
             ? perClient
             : this.#options.maxConnections,
-          per: outsider ? "outside --allow" : fromSource >= perClient ? "client" : "proxy",
+          per: outsider ? "outside --allow" : atClientCap ? "client" : "proxy",
           client: formatAddr(remote),
         });
         try {
@@ -263,23 +259,56 @@ export class TcpServer {
       if (outsider) {
         this.#outsiders++;
         options = { ...options, idleTimeoutMs: Math.min(options.idleTimeoutMs, OUTSIDER_IDLE_MS) };
-      } else {
-        this.#perClient.set(source, fromSource + 1);
       }
-      const client = new TcpClient(conn, this.#resolver, this.#log, options, this.#stats);
+      const share = this.#budget.share(source);
+      const client = new TcpClient(
+        conn,
+        this.#resolver,
+        this.#log,
+        options,
+        this.#stats,
+        this.#budget,
+        share,
+      );
       this.#clients.add(client);
+      if (!outsider) {
+        if (fromSource === undefined) this.#perClient.set(source, fromSource = new Set());
+        fromSource.add(client);
+      }
+      const mine = fromSource;
       client.finished.then(() => {
         this.#clients.delete(client);
+        this.#budget.release(share);
         if (outsider) {
           this.#outsiders--;
           return;
         }
-        const left = (this.#perClient.get(source) ?? 1) - 1;
-        if (left <= 0) this.#perClient.delete(source);
-        else this.#perClient.set(source, left);
+        mine!.delete(client);
+        if (mine!.size === 0 && this.#perClient.get(source) === mine) {
+          this.#perClient.delete(source);
+        }
       });
       this.#ensureSweep();
     }
+  }
+
+  /** Closes the longest-idle connection in `connections`, if one is idle; true if it did. */
+  #evictIdle(connections: Set<TcpClient>, remote: Deno.NetAddr): boolean {
+    let oldest: TcpClient | undefined;
+    for (const client of connections) {
+      if (client.idle && (oldest === undefined || client.lastActive < oldest.lastActive)) {
+        oldest = client;
+      }
+    }
+    if (oldest === undefined) return false;
+    // Out of the count at once: its `finished` settles later.
+    connections.delete(oldest);
+    oldest.abort();
+    this.#log.debug("tcp connections per client reached; closed its longest-idle one", {
+      limit: this.#options.maxConnectionsPerClient,
+      client: formatAddr(remote),
+    });
+    return true;
   }
 
   #acceptFailed(error: unknown): void {
@@ -345,30 +374,45 @@ class TcpClient implements ResponseSink {
   readonly #log: Logger;
   readonly #options: TcpServerOptions;
   readonly #stats: TcpStats;
+  readonly #budget: AnswerBudget;
+  /** This client's (address's) part of the answer budget. */
+  readonly share: ClientShare;
   readonly #remote: Deno.Addr;
   readonly finished: Promise<void>;
   #inflight = 0;
   #lastActive = performance.now();
-  #writeStartedAt = 0;
-  #frames = new FrameBuffer(INITIAL_BUFFER);
-  /** True once the answer buffers grew past their first size (they are renewed when empty). */
-  #grown = false;
+  /** When the write in progress last moved (a write call returned). */
+  #lastProgress = 0;
+  readonly #frames = new AnswerQueue();
   /** True while reading waits for the resolver's capacity (not idle: queries are waiting). */
   #waitingForCapacity = false;
+  /** True while complete frames wait in the read buffer for room. */
+  #waitingForRoom = false;
+  /** True while the read loop waits in `read()` (then no complete frame is buffered). */
+  #inRead = false;
   /** Queries allowed in flight now (see {@linkcode INITIAL_WINDOW}). */
   #window = INITIAL_WINDOW;
-  /** Answers queued and not yet handed to a write; answers in the write in progress. */
-  #framesQueued = 0;
-  #framesWriting = 0;
   /** Bytes handed to the write in progress. */
   #writingBytes = 0;
   #writing = false;
   #flushScheduled = false;
+  /** Draining: read nothing more, answer every frame already read. */
+  #stopReading = false;
+  /** Refused by access control: the rest of what was sent goes unread. */
+  #refused = false;
   #readDone = false;
   #closed = false;
   #closeAfterWrite = false;
   #wake: (() => void) | undefined;
   readonly #flush = () => this.#flushLoop();
+  /** The connection as the frame buffer writes to it: each write that returns is progress. */
+  readonly #writer = {
+    write: async (bytes: Uint8Array): Promise<number> => {
+      const n = await this.#conn.write(bytes);
+      this.#lastProgress = SYSTEM_CLOCK.now();
+      return n;
+    },
+  };
 
   constructor(
     conn: Deno.TcpConn,
@@ -376,12 +420,16 @@ class TcpClient implements ResponseSink {
     log: Logger,
     options: TcpServerOptions,
     stats: TcpStats,
+    budget: AnswerBudget,
+    share: ClientShare,
   ) {
     this.#conn = conn;
     this.#resolver = resolver;
     this.#log = log;
     this.#options = options;
     this.#stats = stats;
+    this.#budget = budget;
+    this.share = share;
     this.#remote = conn.remoteAddr;
     this.finished = this.#readLoop();
   }
@@ -391,29 +439,36 @@ class TcpClient implements ResponseSink {
     return this.#frames.length + this.#writingBytes;
   }
 
+  /** True when nothing is in flight, queued, buffered or being written. */
+  get idle(): boolean {
+    return this.#inflight === 0 && !this.#writing && this.#frames.length === 0 &&
+      !this.#waitingForCapacity && !this.#waitingForRoom && !this.#closed;
+  }
+
+  /** When the connection last read a query or wrote an answer. */
+  get lastActive(): number {
+    return this.#lastActive;
+  }
+
   /** Closes the connection when idle too long or stuck writing to a client that won't read. */
   checkIdle(now: number): void {
-    const timeout = this.#options.idleTimeoutMs;
-    // While all connections together hold much unsent, a write stuck for a second is a client
-    // that does not read: its buffers are worth more to the others.
-    const stuckAfter = globalUnsent > GLOBAL_UNSENT_SOFT_LIMIT ? STUCK_UNDER_PRESSURE_MS : timeout;
-    if (this.#writing && now - this.#writeStartedAt > stuckAfter) {
-      this.#log.debug("closing tcp connection: client not reading", {
+    const stuckAfter = this.#budget.pressed ? SEND_TIMEOUT_PRESSED_MS : SEND_TIMEOUT_MS;
+    if (this.#writing && now - this.#lastProgress > stuckAfter) {
+      this.#log.debug("closing tcp connection: client not reading its answers", {
         client: formatAddr(this.#remote),
+        unsent: this.#unsent,
+        stalled_ms: Math.round(now - this.#lastProgress),
       });
       this.#close();
-    } else if (
-      this.#inflight === 0 && !this.#writing && !this.#waitingForCapacity &&
-      now - this.#lastActive > timeout
-    ) {
+    } else if (this.idle && now - this.#lastActive > this.#options.idleTimeoutMs) {
       this.#log.debug("closing idle tcp connection", { client: formatAddr(this.#remote) });
       this.#close();
     }
   }
 
-  /** Stops reading; closes once in-flight answers are written. */
+  /** Stops reading; closes once every query already read is answered and written. */
   shutdown(): void {
-    this.#readDone = true;
+    this.#stopReading = true;
     this.#notify();
   }
 
@@ -423,22 +478,27 @@ class TcpClient implements ResponseSink {
   }
 
   #hasRoom(): boolean {
-    const pauseAt = globalUnsent > GLOBAL_UNSENT_SOFT_LIMIT ? 1 : PAUSE_UNSENT_BYTES;
-    const budget = this.#inflight === 0 || tcpInflight * answerEstimate < TCP_ANSWER_BUDGET;
+    const unsent = this.#unsent;
+    const pauseAt = this.#budget.pressed ? 1 : PAUSE_UNSENT_BYTES;
+    // A connection with nothing in flight and nothing unsent may always have one query.
+    const budget = (this.#inflight === 0 && unsent === 0) || this.#budget.mayAdmit(this.share);
     return this.#inflight < this.#options.maxQueriesPerConnection &&
-      this.#inflight < this.#window && this.#unsent < pauseAt && budget &&
-      this.#resolver.hasCapacity;
+      this.#inflight < this.#window && unsent < pauseAt && budget && this.#resolver.hasCapacity;
   }
 
   #notify(): void {
     if (
-      this.#readDone && this.#inflight === 0 && !this.#writing && this.#frames.length === 0
+      (this.#readDone || (this.#stopReading && this.#inRead)) && this.#inflight === 0 &&
+      !this.#writing && this.#frames.length === 0
     ) {
       this.#close();
       return;
     }
     const wake = this.#wake;
-    if (wake !== undefined && (this.#hasRoom() || this.#closed || this.#readDone)) {
+    if (
+      wake !== undefined &&
+      (this.#hasRoom() || this.#closed || this.#refused || this.#readDone)
+    ) {
       this.#wake = undefined;
       wake();
     }
@@ -446,7 +506,8 @@ class TcpClient implements ResponseSink {
 
   /** Waits until there is room for another query (or the connection is done). */
   async #waitForRoom(): Promise<void> {
-    while (!this.#hasRoom() && !this.#closed && !this.#readDone) {
+    this.#waitingForRoom = true;
+    while (!this.#hasRoom() && !this.#closed && !this.#refused) {
       if (!this.#resolver.hasCapacity) {
         this.#waitingForCapacity = true;
         await this.#resolver.waitForCapacity();
@@ -456,6 +517,7 @@ class TcpClient implements ResponseSink {
         await new Promise<void>((resolve) => this.#wake = resolve);
       }
     }
+    this.#waitingForRoom = false;
   }
 
   async #readLoop(): Promise<void> {
@@ -464,11 +526,11 @@ class TcpClient implements ResponseSink {
     let start = 0;
     let end = 0;
     try {
-      reading: while (!this.#readDone && !this.#closed) {
+      reading: for (;;) {
         // Handle the complete frames already buffered, one at a time, within the limits.
+        // Draining does not stop this: a frame read is a query received, and is answered.
         while (end - start >= 2) {
-          // Refused by access control: the rest of what was sent goes unread.
-          if (this.#readDone || this.#closed) break reading;
+          if (this.#refused || this.#closed) break reading;
           const length = readU16(buffer, start);
           if (length < HEADER_SIZE || length > MAX_QUERY_FRAME) {
             // A zero or header-less frame cannot be answered or resynchronised; a longer one
@@ -481,19 +543,19 @@ class TcpClient implements ResponseSink {
                 length,
               },
             );
-            this.#readDone = true;
             break reading;
           }
           if (end - start < 2 + length) break;
           if (!this.#hasRoom()) {
             await this.#waitForRoom();
-            if (this.#closed || this.#readDone) break reading;
+            if (this.#closed || this.#refused) break reading;
           }
           // The clock read once per run of synchronous work: not an op per query.
           this.#lastActive = SYSTEM_CLOCK.now();
           this.#handle(copier.copy(buffer, start + 2, start + 2 + length));
           start += 2 + length;
         }
+        if (this.#stopReading || this.#closed) break;
         if (start === end) start = end = 0;
         // Make room for the rest of the frame being read (or for more frames).
         const needed = end - start >= 2 ? 2 + readU16(buffer, start) : 0;
@@ -510,7 +572,13 @@ class TcpClient implements ResponseSink {
             buffer = bigger;
           }
         }
-        const n = await this.#conn.read(buffer.subarray(end));
+        this.#inRead = true;
+        let n: number | null;
+        try {
+          n = await this.#conn.read(buffer.subarray(end));
+        } finally {
+          this.#inRead = false;
+        }
         if (n === null) {
           if (end > start) {
             this.#log.debug("tcp client closed mid-frame", { client: formatAddr(this.#remote) });
@@ -536,22 +604,17 @@ class TcpClient implements ResponseSink {
 
   #handle(query: Uint8Array): void {
     this.#inflight++;
-    tcpInflight++;
+    this.#budget.started(this.share);
     this.#resolver.resolveWith(query, "tcp", this.#remote, this);
   }
 
   /** Queues a response for the client (the {@linkcode ResponseSink} side). */
   deliver(response: Uint8Array | null, _client?: Deno.Addr, close?: boolean): void {
     this.#inflight--;
-    tcpInflight--;
-    if (response !== null) {
-      const decayed = answerEstimate * 0.99;
-      const size = response.length;
-      answerEstimate = size > decayed ? size : decayed > TYPICAL_ANSWER ? decayed : TYPICAL_ANSWER;
-    }
+    this.#budget.answered(this.share, response === null ? null : response.length);
     if (close) {
       // Refused by access control: answer, then close.
-      this.#readDone = true;
+      this.#refused = true;
       this.#closeAfterWrite = true;
     }
     if (response !== null && !this.#closed) this.#enqueue(response);
@@ -560,19 +623,10 @@ class TcpClient implements ResponseSink {
   }
 
   #enqueue(response: Uint8Array): void {
-    const limit = globalUnsent > GLOBAL_UNSENT_SOFT_LIMIT ? TIGHT_UNSENT_BYTES : MAX_UNSENT_BYTES;
-    if (this.#unsent + response.length + 2 > limit && this.#unsent > 0) {
-      this.#log.debug("closing tcp connection: client not reading its answers", {
-        client: formatAddr(this.#remote),
-        unsent: this.#unsent,
-      });
-      this.#close();
-      return;
-    }
-    if (this.#frames.length + response.length + 2 > INITIAL_BUFFER) this.#grown = true;
+    // No limit here: what is queued is bounded by the window, the pause and the budget, and
+    // a client that does not take it is found by time (`checkIdle`).
     this.#frames.append(response);
-    this.#framesQueued++;
-    globalUnsent += response.length + 2;
+    this.#budget.queued(this.share, response.length + 2);
     if (!this.#writing && !this.#flushScheduled) {
       this.#flushScheduled = true;
       queueMicrotask(this.#flush);
@@ -583,25 +637,20 @@ class TcpClient implements ResponseSink {
     this.#flushScheduled = false;
     if (this.#writing || this.#closed) return;
     this.#writing = true;
-    this.#writeStartedAt = SYSTEM_CLOCK.now();
+    this.#lastProgress = SYSTEM_CLOCK.now();
     try {
       while (this.#frames.length > 0 && !this.#closed) {
-        const bytes = this.#frames.length;
+        const before = this.#frames.length;
+        const writing = this.#frames.writeOnce(this.#writer);
+        const bytes = before - this.#frames.length;
         this.#writingBytes = bytes;
-        this.#framesWriting = this.#framesQueued;
-        this.#framesQueued = 0;
-        await this.#frames.drainOnce(this.#conn);
+        const frames = await writing;
         if (this.#closed) break; // #close() settled the accounting
         this.#writingBytes = 0;
-        globalUnsent -= bytes;
+        this.#budget.sent(this.share, bytes);
         // The client takes its answers: it may have more in flight.
-        this.#window = Math.min(
-          this.#options.maxQueriesPerConnection,
-          this.#window + this.#framesWriting,
-        );
-        this.#framesWriting = 0;
-        this.#lastActive = SYSTEM_CLOCK.now();
-        this.#writeStartedAt = this.#lastActive;
+        this.#window = Math.min(this.#options.maxQueriesPerConnection, this.#window + frames);
+        this.#lastActive = this.#lastProgress;
       }
     } catch (error) {
       if (!this.#closed) {
@@ -613,12 +662,8 @@ class TcpClient implements ResponseSink {
       }
     } finally {
       this.#writing = false;
-      if (this.#grown && this.#frames.length === 0 && !this.#closed) {
-        // A burst grew both answer buffers; idle connections must not keep that much.
-        this.#frames = new FrameBuffer(INITIAL_BUFFER);
-        this.#framesQueued = 0;
-        this.#grown = false;
-      }
+      // A burst grew the answer buffers; idle connections must not keep that much.
+      if (!this.#closed) this.#frames.shrink();
       if (this.#closeAfterWrite && this.#frames.length === 0) this.#close();
       this.#notify();
     }
@@ -627,7 +672,7 @@ class TcpClient implements ResponseSink {
   #close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    globalUnsent -= this.#unsent;
+    this.#budget.sent(this.share, this.#unsent);
     this.#writingBytes = 0;
     this.#frames.clear();
     try {
