@@ -14,7 +14,7 @@ import { Admission } from "./resolver/admission.ts";
 import { Resolver } from "./resolver.ts";
 import { HttpServer, type Readiness } from "./server/http.ts";
 import { AnswerBudget } from "./server/answer_budget.ts";
-import { TcpServer } from "./server/tcp.ts";
+import { StreamServer } from "./server/stream.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import { primeTls } from "./upstream/dot_connection.ts";
@@ -51,7 +51,7 @@ export interface RunningProxy {
   /** The UDP listeners, one per listen address. */
   readonly udp: UdpServer[];
   /** The TCP listeners, one per listen address. */
-  readonly tcp: TcpServer[];
+  readonly tcp: StreamServer[];
   /** The answer budget all stream (TCP, DoT) connections share. */
   readonly budget: AnswerBudget;
   /** The HTTP endpoint, when configured. */
@@ -112,7 +112,7 @@ export async function startProxy(
   options: StartOptions = {},
 ): Promise<RunningProxy> {
   const udp: UdpServer[] = [];
-  const tcp: TcpServer[] = [];
+  const tcp: StreamServer[] = [];
   // One answer budget for every stream connection of every listener.
   const budget = new AnswerBudget();
   const clock = options.clock ?? SYSTEM_CLOCK;
@@ -230,6 +230,7 @@ export async function startProxy(
     await closeAll(timeoutMs);
   };
   try {
+    const streamContext = { resolver: core, log, budget, stats: metrics.tcp };
     const tcpOptions = {
       maxConnections: config.maxTcpConnections,
       maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
@@ -248,7 +249,7 @@ export async function startProxy(
         }
         const tcpAddress = { hostname: address.hostname, port: udpServer.addr.port };
         try {
-          tcp.push(TcpServer.listen(tcpAddress, core, log, tcpOptions, metrics.tcp, budget));
+          tcp.push(StreamServer.listenTcp(tcpAddress, streamContext, tcpOptions));
           udp.push(udpServer);
           break;
         } catch (error) {

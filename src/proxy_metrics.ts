@@ -11,7 +11,8 @@ import { type Collect, Counter, Gauge, Histogram, Registry } from "./metrics.ts"
 import { rcodeName } from "./dns/wire.ts";
 import type { CacheStats } from "./cache/answer_cache.ts";
 import type { DropReason, RefusedReason, ResolverStats, Transport } from "./resolver.ts";
-import type { TcpStats } from "./server/tcp.ts";
+import type { StreamStats } from "./server/stream.ts";
+import { TRANSPORT_NAMES } from "./resolver/job.ts";
 import {
   RETRY_REASONS,
   type RetryReason,
@@ -335,7 +336,7 @@ export class ProxyMetrics {
   /** Hooks for the resolver. */
   readonly resolver: ResolverStats;
   /** Hooks for the TCP listener. */
-  readonly tcp: TcpStats;
+  readonly tcp: StreamStats;
   /** Hooks for the answer cache. */
   readonly cache: CacheStats;
 
@@ -385,7 +386,7 @@ export class ProxyMetrics {
       (set) => set(Deno.memoryUsage().heapUsed),
     );
 
-    for (const transport of ["udp", "tcp"] as const) {
+    for (const transport of TRANSPORT_NAMES) {
       for (const rcode of [0, 1, 2, 3, 4, 5]) this.queries.labels(transport, rcodeName(rcode));
       this.queryDuration.labels(transport);
       for (const reason of DROP_REASONS) this.dropped.labels(transport, reason);
@@ -393,14 +394,12 @@ export class ProxyMetrics {
     for (const reason of REFUSED_REASONS) this.refused.labels(reason);
     const lookups = CACHE_RESULTS.map((result) => this.cacheLookups.labels(result));
 
-    const queryChildren = {
-      udp: [] as ReturnType<Counter["labels"]>[],
-      tcp: [] as ReturnType<Counter["labels"]>[],
-    };
-    const durations = {
-      udp: this.queryDuration.labels("udp"),
-      tcp: this.queryDuration.labels("tcp"),
-    };
+    const queryChildren = Object.fromEntries(
+      TRANSPORT_NAMES.map((t) => [t, [] as ReturnType<Counter["labels"]>[]]),
+    ) as Record<Transport, ReturnType<Counter["labels"]>[]>;
+    const durations = Object.fromEntries(
+      TRANSPORT_NAMES.map((t) => [t, this.queryDuration.labels(t)]),
+    ) as Record<Transport, ReturnType<Histogram["labels"]>>;
     this.resolver = {
       query: (transport: Transport, rcode: number, seconds: number) => {
         const children = queryChildren[transport];

@@ -1,7 +1,8 @@
 /**
- * The TCP listener (RFC 7766): two-byte length framing, many pipelined queries per
- * connection answered as they complete, idle and slow clients closed, and limits that hold
- * whatever a client does:
+ * The stream listener: DNS over TCP (RFC 7766) and, on a TLS connection, DNS over TLS (RFC
+ * 7858), which is the same framing. One connection handler serves any `Deno.Conn`: two-byte
+ * length framing, many pipelined queries per connection answered as they complete, idle and
+ * slow clients closed, and limits that hold whatever a client does:
  *
  * - connections: `--max-tcp-connections` in all, `--max-tcp-connections-per-client` per
  *   client (IPv4 address, IPv6 /64). A client at its cap that opens one more loses its
@@ -29,25 +30,33 @@
  *   query is that long; dotproxy forwards none over 512 octets), so a client cannot make a
  *   connection hold a 64 KiB read buffer;
  * - accept errors never stop the listener: only running out of descriptors pauses it, and
- *   then for a few milliseconds; both kinds are logged at most once in ten seconds.
+ *   then for a few milliseconds ({@linkcode AcceptLoop}).
+ *
+ * The listener is given its acceptor (a `Deno.Listener` for TCP, a `Deno.TlsListener` for
+ * DoT), its transport label, and the {@linkcode AnswerBudget} every stream listener shares.
  *
  * @module
  */
 
 import { formatAddr } from "../address.ts";
 import type { ListenAddress } from "../config.ts";
-import { clientKey } from "../resolver/admission.ts";
 import { HEADER_SIZE, readU16 } from "../dns/wire.ts";
-import { isDescriptorExhaustion } from "./http.ts";
-import { type Logger, RateLimitedLog } from "../log.ts";
-import type { Resolver, ResponseSink } from "../resolver.ts";
+import type { Logger } from "../log.ts";
+import {
+  type AcceptedClient,
+  AcceptLoop,
+  type Acceptor,
+  type AcceptStats,
+  type Served,
+} from "../net/accept_loop.ts";
+import type { Resolver, ResponseSink, Transport } from "../resolver.ts";
 import { SlabCopier } from "../slab.ts";
 import { AnswerBudget, type ClientShare } from "./answer_budget.ts";
 import { AnswerQueue } from "./answer_queue.ts";
 import { SYSTEM_CLOCK } from "../timers.ts";
 
-/** Limits of the TCP listener. */
-export interface TcpServerOptions {
+/** Limits of a stream listener. */
+export interface StreamServerOptions {
   /** Most client connections open at once; more are closed on accept. */
   maxConnections: number;
   /** Most connections open at once from one client (IPv4 address, IPv6 /64). */
@@ -58,8 +67,8 @@ export interface TcpServerOptions {
   idleTimeoutMs: number;
 }
 
-/** Statistics hooks of the TCP listener. */
-export interface TcpStats {
+/** Statistics hooks of a stream listener. */
+export interface StreamStats extends AcceptStats {
   /** A client connection was accepted. */
   accepted(): void;
   /** A client connection was refused at a connection limit. */
@@ -68,7 +77,7 @@ export interface TcpStats {
   malformed(): void;
 }
 
-const NO_TCP_STATS: TcpStats = { accepted() {}, rejected() {}, malformed() {} };
+const NO_STREAM_STATS: StreamStats = { accepted() {}, rejected() {}, malformed() {} };
 
 /** Unsent answer bytes per connection at which reading pauses. */
 const PAUSE_UNSENT_BYTES = 64 * 1024;
@@ -108,216 +117,108 @@ export const MAX_OUTSIDER_CONNECTIONS = 16;
 /** An outsider's connection with no complete query for this long is closed. */
 export const OUTSIDER_IDLE_MS = 2000;
 
+/** What a stream listener serves with, besides its limits. */
+export interface StreamContext {
+  /** The core. */
+  resolver: Resolver;
+  /** The logger. */
+  log: Logger;
+  /** The answer budget every stream listener of the process shares. */
+  budget: AnswerBudget;
+  /** Statistics hooks (default: none). */
+  stats?: StreamStats;
+  /** The transport label of its queries (default "tcp"). */
+  transport?: Transport;
+}
+
 /**
- * Serves DNS over TCP on one address.
+ * Serves DNS over a stream transport on one listener.
  *
  * @example
  * ```ts ignore
- * const server = TcpServer.listen({ hostname: "127.0.0.1", port: 5300 }, resolver, log, {
- *   maxConnections: 1000, maxQueriesPerConnection: 128, idleTimeoutMs: 10000 });
+ * const budget = new AnswerBudget();
+ * const server = StreamServer.listenTcp({ hostname: "127.0.0.1", port: 5300 },
+ *   { resolver, log, budget },
+ *   { maxConnections: 1000, maxQueriesPerConnection: 128, idleTimeoutMs: 10000 });
  * await server.close();
  * ```
  */
-export class TcpServer {
-  readonly #listener: Deno.TcpListener;
-  readonly #resolver: Resolver;
-  readonly #log: Logger;
-  readonly #options: TcpServerOptions;
-  readonly #stats: TcpStats;
-  readonly #clients = new Set<TcpClient>();
-  /** Open connections of each client inside `--allow` (IPv4 address, IPv6 /64). */
-  readonly #perClient = new Map<string, Set<TcpClient>>();
-  readonly #budget: AnswerBudget;
-  /** Connections open from clients outside `--allow`. */
-  #outsiders = 0;
-  readonly #limitLog: RateLimitedLog;
-  readonly #acceptLog: RateLimitedLog;
-  /** Accept errors other than EMFILE since the last one logged, and when that was. */
-  #acceptErrors = 0;
-  #acceptErrorLoggedAt = Number.NEGATIVE_INFINITY;
-  readonly #done: Promise<void>;
+export class StreamServer {
+  readonly #loop: AcceptLoop;
+  readonly #options: StreamServerOptions;
   #sweepTimer: ReturnType<typeof setInterval> | undefined;
-  #closing = false;
-  #listenerClosed = false;
 
-  /** Starts serving on an already bound listener. */
+  /**
+   * Starts serving on an already bound listener (which it then owns). `prepare` runs first on
+   * each admitted connection, with the connection counted against the caps: a TLS listener
+   * does its handshake there, under a deadline, and returns false to give the slot back.
+   */
   constructor(
-    listener: Deno.TcpListener,
-    resolver: Resolver,
-    log: Logger,
-    options: TcpServerOptions,
-    stats: TcpStats = NO_TCP_STATS,
-    budget: AnswerBudget = new AnswerBudget(),
+    listener: Acceptor,
+    context: StreamContext,
+    options: StreamServerOptions,
+    prepare?: (conn: Deno.Conn, client: AcceptedClient) => Promise<boolean>,
   ) {
-    this.#listener = listener;
-    this.#budget = budget;
-    this.#resolver = resolver;
-    this.#log = log;
     this.#options = options;
-    this.#stats = stats;
-    this.#limitLog = new RateLimitedLog(log, 10_000);
-    this.#acceptLog = new RateLimitedLog(log, 10_000);
-    this.#done = this.#accept();
+    const stats = context.stats ?? NO_STREAM_STATS;
+    const transport = context.transport ?? "tcp";
+    const resolver = context.resolver;
+    const outsiderOptions = {
+      ...options,
+      idleTimeoutMs: Math.min(options.idleTimeoutMs, OUTSIDER_IDLE_MS),
+    };
+    this.#loop = new AcceptLoop(listener, {
+      name: transport,
+      maxConnections: options.maxConnections,
+      maxConnectionsPerClient: options.maxConnectionsPerClient,
+      outsiders: { test: (remote) => !resolver.isAllowed(remote), max: MAX_OUTSIDER_CONNECTIONS },
+      log: context.log,
+      stats,
+      serve: (conn, client) => {
+        try {
+          // Answers go out as soon as written (a TLS connection may not offer this).
+          (conn as Partial<Pick<Deno.TcpConn, "setNoDelay">>).setNoDelay?.(true);
+        } catch {
+          // The client may already be gone.
+        }
+        const connection = new StreamConnection(
+          conn,
+          context,
+          client.outsider ? outsiderOptions : options,
+          stats,
+          transport,
+          context.budget.share(client.key),
+          prepare === undefined ? undefined : prepare(conn, client),
+        );
+        connection.finished.then(() => context.budget.release(connection.share));
+        this.#ensureSweep();
+        return connection;
+      },
+    });
   }
 
-  /** Binds `address` and starts serving; throws the OS error when it cannot bind. */
-  static listen(
+  /** Binds `address` for DNS over TCP and starts serving; throws the OS error. */
+  static listenTcp(
     address: ListenAddress,
-    resolver: Resolver,
-    log: Logger,
-    options: TcpServerOptions,
-    stats?: TcpStats,
-    budget?: AnswerBudget,
-  ): TcpServer {
+    context: StreamContext,
+    options: StreamServerOptions,
+  ): StreamServer {
     const listener = Deno.listen({
       transport: "tcp",
       hostname: address.hostname,
       port: address.port,
     });
-    return new TcpServer(listener, resolver, log, options, stats, budget);
+    return new StreamServer(listener, { ...context, transport: "tcp" }, options);
   }
 
   /** The bound address. */
   get addr(): Deno.NetAddr {
-    return this.#listener.addr;
+    return this.#loop.addr as Deno.NetAddr;
   }
 
   /** Client connections open now. */
   get openConnections(): number {
-    return this.#clients.size;
-  }
-
-  async #accept(): Promise<void> {
-    let pauseMs = 5;
-    for (;;) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.#listener.accept();
-      } catch (error) {
-        if (this.#listenerClosed || error instanceof Deno.errors.BadResource) break;
-        if (isDescriptorExhaustion(error)) {
-          // Out of descriptors: give the process a moment to close some, then try again.
-          this.#acceptLog.warn("tcp accept failed: out of file descriptors; pausing", {
-            pause_ms: pauseMs,
-            open: this.#clients.size,
-          });
-          await new Promise((resolve) => setTimeout(resolve, pauseMs));
-          pauseMs = Math.min(100, pauseMs * 2);
-        } else {
-          // A client that reset before accept() and the like: nothing to wait for, and
-          // nothing worth more than a line now and then (such resets cost an attacker nothing).
-          this.#acceptFailed(error);
-        }
-        continue;
-      }
-      pauseMs = 5;
-      if (this.#closing) {
-        conn.close();
-        continue;
-      }
-      const remote = conn.remoteAddr;
-      const outsider = !this.#resolver.isAllowed(remote);
-      const source = clientKey(remote.hostname);
-      let fromSource = this.#perClient.get(source);
-      const perClient = this.#options.maxConnectionsPerClient ?? Infinity;
-      const insiders = this.#clients.size - this.#outsiders;
-      // A client at its cap makes room by giving up its longest-idle connection, so a client
-      // that leaks idle connections is not locked out; only with none idle is the new one
-      // refused.
-      if (!outsider && fromSource !== undefined && fromSource.size >= perClient) {
-        this.#evictIdle(fromSource, remote);
-      }
-      const atClientCap = fromSource !== undefined && fromSource.size >= perClient;
-      const full = outsider
-        ? this.#outsiders >= MAX_OUTSIDER_CONNECTIONS
-        : insiders >= this.#options.maxConnections || atClientCap;
-      if (full) {
-        this.#stats.rejected();
-        this.#limitLog.warn("tcp connection limit reached; closing new connection", {
-          limit: outsider
-            ? MAX_OUTSIDER_CONNECTIONS
-            : atClientCap
-            ? perClient
-            : this.#options.maxConnections,
-          per: outsider ? "outside --allow" : atClientCap ? "client" : "proxy",
-          client: formatAddr(remote),
-        });
-        try {
-          conn.close();
-        } catch {
-          // Already gone.
-        }
-        continue;
-      }
-      try {
-        conn.setNoDelay(true);
-      } catch {
-        // The client may already be gone.
-      }
-      this.#stats.accepted();
-      let options = this.#options;
-      if (outsider) {
-        this.#outsiders++;
-        options = { ...options, idleTimeoutMs: Math.min(options.idleTimeoutMs, OUTSIDER_IDLE_MS) };
-      }
-      const share = this.#budget.share(source);
-      const client = new TcpClient(
-        conn,
-        this.#resolver,
-        this.#log,
-        options,
-        this.#stats,
-        this.#budget,
-        share,
-      );
-      this.#clients.add(client);
-      if (!outsider) {
-        if (fromSource === undefined) this.#perClient.set(source, fromSource = new Set());
-        fromSource.add(client);
-      }
-      const mine = fromSource;
-      client.finished.then(() => {
-        this.#clients.delete(client);
-        this.#budget.release(share);
-        if (outsider) {
-          this.#outsiders--;
-          return;
-        }
-        mine!.delete(client);
-        if (mine!.size === 0 && this.#perClient.get(source) === mine) {
-          this.#perClient.delete(source);
-        }
-      });
-      this.#ensureSweep();
-    }
-  }
-
-  /** Closes the longest-idle connection in `connections`, if one is idle; true if it did. */
-  #evictIdle(connections: Set<TcpClient>, remote: Deno.NetAddr): boolean {
-    let oldest: TcpClient | undefined;
-    for (const client of connections) {
-      if (client.idle && (oldest === undefined || client.lastActive < oldest.lastActive)) {
-        oldest = client;
-      }
-    }
-    if (oldest === undefined) return false;
-    // Out of the count at once: its `finished` settles later.
-    connections.delete(oldest);
-    oldest.abort();
-    this.#log.debug("tcp connections per client reached; closed its longest-idle one", {
-      limit: this.#options.maxConnectionsPerClient,
-      client: formatAddr(remote),
-    });
-    return true;
-  }
-
-  #acceptFailed(error: unknown): void {
-    this.#acceptErrors++;
-    const now = performance.now();
-    if (now - this.#acceptErrorLoggedAt < 10_000) return;
-    this.#acceptErrorLoggedAt = now;
-    this.#log.debug("tcp accept failed", { error: String(error), errors: this.#acceptErrors });
-    this.#acceptErrors = 0;
+    return this.#loop.open;
   }
 
   #ensureSweep(): void {
@@ -325,8 +226,10 @@ export class TcpServer {
     const every = Math.max(50, Math.min(250, this.#options.idleTimeoutMs / 4));
     this.#sweepTimer = setInterval(() => {
       const now = performance.now();
-      for (const client of this.#clients) client.checkIdle(now);
-      if (this.#clients.size === 0) {
+      for (const connection of this.#loop.connections()) {
+        (connection as StreamConnection).checkIdle(now);
+      }
+      if (this.#loop.open === 0) {
         clearInterval(this.#sweepTimer);
         this.#sweepTimer = undefined;
       }
@@ -334,32 +237,24 @@ export class TcpServer {
   }
 
   /**
-   * Stops accepting and reading new queries; resolves once every in-flight answer is written
-   * and every connection closed, or after `timeoutMs`, when whatever is left is closed.
+   * Stops accepting and reading new queries; resolves once every query already read is
+   * answered and written and every connection closed, or after `timeoutMs`, when whatever is
+   * left is closed.
    */
   async close(timeoutMs = 10_000): Promise<void> {
-    if (!this.#closing) {
-      this.#closing = true;
-      this.#listenerClosed = true;
-      try {
-        this.#listener.close();
-      } catch {
-        // Already closed.
-      }
-    }
-    await this.#done;
-    const clients = [...this.#clients];
-    for (const client of clients) client.shutdown();
+    await this.#loop.close();
+    const connections = [...this.#loop.connections()] as StreamConnection[];
+    for (const connection of connections) connection.shutdown();
     let timer: ReturnType<typeof setTimeout> | undefined;
     const forced = new Promise<void>((resolve) => {
       timer = setTimeout(() => {
-        for (const client of this.#clients) client.abort();
+        for (const connection of this.#loop.connections()) connection.abort();
         resolve();
       }, timeoutMs);
     });
-    await Promise.race([Promise.all(clients.map((c) => c.finished)), forced]);
+    await Promise.race([Promise.all(connections.map((c) => c.finished)), forced]);
     clearTimeout(timer);
-    await Promise.all(clients.map((c) => c.finished));
+    await Promise.all(connections.map((c) => c.finished));
     if (this.#sweepTimer !== undefined) {
       clearInterval(this.#sweepTimer);
       this.#sweepTimer = undefined;
@@ -367,17 +262,20 @@ export class TcpServer {
   }
 }
 
-/** One client connection. */
-class TcpClient implements ResponseSink {
-  readonly #conn: Deno.TcpConn;
+/** One client connection, over any `Deno.Conn` (TCP, TLS). */
+class StreamConnection implements ResponseSink, Served {
+  readonly #conn: Deno.Conn;
   readonly #resolver: Resolver;
   readonly #log: Logger;
-  readonly #options: TcpServerOptions;
-  readonly #stats: TcpStats;
+  readonly #options: StreamServerOptions;
+  readonly #stats: StreamStats;
+  readonly #transport: Transport;
+  /** Settles true once the connection may carry queries (a TLS handshake done). */
+  readonly #prepared: Promise<boolean> | undefined;
   readonly #budget: AnswerBudget;
   /** This client's (address's) part of the answer budget. */
   readonly share: ClientShare;
-  readonly #remote: Deno.Addr;
+  readonly #remote: Deno.Addr | undefined;
   readonly finished: Promise<void>;
   #inflight = 0;
   #lastActive = performance.now();
@@ -415,22 +313,30 @@ class TcpClient implements ResponseSink {
   };
 
   constructor(
-    conn: Deno.TcpConn,
-    resolver: Resolver,
-    log: Logger,
-    options: TcpServerOptions,
-    stats: TcpStats,
-    budget: AnswerBudget,
+    conn: Deno.Conn,
+    context: StreamContext,
+    options: StreamServerOptions,
+    stats: StreamStats,
+    transport: Transport,
     share: ClientShare,
+    prepared: Promise<boolean> | undefined,
   ) {
     this.#conn = conn;
-    this.#resolver = resolver;
-    this.#log = log;
+    this.#resolver = context.resolver;
+    this.#log = context.log;
     this.#options = options;
     this.#stats = stats;
-    this.#budget = budget;
+    this.#budget = context.budget;
+    this.#transport = transport;
     this.share = share;
-    this.#remote = conn.remoteAddr;
+    this.#prepared = prepared;
+    let remote: Deno.Addr | undefined;
+    try {
+      remote = conn.remoteAddr;
+    } catch {
+      // Gone already: reading will find out.
+    }
+    this.#remote = remote;
     this.finished = this.#readLoop();
   }
 
@@ -454,14 +360,16 @@ class TcpClient implements ResponseSink {
   checkIdle(now: number): void {
     const stuckAfter = this.#budget.pressed ? SEND_TIMEOUT_PRESSED_MS : SEND_TIMEOUT_MS;
     if (this.#writing && now - this.#lastProgress > stuckAfter) {
-      this.#log.debug("closing tcp connection: client not reading its answers", {
+      this.#log.debug(`closing ${this.#transport} connection: client not reading its answers`, {
         client: formatAddr(this.#remote),
         unsent: this.#unsent,
         stalled_ms: Math.round(now - this.#lastProgress),
       });
       this.#close();
     } else if (this.idle && now - this.#lastActive > this.#options.idleTimeoutMs) {
-      this.#log.debug("closing idle tcp connection", { client: formatAddr(this.#remote) });
+      this.#log.debug(`closing idle ${this.#transport} connection`, {
+        client: formatAddr(this.#remote),
+      });
       this.#close();
     }
   }
@@ -526,6 +434,10 @@ class TcpClient implements ResponseSink {
     let start = 0;
     let end = 0;
     try {
+      if (this.#prepared !== undefined && !(await this.#prepared)) {
+        this.#close();
+        return;
+      }
       reading: for (;;) {
         // Handle the complete frames already buffered, one at a time, within the limits.
         // Draining does not stop this: a frame read is a query received, and is answered.
@@ -537,7 +449,9 @@ class TcpClient implements ResponseSink {
             // than any query is not worth buffering.
             this.#stats.malformed();
             this.#log.debug(
-              `closing tcp connection: frame too ${length > MAX_QUERY_FRAME ? "long" : "short"}`,
+              `closing ${this.#transport} connection: frame too ${
+                length > MAX_QUERY_FRAME ? "long" : "short"
+              }`,
               {
                 client: formatAddr(this.#remote),
                 length,
@@ -581,7 +495,9 @@ class TcpClient implements ResponseSink {
         }
         if (n === null) {
           if (end > start) {
-            this.#log.debug("tcp client closed mid-frame", { client: formatAddr(this.#remote) });
+            this.#log.debug(`${this.#transport} client closed mid-frame`, {
+              client: formatAddr(this.#remote),
+            });
           }
           break;
         }
@@ -589,7 +505,7 @@ class TcpClient implements ResponseSink {
       }
     } catch (error) {
       if (!this.#closed) {
-        this.#log.debug("tcp read failed", {
+        this.#log.debug(`${this.#transport} read failed`, {
           client: formatAddr(this.#remote),
           error: String(error),
         });
@@ -605,7 +521,7 @@ class TcpClient implements ResponseSink {
   #handle(query: Uint8Array): void {
     this.#inflight++;
     this.#budget.started(this.share);
-    this.#resolver.resolveWith(query, "tcp", this.#remote, this);
+    this.#resolver.resolveWith(query, this.#transport, this.#remote, this);
   }
 
   /** Queues a response for the client (the {@linkcode ResponseSink} side). */
@@ -654,7 +570,7 @@ class TcpClient implements ResponseSink {
       }
     } catch (error) {
       if (!this.#closed) {
-        this.#log.debug("tcp write failed", {
+        this.#log.debug(`${this.#transport} write failed`, {
           client: formatAddr(this.#remote),
           error: String(error),
         });
