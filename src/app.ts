@@ -16,7 +16,8 @@ import { type EncryptedEndpoint, ResolverArpa } from "./dns/ddr.ts";
 import { DohService, registerDohMetrics } from "./server/doh.ts";
 import { DohListener } from "./server/doh_listener.ts";
 import { HttpServer, type Readiness } from "./server/http.ts";
-import { TcpServer } from "./server/tcp.ts";
+import { AnswerBudget } from "./server/answer_budget.ts";
+import { StreamServer } from "./server/stream.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import {
@@ -60,7 +61,9 @@ export interface RunningProxy {
   /** The UDP listeners, one per listen address. */
   readonly udp: UdpServer[];
   /** The TCP listeners, one per listen address. */
-  readonly tcp: TcpServer[];
+  readonly tcp: StreamServer[];
+  /** The answer budget all stream (TCP, DoT) connections share. */
+  readonly budget: AnswerBudget;
   /** The DoH listeners: `--listen-doh` (TLS) first, then `--listen-doh-plain`. */
   readonly doh: DohListener[];
   /** The HTTP endpoint, when configured. */
@@ -121,7 +124,9 @@ export async function startProxy(
   options: StartOptions = {},
 ): Promise<RunningProxy> {
   const udp: UdpServer[] = [];
-  const tcp: TcpServer[] = [];
+  const tcp: StreamServer[] = [];
+  // One answer budget for every stream connection of every listener.
+  const budget = new AnswerBudget();
   const doh: DohListener[] = [];
   const clock = options.clock ?? SYSTEM_CLOCK;
   const timers = new TimerQueue(clock);
@@ -258,12 +263,14 @@ export async function startProxy(
     await closeAll(timeoutMs);
   };
   try {
+    const streamContext = { resolver: core, log, budget, stats: metrics.tcp };
     const tcpOptions = {
       maxConnections: config.maxTcpConnections,
       maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
       maxQueriesPerConnection: config.maxTcpQueriesPerConnection,
       idleTimeoutMs: config.tcpIdleTimeoutMs,
     };
+
     for (const address of config.listen) {
       // Port 0 asks for any free port; UDP and TCP must share it, so retry until both bind.
       for (let attempt = 0;; attempt++) {
@@ -275,7 +282,7 @@ export async function startProxy(
         }
         const tcpAddress = { hostname: address.hostname, port: udpServer.addr.port };
         try {
-          tcp.push(TcpServer.listen(tcpAddress, core, log, tcpOptions, metrics.tcp));
+          tcp.push(StreamServer.listenTcp(tcpAddress, streamContext, tcpOptions));
           udp.push(udpServer);
           break;
         } catch (error) {
@@ -358,6 +365,7 @@ export async function startProxy(
   return {
     udp,
     tcp,
+    budget,
     doh,
     get http() {
       return http;

@@ -11,7 +11,8 @@ import { type Collect, Counter, Gauge, Histogram, Registry } from "./metrics.ts"
 import { rcodeName } from "./dns/wire.ts";
 import type { CacheStats } from "./cache/answer_cache.ts";
 import type { DropReason, RefusedReason, ResolverStats, Transport } from "./resolver.ts";
-import type { TcpStats } from "./server/tcp.ts";
+import type { StreamStats } from "./server/stream.ts";
+import { TRANSPORT_NAMES } from "./resolver/job.ts";
 import {
   RETRY_REASONS,
   type RetryReason,
@@ -262,7 +263,6 @@ function registerFamilies(registry: Registry, state: ProxyState): Families {
   return families as Families;
 }
 
-const TRANSPORTS: readonly Transport[] = ["udp", "tcp", "doh"];
 const DROP_REASONS: readonly DropReason[] = ["malformed", "response", "overload", "rate_limit"];
 const REFUSED_REASONS: readonly RefusedReason[] = ["acl", "rate_limit"];
 const CACHE_RESULTS = ["hit", "miss", "stale", "coalesced"] as const;
@@ -336,7 +336,7 @@ export class ProxyMetrics {
   /** Hooks for the resolver. */
   readonly resolver: ResolverStats;
   /** Hooks for the TCP listener. */
-  readonly tcp: TcpStats;
+  readonly tcp: StreamStats;
   /** Hooks for the answer cache. */
   readonly cache: CacheStats;
 
@@ -386,7 +386,7 @@ export class ProxyMetrics {
       (set) => set(Deno.memoryUsage().heapUsed),
     );
 
-    for (const transport of TRANSPORTS) {
+    for (const transport of TRANSPORT_NAMES) {
       for (const rcode of [0, 1, 2, 3, 4, 5]) this.queries.labels(transport, rcodeName(rcode));
       this.queryDuration.labels(transport);
       for (const reason of DROP_REASONS) this.dropped.labels(transport, reason);
@@ -395,10 +395,10 @@ export class ProxyMetrics {
     const lookups = CACHE_RESULTS.map((result) => this.cacheLookups.labels(result));
 
     const queryChildren = Object.fromEntries(
-      TRANSPORTS.map((t) => [t, [] as ReturnType<Counter["labels"]>[]]),
+      TRANSPORT_NAMES.map((t) => [t, [] as ReturnType<Counter["labels"]>[]]),
     ) as Record<Transport, ReturnType<Counter["labels"]>[]>;
     const durations = Object.fromEntries(
-      TRANSPORTS.map((t) => [t, this.queryDuration.labels(t)]),
+      TRANSPORT_NAMES.map((t) => [t, this.queryDuration.labels(t)]),
     ) as Record<Transport, ReturnType<Histogram["labels"]>>;
     this.resolver = {
       query: (transport: Transport, rcode: number, seconds: number) => {

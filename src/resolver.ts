@@ -307,7 +307,7 @@ export class Resolver implements JobOwner, FlightOwner {
         return false;
       }
     }
-    if (info.qtype === RRType.ANY && job.transport === "udp" && this.#refuseAny) {
+    if (info.qtype === RRType.ANY && job.datagram && this.#refuseAny) {
       // RFC 8482: no amplification through ANY; a real client asks again over TCP.
       this.#finish(job, buildErrorResponse(query, info, Rcode.NOERROR, { truncated: true }));
       return false;
@@ -321,7 +321,7 @@ export class Resolver implements JobOwner, FlightOwner {
     job.questionEnd = info.questionEnd;
     job.qtype = info.qtype;
     job.hasEdns = info.hasEdns;
-    job.limit = job.transport === "udp" ? clientUdpLimit(info, this.#options.udpMaxSize) : 65535;
+    job.limit = job.datagram ? clientUdpLimit(info, this.#options.udpMaxSize) : 65535;
     // The cache key and the flight table (coalescing) need them; both come with the cache.
     if (this.cache !== null) job.keyFlags = cacheKeyFlags(job.query, info.dnssecOk, info.cd);
   }
@@ -337,7 +337,7 @@ export class Resolver implements JobOwner, FlightOwner {
         transport: job.transport,
       });
     }
-    job.closeAfter = job.transport !== "udp";
+    job.closeAfter = !job.datagram;
     if (verdict === QueryVerdict.DROP || !this.#admission!.answerRefusal(job.transport)) {
       // Nothing readable to answer, or (UDP) so many refusals that the sources may be spoofed.
       this.#drop(job);
@@ -462,7 +462,7 @@ export class Resolver implements JobOwner, FlightOwner {
     // Overload sheds only what would wait on an upstream: cache hits were answered above,
     // and a query with an expired entry gets it stale rather than nothing. TCP is never
     // shed here; its listener stops reading instead.
-    if (!this.hasCapacity && job.transport === "udp") {
+    if (!this.hasCapacity && job.datagram) {
       this.#shed(job);
       return;
     }
@@ -499,7 +499,7 @@ export class Resolver implements JobOwner, FlightOwner {
       this.#serveFallback(job, entry, now);
       return;
     }
-    this.#stats.dropped("udp", "overload");
+    this.#stats.dropped(job.transport, "overload");
     this.#overloadLog.warn("too many queries in flight; dropping UDP queries", {
       limit: this.#options.maxInflight,
     });

@@ -586,7 +586,23 @@ Deno.test("doh: connection caps, TLS handshake deadline, request and idle deadli
     });
     const opened: Deno.Conn[] = [];
     try {
-      // Per client, on the plain listener (limit 2 here): the third is closed at once.
+      // Per listener (2 here): the third connection is closed at once.
+      const capped = DohListener.listen(
+        { hostname: "127.0.0.1", port: 0 },
+        service,
+        logs.logger(),
+        { tls: null, maxConnections: 2, maxConnectionsPerClient: 10, limits },
+      );
+      try {
+        for (let i = 0; i < 2; i++) {
+          opened.push(await Deno.connect({ hostname: "127.0.0.1", port: capped.addr.port }));
+        }
+        const third = await Deno.connect({ hostname: "127.0.0.1", port: capped.addr.port });
+        assert.ok(await closedWithin(third, 500), "a third connection past the cap stayed");
+      } finally {
+        await capped.close(200);
+      }
+      // Per client (2 here): a third makes room by closing the client's longest-idle one.
       const perClient = DohListener.listen(
         { hostname: "127.0.0.1", port: 0 },
         service,
@@ -594,11 +610,13 @@ Deno.test("doh: connection caps, TLS handshake deadline, request and idle deadli
         { tls: null, maxConnections: 10, maxConnectionsPerClient: 2, limits },
       );
       try {
-        for (let i = 0; i < 2; i++) {
-          opened.push(await Deno.connect({ hostname: "127.0.0.1", port: perClient.addr.port }));
-        }
-        const third = await Deno.connect({ hostname: "127.0.0.1", port: perClient.addr.port });
-        assert.ok(await closedWithin(third, 500), "the third connection from one client stayed");
+        const first = await Deno.connect({ hostname: "127.0.0.1", port: perClient.addr.port });
+        opened.push(first);
+        opened.push(await Deno.connect({ hostname: "127.0.0.1", port: perClient.addr.port }));
+        await waitUntil(() => perClient.openConnections === 2, 1000);
+        opened.push(await Deno.connect({ hostname: "127.0.0.1", port: perClient.addr.port }));
+        assert.ok(await closedWithin(first, 500), "the longest-idle connection stayed");
+        assert.ok(perClient.openConnections <= 2);
       } finally {
         await perClient.close(200);
       }
@@ -639,7 +657,7 @@ Deno.test("doh: connection caps, TLS handshake deadline, request and idle deadli
       await slowH2.write(new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"));
       assert.ok(await closedWithin(slowH2, 2000), "half an HTTP/2 frame held the connection");
       assert.ok(logs.find("doh tls handshake").length > 0, "handshake failures are logged");
-      assert.ok(logs.find("doh connection limit reached").length > 0);
+      assert.ok(logs.find("doh-plain connection limit reached").length > 0);
     } finally {
       for (const conn of opened) {
         try {

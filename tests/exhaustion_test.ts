@@ -300,7 +300,7 @@ Deno.test({
       }
       assert.ok(
         await waitFor(
-          () => main.stderr().includes("doh accept failed: out of file descriptors"),
+          () => main.stderr().includes("doh-plain accept failed: out of file descriptors"),
           10_000,
         ),
         "the proxy ran out of descriptors on the DoH listener",

@@ -72,6 +72,7 @@ export class H1Connection {
   #reason = "";
   /** True while a request is being answered (a shutdown waits for it). */
   #busy = false;
+  #lastActive = performance.now();
   #shuttingDown = false;
 
   /** Starts serving. */
@@ -95,6 +96,16 @@ export class H1Connection {
         error: error instanceof Error ? error.message : String(error),
       }),
     ).finally(() => this.#close(""));
+  }
+
+  /** True between requests: closing the connection loses nothing. */
+  get idle(): boolean {
+    return !this.#busy;
+  }
+
+  /** When a request last arrived or an answer was written (`performance.now()` time). */
+  get lastActive(): number {
+    return this.#lastActive;
   }
 
   /** Closes the connection now. */
@@ -234,6 +245,7 @@ export class H1Connection {
       const keepAlive = head.version === "HTTP/1.1" && !/\bclose\b/.test(connection) &&
         served + 1 < limits.maxRequestsPerConnection;
       this.#busy = true;
+      this.#lastActive = performance.now();
       let response: HttpResponse;
       try {
         response = await this.#service.handle({
@@ -252,6 +264,7 @@ export class H1Connection {
       const last = !keepAlive || this.#shuttingDown;
       await this.#write(render(response, head.method === "HEAD", !last));
       this.#busy = false;
+      this.#lastActive = performance.now();
       if (last) {
         await this.#linger();
         return;

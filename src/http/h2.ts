@@ -183,6 +183,7 @@ export class H2Connection {
   /** Streams opened, and those the client reset before their answer was sent. */
   #opened = 0;
   #resetByClient = 0;
+  #lastActive = performance.now();
   #peerInitialWindow = 65_535;
   #peerMaxFrame = 16_384;
   #sendWindow = 65_535;
@@ -233,6 +234,16 @@ export class H2Connection {
   /** Streams open now. */
   get openStreams(): number {
     return this.#streams.size;
+  }
+
+  /** True with no stream open: closing the connection loses nothing. */
+  get idle(): boolean {
+    return this.#streams.size === 0 && this.#continuing === null;
+  }
+
+  /** When a stream last opened or finished (`performance.now()` time). */
+  get lastActive(): number {
+    return this.#lastActive;
   }
 
   /** Closes the connection now. */
@@ -690,6 +701,7 @@ export class H2Connection {
     }
     this.#lastStream = id;
     this.#opened++;
+    this.#lastActive = performance.now();
     if (this.#goingAway) {
       this.#reset(id, H2Error.REFUSED_STREAM);
       return;
@@ -873,6 +885,7 @@ export class H2Connection {
     stream.pending = null;
     this.#releaseBody(stream);
     this.#streams.delete(stream.id);
+    this.#lastActive = performance.now();
     if (this.#streams.size === 0 && this.#goingAway) this.#closeAfterFlush("done");
     this.#arm();
   }

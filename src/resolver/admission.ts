@@ -23,7 +23,7 @@
 
 import { type Cidr, cidrContains, parseIpAddress } from "../config.ts";
 import type { Clock } from "../timers.ts";
-import type { Transport } from "./job.ts";
+import { isDatagram, type Transport } from "./job.ts";
 
 /** What the admit stage says about a message. */
 export const Admit = {
@@ -175,10 +175,11 @@ export class Admission {
 
   /**
    * True when a REFUSED answer may go to a client outside `--allow` over `transport`: always
-   * over a stream (TCP, DoH), over UDP within {@linkcode UDP_REFUSALS_PER_SECOND} (all sources together).
+   * over a stream transport, over a datagram one (UDP) within
+   * {@linkcode UDP_REFUSALS_PER_SECOND} (all sources together).
    */
   answerRefusal(transport: Transport): boolean {
-    if (transport !== "udp") return true;
+    if (!isDatagram(transport)) return true;
     const now = this.#clock.now();
     const refill = ((now - this.#refusalsUpdated) / 1000) * UDP_REFUSALS_PER_SECOND;
     this.#refusalTokens = Math.min(UDP_REFUSALS_PER_SECOND, this.#refusalTokens + refill);
@@ -248,7 +249,7 @@ export class Admission {
       bucket.tokens -= 1;
       return Admit.ALLOW;
     }
-    if (transport !== "udp") return Admit.REFUSE;
+    if (!isDatagram(transport)) return Admit.REFUSE;
     return (++bucket.limited & 1) === 0 ? Admit.SLIP : Admit.DROP;
   }
 }

@@ -12,8 +12,38 @@ import { MAX_MESSAGE_SIZE } from "../dns/wire.ts";
 import type { Timed } from "../timers.ts";
 import type { Flight } from "./flight.ts";
 
-/** The client transport a query arrived on. */
-export type Transport = "udp" | "tcp" | "doh";
+/**
+ * The client transports and what the resolver needs to know of each: whether it carries one
+ * message per datagram. A datagram transport gets answers cut to the client's size (TC=1),
+ * ANY refused with TC=1, refusals rate-limited (its sources can be spoofed), and its queries
+ * shed at `--max-inflight`; a stream transport gets none of that, and its connection closes
+ * after a refusal by access control. Adding a transport is one row here: no stage names one.
+ */
+export const TRANSPORTS = {
+  udp: { datagram: true },
+  tcp: { datagram: false },
+  doh: { datagram: false },
+} as const satisfies Record<string, { datagram: boolean }>;
+
+/** The client transport a query arrived on (the `transport` label of metrics). */
+export type Transport = keyof typeof TRANSPORTS;
+
+/** Every client transport, in the order metrics list them. */
+export const TRANSPORT_NAMES: readonly Transport[] = Object.keys(TRANSPORTS) as Transport[];
+
+/**
+ * True for a transport that carries one message per datagram (see {@linkcode TRANSPORTS}).
+ *
+ * @example
+ * ```ts
+ * import { isDatagram } from "./job.ts";
+ * isDatagram("udp"); // true
+ * isDatagram("tcp"); // false
+ * ```
+ */
+export function isDatagram(transport: Transport): boolean {
+  return TRANSPORTS[transport].datagram;
+}
 
 /** How the cache took part in an answer (the query log's `cache=` field). */
 export type CacheStatus = "off" | "hit" | "miss" | "stale" | "coalesced";
@@ -46,6 +76,8 @@ export class ClientJob implements Timed {
   readonly query: Uint8Array;
   /** Client transport. */
   readonly transport: Transport;
+  /** True when the transport carries one message per datagram (see `isDatagram`). */
+  readonly datagram: boolean;
   /** Client address. */
   readonly client: Deno.Addr | undefined;
   /** Where the response goes. */
@@ -60,7 +92,7 @@ export class ClientJob implements Timed {
   qtype = 0;
   /** True when the client sent an OPT record. */
   hasEdns = false;
-  /** Largest response the client takes (UDP: 512 or its EDNS size, capped). */
+  /** Largest response the client takes (datagram: 512 or its EDNS size, capped). */
   limit: number = MAX_MESSAGE_SIZE;
   /** Cache key flags (DO, CD, AD, RD). */
   keyFlags = 0;
@@ -76,7 +108,7 @@ export class ClientJob implements Timed {
   stale: CacheEntry | null = null;
   /** True once answered or dropped. */
   done = false;
-  /** Close the TCP connection after the response (refused by access control). */
+  /** Close the stream connection after the response (refused by access control). */
   closeAfter = false;
   /** See {@linkcode Timed} (the stale-answer timer). */
   timerAt = 0;
@@ -98,6 +130,7 @@ export class ClientJob implements Timed {
     this.#owner = owner;
     this.query = query;
     this.transport = transport;
+    this.datagram = TRANSPORTS[transport].datagram;
     this.client = client;
     this.sink = sink;
     this.started = started;

@@ -5,15 +5,17 @@
  * knowledge") or HTTP/1.1 ({@linkcode H1Connection}), both handing requests to one
  * {@linkcode HttpService} (the DoH mapping of `server/doh.ts`).
  *
- * Limits, each logged rate-limited when it acts:
- * - connections per listen address (`--max-tcp-connections`) and per client address
- *   (`--max-tcp-connections-per-client`); past either, a new connection is closed at once;
- *   a connection counts from accept, TLS handshake included;
+ * Accepting is the shared {@linkcode AcceptLoop} (EMFILE pause, caps). Limits, each logged
+ * rate-limited when it acts:
+ * - connections per listen address (`--max-tcp-connections`) and per client (IPv4 address,
+ *   IPv6 /64: `--max-tcp-connections-per-client`); at the per-client cap the client's
+ *   longest-idle connection makes room, else the new one is closed at once; a connection
+ *   counts from accept, TLS handshake included;
  * - the TLS handshake must finish within {@linkcode HANDSHAKE_TIMEOUT_MS}: a client that
  *   connects and sends nothing, half a ClientHello or garbage holds its slot no longer;
  * - per connection, the {@linkcode HttpLimits} (request deadline, idle timeout, body size,
  *   streams);
- * - out of descriptors (EMFILE), accepting pauses 10-50 ms and resumes: the kernel keeps
+ * - out of descriptors (EMFILE), accepting pauses 5-100 ms and resumes: the kernel keeps
  *   new connections in the backlog meanwhile.
  *
  * @module
@@ -25,8 +27,8 @@ import { H1Connection } from "../http/h1.ts";
 import { H2Connection, PREFACE } from "../http/h2.ts";
 import type { HttpLimits, HttpService } from "../http/types.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
+import { AcceptLoop, type Served as AcceptedServed } from "../net/accept_loop.ts";
 import { TimerQueue } from "../timers.ts";
-import { isDescriptorExhaustion } from "./http.ts";
 
 /** A TLS handshake not done within this long closes the connection (as the DoT listener). */
 export const HANDSHAKE_TIMEOUT_MS = 5_000;
@@ -73,8 +75,6 @@ export interface DohListenerOptions {
   timers?: TimerQueue;
 }
 
-const EXHAUSTED_PAUSE_MIN_MS = 10;
-const EXHAUSTED_PAUSE_MAX_MS = 50;
 const LOG_INTERVAL_MS = 10_000;
 
 type Served = H1Connection | H2Connection;
@@ -84,7 +84,60 @@ function describe(error: unknown): string {
 }
 
 /**
- * One DoH listen address.
+ * One accepted connection, as the accept loop counts it: its TLS handshake (under the
+ * deadline), the choice of HTTP/2 or HTTP/1.1, then the connection that serves it.
+ */
+class DohConnection implements AcceptedServed {
+  readonly finished: Promise<void>;
+  served: Served | null = null;
+  #closing = false;
+  readonly #conn: Deno.Conn;
+
+  constructor(conn: Deno.Conn, run: (connection: DohConnection) => Promise<void>) {
+    this.#conn = conn;
+    this.finished = run(this).catch(() => {}).finally(() => {
+      try {
+        conn.close();
+      } catch {
+        // Closed by the connection already.
+      }
+    });
+  }
+
+  /** Before a protocol is chosen (a handshake, the first bytes) nothing is lost closing it. */
+  get idle(): boolean {
+    return this.served?.idle ?? true;
+  }
+
+  get lastActive(): number {
+    return this.served?.lastActive ?? 0;
+  }
+
+  get closing(): boolean {
+    return this.#closing;
+  }
+
+  abort(): void {
+    this.#closing = true;
+    if (this.served !== null) this.served.abort("closed");
+    else {
+      try {
+        this.#conn.close();
+      } catch {
+        // Gone.
+      }
+    }
+  }
+
+  shutdown(): void {
+    this.#closing = true;
+    if (this.served !== null) this.served.shutdown();
+    else this.abort();
+  }
+}
+
+/**
+ * One DoH listen address, on the shared {@linkcode AcceptLoop}.
  *
  * @example
  * ```ts ignore
@@ -94,7 +147,7 @@ function describe(error: unknown): string {
  * ```
  */
 export class DohListener {
-  readonly #listener: Deno.Listener;
+  readonly #loop: AcceptLoop;
   readonly #service: HttpService;
   readonly #log: Logger;
   readonly #options: DohListenerOptions;
@@ -104,16 +157,9 @@ export class DohListener {
   readonly #timers: TimerQueue;
   /** True when the timers are the listener's own (closed with it). */
   readonly #ownsTimers: boolean;
-  /** Every connection, from accept (handshake included) to close. */
-  readonly #open = new Set<{ served: Served | null; conn: Deno.Conn }>();
-  readonly #perClient = new Map<string, number>();
-  readonly #limitLog: RateLimitedLog;
   readonly #handshakeLog: RateLimitedLog;
-  readonly #acceptLog: RateLimitedLog;
-  readonly #accepting: Promise<void>;
   #closing = false;
   #closed: Promise<void> | null = null;
-  #wake: (() => void) | null = null;
 
   private constructor(
     listener: Deno.Listener,
@@ -121,7 +167,6 @@ export class DohListener {
     log: Logger,
     options: DohListenerOptions,
   ) {
-    this.#listener = listener;
     this.#service = service;
     this.#log = log;
     this.#options = options;
@@ -130,11 +175,15 @@ export class DohListener {
     this.#tls = options.tls !== null;
     this.#ownsTimers = options.timers === undefined;
     this.#timers = options.timers ?? new TimerQueue();
-    this.#limitLog = new RateLimitedLog(log, LOG_INTERVAL_MS);
     this.#handshakeLog = new RateLimitedLog(log, LOG_INTERVAL_MS);
-    this.#acceptLog = new RateLimitedLog(log, LOG_INTERVAL_MS);
-    this.#accepting = this.#acceptLoop().catch((error) => {
-      log.error("doh accept loop failed; no longer serving", { error: describe(error) });
+    this.#loop = new AcceptLoop(listener, {
+      name: this.#tls ? "doh" : "doh-plain",
+      maxConnections: options.maxConnections,
+      maxConnectionsPerClient: options.maxConnectionsPerClient,
+      log,
+      stats: { accepted() {}, rejected: () => this.#stats.rejected() },
+      serve: (conn, client) =>
+        new DohConnection(conn, (connection) => this.#serve(connection, conn, client.remote)),
     });
   }
 
@@ -160,12 +209,12 @@ export class DohListener {
 
   /** The bound address. */
   get addr(): Deno.NetAddr {
-    return this.#listener.addr as Deno.NetAddr;
+    return this.#loop.addr as Deno.NetAddr;
   }
 
   /** Connections open now (handshakes included). */
   get openConnections(): number {
-    return this.#open.size;
+    return this.#loop.open;
   }
 
   /** True for `--listen-doh`, false for `--listen-doh-plain`. */
@@ -173,91 +222,13 @@ export class DohListener {
     return this.#tls;
   }
 
-  async #acceptLoop(): Promise<void> {
-    let pauseMs = 0;
-    while (!this.#closing) {
-      let conn: Deno.Conn;
-      try {
-        conn = await this.#listener.accept();
-      } catch (error) {
-        if (this.#closing) return;
-        if (error instanceof Deno.errors.BadResource) {
-          this.#log.error("doh listener closed unexpectedly; no longer serving", {
-            error: describe(error),
-          });
-          return;
-        }
-        if (isDescriptorExhaustion(error)) {
-          pauseMs = pauseMs === 0
-            ? EXHAUSTED_PAUSE_MIN_MS
-            : Math.min(2 * pauseMs, EXHAUSTED_PAUSE_MAX_MS);
-          this.#acceptLog.warn("doh accept failed: out of file descriptors; pausing", {
-            error: describe(error),
-            pause_ms: pauseMs,
-          });
-        } else {
-          this.#acceptLog.warn("doh accept failed", { error: describe(error) });
-          pauseMs = EXHAUSTED_PAUSE_MIN_MS;
-        }
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, pauseMs);
-          this.#wake = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-        });
-        this.#wake = null;
-        continue;
-      }
-      pauseMs = 0;
-      this.#admit(conn);
-    }
-  }
-
-  #admit(conn: Deno.Conn): void {
-    const remote = conn.remoteAddr as Deno.NetAddr;
-    const client = remote.hostname;
-    const fromClient = this.#perClient.get(client) ?? 0;
-    const { maxConnections, maxConnectionsPerClient } = this.#options;
-    if (
-      this.#closing || this.#open.size >= maxConnections || fromClient >= maxConnectionsPerClient
-    ) {
-      if (!this.#closing) {
-        this.#stats.rejected();
-        this.#limitLog.warn("doh connection limit reached; closing new connection", {
-          listener: formatHostPort(this.addr.hostname, this.addr.port),
-          client,
-          limit: this.#open.size >= maxConnections ? maxConnections : maxConnectionsPerClient,
-          per: this.#open.size >= maxConnections ? "listener" : "client",
-        });
-      }
-      try {
-        conn.close();
-      } catch {
-        // Gone already.
-      }
-      return;
-    }
-    this.#perClient.set(client, fromClient + 1);
-    const entry: { served: Served | null; conn: Deno.Conn } = { served: null, conn };
-    this.#open.add(entry);
-    this.#serve(entry, remote).catch((error) => {
-      this.#log.debug("doh connection failed", { client, error: describe(error) });
-    }).finally(() => {
-      try {
-        conn.close();
-      } catch {
-        // Closed by the connection already.
-      }
-      this.#open.delete(entry);
-      const left = (this.#perClient.get(client) ?? 1) - 1;
-      if (left <= 0) this.#perClient.delete(client);
-      else this.#perClient.set(client, left);
-    });
-  }
-
-  async #serve(entry: { served: Served | null; conn: Deno.Conn }, remote: Deno.NetAddr) {
-    const conn = entry.conn;
+  async #serve(
+    connection: DohConnection,
+    conn: Deno.Conn,
+    remote: Deno.NetAddr | undefined,
+  ): Promise<void> {
+    const address = remote ?? { transport: "tcp" as const, hostname: "0.0.0.0", port: 0 };
+    const client = formatHostPort(address.hostname, address.port);
     let alpn: string | null = null;
     if (this.#tls) {
       const deadline = this.#options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
@@ -269,33 +240,28 @@ export class DohListener {
         const outcome = await Promise.race([(conn as Deno.TlsConn).handshake(), timeout]);
         if (outcome === "timeout") {
           this.#stats.handshake("timeout");
-          this.#handshakeLog.warn("doh tls handshake timed out", {
-            client: formatHostPort(remote.hostname, remote.port),
-            timeout_ms: deadline,
-          });
+          this.#handshakeLog.warn("doh tls handshake timed out", { client, timeout_ms: deadline });
           return;
         }
         alpn = outcome.alpnProtocol;
         this.#stats.handshake("ok");
       } catch (error) {
+        if (connection.closing) return;
         this.#stats.handshake("failed");
-        this.#handshakeLog.warn("doh tls handshake failed", {
-          client: formatHostPort(remote.hostname, remote.port),
-          error: describe(error),
-        });
+        this.#handshakeLog.warn("doh tls handshake failed", { client, error: describe(error) });
         return;
       } finally {
         clearTimeout(timer);
       }
     }
-    if (this.#closing) return;
-    const peer = { address: remote };
+    if (this.#closing || connection.closing) return;
+    const peer = { address };
     let initial: Uint8Array = new Uint8Array(0);
     let h2 = alpn === "h2";
     if (alpn === null) {
       // Plain (or TLS without ALPN): HTTP/2 with prior knowledge starts with the preface.
       const peeked = await this.#peek(conn);
-      if (peeked === null) return;
+      if (peeked === null || connection.closing) return;
       initial = peeked;
       h2 = initial.length >= 3 && initial[0] === PREFACE[0] && initial[1] === PREFACE[1] &&
         initial[2] === PREFACE[2];
@@ -303,11 +269,11 @@ export class DohListener {
     const served = h2
       ? new H2Connection(conn, peer, this.#service, this.#limits, initial, this.#timers)
       : new H1Connection(conn, peer, this.#service, this.#limits, initial, this.#timers);
-    entry.served = served;
+    connection.served = served;
     if (this.#closing) served.shutdown();
     const outcome = await served.finished;
     this.#log.debug("doh connection closed", {
-      client: formatHostPort(remote.hostname, remote.port),
+      client,
       protocol: h2 ? "h2" : "http/1.1",
       reason: outcome.reason,
       error: outcome.error,
@@ -351,40 +317,22 @@ export class DohListener {
 
   async #close(timeoutMs: number): Promise<void> {
     this.#closing = true;
-    try {
-      this.#listener.close();
-    } catch {
-      // Already closed.
-    }
-    this.#wake?.();
-    await this.#accepting;
-    const entries = [...this.#open];
-    for (const entry of entries) {
-      if (entry.served !== null) entry.served.shutdown();
-      else {
-        try {
-          entry.conn.close();
-        } catch {
-          // Gone.
-        }
-      }
-    }
-    const done = Promise.all(
-      entries.map((entry) => entry.served?.finished ?? Promise.resolve()),
-    );
+    await this.#loop.close();
+    const connections = [...this.#loop.connections()] as DohConnection[];
+    for (const connection of connections) connection.shutdown();
     let timer: ReturnType<typeof setTimeout> | undefined;
     const forced = new Promise<void>((resolve) => {
       timer = setTimeout(() => {
-        for (const entry of this.#open) entry.served?.abort("shutdown timeout");
+        for (const connection of this.#loop.connections()) connection.abort();
         resolve();
       }, timeoutMs);
     });
-    await Promise.race([done, forced]);
+    await Promise.race([Promise.all(connections.map((c) => c.finished)), forced]);
     clearTimeout(timer);
     // Let each connection's clean-up run before the caller checks for leaks.
-    while (this.#open.size > 0) {
+    for (let round = 0; round < 1000 && this.#loop.open > 0; round++) {
+      for (const connection of this.#loop.connections()) connection.abort();
       await new Promise((resolve) => setTimeout(resolve, 1));
-      for (const entry of this.#open) entry.served?.abort("shutdown");
     }
     if (this.#ownsTimers) this.#timers.close();
   }
