@@ -904,3 +904,46 @@ Deno.test("doh: malformed HTTP/2 ends the connection with the right GOAWAY; the 
     { delayMs: (query) => query[13] === 0x73 ? 300 : 0 },
   );
 });
+
+Deno.test("doh: 600 fuzzed DNS messages by GET and POST: a valid answer or 400, never more", async () => {
+  const { Rng, fuzzQuery, seedFromEnv } = await import("./support/fuzz.ts");
+  const seed = seedFromEnv();
+  const rng = new Rng(seed ^ 0x0d0e);
+  await withDoh(async ({ plainPort, proxy }) => {
+    const statuses = new Map<number, number>();
+    for (let i = 0; i < 600; i++) {
+      const query = fuzzQuery(rng);
+      const response = i % 2 === 0
+        ? await fetch(`http://127.0.0.1:${plainPort}/dns-query?dns=${base64Url(query)}`)
+        : await fetch(`http://127.0.0.1:${plainPort}/dns-query`, {
+          method: "POST",
+          headers: { "content-type": "application/dns-message" },
+          body: query.slice(),
+        });
+      const body = new Uint8Array(await response.arrayBuffer());
+      statuses.set(response.status, (statuses.get(response.status) ?? 0) + 1);
+      assert.ok(
+        response.status === 200 || response.status === 400,
+        `FUZZ_SEED=${seed}: ${response.status} for ${Array.from(query).join(",")}`,
+      );
+      if (response.status === 200) {
+        const message = parseMessage(body);
+        assert.ok(message.qr, "a response");
+        assert.equal(message.id, (query[0] << 8) | query[1], "the query's ID");
+        assert.equal(message.tc, false, "never truncated");
+      }
+    }
+    assert.ok(
+      (statuses.get(200) ?? 0) > 0 && (statuses.get(400) ?? 0) > 0,
+      JSON.stringify([...statuses]),
+    );
+    const after = await fetch(
+      `http://127.0.0.1:${plainPort}/dns-query?dns=${base64Url(buildQuery("after.example"))}`,
+    );
+    assert.equal(after.status, 200);
+    await after.body?.cancel();
+    assert.ok(
+      proxy.metrics.registry.render().includes('dotproxy_doh_responses_total{status="400"}'),
+    );
+  }, { timeoutMs: 500 });
+});

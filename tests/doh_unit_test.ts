@@ -14,7 +14,10 @@ import { decodeBase64Url, forwardedClient } from "../src/server/doh.ts";
 import { SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
 import { buildQuery, parseMessage } from "./support/dns.ts";
 import { withDoh } from "./support/doh.ts";
+import { hasOpenssl, makeCertificate } from "./support/make_cert.ts";
 import { udpExchange } from "./support/proxy.ts";
+
+const OPENSSL = await hasOpenssl();
 
 Deno.test("doh: base64url with and without padding; anything else is null", () => {
   const query = buildQuery("b64.example", { id: 0 });
@@ -201,4 +204,21 @@ Deno.test("config: DoH listeners, the certificate they need, the plain listener'
     /--trusted-proxy "10.0.0.1\/8": host bits/,
   );
   assert.match(failure(["--ddr", "maybe"]), /--ddr: "maybe" is not true or false/);
+});
+
+Deno.test({
+  name: "ddr: a certificate with no DNS name advertises nothing and says why" +
+    (OPENSSL ? "" : " (skipped: openssl is not installed)"),
+  ignore: !OPENSSL,
+  async fn() {
+    const made = await makeCertificate({ san: "IP:127.0.0.1" });
+    await withDoh(async ({ port, logs, upstream }) => {
+      const reply = parseMessage(
+        (await udpExchange(port, buildQuery("_dns.resolver.arpa", { type: 64 })))!,
+      );
+      assert.deepEqual([reply.rcode, reply.answers.length], [0, 0]);
+      assert.equal(logs.find("ddr off: the certificate has no DNS name").length, 1);
+      assert.equal(upstream.queries, 0);
+    }, { tlsCert: made.cert, tlsKey: made.key });
+  },
 });
