@@ -177,7 +177,25 @@ Deno.test({
             assert.match(new TextDecoder().decode(reply.body), reason, where);
             if (status === 405) assert.equal(reply.headers.get("allow"), "GET, HEAD, POST");
           }
+          // A head over 16 KiB: 431.
+          const big = await curl(`${base}/dns-query?dns=AAAA`, [
+            ...flags,
+            "-H",
+            `x-big: ${"b".repeat(20_000)}`,
+          ]);
+          assert.equal(big.status, 431, `${flags} 431`);
         }
+        // A chunked body (HTTP/1.1 only): 411.
+        const chunked = await curl(`https://localhost:${tlsPort}/dns-query`, [
+          "--http1.1",
+          "-H",
+          type,
+          "-H",
+          "transfer-encoding: chunked",
+          "--data-binary",
+          `@${dir}/query`,
+        ]);
+        assert.equal(chunked.status, 411);
         assert.equal(upstream.queries, 0, "a client mistake reached the upstream");
         for (const rcode of ["NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED"]) {
           assert.equal(proxy.metrics.queries.get("doh", rcode), 0, `doh ${rcode}`);
