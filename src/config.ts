@@ -10,6 +10,7 @@
  * @module
  */
 
+import { formatHostPort } from "./address.ts";
 import { LOG_LEVELS, type LogFormat, type LogLevel } from "./log.ts";
 import { RCODE_MNEMONICS } from "./dns/wire.ts";
 import {
@@ -1437,9 +1438,7 @@ export function tlsListeners(config: Config): string[] {
 }
 
 function formatListen(address: ListenAddress): string {
-  return address.hostname.includes(":")
-    ? `[${address.hostname}]:${address.port}`
-    : `${address.hostname}:${address.port}`;
+  return formatHostPort(address.hostname, address.port);
 }
 
 /** Loopback, private (RFC 1918, RFC 4193), shared (RFC 6598) and link-local networks. */
