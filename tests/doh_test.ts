@@ -965,3 +965,45 @@ Deno.test("doh: 600 fuzzed DNS messages by GET and POST: a valid answer or 400, 
     );
   }, { timeoutMs: 500 });
 });
+
+Deno.test("doh: a drain answers the requests in flight (HTTP/2: GOAWAY first), then closes", async () => {
+  await withDoh(
+    async ({ proxy, plainPort }) => {
+      const h2 = await Deno.connect({ hostname: "127.0.0.1", port: plainPort });
+      const h1 = await Deno.connect({ hostname: "127.0.0.1", port: plainPort });
+      try {
+        const path = `/dns-query?dns=${base64Url(buildQuery("slow.example", { id: 0 }))}`;
+        await h2.write(new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        await h2.write(frame(4, 0, 0, new Uint8Array(0)));
+        await h2.write(frame(
+          1,
+          0x5,
+          1,
+          encodeHeaders([[":method", "GET"], [":scheme", "http"], [":authority", "x"], [
+            ":path",
+            path,
+          ]]),
+        ));
+        await h1.write(new TextEncoder().encode(`GET ${path} HTTP/1.1\r\nhost: x\r\n\r\n`));
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        const draining = proxy.drain({ delayMs: 0, timeoutMs: 3000 });
+        const frames = await readFrames(h2, (f) => f.some((x) => x.type === 0 && (x.flags & 1)));
+        const types = frames.map((f) => f.type).filter((t) => t === 7 || t === 1 || t === 0);
+        assert.deepEqual(types.slice(0, 1), [7], "GOAWAY before the answer");
+        const data = frames.find((f) => f.type === 0);
+        assert.ok(data && parseMessage(data.payload).answers.length === 1, "the answer came");
+        const reply = new Uint8Array(4096);
+        const n = await h1.read(reply);
+        const text = new TextDecoder().decode(reply.subarray(0, n ?? 0));
+        assert.match(text, /^HTTP\/1.1 200 OK\r\n/);
+        assert.match(text, /connection: close/);
+        await draining;
+      } finally {
+        h2.close();
+        h1.close();
+      }
+    },
+    {},
+    { delayMs: (query) => query[13] === 0x73 ? 300 : 0 },
+  );
+});
