@@ -18,7 +18,7 @@ import {
   type RequestHead,
   skipEmptyLines,
 } from "../server/http.ts";
-import type { TimerQueue } from "../timers.ts";
+import type { Clock, TimerQueue } from "../timers.ts";
 import { Deadline } from "./deadline.ts";
 import {
   type HttpLimits,
@@ -72,7 +72,8 @@ export class H1Connection {
   #reason = "";
   /** True while a request is being answered (a shutdown waits for it). */
   #busy = false;
-  #lastActive = performance.now();
+  #lastActive: number;
+  readonly #clock: Clock;
   #shuttingDown = false;
 
   /** Starts serving. */
@@ -84,6 +85,8 @@ export class H1Connection {
     initial: Uint8Array,
     timers: TimerQueue,
   ) {
+    this.#clock = timers.clock;
+    this.#lastActive = timers.clock.now();
     this.#deadline = new Deadline(timers, (reason) => this.#close(reason));
     this.#conn = conn;
     this.#peer = peer;
@@ -103,7 +106,7 @@ export class H1Connection {
     return !this.#busy;
   }
 
-  /** When a request last arrived or an answer was written (`performance.now()` time). */
+  /** When a request last arrived or an answer was written (the timers' clock). */
   get lastActive(): number {
     return this.#lastActive;
   }
@@ -245,7 +248,7 @@ export class H1Connection {
       const keepAlive = head.version === "HTTP/1.1" && !/\bclose\b/.test(connection) &&
         served + 1 < limits.maxRequestsPerConnection;
       this.#busy = true;
-      this.#lastActive = performance.now();
+      this.#lastActive = this.#clock.now();
       let response: HttpResponse;
       try {
         response = await this.#service.handle({
@@ -264,7 +267,7 @@ export class H1Connection {
       const last = !keepAlive || this.#shuttingDown;
       await this.#write(render(response, head.method === "HEAD", !last));
       this.#busy = false;
-      this.#lastActive = performance.now();
+      this.#lastActive = this.#clock.now();
       if (last) {
         await this.#linger();
         return;

@@ -26,7 +26,7 @@
  * @module
  */
 
-import type { TimerQueue } from "../timers.ts";
+import type { Clock, TimerQueue } from "../timers.ts";
 import { Deadline } from "./deadline.ts";
 import { encodeHeaders, type HeaderField, HpackDecoder, HpackError } from "./hpack.ts";
 import type { HttpLimits, HttpPeer, HttpRequest, HttpResponse, HttpService } from "./types.ts";
@@ -93,7 +93,7 @@ class ConnectionError extends Error {
 /** One stream: a request being received, handled, or its response being sent. */
 interface Stream {
   readonly id: number;
-  /** When its HEADERS arrived (performance.now()). */
+  /** When its HEADERS arrived (the timers' clock). */
   readonly started: number;
   /** True until END_STREAM from the client. */
   receiving: boolean;
@@ -121,21 +121,6 @@ interface Stream {
 
 function u32(bytes: Uint8Array, at: number): number {
   return ((bytes[at] << 24) >>> 0) + (bytes[at + 1] << 16) + (bytes[at + 2] << 8) + bytes[at + 3];
-}
-
-function frameBytes(type: number, flags: number, stream: number, payload: Uint8Array): Uint8Array {
-  const out = new Uint8Array(FRAME_HEADER + payload.length);
-  out[0] = payload.length >>> 16;
-  out[1] = (payload.length >>> 8) & 0xff;
-  out[2] = payload.length & 0xff;
-  out[3] = type;
-  out[4] = flags;
-  out[5] = (stream >>> 24) & 0x7f;
-  out[6] = (stream >>> 16) & 0xff;
-  out[7] = (stream >>> 8) & 0xff;
-  out[8] = stream & 0xff;
-  out.set(payload, FRAME_HEADER);
-  return out;
 }
 
 function u32Payload(...values: number[]): Uint8Array {
@@ -183,14 +168,24 @@ export class H2Connection {
   /** Streams opened, and those the client reset before their answer was sent. */
   #opened = 0;
   #resetByClient = 0;
-  #lastActive = performance.now();
+  #lastActive: number;
+  readonly #clock: Clock;
   #peerInitialWindow = 65_535;
   #peerMaxFrame = 16_384;
   #sendWindow = 65_535;
   /** Octets of DATA received and not yet given back to the connection window. */
   #credit = 0;
   #bodyBytes = 0;
-  readonly #out: Uint8Array[] = [];
+  /**
+   * Frames queued and not yet handed to a write, back to back; and the buffer of the write
+   * in progress, reused for the next batch. Two buffers, each growing by doubling, instead of
+   * an array per frame and a concatenation per write (the output path was 12% of the CPU of
+   * a cached DoH request over HTTP/2, V8 profile).
+   */
+  #out: Uint8Array = new Uint8Array(1024);
+  #outLength = 0;
+  #spare: Uint8Array = new Uint8Array(1024);
+  /** Octets queued or being written. */
   #outBytes = 0;
   #writing: Promise<void> | null = null;
   #drained: (() => void) | null = null;
@@ -211,6 +206,8 @@ export class H2Connection {
     initial: Uint8Array,
     timers: TimerQueue,
   ) {
+    this.#clock = timers.clock;
+    this.#lastActive = timers.clock.now();
     this.#deadline = new Deadline(timers, (reason) => this.#expired(reason));
     this.#writeDeadline = new Deadline(timers, (reason) => this.#close(reason));
     this.#conn = conn;
@@ -241,7 +238,7 @@ export class H2Connection {
     return this.#streams.size === 0 && this.#continuing === null;
   }
 
-  /** When a stream last opened or finished (`performance.now()` time). */
+  /** When a stream last opened or finished (the timers' clock: `performance.now()`). */
   get lastActive(): number {
     return this.#lastActive;
   }
@@ -258,7 +255,7 @@ export class H2Connection {
   shutdown(): void {
     if (this.#closed || this.#goingAway) return;
     this.#goingAway = true;
-    this.#queue(frameBytes(Frame.GOAWAY, 0, 0, u32Payload(this.#lastStream, H2Error.NO_ERROR)));
+    this.#send(Frame.GOAWAY, 0, 0, u32Payload(this.#lastStream, H2Error.NO_ERROR));
     if (this.#streams.size === 0) this.#closeAfterFlush("shutting down");
   }
 
@@ -296,7 +293,7 @@ export class H2Connection {
     let ms: number;
     let reason: string;
     if (oldest !== Infinity) {
-      ms = Math.max(0, oldest + this.#limits.requestTimeoutMs - performance.now());
+      ms = Math.max(0, oldest + this.#limits.requestTimeoutMs - this.#clock.now());
       reason = "request timeout";
     } else if (this.#streams.size === 0) {
       ms = this.#limits.idleTimeoutMs;
@@ -313,7 +310,7 @@ export class H2Connection {
     if (this.#closed) return;
     if (reason === "idle") {
       this.#goingAway = true;
-      this.#queue(frameBytes(Frame.GOAWAY, 0, 0, u32Payload(this.#lastStream, H2Error.NO_ERROR)));
+      this.#send(Frame.GOAWAY, 0, 0, u32Payload(this.#lastStream, H2Error.NO_ERROR));
       this.#closeAfterFlush(reason);
     } else {
       this.#fail(new ConnectionError(H2Error.CANCEL, reason), reason);
@@ -329,7 +326,7 @@ export class H2Connection {
     let end = Math.min(initial.length, buffer.length);
     // Our SETTINGS first (the server preface): the stream cap, a stream window of the body
     // limit plus a frame, and the header list limit.
-    this.#queue(frameBytes(
+    this.#send(
       Frame.SETTINGS,
       0,
       0,
@@ -338,10 +335,10 @@ export class H2Connection {
         ...[0, 4, ...u32Payload(this.#streamWindow())],
         ...[0, 6, ...u32Payload(this.#limits.maxHeadBytes)],
       ]),
-    ));
+    );
     const connectionCredit = this.#streamWindow() * 2;
     if (connectionCredit > 65_535) {
-      this.#queue(frameBytes(Frame.WINDOW_UPDATE, 0, 0, u32Payload(connectionCredit - 65_535)));
+      this.#send(Frame.WINDOW_UPDATE, 0, 0, u32Payload(connectionCredit - 65_535));
     }
     this.#deadline.arm(this.#limits.requestTimeoutMs, "preface timeout");
     let prefaceSeen = false;
@@ -424,7 +421,7 @@ export class H2Connection {
       payload.set(u32Payload(this.#lastStream, error.code));
       payload.set(message, 8);
       this.#goingAway = true;
-      this.#queue(frameBytes(Frame.GOAWAY, 0, 0, payload));
+      this.#send(Frame.GOAWAY, 0, 0, payload);
       this.#closeAfterFlush(this.#reason);
     }
     return error;
@@ -472,7 +469,7 @@ export class H2Connection {
       case Frame.PING:
         if (id !== 0) throw new ConnectionError(H2Error.PROTOCOL_ERROR, "PING on a stream");
         if (payload.length !== 8) throw new ConnectionError(H2Error.FRAME_SIZE_ERROR, "PING size");
-        if ((flags & ACK) === 0) this.#queue(frameBytes(Frame.PING, ACK, 0, payload.slice()));
+        if ((flags & ACK) === 0) this.#send(Frame.PING, ACK, 0, payload.slice());
         return;
       case Frame.GOAWAY:
         if (id !== 0) throw new ConnectionError(H2Error.PROTOCOL_ERROR, "GOAWAY on a stream");
@@ -546,7 +543,7 @@ export class H2Connection {
         this.#peerMaxFrame = value;
       }
     }
-    this.#queue(frameBytes(Frame.SETTINGS, ACK, 0, new Uint8Array(0)));
+    this.#send(Frame.SETTINGS, ACK, 0, new Uint8Array(0));
     this.#pump();
   }
 
@@ -639,7 +636,7 @@ export class H2Connection {
   /** Gives received octets back to the connection window while bodies stay in budget. */
   #giveCredit(): void {
     if (this.#credit === 0 || this.#bodyBytes > BODY_BUDGET) return;
-    this.#queue(frameBytes(Frame.WINDOW_UPDATE, 0, 0, u32Payload(this.#credit)));
+    this.#send(Frame.WINDOW_UPDATE, 0, 0, u32Payload(this.#credit));
     this.#credit = 0;
   }
 
@@ -665,7 +662,7 @@ export class H2Connection {
         flags,
         parts: [block.slice()],
         bytes: block.length,
-        started: performance.now(),
+        started: this.#clock.now(),
       };
       this.#arm();
     }
@@ -701,7 +698,7 @@ export class H2Connection {
     }
     this.#lastStream = id;
     this.#opened++;
-    this.#lastActive = performance.now();
+    this.#lastActive = this.#clock.now();
     if (this.#goingAway) {
       this.#reset(id, H2Error.REFUSED_STREAM);
       return;
@@ -712,7 +709,7 @@ export class H2Connection {
     }
     const stream: Stream = {
       id,
-      started: performance.now(),
+      started: this.#clock.now(),
       receiving: (flags & END_STREAM) === 0,
       method: "",
       target: "",
@@ -815,17 +812,17 @@ export class H2Connection {
     // A header block larger than a frame continues in CONTINUATION frames.
     const max = this.#peerMaxFrame;
     if (block.length <= max) {
-      this.#queue(frameBytes(Frame.HEADERS, END_HEADERS | endWithHeaders, stream.id, block));
+      this.#send(Frame.HEADERS, END_HEADERS | endWithHeaders, stream.id, block);
     } else {
-      this.#queue(frameBytes(Frame.HEADERS, endWithHeaders, stream.id, block.subarray(0, max)));
+      this.#send(Frame.HEADERS, endWithHeaders, stream.id, block.subarray(0, max));
       for (let at = max; at < block.length; at += max) {
         const last = at + max >= block.length;
-        this.#queue(frameBytes(
+        this.#send(
           Frame.CONTINUATION,
           last ? END_HEADERS : 0,
           stream.id,
           block.subarray(at, Math.min(block.length, at + max)),
-        ));
+        );
       }
     }
     if (body.length === 0) {
@@ -850,12 +847,12 @@ export class H2Connection {
           stream.sendWindow,
         );
         const last = at + size === pending.length;
-        this.#queue(frameBytes(
+        this.#send(
           Frame.DATA,
           last ? END_STREAM : 0,
           stream.id,
           pending.subarray(at, at + size),
-        ));
+        );
         at += size;
         this.#sendWindow -= size;
         stream.sendWindow -= size;
@@ -885,40 +882,51 @@ export class H2Connection {
     stream.pending = null;
     this.#releaseBody(stream);
     this.#streams.delete(stream.id);
-    this.#lastActive = performance.now();
+    this.#lastActive = this.#clock.now();
     if (this.#streams.size === 0 && this.#goingAway) this.#closeAfterFlush("done");
     this.#arm();
   }
 
   #reset(id: number, code: number): void {
-    this.#queue(frameBytes(Frame.RST_STREAM, 0, id, u32Payload(code)));
+    this.#send(Frame.RST_STREAM, 0, id, u32Payload(code));
   }
 
-  #queue(frame: Uint8Array): void {
+  /** Queues a frame: its 9-octet header and a copy of its payload. */
+  #send(type: number, flags: number, stream: number, payload: Uint8Array): void {
     if (this.#closed) return;
-    this.#out.push(frame);
-    this.#outBytes += frame.length;
+    const size = FRAME_HEADER + payload.length;
+    let out = this.#out;
+    let at = this.#outLength;
+    if (at + size > out.length) {
+      const bigger = new Uint8Array(Math.max(2 * out.length, at + size));
+      bigger.set(out.subarray(0, at));
+      this.#out = out = bigger;
+    }
+    out[at] = payload.length >>> 16;
+    out[at + 1] = (payload.length >>> 8) & 0xff;
+    out[at + 2] = payload.length & 0xff;
+    out[at + 3] = type;
+    out[at + 4] = flags;
+    out[at + 5] = (stream >>> 24) & 0x7f;
+    out[at + 6] = (stream >>> 16) & 0xff;
+    out[at + 7] = (stream >>> 8) & 0xff;
+    out[at + 8] = stream & 0xff;
+    out.set(payload, at + FRAME_HEADER);
+    this.#outLength = at + size;
+    this.#outBytes += size;
     this.#writing ??= this.#flush();
   }
 
-  /** Writes queued frames, coalesced, until none are left. */
   async #flush(): Promise<void> {
     // Let the frames of this turn (a batch of answers) join one write.
     await Promise.resolve();
     try {
-      while (this.#out.length > 0 && !this.#closed) {
-        const parts = this.#out.splice(0);
-        let bytes: Uint8Array;
-        if (parts.length === 1) {
-          bytes = parts[0];
-        } else {
-          bytes = new Uint8Array(parts.reduce((sum, p) => sum + p.length, 0));
-          let at = 0;
-          for (const part of parts) {
-            bytes.set(part, at);
-            at += part.length;
-          }
-        }
+      while (this.#outLength > 0 && !this.#closed) {
+        // Frames queued during the write go to the other buffer.
+        const full = this.#out;
+        const bytes = full.subarray(0, this.#outLength);
+        this.#out = this.#spare;
+        this.#outLength = 0;
         try {
           for (let at = 0; at < bytes.length;) {
             this.#writeDeadline.arm(this.#limits.writeTimeoutMs, "write timeout");
@@ -928,6 +936,8 @@ export class H2Connection {
           this.#writeDeadline.disarm();
         }
         this.#outBytes -= bytes.length;
+        // A buffer grown for a burst is not kept past it.
+        this.#spare = full.length > 64 * 1024 ? new Uint8Array(1024) : full;
         if (this.#outBytes <= OUTPUT_BUDGET && this.#drained !== null) {
           const wake = this.#drained;
           this.#drained = null;

@@ -53,35 +53,71 @@ function buildTrie(): Int32Array {
   return Int32Array.from(children);
 }
 
+/**
+ * The Huffman decoder as a state machine over 4-bit steps (as nghttp2 does): entry
+ * `state * 16 + nibble` holds the next state (low 9 bits) and the symbol completed, plus
+ * one (bits 9 and up; 0 for none), or -1 for an invalid code or EOS. A nibble completes at
+ * most one symbol (the shortest code has 5 bits). Decoding bit by bit was 5.6% of the CPU of
+ * a cached DoH request over HTTP/2 (V8 profile).
+ */
+const NIBBLES: Int32Array = (() => {
+  const nodes = trie.length / 2;
+  const table = new Int32Array(nodes * 16);
+  for (let state = 0; state < nodes; state++) {
+    for (let nibble = 0; nibble < 16; nibble++) {
+      let node = state;
+      let symbol = -1;
+      let entry = 0;
+      for (let bit = 3; bit >= 0; bit--) {
+        const next = trie[2 * node + ((nibble >> bit) & 1)];
+        if (next === -1 || next === LEAF + 256) {
+          entry = -1;
+          break;
+        }
+        if (next >= LEAF) {
+          symbol = next - LEAF;
+          node = 0;
+        } else {
+          node = next;
+        }
+      }
+      table[state * 16 + nibble] = entry < 0 ? -1 : node | ((symbol + 1) << 9);
+    }
+  }
+  return table;
+})();
+
+/**
+ * For each state, how many bits of ones lead to it from the root, or -1 when its path has a
+ * zero: a string may end only at the root or at most 7 bits of ones into the EOS code.
+ */
+const ONES_DEPTH: Int8Array = (() => {
+  const depth = new Int8Array(trie.length / 2).fill(-1);
+  depth[0] = 0;
+  for (let node = 0, d = 0; node >= 0 && node < LEAF; d++) {
+    depth[node] = d;
+    node = trie[2 * node + 1];
+  }
+  return depth;
+})();
+
 /** Decodes a Huffman-coded string (RFC 7541 section 5.2). */
 function huffmanDecode(bytes: Uint8Array, start: number, end: number): string {
   let out = "";
-  let node = 0;
-  // Bits read since the last symbol ended, and whether all of them were ones: what may be
-  // left at the end is padding, at most 7 bits of ones (the EOS prefix).
-  let pending = 0;
-  let allOnes = true;
+  let state = 0;
   for (let i = start; i < end; i++) {
     const byte = bytes[i];
-    for (let bit = 7; bit >= 0; bit--) {
-      const one = (byte >> bit) & 1;
-      const next = trie[2 * node + one];
-      if (next === -1) throw new HpackError("invalid Huffman code");
-      pending++;
-      if (one === 0) allOnes = false;
-      if (next >= LEAF) {
-        const symbol = next - LEAF;
-        if (symbol === 256) throw new HpackError("EOS in a Huffman string");
-        out += String.fromCharCode(symbol);
-        node = 0;
-        pending = 0;
-        allOnes = true;
-      } else {
-        node = next;
-      }
-    }
+    let entry = NIBBLES[state * 16 + (byte >> 4)];
+    if (entry < 0) throw new HpackError("invalid Huffman code");
+    if (entry >= 512) out += String.fromCharCode((entry >> 9) - 1);
+    state = entry & 511;
+    entry = NIBBLES[state * 16 + (byte & 15)];
+    if (entry < 0) throw new HpackError("invalid Huffman code");
+    if (entry >= 512) out += String.fromCharCode((entry >> 9) - 1);
+    state = entry & 511;
   }
-  if (pending > 7 || !allOnes) throw new HpackError("invalid Huffman padding");
+  const padding = ONES_DEPTH[state];
+  if (padding < 0 || padding > 7) throw new HpackError("invalid Huffman padding");
   return out;
 }
 
