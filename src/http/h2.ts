@@ -896,7 +896,7 @@ export class H2Connection {
     if (this.#closed) return;
     const size = FRAME_HEADER + payload.length;
     let out = this.#out;
-    let at = this.#outLength;
+    const at = this.#outLength;
     if (at + size > out.length) {
       const bigger = new Uint8Array(Math.max(2 * out.length, at + size));
       bigger.set(out.subarray(0, at));
