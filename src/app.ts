@@ -6,17 +6,27 @@
  */
 
 import { formatHostPort } from "./address.ts";
-import type { Config, ListenAddress } from "./config.ts";
+import { type Config, type ListenAddress, tlsListeners } from "./config.ts";
 import type { Logger } from "./log.ts";
 import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
 import { Admission } from "./resolver/admission.ts";
 import { Resolver } from "./resolver.ts";
+import { type EncryptedEndpoint, ResolverArpa } from "./dns/ddr.ts";
+import { DohService, registerDohMetrics } from "./server/doh.ts";
+import { DohListener } from "./server/doh_listener.ts";
 import { HttpServer, type Readiness } from "./server/http.ts";
 import { AnswerBudget } from "./server/answer_budget.ts";
 import { StreamServer } from "./server/stream.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
+import {
+  CertificateError,
+  CertificateMonitor,
+  loadServerCertificate,
+  registerCertificateMetrics,
+  type ServerCertificate,
+} from "./tls/certificate.ts";
 import { primeTls } from "./upstream/dot_connection.ts";
 import { UpstreamPool } from "./upstream/pool.ts";
 import type { Forwarder } from "./upstream/types.ts";
@@ -54,6 +64,8 @@ export interface RunningProxy {
   readonly tcp: StreamServer[];
   /** The answer budget all stream (TCP, DoT) connections share. */
   readonly budget: AnswerBudget;
+  /** The DoH listeners: `--listen-doh` (TLS) first, then `--listen-doh-plain`. */
+  readonly doh: DohListener[];
   /** The HTTP endpoint, when configured. */
   readonly http: HttpServer | null;
   /** The upstream pool (null when a forwarder was injected). */
@@ -115,6 +127,7 @@ export async function startProxy(
   const tcp: StreamServer[] = [];
   // One answer budget for every stream connection of every listener.
   const budget = new AnswerBudget();
+  const doh: DohListener[] = [];
   const clock = options.clock ?? SYSTEM_CLOCK;
   const timers = new TimerQueue(clock);
   let pool: UpstreamPool | null = null;
@@ -131,6 +144,24 @@ export async function startProxy(
     cacheEntries: () => resolver?.cache?.size ?? 0,
     queriesInflight: () => resolver?.inflight ?? 0,
   });
+  // The certificate every TLS listener serves (config.ts checked it already; a config built
+  // by hand in a test has not been).
+  const tlsNeeded = tlsListeners(config);
+  let certificate: ServerCertificate | null = null;
+  if (tlsNeeded.length > 0) {
+    try {
+      certificate = loadServerCertificate(config.tlsCert, config.tlsKey);
+    } catch (error) {
+      if (error instanceof CertificateError) throw new StartupError(error.message);
+      throw error;
+    }
+  }
+  registerCertificateMetrics(metrics.registry, certificate);
+  const dohStats = registerDohMetrics(metrics.registry);
+  // resolver.arpa is answered locally (RFC 9462); the records follow the listeners' ports,
+  // known once they are bound.
+  let resolverArpa = new ResolverArpa(null, []);
+  let certificateMonitor: CertificateMonitor | null = null;
   if (!options.forwarder) {
     await primeTls();
     pool = new UpstreamPool({
@@ -177,6 +208,7 @@ export async function startProxy(
     }),
     refuseAny: config.refuseAny,
     padding: config.padding,
+    local: { answer: (query, info) => resolverArpa.answer(query, info) },
     clock,
     timers,
   });
@@ -213,9 +245,10 @@ export async function startProxy(
   let closed: Promise<void> | null = null;
   const closeAll = (timeoutMs: number): Promise<void> => {
     closed ??= (async () => {
-      await Promise.all([...udp, ...tcp].map((server) => server.close(timeoutMs)));
+      await Promise.all([...udp, ...tcp, ...doh].map((server) => server.close(timeoutMs)));
       await http?.close();
       await forwarder.close();
+      certificateMonitor?.close();
       core.close();
       timers.close();
     })();
@@ -260,6 +293,37 @@ export async function startProxy(
         }
       }
     }
+    const service = new DohService({
+      resolver: core,
+      path: config.dohPath,
+      trustedProxies: config.trustedProxies,
+      cache: {
+        minTtl: config.cacheMinTtl,
+        maxTtl: config.cacheMaxTtl,
+        maxNegativeTtl: config.cacheMaxNegativeTtl,
+      },
+      log,
+      stats: dohStats,
+    });
+    const dohOptions = {
+      maxConnections: config.maxTcpConnections,
+      maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
+      limits: { idleTimeoutMs: config.tcpIdleTimeoutMs },
+    };
+    for (
+      const [addresses, tls] of [[config.listenDoh, certificate], [
+        config.listenDohPlain,
+        null,
+      ]] as const
+    ) {
+      for (const address of addresses) {
+        try {
+          doh.push(DohListener.listen(address, service, log, { ...dohOptions, tls }));
+        } catch (error) {
+          throw new StartupError(describeBindError(error, address, tls ? "doh" : "doh-plain"));
+        }
+      }
+    }
     if (config.http) {
       const address = config.http;
       try {
@@ -277,11 +341,31 @@ export async function startProxy(
     throw error;
   }
 
+  const encrypted: EncryptedEndpoint[] = doh.filter((listener) => listener.tls).map((listener) => ({
+    alpn: ["h2", "http/1.1"],
+    port: listener.addr.port,
+    dohpath: `${config.dohPath}{?dns}`,
+    address: listener.addr.hostname,
+  }));
+  if (certificate !== null) {
+    const bound = doh.filter((listener) => listener.tls).map((listener) =>
+      `doh ${formatHostPort(listener.addr.hostname, listener.addr.port)}`
+    );
+    certificateMonitor = new CertificateMonitor({ certificate, listeners: bound, log, timers });
+    const target = certificate.dnsNames[0] ?? null;
+    if (config.ddr && target === null && encrypted.length > 0) {
+      log.warn("ddr off: the certificate has no DNS name to give clients as the target", {
+        names: certificate.names.join(","),
+      });
+    }
+    resolverArpa = new ResolverArpa(target, encrypted, config.ddr);
+  }
   pool?.start();
   return {
     udp,
     tcp,
     budget,
+    doh,
     get http() {
       return http;
     },

@@ -118,10 +118,21 @@ export interface ResolverOptions {
   refuseAny?: boolean;
   /** Pad queries to upstreams to blocks of 128 octets (RFC 8467). */
   padding?: boolean;
+  /**
+   * Names answered here and never forwarded (`resolver.arpa`, RFC 9462): asked after
+   * admission and validation, before the cache; null for a name it does not own.
+   */
+  local?: LocalAnswers;
   /** The clock. */
   clock?: Clock;
   /** Timers (shared with the pool). */
   timers?: TimerQueue;
+}
+
+/** Answers for names the proxy owns (see `dns/ddr.ts`). */
+export interface LocalAnswers {
+  /** The response to a forwardable query inspected into `info`, or null to go on. */
+  answer(query: Uint8Array, info: QueryInfo): Uint8Array | null;
 }
 
 /** Carves upstream messages and per-client answer copies out of shared slabs. */
@@ -157,6 +168,7 @@ export class Resolver implements JobOwner, FlightOwner {
   readonly #admission: Admission | null;
   readonly #refuseAny: boolean;
   readonly #padding: boolean;
+  readonly #local: LocalAnswers | null;
   readonly #prefetch: boolean;
   readonly #staleTimeoutMs: number;
   readonly #overloadLog: RateLimitedLog;
@@ -184,6 +196,7 @@ export class Resolver implements JobOwner, FlightOwner {
     this.#admission = options.admission ?? null;
     this.#refuseAny = options.refuseAny ?? false;
     this.#padding = options.padding ?? false;
+    this.#local = options.local ?? null;
     const now = () => this.#clock.now();
     this.#overloadLog = new RateLimitedLog(options.log, 10_000, now);
     this.#failureLog = new RateLimitedLog(options.log, 1_000, now);
@@ -286,6 +299,13 @@ export class Resolver implements JobOwner, FlightOwner {
       });
       this.#finish(job, buildErrorResponse(query, info, rcode));
       return false;
+    }
+    if (this.#local !== null) {
+      const local = this.#local.answer(query, info);
+      if (local !== null) {
+        this.#finish(job, local);
+        return false;
+      }
     }
     if (info.qtype === RRType.ANY && job.datagram && this.#refuseAny) {
       // RFC 8482: no amplification through ANY; a real client asks again over TCP.

@@ -36,7 +36,7 @@ const RELEASE_TARGETS = [
   "x86_64-pc-windows-msvc",
 ];
 /** Kubernetes files that kustomization.yaml must not list (they need CRDs). */
-const OPTIONAL_K8S_FILES = ["servicemonitor.yaml"];
+const OPTIONAL_K8S_FILES = ["servicemonitor.yaml", "prometheusrule.yaml"];
 const COMPOSE_FILE = "deploy/docker-compose.yml";
 
 const ROOT = new URL("../", import.meta.url);

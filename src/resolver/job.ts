@@ -22,6 +22,7 @@ import type { Flight } from "./flight.ts";
 export const TRANSPORTS = {
   udp: { datagram: true },
   tcp: { datagram: false },
+  doh: { datagram: false },
 } as const satisfies Record<string, { datagram: boolean }>;
 
 /** The client transport a query arrived on (the `transport` label of metrics). */

@@ -282,7 +282,7 @@ function wantsClose(head: RequestHead): boolean {
 }
 
 /** Skips empty lines before a request line (RFC 9112 2.2); returns the new start. */
-function skipEmptyLines(buffer: Uint8Array, start: number, end: number): number {
+export function skipEmptyLines(buffer: Uint8Array, start: number, end: number): number {
   let at = start;
   while (at < end) {
     if (buffer[at] === LF) at++;
@@ -296,7 +296,7 @@ function skipEmptyLines(buffer: Uint8Array, start: number, end: number): number 
  * Finds the empty line that ends a head in `buffer[from, end)`: returns where the head's text
  * ends (after its last line's LF) and where the next bytes start, or null.
  */
-function findHeadEnd(
+export function findHeadEnd(
   buffer: Uint8Array,
   from: number,
   end: number,
