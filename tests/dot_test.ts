@@ -13,7 +13,7 @@ import { buildQuery, parseMessage, withEdnsOption } from "./support/dns.ts";
 import { InstantForwarder, waitFor } from "./support/hostile.ts";
 import { metricValue } from "./support/prometheus.ts";
 import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
-import type { Config } from "../src/config.ts";
+import { type Config, parseCidr } from "../src/config.ts";
 import type { RunningProxy } from "../src/app.ts";
 
 const UNUSED = ["127.0.0.1:853#dns.test"];
@@ -221,5 +221,22 @@ Deno.test("edns padding: DoT answers to a padded query fill 468-octet blocks; TC
     }
     const overUdp = await udpExchange(port, padded);
     assert.equal(options(overUdp!).has(PADDING), false, "not over UDP");
+  }, { forwarder });
+});
+
+Deno.test("dot: a client outside --allow gets REFUSED, then the connection closes (as over TCP)", async () => {
+  const forwarder = new InstantForwarder();
+  const config = dotConfig({ allow: [parseCidr("10.0.0.0/8", "--allow")] });
+  await withProxy(config, async ({ proxy }) => {
+    const client = await TcpDnsClient.connectTls(dotPort(proxy));
+    try {
+      await client.send(buildQuery("outsider.test", { id: 11 }));
+      const reply = parseMessage((await client.receive())!);
+      assert.equal(reply.rcode, 5, "REFUSED");
+      assert.equal(await client.receive(), null, "then closed");
+      assert.equal(forwarder.forwarded, 0);
+    } finally {
+      client.close();
+    }
   }, { forwarder });
 });
