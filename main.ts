@@ -56,6 +56,9 @@ async function main(args: string[]): Promise<number> {
     listen: config.listen.map((a) => formatHostPort(a.hostname, a.port)).join(","),
     upstreams: config.upstreams.map((u) => u.label).join(","),
     http: config.http ? formatHostPort(config.http.hostname, config.http.port) : undefined,
+    dot: config.listenDot.length > 0
+      ? config.listenDot.map((a) => formatHostPort(a.hostname, a.port)).join(",")
+      : undefined,
     doh: config.listenDoh.length > 0
       ? config.listenDoh.map((a) => formatHostPort(a.hostname, a.port)).join(",")
       : undefined,

@@ -18,6 +18,7 @@ import { DohListener } from "./server/doh_listener.ts";
 import { HttpServer, type Readiness } from "./server/http.ts";
 import { AnswerBudget } from "./server/answer_budget.ts";
 import { StreamServer } from "./server/stream.ts";
+import { DOT_ALPN, listenDot } from "./server/dot.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import {
@@ -64,6 +65,8 @@ export interface RunningProxy {
   readonly tcp: StreamServer[];
   /** The answer budget all stream (TCP, DoT) connections share. */
   readonly budget: AnswerBudget;
+  /** The DoT listeners, one per `--listen-dot` address. */
+  readonly dot: StreamServer[];
   /** The DoH listeners: `--listen-doh` (TLS) first, then `--listen-doh-plain`. */
   readonly doh: DohListener[];
   /** The HTTP endpoint, when configured. */
@@ -127,6 +130,7 @@ export async function startProxy(
   const tcp: StreamServer[] = [];
   // One answer budget for every stream connection of every listener.
   const budget = new AnswerBudget();
+  const dot: StreamServer[] = [];
   const doh: DohListener[] = [];
   const clock = options.clock ?? SYSTEM_CLOCK;
   const timers = new TimerQueue(clock);
@@ -134,6 +138,11 @@ export async function startProxy(
   let resolver: Resolver | null = null;
   const metrics = new ProxyMetrics(new Registry(), {
     tcpConnections: () => tcp.reduce((sum, server) => sum + server.openConnections, 0),
+    clientConnections: () => [
+      { transport: "tcp", open: tcp.reduce((sum, server) => sum + server.openConnections, 0) },
+      { transport: "dot", open: dot.reduce((sum, server) => sum + server.openConnections, 0) },
+      { transport: "doh", open: doh.reduce((sum, server) => sum + server.openConnections, 0) },
+    ],
     upstreams: () =>
       pool?.upstreams.map((u) => ({
         label: u.spec.label,
@@ -208,6 +217,7 @@ export async function startProxy(
     }),
     refuseAny: config.refuseAny,
     padding: config.padding,
+    streamIdleTimeoutMs: config.tcpIdleTimeoutMs,
     local: { answer: (query, info) => resolverArpa.answer(query, info) },
     clock,
     timers,
@@ -245,7 +255,9 @@ export async function startProxy(
   let closed: Promise<void> | null = null;
   const closeAll = (timeoutMs: number): Promise<void> => {
     closed ??= (async () => {
-      await Promise.all([...udp, ...tcp, ...doh].map((server) => server.close(timeoutMs)));
+      await Promise.all(
+        [...udp, ...tcp, ...dot, ...doh].map((server) => server.close(timeoutMs)),
+      );
       await http?.close();
       await forwarder.close();
       certificateMonitor?.close();
@@ -264,6 +276,7 @@ export async function startProxy(
   };
   try {
     const streamContext = { resolver: core, log, budget, stats: metrics.tcp };
+    const dotContext = { ...streamContext, stats: metrics.dot };
     const tcpOptions = {
       maxConnections: config.maxTcpConnections,
       maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
@@ -310,7 +323,15 @@ export async function startProxy(
       maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
       limits: { idleTimeoutMs: config.tcpIdleTimeoutMs },
       timers,
+      stats: metrics.doh,
     };
+    for (const address of config.listenDot) {
+      try {
+        dot.push(listenDot(address, dotContext, tcpOptions, certificate!));
+      } catch (error) {
+        throw new StartupError(describeBindError(error, address, "dot"));
+      }
+    }
     for (
       const [addresses, tls] of [[config.listenDoh, certificate], [
         config.listenDohPlain,
@@ -342,16 +363,26 @@ export async function startProxy(
     throw error;
   }
 
-  const encrypted: EncryptedEndpoint[] = doh.filter((listener) => listener.tls).map((listener) => ({
-    alpn: ["h2", "http/1.1"],
-    port: listener.addr.port,
-    dohpath: `${config.dohPath}{?dns}`,
-    address: listener.addr.hostname,
-  }));
+  const encrypted: EncryptedEndpoint[] = [
+    ...dot.map((listener) => ({
+      alpn: [DOT_ALPN],
+      port: listener.addr.port,
+      address: listener.addr.hostname,
+    })),
+    ...doh.filter((listener) => listener.tls).map((listener) => ({
+      alpn: ["h2", "http/1.1"],
+      port: listener.addr.port,
+      dohpath: `${config.dohPath}{?dns}`,
+      address: listener.addr.hostname,
+    })),
+  ];
   if (certificate !== null) {
-    const bound = doh.filter((listener) => listener.tls).map((listener) =>
-      `doh ${formatHostPort(listener.addr.hostname, listener.addr.port)}`
-    );
+    const bound = [
+      ...dot.map((listener) => `dot ${formatHostPort(listener.addr.hostname, listener.addr.port)}`),
+      ...doh.filter((listener) => listener.tls).map((listener) =>
+        `doh ${formatHostPort(listener.addr.hostname, listener.addr.port)}`
+      ),
+    ];
     certificateMonitor = new CertificateMonitor({ certificate, listeners: bound, log, timers });
     const target = certificate.dnsNames[0] ?? null;
     if (config.ddr && target === null && encrypted.length > 0) {
@@ -366,6 +397,7 @@ export async function startProxy(
     udp,
     tcp,
     budget,
+    dot,
     doh,
     get http() {
       return http;

@@ -88,6 +88,8 @@ export interface Config {
   tlsCert: string;
   /** The private key of {@linkcode Config.tlsCert}, PEM text; `""` when unset. */
   tlsKey: string;
+  /** Addresses to serve DNS over TLS on (RFC 7858). */
+  listenDot: ListenAddress[];
   /** Addresses to serve DNS over HTTPS on (TLS; HTTP/2 and HTTP/1.1). */
   listenDoh: ListenAddress[];
   /** Addresses to serve DNS over HTTP without TLS on, for a TLS-terminating proxy in front. */
@@ -494,6 +496,19 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     help: "PEM text of the private key of DOTPROXY_TLS_CERT, unencrypted (text, not a path)",
     parse: (text, what) => checkedPem(text, what, checkKeyText),
     fallback: () => "",
+  },
+  listenDot: {
+    flag: "listen-dot",
+    env: "DOTPROXY_LISTEN_DOT",
+    arg: "ADDR:PORT",
+    group: "Serving",
+    kind: "list",
+    defaultText: "off",
+    range: "",
+    help: "serve DNS over TLS (RFC 7858; port 853 by convention) here; needs " +
+      "DOTPROXY_TLS_CERT and DOTPROXY_TLS_KEY (repeatable; env: comma-separated)",
+    parse: parseOptionalListenList,
+    fallback: () => [],
   },
   listenDoh: {
     flag: "listen-doh",
@@ -1434,7 +1449,10 @@ function fill<K extends SettingField>(
  * ```
  */
 export function tlsListeners(config: Config): string[] {
-  return config.listenDoh.map((a) => `doh ${formatListen(a)}`);
+  return [
+    ...config.listenDot.map((a) => `dot ${formatListen(a)}`),
+    ...config.listenDoh.map((a) => `doh ${formatListen(a)}`),
+  ];
 }
 
 function formatListen(address: ListenAddress): string {

@@ -12,6 +12,7 @@ import { rcodeName } from "./dns/wire.ts";
 import type { CacheStats } from "./cache/answer_cache.ts";
 import type { DropReason, RefusedReason, ResolverStats, Transport } from "./resolver.ts";
 import type { StreamStats } from "./server/stream.ts";
+import type { DohListenerStats } from "./server/doh_listener.ts";
 import { TRANSPORT_NAMES } from "./resolver/job.ts";
 import {
   RETRY_REASONS,
@@ -26,6 +27,11 @@ import { VERSION } from "./version.ts";
 export interface ProxyState {
   /** Open TCP client connections. */
   tcpConnections(): number;
+  /**
+   * Open client connections by transport (`tcp`, `dot`, ...); a transport with no listener
+   * may be left out.
+   */
+  clientConnections?(): { transport: string; open: number }[];
   /** Per upstream: label, healthy, queries in flight, open connections. */
   upstreams(): { label: string; healthy: boolean; inflight: number; connections: number }[];
   /** Entries in the answer cache (0 with the cache off). */
@@ -230,6 +236,22 @@ const FAMILIES = {
     [],
     (state) => (set) => set(state.tcpConnections()),
   ],
+  clientConnections: [
+    "gauge",
+    "dotproxy_client_connections",
+    "Client connections open now, by transport (tcp, dot, doh), TLS handshakes included.",
+    ["transport"],
+    (state) => (set) => {
+      for (const c of state.clientConnections?.() ?? []) set(c.open, c.transport);
+    },
+  ],
+  tlsHandshakes: [
+    "counter",
+    "dotproxy_tls_handshakes_total",
+    "TLS handshakes with clients, by listener transport (dot, doh) and result: ok, failed (not " +
+    "TLS, no shared protocol or ALPN, a bad certificate) or timeout.",
+    ["transport", "result"],
+  ],
 } as const satisfies Record<string, FamilyRow>;
 
 /** The families of {@linkcode FAMILIES}, by field. */
@@ -308,6 +330,10 @@ export class ProxyMetrics {
   declare readonly tcpRejected: Counter;
   /** `dotproxy_tcp_connections_open`, computed at scrape time. */
   declare readonly tcpOpen: Gauge;
+  /** `dotproxy_client_connections{transport}`, computed at scrape time. */
+  declare readonly clientConnections: Gauge;
+  /** `dotproxy_tls_handshakes_total{transport,result}`. */
+  declare readonly tlsHandshakes: Counter;
   /** `dotproxy_upstream_healthy{upstream}`, computed at scrape time. */
   declare readonly upstreamHealthy: Gauge;
   /** `dotproxy_upstream_inflight{upstream}`, computed at scrape time. */
@@ -337,6 +363,10 @@ export class ProxyMetrics {
   readonly resolver: ResolverStats;
   /** Hooks for the TCP listener. */
   readonly tcp: StreamStats;
+  /** Hooks for the DoT listener. */
+  readonly dot: StreamStats;
+  /** Hooks for the DoH listeners (their TLS handshakes). */
+  readonly doh: DohListenerStats;
   /** Hooks for the answer cache. */
   readonly cache: CacheStats;
 
@@ -421,6 +451,23 @@ export class ProxyMetrics {
       rejected: () => this.tcpRejected.inc(),
       malformed: () => this.dropped.labels("tcp", "malformed").inc(),
     };
+    const dotHandshakes = {
+      ok: this.tlsHandshakes.labels("dot", "ok"),
+      failed: this.tlsHandshakes.labels("dot", "failed"),
+      timeout: this.tlsHandshakes.labels("dot", "timeout"),
+    };
+    this.dot = {
+      accepted: () => {},
+      rejected: () => {},
+      malformed: () => this.dropped.labels("dot", "malformed").inc(),
+      handshake: (result) => dotHandshakes[result].inc(),
+    };
+    const dohHandshakes = {
+      ok: this.tlsHandshakes.labels("doh", "ok"),
+      failed: this.tlsHandshakes.labels("doh", "failed"),
+      timeout: this.tlsHandshakes.labels("doh", "timeout"),
+    };
+    this.doh = { handshake: (result) => dohHandshakes[result].inc(), rejected: () => {} };
   }
 
   /** Creates the hooks of one upstream (the {@linkcode UpstreamStatsFactory}). */

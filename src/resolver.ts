@@ -43,7 +43,9 @@ import {
   type JobOwner,
   type ResponseSink,
   type Transport,
+  TRANSPORTS,
 } from "./resolver/job.ts";
+import { addStreamOptions } from "./dns/stream_options.ts";
 import { SlabCopier } from "./slab.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import { type Forwarder, UpstreamError } from "./upstream/types.ts";
@@ -118,6 +120,11 @@ export interface ResolverOptions {
   refuseAny?: boolean;
   /** Pad queries to upstreams to blocks of 128 octets (RFC 8467). */
   padding?: boolean;
+  /**
+   * The idle timeout of stream connections, announced to a stream client that asks with
+   * edns-tcp-keepalive (RFC 7828); default 10 s.
+   */
+  streamIdleTimeoutMs?: number;
   /**
    * Names answered here and never forwarded (`resolver.arpa`, RFC 9462): asked after
    * admission and validation, before the cache; null for a name it does not own.
@@ -321,6 +328,8 @@ export class Resolver implements JobOwner, FlightOwner {
     job.questionEnd = info.questionEnd;
     job.qtype = info.qtype;
     job.hasEdns = info.hasEdns;
+    job.asksKeepalive = info.asksKeepalive;
+    job.asksPadding = info.asksPadding;
     job.limit = job.datagram ? clientUdpLimit(info, this.#options.udpMaxSize) : 65535;
     // The cache key and the flight table (coalescing) need them; both come with the cache.
     if (this.cache !== null) job.keyFlags = cacheKeyFlags(job.query, info.dnssecOk, info.cd);
@@ -726,6 +735,17 @@ export class Resolver implements JobOwner, FlightOwner {
     if (response.length > job.limit) {
       response = truncateResponse(response, job.limit);
       this.#stats.truncated();
+    }
+    if (job.asksKeepalive || job.asksPadding) {
+      const transport = TRANSPORTS[job.transport];
+      const keepalive = job.asksKeepalive && transport.keepalive;
+      const pad = job.asksPadding && transport.padsAnswers;
+      if (keepalive || pad) {
+        response = addStreamOptions(response, {
+          keepaliveMs: keepalive ? this.#options.streamIdleTimeoutMs ?? 10_000 : -1,
+          pad,
+        });
+      }
     }
     const seconds = (this.#clock.now() - job.started) / 1000;
     const rcode = getRcode(response);

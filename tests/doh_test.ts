@@ -1007,3 +1007,26 @@ Deno.test("doh: a drain answers the requests in flight (HTTP/2: GOAWAY first), t
     { delayMs: (query) => query[13] === 0x73 ? 300 : 0 },
   );
 });
+
+Deno.test("doh: TLS handshakes and open connections count under transport=doh", async () => {
+  await withDoh(async ({ tlsPort, proxy }) => {
+    const client = Deno.createHttpClient({ caCerts: [CA_PEM] });
+    try {
+      const response = await fetch(
+        `https://localhost:${tlsPort}/dns-query?dns=${base64Url(buildQuery("m.example"))}`,
+        { client },
+      );
+      assert.equal(response.status, 200);
+      await response.body?.cancel();
+      assert.equal(proxy.metrics.tlsHandshakes.get("doh", "ok"), 1);
+      assert.equal(proxy.metrics.clientConnections.get("doh"), 1, "the kept-alive connection");
+      const garbage = await Deno.connect({ hostname: "127.0.0.1", port: tlsPort });
+      await garbage.write(new TextEncoder().encode("GET / HTTP/1.1\r\n\r\n"));
+      await waitUntil(() => proxy.metrics.tlsHandshakes.get("doh", "failed") === 1, 2000);
+      assert.equal(proxy.metrics.tlsHandshakes.get("doh", "failed"), 1);
+      garbage.close();
+    } finally {
+      client.close();
+    }
+  });
+});

@@ -222,3 +222,16 @@ Deno.test({
     }, { tlsCert: made.cert, tlsKey: made.key });
   },
 });
+
+Deno.test("ddr: DoT and DoH listeners each get their SVCB record, DoT first", async () => {
+  await withDoh(async ({ port, tlsPort, proxy }) => {
+    const reply = parseMessage(
+      (await udpExchange(port, buildQuery("_dns.resolver.arpa", { type: 64 })))!,
+    );
+    const records = reply.answers.map((record) => readSvcb(record.data));
+    assert.deepEqual(records.map((r) => [r.priority, r.alpn, r.port, r.dohpath]), [
+      [1, ["dot"], proxy.dot[0].addr.port, ""],
+      [2, ["h2", "http/1.1"], tlsPort, "/dns-query{?dns}"],
+    ]);
+  }, { listenDot: [{ hostname: "127.0.0.1", port: 0 }] });
+});

@@ -327,3 +327,78 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "exhaustion: 1,000 clients on the DoT listener under ulimit -n 1024; UDP answers, DoT comes back",
+  ignore: Deno.build.os === "windows",
+  fn: async () => {
+    const upstream = DotServer.start();
+    const dnsPort = freeStablePort();
+    const dotPort = freeStablePort();
+    const main = startMain({
+      ulimit: 1024,
+      env: { DOTPROXY_TLS_CERT: SERVER_PEM, DOTPROXY_TLS_KEY: SERVER_KEY },
+      args: [
+        "--listen",
+        `127.0.0.1:${dnsPort}`,
+        "--listen-dot",
+        `127.0.0.1:${dotPort}`,
+        "--upstream",
+        upstream.upstream(),
+        "--max-tcp-connections",
+        "5000",
+        "--max-tcp-connections-per-client",
+        "5000",
+      ],
+    });
+    const clients: Deno.TcpConn[] = [];
+    const askDot = async (): Promise<boolean> => {
+      try {
+        const client = await TcpDnsClient.connectTls(dotPort);
+        try {
+          await client.send(buildQuery("dot.test", { id: 1 }));
+          return (await client.receive(2000)) !== null;
+        } finally {
+          client.close();
+        }
+      } catch {
+        return false;
+      }
+    };
+    try {
+      assert.ok(
+        await waitFor(() => main.stderr().includes("dotproxy started"), 15_000),
+        `started: ${main.stderr()}`,
+      );
+      assert.ok(await askDot(), "DoT answers at first");
+      // Connections that never start a handshake: each holds a descriptor up to the deadline.
+      for (let i = 0; i < CLIENTS; i++) {
+        clients.push(await Deno.connect({ hostname: "127.0.0.1", port: dotPort }));
+      }
+      assert.ok(
+        await waitFor(
+          () => main.stderr().includes("dot accept failed: out of file descriptors"),
+          10_000,
+        ),
+        "the proxy ran out of descriptors on the DoT listener",
+      );
+      const udp = await udpExchange(dnsPort, buildQuery("udp.test", { id: 2 }), 2000);
+      assert.ok(udp, "UDP answers meanwhile");
+      for (const conn of clients.splice(0)) conn.close();
+      let dot = false;
+      for (let i = 0; i < 40 && !dot; i++) {
+        dot = await askDot();
+        if (!dot) await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      assert.ok(dot, "DoT answers once descriptors free up");
+      assert.equal(main.exited(), false, "never exited");
+      assert.ok(!main.stderr().includes("unhandled"), "no unhandled rejection");
+      assert.ok(!main.stderr().includes("no longer serving"), "no listener gave up");
+    } finally {
+      for (const conn of clients) conn.close();
+      await main.stop();
+      await upstream.close();
+    }
+  },
+});

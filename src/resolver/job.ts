@@ -13,17 +13,27 @@ import type { Timed } from "../timers.ts";
 import type { Flight } from "./flight.ts";
 
 /**
- * The client transports and what the resolver needs to know of each: whether it carries one
- * message per datagram. A datagram transport gets answers cut to the client's size (TC=1),
- * ANY refused with TC=1, refusals rate-limited (its sources can be spoofed), and its queries
- * shed at `--max-inflight`; a stream transport gets none of that, and its connection closes
- * after a refusal by access control. Adding a transport is one row here: no stage names one.
+ * The client transports and what the resolver needs to know of each; no stage names one, so
+ * adding a transport is one row here.
+ *
+ * - `datagram`: one message per datagram. Answers are cut to the client's size (TC=1), ANY
+ *   gets TC=1, refusals are rate-limited (the sources can be spoofed), and queries are shed at
+ *   `--max-inflight`; otherwise none of that, and the connection closes after a refusal by
+ *   access control.
+ * - `keepalive`: a query's edns-tcp-keepalive option (RFC 7828) is answered with the stream
+ *   idle timeout (TCP and DoT; never UDP, and DoH has HTTP's own).
+ * - `padsAnswers`: a query's Padding option gets its answer padded to 468-octet blocks (RFC
+ *   8467), over TLS and HTTPS.
  */
 export const TRANSPORTS = {
-  udp: { datagram: true },
-  tcp: { datagram: false },
-  doh: { datagram: false },
-} as const satisfies Record<string, { datagram: boolean }>;
+  udp: { datagram: true, keepalive: false, padsAnswers: false },
+  tcp: { datagram: false, keepalive: true, padsAnswers: false },
+  dot: { datagram: false, keepalive: true, padsAnswers: true },
+  doh: { datagram: false, keepalive: false, padsAnswers: true },
+} as const satisfies Record<
+  string,
+  { datagram: boolean; keepalive: boolean; padsAnswers: boolean }
+>;
 
 /** The client transport a query arrived on (the `transport` label of metrics). */
 export type Transport = keyof typeof TRANSPORTS;
@@ -92,6 +102,10 @@ export class ClientJob implements Timed {
   qtype = 0;
   /** True when the client sent an OPT record. */
   hasEdns = false;
+  /** True when its OPT asked for edns-tcp-keepalive (RFC 7828). */
+  asksKeepalive = false;
+  /** True when its OPT carried padding (RFC 7830). */
+  asksPadding = false;
   /** Largest response the client takes (datagram: 512 or its EDNS size, capped). */
   limit: number = MAX_MESSAGE_SIZE;
   /** Cache key flags (DO, CD, AD, RD). */

@@ -14,7 +14,7 @@
  *   (other methods), 415 (POST of another type); 413, 414 and 431 come from the
  *   connections' limits through {@linkcode DohService.reject};
  * - answers are never truncated; a query that carried EDNS padding gets its answer padded
- *   to 468-octet blocks (RFC 8467);
+ *   to 468-octet blocks (RFC 8467: the resolver does it for `doh` as for `dot`);
  * - the client is the connection's peer, or with `--trusted-proxy`, the right-most address
  *   of `X-Forwarded-For` that is not a trusted proxy; ACL and rate limit apply to it.
  *
@@ -24,7 +24,6 @@
 import { cacheableTtl, type CacheSettings } from "../cache/answer_cache.ts";
 import { type Cidr, cidrContains, parseIpAddress } from "../config.ts";
 import { analyzeResponse, ResponseInfo } from "../dns/message.ts";
-import { hasPaddingOption, padResponse } from "../dns/padding.ts";
 import { inspectQuery, QueryInfo, QueryVerdict } from "../dns/query.ts";
 import type { HttpPeer, HttpRequest, HttpResponse, HttpService } from "../http/types.ts";
 import type { Logger } from "../log.ts";
@@ -264,18 +263,17 @@ export class DohService implements HttpService {
     if (inspectQuery(query, info) === QueryVerdict.DROP) {
       return Promise.resolve(this.reject(400, `not a DNS query (${info.reason})`));
     }
-    const padded = info.hasEdns && hasPaddingOption(query, info.optStart, info.optEnd);
     const client = forwardedClient(
       peer.address,
       request.fields.get("x-forwarded-for"),
       this.#options.trustedProxies,
     );
     return this.#options.resolver.resolve(query, "doh", client).then((answer) =>
-      this.#answer(answer, padded)
+      this.#answer(answer)
     );
   }
 
-  #answer(answer: Uint8Array | null, padded: boolean): HttpResponse {
+  #answer(answer: Uint8Array | null): HttpResponse {
     if (answer === null) {
       // Dropped by the resolver (rate limit over a stream is REFUSED, not a drop: this is
       // overload or a bug): the client may retry.
@@ -284,20 +282,18 @@ export class DohService implements HttpService {
       return refused;
     }
     const info = this.#responseInfo;
-    let body = answer;
     let cacheControl = "no-store";
     if (analyzeResponse(answer, info)) {
       const decision = cacheableTtl(info, answer.length, this.#settings);
       if (decision !== null && decision.kind !== "servfail") {
         cacheControl = `max-age=${decision.ttl}`;
       }
-      if (padded) body = padResponse(answer, info.optStart, info.optEnd);
     }
     this.#stats.response(200);
     return {
       status: 200,
       fields: [["content-type", DNS_MESSAGE], ["cache-control", cacheControl]],
-      body,
+      body: answer,
     };
   }
 }

@@ -194,12 +194,20 @@ export class DohListener {
     log: Logger,
     options: DohListenerOptions,
   ): DohListener {
+    // SO_REUSEPORT like every listener: a new process starts on the same addresses while the
+    // old one drains (certificate rotation without a failed query; see docs/dot.md).
     const listener = options.tls === null
-      ? Deno.listen({ transport: "tcp", hostname: address.hostname, port: address.port })
+      ? Deno.listen({
+        transport: "tcp",
+        hostname: address.hostname,
+        port: address.port,
+        reusePort: true,
+      })
       : Deno.listenTls({
         transport: "tcp",
         hostname: address.hostname,
         port: address.port,
+        reusePort: true,
         cert: options.tls.cert,
         key: options.tls.key,
         alpnProtocols: ["h2", "http/1.1"],

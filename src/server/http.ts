@@ -489,10 +489,12 @@ export class HttpServer {
     options: HttpServerOptions = {},
   ): HttpServer {
     const resolved = resolveOptions(options);
+    // SO_REUSEPORT: a new process can take over the address while this one drains.
     const listener = Deno.listen({
       transport: "tcp",
       hostname: address.hostname,
       port: address.port,
+      reusePort: true,
     });
     return new HttpServer(listener, handlers, log, resolved);
   }

@@ -75,6 +75,8 @@ export interface StreamStats extends AcceptStats {
   rejected(): void;
   /** A client sent something that is not DNS over TCP; its connection was closed. */
   malformed(): void;
+  /** A TLS handshake ended (DoT): `ok`, `failed` or `timeout`. */
+  handshake?(result: "ok" | "failed" | "timeout"): void;
 }
 
 const NO_STREAM_STATS: StreamStats = { accepted() {}, rejected() {}, malformed() {} };
@@ -197,7 +199,10 @@ export class StreamServer {
     });
   }
 
-  /** Binds `address` for DNS over TCP and starts serving; throws the OS error. */
+  /**
+   * Binds `address` for DNS over TCP and starts serving; throws the OS error. The socket has
+   * `SO_REUSEPORT`, so that a new process can take over the address while this one drains.
+   */
   static listenTcp(
     address: ListenAddress,
     context: StreamContext,
@@ -207,6 +212,7 @@ export class StreamServer {
       transport: "tcp",
       hostname: address.hostname,
       port: address.port,
+      reusePort: true,
     });
     return new StreamServer(listener, { ...context, transport: "tcp" }, options);
   }
@@ -272,6 +278,8 @@ class StreamConnection implements ResponseSink, Served {
   readonly #transport: Transport;
   /** Settles true once the connection may carry queries (a TLS handshake done). */
   readonly #prepared: Promise<boolean> | undefined;
+  /** True until `#prepared` settled. */
+  #preparing: boolean;
   readonly #budget: AnswerBudget;
   /** This client's (address's) part of the answer budget. */
   readonly share: ClientShare;
@@ -330,6 +338,7 @@ class StreamConnection implements ResponseSink, Served {
     this.#transport = transport;
     this.share = share;
     this.#prepared = prepared;
+    this.#preparing = prepared !== undefined;
     let remote: Deno.Addr | undefined;
     try {
       remote = conn.remoteAddr;
@@ -358,6 +367,8 @@ class StreamConnection implements ResponseSink, Served {
 
   /** Closes the connection when idle too long or stuck writing to a client that won't read. */
   checkIdle(now: number): void {
+    // A TLS handshake has a deadline of its own.
+    if (this.#preparing) return;
     const stuckAfter = this.#budget.pressed ? SEND_TIMEOUT_PRESSED_MS : SEND_TIMEOUT_MS;
     if (this.#writing && now - this.#lastProgress > stuckAfter) {
       this.#log.debug(`closing ${this.#transport} connection: client not reading its answers`, {
@@ -434,9 +445,14 @@ class StreamConnection implements ResponseSink, Served {
     let start = 0;
     let end = 0;
     try {
-      if (this.#prepared !== undefined && !(await this.#prepared)) {
-        this.#close();
-        return;
+      if (this.#prepared !== undefined) {
+        const ready = await this.#prepared;
+        this.#preparing = false;
+        this.#lastActive = SYSTEM_CLOCK.now();
+        if (!ready) {
+          this.#close();
+          return;
+        }
       }
       reading: for (;;) {
         // Handle the complete frames already buffered, one at a time, within the limits.
