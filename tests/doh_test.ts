@@ -111,6 +111,18 @@ Deno.test({
           ]);
           assert.equal(post.status, 200);
           assert.deepEqual(addressOf(post.body), addressOf(get.body));
+          // With Expect: 100-continue (curl sends it for large bodies; forced here).
+          const expecting = await curl(`${base}/dns-query`, [
+            ...flags,
+            "-H",
+            "content-type: application/dns-message",
+            "-H",
+            "expect: 100-continue",
+            "--data-binary",
+            `@${dir}/query`,
+          ]);
+          assert.equal(expecting.status, 200);
+          assert.deepEqual(addressOf(expecting.body), addressOf(get.body));
           const head = await curl(`${base}/dns-query?dns=${base64Url(query)}`, [...flags, "-I"]);
           assert.equal(head.status, 200);
           // curl -I writes the head where the body would go: nothing follows it.

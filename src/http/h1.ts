@@ -223,6 +223,8 @@ export class H1Connection {
         length > 0 && end - start < length && /100-continue/i.test(head.fields.get("expect") ?? "")
       ) {
         await this.#write(encoder.encode("HTTP/1.1 100 Continue\r\n\r\n"));
+        // The write had its own deadline; the body has the request's again.
+        this.#arm(limits.requestTimeoutMs, "request timeout");
       }
       // The body: the bytes already here, then reads until it is whole (same deadline).
       if (end - start < length && start + length > buffer.length) {
