@@ -33,6 +33,8 @@ const LF = 0x0a;
 /** After a response with `Connection: close`, unread bytes are drained this long at most. */
 const LINGER_MS = 1_000;
 const LINGER_BYTES = 64 * 1024;
+/** On shutdown, how long an idle keep-alive connection waits for a request already sent. */
+const SHUTDOWN_GRACE_MS = 1_000;
 
 /** How an HTTP/1.1 connection ended, for the listener's log. */
 export type H1Outcome = { reason: string; error?: string };
@@ -116,10 +118,12 @@ export class H1Connection {
     this.#close(reason);
   }
 
-  /** Closes once the request being answered (if any) is written. */
+  /** Closes once the request being answered (if any) is written, or after a short grace. */
   shutdown(): void {
     this.#shuttingDown = true;
-    if (!this.#busy) this.#close("shutting down");
+    // Between requests a request may already be on its way (HTTP/1.1 has no GOAWAY): give it
+    // a moment to arrive and be answered with `connection: close` rather than be lost.
+    if (!this.#busy) this.#arm(SHUTDOWN_GRACE_MS, "shutting down");
   }
 
   #close(reason: string): void {
