@@ -9,7 +9,16 @@
  * panicked in `ext/signals` under the same ulimit), and it has no handshake, request or idle
  * deadline and no connection cap. Piping each connection into an internal `Deno.serve` on
  * loopback would keep our own accept loop, but costs two more descriptors and two more
- * copies per client connection and still needs a restart when that inner loop dies.
+ * copies per client connection and still needs a restart when that inner loop dies. What it
+ * costs to own it, measured (bench/doh_bench.sh, h2load, one core): 132k cached requests/s
+ * over TLS at 6.4 CPU ms per 1,000, against dnsdist's DoH (h2o) at 6.9 and Unbound's (nghttp2)
+ * at 15.7; 22 KiB of RSS per idle HTTP/2 connection over TLS. Interoperability is tested with
+ * curl, kdig, dig, python3-h2, dnsdist and nginx (tests/doh_*_test.ts).
+ *
+ * Hostile input: a frame over 16,384 octets, a bad preface, HPACK that does not decode, ids
+ * going backwards and the like end the connection with GOAWAY and the RFC's error code; a
+ * client that mostly opens streams to reset them ("rapid reset", CVE-2023-44487) and an
+ * endless header block of CONTINUATION frames (CVE-2024-27316) get ENHANCE_YOUR_CALM.
  *
  * Limits (see {@linkcode HttpLimits}), each costing a well-behaved client nothing:
  * - SETTINGS_MAX_CONCURRENT_STREAMS: a HEADERS frame beyond it gets RST_STREAM
