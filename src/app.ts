@@ -10,6 +10,7 @@ import {
   type Config,
   type ListenAddress,
   parseIpAddress,
+  tlsListeners,
   type UpstreamSpec,
   type ZoneRoute,
 } from "./config.ts";
@@ -18,8 +19,13 @@ import { Registry } from "./metrics.ts";
 import { ProxyMetrics } from "./proxy_metrics.ts";
 import { Admission } from "./resolver/admission.ts";
 import { Resolver } from "./resolver.ts";
+import { type EncryptedEndpoint, ResolverArpa } from "./dns/ddr.ts";
+import { DohService, registerDohMetrics } from "./server/doh.ts";
+import { DohListener } from "./server/doh_listener.ts";
 import { HttpServer, type Readiness } from "./server/http.ts";
-import { TcpServer } from "./server/tcp.ts";
+import { AnswerBudget } from "./server/answer_budget.ts";
+import { StreamServer } from "./server/stream.ts";
+import { DOT_ALPN, listenDot } from "./server/dot.ts";
 import { UdpServer } from "./server/udp.ts";
 import { type Clock, SYSTEM_CLOCK, TimerQueue } from "./timers.ts";
 import { primeTls } from "./upstream/tls_dial.ts";
@@ -30,6 +36,13 @@ import { StreamConnection } from "./upstream/stream_connection.ts";
 import { type PoolOptions, UpstreamPool } from "./upstream/pool.ts";
 import { type Route, Router } from "./upstream/router.ts";
 import { SpecialUseNames } from "./upstream/special_use.ts";
+import {
+  CertificateError,
+  CertificateMonitor,
+  loadServerCertificate,
+  registerCertificateMetrics,
+  type ServerCertificate,
+} from "./tls/certificate.ts";
 
 /** Raised when the proxy cannot start (address in use, permission denied). */
 export class StartupError extends Error {
@@ -61,7 +74,13 @@ export interface RunningProxy {
   /** The UDP listeners, one per listen address. */
   readonly udp: UdpServer[];
   /** The TCP listeners, one per listen address. */
-  readonly tcp: TcpServer[];
+  readonly tcp: StreamServer[];
+  /** The answer budget all stream (TCP, DoT) connections share. */
+  readonly budget: AnswerBudget;
+  /** The DoT listeners, one per `--listen-dot` address. */
+  readonly dot: StreamServer[];
+  /** The DoH listeners: `--listen-doh` (TLS) first, then `--listen-doh-plain`. */
+  readonly doh: DohListener[];
   /** The HTTP endpoint, when configured. */
   readonly http: HttpServer | null;
   /** The upstream pool (null when a forwarder was injected). */
@@ -251,7 +270,11 @@ export async function startProxy(
   options: StartOptions = {},
 ): Promise<RunningProxy> {
   const udp: UdpServer[] = [];
-  const tcp: TcpServer[] = [];
+  const tcp: StreamServer[] = [];
+  // One answer budget for every stream connection of every listener.
+  const budget = new AnswerBudget();
+  const dot: StreamServer[] = [];
+  const doh: DohListener[] = [];
   const clock = options.clock ?? SYSTEM_CLOCK;
   const timers = new TimerQueue(clock);
   let pool: UpstreamPool | null = null;
@@ -267,6 +290,11 @@ export async function startProxy(
         !seen.has(u.label) && seen.add(u.label)
       );
     },
+    clientConnections: () => [
+      { transport: "tcp", open: tcp.reduce((sum, server) => sum + server.openConnections, 0) },
+      { transport: "dot", open: dot.reduce((sum, server) => sum + server.openConnections, 0) },
+      { transport: "doh", open: doh.reduce((sum, server) => sum + server.openConnections, 0) },
+    ],
     cacheEntries: () => resolver?.cache?.size ?? 0,
     cacheBytes: () => resolver?.cache?.bytes ?? 0,
     queriesInflight: () => resolver?.inflight ?? 0,
@@ -275,6 +303,24 @@ export async function startProxy(
   const needsTls = !options.forwarder ||
     config.zones.some((zone) => zone.targets.some((target) => !target.plain));
   if (needsTls) await primeTls();
+  // The certificate every TLS listener serves (config.ts checked it already; a config built
+  // by hand in a test has not been).
+  const tlsNeeded = tlsListeners(config);
+  let certificate: ServerCertificate | null = null;
+  if (tlsNeeded.length > 0) {
+    try {
+      certificate = loadServerCertificate(config.tlsCert, config.tlsKey);
+    } catch (error) {
+      if (error instanceof CertificateError) throw new StartupError(error.message);
+      throw error;
+    }
+  }
+  registerCertificateMetrics(metrics.registry, certificate);
+  const dohStats = registerDohMetrics(metrics.registry);
+  // resolver.arpa is answered locally (RFC 9462); the records follow the listeners' ports,
+  // known once they are bound.
+  let resolverArpa = new ResolverArpa(null, []);
+  let certificateMonitor: CertificateMonitor | null = null;
   if (!options.forwarder) {
     pool = new UpstreamPool(upstreamSetOptions(config, config.upstreams, shared), timers);
   }
@@ -339,6 +385,8 @@ export async function startProxy(
       clock,
     }),
     refuseAny: config.refuseAny,
+    streamIdleTimeoutMs: config.tcpIdleTimeoutMs,
+    local: { answer: (query, info) => resolverArpa.answer(query, info) },
     clock,
     timers,
   });
@@ -374,9 +422,12 @@ export async function startProxy(
   let closed: Promise<void> | null = null;
   const closeAll = (timeoutMs: number): Promise<void> => {
     closed ??= (async () => {
-      await Promise.all([...udp, ...tcp].map((server) => server.close(timeoutMs)));
+      await Promise.all(
+        [...udp, ...tcp, ...dot, ...doh].map((server) => server.close(timeoutMs)),
+      );
       await http?.close();
       await forwarder.close();
+      certificateMonitor?.close();
       core.close();
       timers.close();
     })();
@@ -391,6 +442,8 @@ export async function startProxy(
     await closeAll(timeoutMs);
   };
   try {
+    const streamContext = { resolver: core, log, budget, stats: metrics.tcp };
+    const dotContext = { ...streamContext, stats: metrics.dot };
     const tcpOptions = {
       maxConnections: config.maxTcpConnections,
       maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
@@ -409,7 +462,7 @@ export async function startProxy(
         }
         const tcpAddress = { hostname: address.hostname, port: udpServer.addr.port };
         try {
-          tcp.push(TcpServer.listen(tcpAddress, core, log, tcpOptions, metrics.tcp));
+          tcp.push(StreamServer.listenTcp(tcpAddress, streamContext, tcpOptions));
           udp.push(udpServer);
           wildcards.push(tcpAddress);
           break;
@@ -420,6 +473,46 @@ export async function startProxy(
           if (!retry) {
             throw new StartupError(describeBindError(error, tcpAddress, "tcp", before));
           }
+        }
+      }
+    }
+    const service = new DohService({
+      resolver: core,
+      path: config.dohPath,
+      trustedProxies: config.trustedProxies,
+      cache: {
+        minTtl: config.cacheMinTtl,
+        maxTtl: config.cacheMaxTtl,
+        maxNegativeTtl: config.cacheMaxNegativeTtl,
+      },
+      log,
+      stats: dohStats,
+    });
+    const dohOptions = {
+      maxConnections: config.maxTcpConnections,
+      maxConnectionsPerClient: config.maxTcpConnectionsPerClient,
+      limits: { idleTimeoutMs: config.tcpIdleTimeoutMs },
+      timers,
+      stats: metrics.doh,
+    };
+    for (const address of config.listenDot) {
+      try {
+        dot.push(listenDot(address, dotContext, tcpOptions, certificate!));
+      } catch (error) {
+        throw new StartupError(describeBindError(error, address, "dot"));
+      }
+    }
+    for (
+      const [addresses, tls] of [[config.listenDoh, certificate], [
+        config.listenDohPlain,
+        null,
+      ]] as const
+    ) {
+      for (const address of addresses) {
+        try {
+          doh.push(DohListener.listen(address, service, log, { ...dohOptions, tls }));
+        } catch (error) {
+          throw new StartupError(describeBindError(error, address, tls ? "doh" : "doh-plain"));
         }
       }
     }
@@ -441,6 +534,35 @@ export async function startProxy(
     throw error;
   }
 
+  const encrypted: EncryptedEndpoint[] = [
+    ...dot.map((listener) => ({
+      alpn: [DOT_ALPN],
+      port: listener.addr.port,
+      address: listener.addr.hostname,
+    })),
+    ...doh.filter((listener) => listener.tls).map((listener) => ({
+      alpn: ["h2", "http/1.1"],
+      port: listener.addr.port,
+      dohpath: `${config.dohPath}{?dns}`,
+      address: listener.addr.hostname,
+    })),
+  ];
+  if (certificate !== null) {
+    const bound = [
+      ...dot.map((listener) => `dot ${formatHostPort(listener.addr.hostname, listener.addr.port)}`),
+      ...doh.filter((listener) => listener.tls).map((listener) =>
+        `doh ${formatHostPort(listener.addr.hostname, listener.addr.port)}`
+      ),
+    ];
+    certificateMonitor = new CertificateMonitor({ certificate, listeners: bound, log, timers });
+    const target = certificate.dnsNames[0] ?? null;
+    if (config.ddr && target === null && encrypted.length > 0) {
+      log.warn("ddr off: the certificate has no DNS name to give clients as the target", {
+        names: certificate.names.join(","),
+      });
+    }
+    resolverArpa = new ResolverArpa(target, encrypted, config.ddr);
+  }
   // Logged once every listener is bound: a start that fails says one line, and the started
   // line comes first.
   log.info("dotproxy started", {
@@ -449,6 +571,15 @@ export async function startProxy(
     upstreams: config.upstreams.map((u) => u.label).join(","),
     http: config.http ? formatHostPort(config.http.hostname, config.http.port) : undefined,
     strategy: config.strategy,
+    dot: config.listenDot.length > 0
+      ? config.listenDot.map((a) => formatHostPort(a.hostname, a.port)).join(",")
+      : undefined,
+    doh: config.listenDoh.length > 0
+      ? config.listenDoh.map((a) => formatHostPort(a.hostname, a.port)).join(",")
+      : undefined,
+    doh_plain: config.listenDohPlain.length > 0
+      ? config.listenDohPlain.map((a) => formatHostPort(a.hostname, a.port)).join(",")
+      : undefined,
     cache: config.cacheSize,
   });
   for (const address of wildcards) warnIfWildcard(address, log);
@@ -462,6 +593,9 @@ export async function startProxy(
   return {
     udp,
     tcp,
+    budget,
+    dot,
+    doh,
     get http() {
       return http;
     },

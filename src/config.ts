@@ -27,6 +27,12 @@ import {
 
 // Moved to net/ip.ts; still exported here for the modules and tests that took them from here.
 export { type Cidr, cidrContains, isIpLiteral, parseIpAddress };
+import {
+  CertificateError,
+  checkCertificateText,
+  checkKeyText,
+  loadServerCertificate,
+} from "./tls/certificate.ts";
 
 /** An address to listen on. */
 export interface ListenAddress {
@@ -111,6 +117,25 @@ export interface Config {
   listen: ListenAddress[];
   /** Where the metrics and health HTTP endpoint listens, if anywhere. */
   http: ListenAddress | null;
+  /**
+   * The certificate chain served to TLS clients (DoT, DoH), PEM text, leaf first; `""` when
+   * unset. Checked with the key by {@linkcode checkServerCertificate}.
+   */
+  tlsCert: string;
+  /** The private key of {@linkcode Config.tlsCert}, PEM text; `""` when unset. */
+  tlsKey: string;
+  /** Addresses to serve DNS over TLS on (RFC 7858). */
+  listenDot: ListenAddress[];
+  /** Addresses to serve DNS over HTTPS on (TLS; HTTP/2 and HTTP/1.1). */
+  listenDoh: ListenAddress[];
+  /** Addresses to serve DNS over HTTP without TLS on, for a TLS-terminating proxy in front. */
+  listenDohPlain: ListenAddress[];
+  /** The DoH path (`/dns-query`). */
+  dohPath: string;
+  /** Peers whose `X-Forwarded-For` header is believed (DoH behind a reverse proxy). */
+  trustedProxies: Cidr[];
+  /** Answer `_dns.resolver.arpa` SVCB with the encrypted listeners (RFC 9462). */
+  ddr: boolean;
   /** Largest UDP answer sent to any client (EDNS sizes above are clamped). */
   udpMaxSize: number;
   /** Most TCP client connections open at once. */
@@ -435,6 +460,36 @@ function parseHedgeDelay(text: string, what: string): "auto" | number {
   return parseInteger(trimmed, what, 0, 60_000);
 }
 
+/** PEM text checked by `check`; `""` for an empty variable. */
+function checkedPem(
+  text: string,
+  what: string,
+  check: (text: string, variable: string) => void,
+): string {
+  if (text.trim() === "") return "";
+  try {
+    check(text, what);
+  } catch (error) {
+    if (error instanceof CertificateError) throw new ConfigError(error.message);
+    throw error;
+  }
+  return text;
+}
+
+function parseOptionalListenList(text: string, what: string): ListenAddress[] {
+  return splitList(text).map((item) => parseListenAddress(item, what));
+}
+
+function parseDohPath(text: string, what: string): string {
+  const path = text.trim();
+  if (!/^\/[A-Za-z0-9._~!$&'()*+,;=:@\/-]*$/.test(path)) {
+    throw new ConfigError(
+      `${what}: "${text}" is not an absolute path without query (like /dns-query)`,
+    );
+  }
+  return path;
+}
+
 function parseListenList(text: string, what: string): ListenAddress[] {
   const items = splitList(text);
   if (items.length === 0) throw new ConfigError(`${what}: no listen address given`);
@@ -604,6 +659,105 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     help: "serve /metrics, /healthz, /readyz and /healthz/upstreams over HTTP here",
     parse: (text, what) => text.trim() === "" ? null : parseListenAddress(text, what),
     fallback: () => null,
+  },
+  tlsCert: {
+    flag: "",
+    env: "DOTPROXY_TLS_CERT",
+    arg: "",
+    group: "Serving",
+    kind: "value",
+    defaultText: "none",
+    range: "",
+    help: "PEM text of the certificate chain served to TLS clients, leaf first (text, not a " +
+      "path); required with a TLS listener",
+    parse: (text, what) => checkedPem(text, what, checkCertificateText),
+    fallback: () => "",
+  },
+  tlsKey: {
+    flag: "",
+    env: "DOTPROXY_TLS_KEY",
+    arg: "",
+    group: "Serving",
+    kind: "value",
+    defaultText: "none",
+    range: "",
+    help: "PEM text of the private key of DOTPROXY_TLS_CERT, unencrypted (text, not a path)",
+    parse: (text, what) => checkedPem(text, what, checkKeyText),
+    fallback: () => "",
+  },
+  listenDot: {
+    flag: "listen-dot",
+    env: "DOTPROXY_LISTEN_DOT",
+    arg: "ADDR:PORT",
+    group: "Serving",
+    kind: "list",
+    defaultText: "off",
+    range: "",
+    help: "serve DNS over TLS (RFC 7858; port 853 by convention) here; needs " +
+      "DOTPROXY_TLS_CERT and DOTPROXY_TLS_KEY (repeatable; env: comma-separated)",
+    parse: parseOptionalListenList,
+    fallback: () => [],
+  },
+  listenDoh: {
+    flag: "listen-doh",
+    env: "DOTPROXY_LISTEN_DOH",
+    arg: "ADDR:PORT",
+    group: "Serving",
+    kind: "list",
+    defaultText: "off",
+    range: "",
+    help: "serve DNS over HTTPS (RFC 8484; HTTP/2 and HTTP/1.1 over TLS) here; needs " +
+      "DOTPROXY_TLS_CERT and DOTPROXY_TLS_KEY (repeatable; env: comma-separated)",
+    parse: parseOptionalListenList,
+    fallback: () => [],
+  },
+  listenDohPlain: {
+    flag: "listen-doh-plain",
+    env: "DOTPROXY_LISTEN_DOH_PLAIN",
+    arg: "ADDR:PORT",
+    group: "Serving",
+    kind: "list",
+    defaultText: "off",
+    range: "",
+    help: "serve DNS over plain HTTP (HTTP/1.1, HTTP/2 with prior knowledge) here, for a " +
+      "TLS-terminating proxy in front; loopback or private addresses only unless --allow is " +
+      "given (repeatable; env: comma-separated)",
+    parse: parseOptionalListenList,
+    fallback: () => [],
+  },
+  dohPath: {
+    flag: "doh-path",
+    env: "DOTPROXY_DOH_PATH",
+    arg: "PATH",
+    group: "Serving",
+    kind: "value",
+    defaultText: "/dns-query",
+    range: "",
+    help: "the path DoH queries are served on; other paths get 404",
+    parse: parseDohPath,
+    fallback: () => "/dns-query",
+  },
+  trustedProxies: {
+    flag: "trusted-proxy",
+    env: "DOTPROXY_TRUSTED_PROXIES",
+    arg: "CIDR",
+    group: "Serving",
+    kind: "list",
+    defaultText: "none",
+    range: "",
+    help: "believe X-Forwarded-For on DoH requests from these peers only: the client is the " +
+      "right-most address not in this list (repeatable; env: comma-separated)",
+    parse: (text, what) => splitList(text).map((item) => parseCidr(item, what)),
+    fallback: () => [],
+  },
+  ddr: {
+    flag: "ddr",
+    env: "DOTPROXY_DDR",
+    group: "Serving",
+    ...toggle(true),
+    defaultText: "true (with an encrypted listener)",
+    help: "answer _dns.resolver.arpa SVCB with the encrypted listeners, so that clients " +
+      "upgrade from plain DNS (RFC 9462); nothing under resolver.arpa ever goes upstream",
   },
   udpMaxSize: {
     flag: "udp-max-size",
@@ -1602,8 +1756,68 @@ function fill<K extends SettingField>(
   config[field] = declaration.fallback(config);
 }
 
+/**
+ * Every configured listener that serves TLS to clients, as `kind address` (`doh
+ * 127.0.0.1:443`): they need `DOTPROXY_TLS_CERT` and `DOTPROXY_TLS_KEY`. Each TLS listener
+ * setting (`--listen-dot`, `--listen-doh`) adds its addresses here.
+ *
+ * @example
+ * ```ts
+ * import { defaultConfig, tlsListeners } from "./config.ts";
+ * tlsListeners(defaultConfig()); // []
+ * ```
+ */
+export function tlsListeners(config: Config): string[] {
+  return [
+    ...config.listenDot.map((a) => `dot ${formatListen(a)}`),
+    ...config.listenDoh.map((a) => `doh ${formatListen(a)}`),
+  ];
+}
+
+function formatListen(address: ListenAddress): string {
+  return formatHostPort(address.hostname, address.port);
+}
+
+/** Loopback, private (RFC 1918, RFC 4193), shared (RFC 6598) and link-local networks. */
+const PRIVATE_NETWORKS = DEFAULT_ALLOW.map((text) => parseCidr(text, "private networks"));
+
+/**
+ * Checks the server certificate and key together when a TLS listener is configured: both
+ * set, readable, the key the leaf's. Throws {@linkcode ConfigError} naming the variable.
+ *
+ * @example
+ * ```ts
+ * import { checkServerCertificate, defaultConfig } from "./config.ts";
+ * checkServerCertificate(defaultConfig()); // no TLS listener: nothing to check
+ * ```
+ */
+export function checkServerCertificate(config: Config): void {
+  const listeners = tlsListeners(config);
+  if (listeners.length === 0) return;
+  try {
+    loadServerCertificate(config.tlsCert, config.tlsKey);
+  } catch (error) {
+    if (!(error instanceof CertificateError)) throw error;
+    throw new ConfigError(`${error.message} (needed by ${listeners[0]})`);
+  }
+}
+
 /** Checks between settings, once every field has its value. */
 function checkTogether(config: Config, sources: Sources): void {
+  checkServerCertificate(config);
+  if (!sources.has("allow")) {
+    for (const address of config.listenDohPlain) {
+      const bytes = parseIpAddress(address.hostname)!;
+      if (PRIVATE_NETWORKS.some((cidr) => cidrContains(cidr, bytes))) continue;
+      const where = sources.get("listenDohPlain") ?? "--listen-doh-plain";
+      throw new ConfigError(
+        `${where} ${formatListen(address)}: plain HTTP on an address that is not loopback or ` +
+          "private carries every name in clear text and believes no proxy; bind it to a " +
+          "loopback or private address behind your TLS proxy, or give --allow explicitly " +
+          "to say who may reach it",
+      );
+    }
+  }
   const describe = (field: SettingField) =>
     `${sources.get(field) ?? `the default --${TABLE[field].flag}`} ${String(config[field])}`;
   if (config.cacheMaxTtl < config.cacheMinTtl) {

@@ -64,6 +64,13 @@ export class FrameBuffer {
     return at;
   }
 
+  /** Queues a length prefix alone: the message follows in a write of its own. */
+  appendLength(length: number): void {
+    this.#reserve(2);
+    writeU16(this.#out, this.#length, length);
+    this.#length += 2;
+  }
+
   /**
    * Queues the first octet (0) of the next frame's length prefix alone. The next
    * {@linkcode append} must be `continued`. A stream is a stream: the peer reads on until the

@@ -143,6 +143,12 @@ export class RateLimitedLog {
     this.#now = now;
   }
 
+  /** Logs at debug level unless a line went out less than `intervalMs` ago. */
+  debug(message: string, fields: LogFields = {}): void {
+    const passed = this.#pass(fields);
+    if (passed) this.#log.debug(message, passed);
+  }
+
   /** Logs at warn level unless a line went out less than `intervalMs` ago. */
   warn(message: string, fields: LogFields = {}): void {
     const passed = this.#pass(fields);

@@ -11,7 +11,9 @@ import { type Collect, Counter, Gauge, Histogram, Registry } from "./metrics.ts"
 import { rcodeName } from "./dns/wire.ts";
 import type { CacheStats } from "./cache/answer_cache.ts";
 import type { DropReason, RefusedReason, ResolverStats, Transport } from "./resolver.ts";
-import type { TcpStats } from "./server/tcp.ts";
+import type { StreamStats } from "./server/stream.ts";
+import type { DohListenerStats } from "./server/doh_listener.ts";
+import { TRANSPORT_NAMES } from "./resolver/job.ts";
 import type { RouterStats } from "./upstream/router.ts";
 import { UPSTREAM_ERROR_REASONS, type UpstreamErrorReason } from "./upstream/errors.ts";
 import { RETRY_REASONS, type RetryReason, type UpstreamStats } from "./upstream/stats.ts";
@@ -21,6 +23,11 @@ import { VERSION } from "./version.ts";
 export interface ProxyState {
   /** Open TCP client connections. */
   tcpConnections(): number;
+  /**
+   * Open client connections by transport (`tcp`, `dot`, ...); a transport with no listener
+   * may be left out.
+   */
+  clientConnections?(): { transport: string; open: number }[];
   /** Per upstream: label, healthy, queries in flight, open connections. */
   upstreams(): { label: string; healthy: boolean; inflight: number; connections: number }[];
   /** Entries in the answer cache (0 with the cache off). */
@@ -245,6 +252,22 @@ const FAMILIES = {
     [],
     (state) => (set) => set(state.tcpConnections()),
   ],
+  clientConnections: [
+    "gauge",
+    "dotproxy_client_connections",
+    "Client connections open now, by transport (tcp, dot, doh), TLS handshakes included.",
+    ["transport"],
+    (state) => (set) => {
+      for (const c of state.clientConnections?.() ?? []) set(c.open, c.transport);
+    },
+  ],
+  tlsHandshakes: [
+    "counter",
+    "dotproxy_tls_handshakes_total",
+    "TLS handshakes with clients, by listener transport (dot, doh) and result: ok, failed (not " +
+    "TLS, no shared protocol or ALPN, a bad certificate) or timeout.",
+    ["transport", "result"],
+  ],
 } as const satisfies Record<string, FamilyRow>;
 
 /** The families of {@linkcode FAMILIES}, by field. */
@@ -325,6 +348,10 @@ export class ProxyMetrics {
   declare readonly tcpRejected: Counter;
   /** `dotproxy_tcp_connections_open`, computed at scrape time. */
   declare readonly tcpOpen: Gauge;
+  /** `dotproxy_client_connections{transport}`, computed at scrape time. */
+  declare readonly clientConnections: Gauge;
+  /** `dotproxy_tls_handshakes_total{transport,result}`. */
+  declare readonly tlsHandshakes: Counter;
   /** `dotproxy_upstream_healthy{upstream}`, computed at scrape time. */
   declare readonly upstreamHealthy: Gauge;
   /** `dotproxy_upstream_inflight{upstream}`, computed at scrape time. */
@@ -355,7 +382,11 @@ export class ProxyMetrics {
   /** Hooks for the resolver. */
   readonly resolver: ResolverStats;
   /** Hooks for the TCP listener. */
-  readonly tcp: TcpStats;
+  readonly tcp: StreamStats;
+  /** Hooks for the DoT listener. */
+  readonly dot: StreamStats;
+  /** Hooks for the DoH listeners (their TLS handshakes). */
+  readonly doh: DohListenerStats;
   /** Hooks for the answer cache. */
   readonly cache: CacheStats;
   /** Hooks for the router. */
@@ -407,7 +438,7 @@ export class ProxyMetrics {
       (set) => set(Deno.memoryUsage().heapUsed),
     );
 
-    for (const transport of ["udp", "tcp"] as const) {
+    for (const transport of TRANSPORT_NAMES) {
       for (const rcode of [0, 1, 2, 3, 4, 5]) this.queries.labels(transport, rcodeName(rcode));
       this.queryDuration.labels(transport);
       for (const reason of DROP_REASONS) this.dropped.labels(transport, reason);
@@ -415,14 +446,12 @@ export class ProxyMetrics {
     for (const reason of REFUSED_REASONS) this.refused.labels(reason);
     const lookups = CACHE_RESULTS.map((result) => this.cacheLookups.labels(result));
 
-    const queryChildren = {
-      udp: [] as ReturnType<Counter["labels"]>[],
-      tcp: [] as ReturnType<Counter["labels"]>[],
-    };
-    const durations = {
-      udp: this.queryDuration.labels("udp"),
-      tcp: this.queryDuration.labels("tcp"),
-    };
+    const queryChildren = Object.fromEntries(
+      TRANSPORT_NAMES.map((t) => [t, [] as ReturnType<Counter["labels"]>[]]),
+    ) as Record<Transport, ReturnType<Counter["labels"]>[]>;
+    const durations = Object.fromEntries(
+      TRANSPORT_NAMES.map((t) => [t, this.queryDuration.labels(t)]),
+    ) as Record<Transport, ReturnType<Histogram["labels"]>>;
     this.resolver = {
       query: (transport: Transport, rcode: number, seconds: number) => {
         const children = queryChildren[transport];
@@ -455,6 +484,23 @@ export class ProxyMetrics {
       rejected: () => this.tcpRejected.inc(),
       malformed: () => this.dropped.labels("tcp", "malformed").inc(),
     };
+    const dotHandshakes = {
+      ok: this.tlsHandshakes.labels("dot", "ok"),
+      failed: this.tlsHandshakes.labels("dot", "failed"),
+      timeout: this.tlsHandshakes.labels("dot", "timeout"),
+    };
+    this.dot = {
+      accepted: () => {},
+      rejected: () => {},
+      malformed: () => this.dropped.labels("dot", "malformed").inc(),
+      handshake: (result) => dotHandshakes[result].inc(),
+    };
+    const dohHandshakes = {
+      ok: this.tlsHandshakes.labels("doh", "ok"),
+      failed: this.tlsHandshakes.labels("doh", "failed"),
+      timeout: this.tlsHandshakes.labels("doh", "timeout"),
+    };
+    this.doh = { handshake: (result) => dohHandshakes[result].inc(), rejected: () => {} };
   }
 
   /** Creates the hooks of one upstream (the {@linkcode UpstreamStatsFactory}). */

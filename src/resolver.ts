@@ -48,7 +48,9 @@ import {
   type JobOwner,
   type ResponseSink,
   type Transport,
+  TRANSPORTS,
 } from "./resolver/job.ts";
+import { addStreamOptions } from "./dns/stream_options.ts";
 import { SlabCopier } from "./slab.ts";
 import { type Clock, SYSTEM_CLOCK, type Timed, TimerQueue } from "./timers.ts";
 import { VERSION } from "./version.ts";
@@ -123,10 +125,26 @@ export interface ResolverOptions {
   admission?: Admission;
   /** Answer ANY over UDP with an empty TC=1 response (RFC 8482). */
   refuseAny?: boolean;
+  /**
+   * The idle timeout of stream connections, announced to a stream client that asks with
+   * edns-tcp-keepalive (RFC 7828); default 10 s.
+   */
+  streamIdleTimeoutMs?: number;
+  /**
+   * Names answered here and never forwarded (`resolver.arpa`, RFC 9462): asked after
+   * admission and validation, before the cache; null for a name it does not own.
+   */
+  local?: LocalAnswers;
   /** The clock. */
   clock?: Clock;
   /** Timers (shared with the pool). */
   timers?: TimerQueue;
+}
+
+/** Answers for names the proxy owns (see `dns/ddr.ts`). */
+export interface LocalAnswers {
+  /** The response to a forwardable query inspected into `info`, or null to go on. */
+  answer(query: Uint8Array, info: QueryInfo): Uint8Array | null;
 }
 
 /** Carves upstream messages and per-client answer copies out of shared slabs. */
@@ -185,6 +203,7 @@ export class Resolver implements JobOwner, FlightOwner {
   readonly #flights = new FlightTable();
   readonly #admission: Admission | null;
   readonly #refuseAny: boolean;
+  readonly #local: LocalAnswers | null;
   readonly #prefetch: boolean;
   readonly #staleTimeoutMs: number;
   readonly #overloadLog: RateLimitedLog;
@@ -212,6 +231,7 @@ export class Resolver implements JobOwner, FlightOwner {
     this.#staleTimeoutMs = cache?.staleAnswerTimeoutMs ?? 0;
     this.#admission = options.admission ?? null;
     this.#refuseAny = options.refuseAny ?? false;
+    this.#local = options.local ?? null;
     const now = () => this.#clock.now();
     this.#overloadLog = new RateLimitedLog(options.log, 10_000, now);
     this.#failureLog = new RateLimitedLog(options.log, 1_000, now);
@@ -320,7 +340,14 @@ export class Resolver implements JobOwner, FlightOwner {
       this.#finish(job, buildIdentityAnswer(query, info, `dotproxy ${VERSION}`));
       return false;
     }
-    if (info.qtype === RRType.ANY && job.transport === "udp" && this.#refuseAny) {
+    if (this.#local !== null) {
+      const local = this.#local.answer(query, info);
+      if (local !== null) {
+        this.#finish(job, local);
+        return false;
+      }
+    }
+    if (info.qtype === RRType.ANY && job.datagram && this.#refuseAny) {
       // RFC 8482: no amplification through ANY; a real client asks again over TCP.
       this.#finish(job, buildErrorResponse(query, info, Rcode.NOERROR, { truncated: true }));
       return false;
@@ -334,7 +361,9 @@ export class Resolver implements JobOwner, FlightOwner {
     job.questionEnd = info.questionEnd;
     job.qtype = info.qtype;
     job.hasEdns = info.hasEdns;
-    job.limit = job.transport === "udp" ? clientUdpLimit(info, this.#options.udpMaxSize) : 65535;
+    job.asksKeepalive = info.asksKeepalive;
+    job.asksPadding = info.asksPadding;
+    job.limit = job.datagram ? clientUdpLimit(info, this.#options.udpMaxSize) : 65535;
     // The cache key and the flight table (coalescing) need them; both come with the cache.
     if (this.cache !== null) job.keyFlags = cacheKeyFlags(job.query, info.dnssecOk, info.cd);
   }
@@ -350,7 +379,7 @@ export class Resolver implements JobOwner, FlightOwner {
         transport: job.transport,
       });
     }
-    job.closeAfter = job.transport === "tcp";
+    job.closeAfter = !job.datagram;
     if (verdict === QueryVerdict.DROP || !this.#admission!.answerRefusal(job.transport)) {
       // Nothing readable to answer, or (UDP) so many refusals that the sources may be spoofed.
       this.#drop(job);
@@ -475,7 +504,7 @@ export class Resolver implements JobOwner, FlightOwner {
     // Overload sheds only what would wait on an upstream: cache hits were answered above,
     // and a query with an expired entry gets it stale rather than nothing. TCP is never
     // shed here; its listener stops reading instead.
-    if (!this.hasCapacity && job.transport === "udp") {
+    if (!this.hasCapacity && job.datagram) {
       this.#shed(job);
       return;
     }
@@ -519,7 +548,7 @@ export class Resolver implements JobOwner, FlightOwner {
       this.#serveFallback(job, entry, now);
       return;
     }
-    this.#stats.dropped("udp", "overload");
+    this.#stats.dropped(job.transport, "overload");
     this.#overloadLog.warn("too many queries in flight; dropping UDP queries", {
       limit: this.#options.maxInflight,
     });
@@ -824,6 +853,17 @@ export class Resolver implements JobOwner, FlightOwner {
     if (response.length > job.limit) {
       response = truncateResponse(response, job.limit);
       this.#stats.truncated();
+    }
+    if (job.asksKeepalive || job.asksPadding) {
+      const transport = TRANSPORTS[job.transport];
+      const keepalive = job.asksKeepalive && transport.keepalive;
+      const pad = job.asksPadding && transport.padsAnswers;
+      if (keepalive || pad) {
+        response = addStreamOptions(response, {
+          keepaliveMs: keepalive ? this.#options.streamIdleTimeoutMs ?? 10_000 : -1,
+          pad,
+        });
+      }
     }
     const seconds = (this.#clock.now() - job.started) / 1000;
     const rcode = getRcode(response);

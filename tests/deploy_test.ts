@@ -42,7 +42,7 @@ const RELEASE_TARGETS = [
  * Kubernetes files that kustomization.yaml must not list: they need CRDs, or (the
  * NetworkPolicy) are examples to adapt to the cluster before applying.
  */
-const OPTIONAL_K8S_FILES = ["servicemonitor.yaml", "networkpolicy.yaml"];
+const OPTIONAL_K8S_FILES = ["servicemonitor.yaml", "prometheusrule.yaml", "networkpolicy.yaml"];
 const COMPOSE_FILE = "deploy/docker-compose.yml";
 
 const ROOT = new URL("../", import.meta.url);

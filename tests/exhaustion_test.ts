@@ -6,7 +6,8 @@
  * accept failures are logged rate limited.
  */
 import assert from "node:assert/strict";
-import { CA_PEM } from "./fixtures/certs.ts";
+import { CA_PEM, SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
+import { base64Url } from "./support/doh.ts";
 import { addressFor, buildQuery, formatA, parseMessage } from "./support/dns.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
@@ -42,7 +43,9 @@ interface MainChild {
  * Starts `deno run [denoArgs] main.ts [args]` under `ulimit -n` (when given) with the test CA
  * and a clean `DOTPROXY_*` environment; killed after 60 s whatever happens.
  */
-function startMain(options: { ulimit?: number; denoArgs?: string[]; args: string[] }): MainChild {
+function startMain(
+  options: { ulimit?: number; denoArgs?: string[]; args: string[]; env?: Record<string, string> },
+): MainChild {
   const inherited = Object.fromEntries(
     Object.entries(Deno.env.toObject()).filter(([name]) => !name.startsWith("DOTPROXY_")),
   );
@@ -60,7 +63,13 @@ function startMain(options: { ulimit?: number; denoArgs?: string[]; args: string
     ],
     cwd: ROOT,
     clearEnv: true,
-    env: { ...inherited, NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1", DOTPROXY_CA_CERTS: CA_PEM },
+    env: {
+      ...inherited,
+      NO_COLOR: "1",
+      DENO_NO_UPDATE_CHECK: "1",
+      DOTPROXY_CA_CERTS: CA_PEM,
+      ...options.env,
+    },
     stdin: "null",
     stdout: "null",
     stderr: "piped",
@@ -236,6 +245,160 @@ Deno.test({
       await main.stop();
       await upstream.close();
       await Deno.remove(bug);
+    }
+  },
+});
+
+Deno.test({
+  name: "exhaustion: 1,000 idle clients on the DoH listener under ulimit -n 1024; DoH comes back",
+  ignore: Deno.build.os === "windows",
+  fn: async () => {
+    const upstream = DotServer.start();
+    const dnsPort = freeStablePort();
+    const dohPort = freeStablePort();
+    const plainPort = freeStablePort();
+    const main = startMain({
+      ulimit: 1024,
+      env: { DOTPROXY_TLS_CERT: SERVER_PEM, DOTPROXY_TLS_KEY: SERVER_KEY },
+      args: [
+        "--listen",
+        `127.0.0.1:${dnsPort}`,
+        "--listen-doh",
+        `127.0.0.1:${dohPort}`,
+        "--listen-doh-plain",
+        `127.0.0.1:${plainPort}`,
+        "--upstream",
+        upstream.upstream(),
+        "--max-tcp-connections",
+        "5000",
+        "--max-tcp-connections-per-client",
+        "5000",
+        "--tcp-idle-timeout",
+        "120000",
+      ],
+    });
+    const clients: Deno.TcpConn[] = [];
+    const client = Deno.createHttpClient({ caCerts: [CA_PEM] });
+    const ask = async (url: string): Promise<number | string> => {
+      try {
+        const response = await fetch(url, { client, signal: AbortSignal.timeout(2000) });
+        await response.body?.cancel();
+        return response.status;
+      } catch (error) {
+        return error instanceof Error ? error.name : String(error);
+      }
+    };
+    const path = `/dns-query?dns=${base64Url(buildQuery("doh.test", { id: 0 }))}`;
+    try {
+      assert.ok(
+        await waitFor(() => main.stderr().includes("dotproxy started"), 15_000),
+        `started: ${main.stderr()}`,
+      );
+      assert.equal(await ask(`http://127.0.0.1:${plainPort}${path}`), 200);
+      for (let i = 0; i < CLIENTS; i++) {
+        clients.push(await Deno.connect({ hostname: "127.0.0.1", port: plainPort }));
+      }
+      assert.ok(
+        await waitFor(
+          () => main.stderr().includes("doh-plain accept failed: out of file descriptors"),
+          10_000,
+        ),
+        "the proxy ran out of descriptors on the DoH listener",
+      );
+      assert.equal(main.exited(), false, "still running");
+      for (const conn of clients.splice(0)) conn.close();
+      let plain: number | string = 0;
+      let tls: number | string = 0;
+      for (let i = 0; i < 40 && (plain !== 200 || tls !== 200); i++) {
+        plain = await ask(`http://127.0.0.1:${plainPort}${path}`);
+        tls = await ask(`https://localhost:${dohPort}${path}`);
+        if (plain !== 200 || tls !== 200) await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      assert.equal(plain, 200, "plain DoH answers once descriptors free up");
+      assert.equal(tls, 200, "DoH over TLS answers once descriptors free up");
+      assert.equal(main.exited(), false, "never exited");
+      assert.ok(!main.stderr().includes("unhandled"), "no unhandled rejection");
+      assert.ok(!main.stderr().includes("no longer serving"), "no listener gave up");
+    } finally {
+      for (const conn of clients) conn.close();
+      client.close();
+      await main.stop();
+      await upstream.close();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "exhaustion: 1,000 clients on the DoT listener under ulimit -n 1024; UDP answers, DoT comes back",
+  ignore: Deno.build.os === "windows",
+  fn: async () => {
+    const upstream = DotServer.start();
+    const dnsPort = freeStablePort();
+    const dotPort = freeStablePort();
+    const main = startMain({
+      ulimit: 1024,
+      env: { DOTPROXY_TLS_CERT: SERVER_PEM, DOTPROXY_TLS_KEY: SERVER_KEY },
+      args: [
+        "--listen",
+        `127.0.0.1:${dnsPort}`,
+        "--listen-dot",
+        `127.0.0.1:${dotPort}`,
+        "--upstream",
+        upstream.upstream(),
+        "--max-tcp-connections",
+        "5000",
+        "--max-tcp-connections-per-client",
+        "5000",
+      ],
+    });
+    const clients: Deno.TcpConn[] = [];
+    const askDot = async (): Promise<boolean> => {
+      try {
+        const client = await TcpDnsClient.connectTls(dotPort);
+        try {
+          await client.send(buildQuery("dot.test", { id: 1 }));
+          return (await client.receive(2000)) !== null;
+        } finally {
+          client.close();
+        }
+      } catch {
+        return false;
+      }
+    };
+    try {
+      assert.ok(
+        await waitFor(() => main.stderr().includes("dotproxy started"), 15_000),
+        `started: ${main.stderr()}`,
+      );
+      assert.ok(await askDot(), "DoT answers at first");
+      // Connections that never start a handshake: each holds a descriptor up to the deadline.
+      for (let i = 0; i < CLIENTS; i++) {
+        clients.push(await Deno.connect({ hostname: "127.0.0.1", port: dotPort }));
+      }
+      assert.ok(
+        await waitFor(
+          () => main.stderr().includes("dot accept failed: out of file descriptors"),
+          10_000,
+        ),
+        "the proxy ran out of descriptors on the DoT listener",
+      );
+      const udp = await udpExchange(dnsPort, buildQuery("udp.test", { id: 2 }), 2000);
+      assert.ok(udp, "UDP answers meanwhile");
+      for (const conn of clients.splice(0)) conn.close();
+      let dot = false;
+      for (let i = 0; i < 40 && !dot; i++) {
+        dot = await askDot();
+        if (!dot) await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      assert.ok(dot, "DoT answers once descriptors free up");
+      assert.equal(main.exited(), false, "never exited");
+      assert.ok(!main.stderr().includes("unhandled"), "no unhandled rejection");
+      assert.ok(!main.stderr().includes("no longer serving"), "no listener gave up");
+    } finally {
+      for (const conn of clients) conn.close();
+      await main.stop();
+      await upstream.close();
     }
   },
 });

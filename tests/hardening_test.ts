@@ -25,6 +25,7 @@ import { metricValue, sumMetric } from "./support/prometheus.ts";
 import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
 import { ManualClock } from "../src/timers.ts";
 import type { RunningProxy } from "../src/app.ts";
+import { STREAM_ANSWER_BUDGET } from "../src/server/answer_budget.ts";
 
 /** Upstreams are not used when a forwarder is injected; the config still needs one. */
 const UNUSED = ["127.0.0.1:853#dns.test"];
@@ -328,14 +329,15 @@ Deno.test({
   name: "tcp: one client at --max-tcp-connections-per-client is cut off; others get in",
   ignore: !HAS_PYTHON,
   fn: async () => {
-    const forwarder = new InstantForwarder();
+    // Its three connections each wait for an answer: none is idle to make room.
+    const forwarder = new HeldForwarder((name) => name.startsWith("hold"));
     const config = testConfig(UNUSED, { maxTcpConnectionsPerClient: 3, maxTcpConnections: 5 });
     await withProxy(config, async ({ proxy, port }) => {
       const held: TcpDnsClient[] = [];
       try {
         for (let i = 0; i < 3; i++) held.push(await TcpDnsClient.connect(port));
-        await held[2].send(buildQuery("third.test", { id: 3 }));
-        expectAddress(await held[2].receive(), "third.test");
+        for (let i = 0; i < 3; i++) await held[i].send(buildQuery(`hold${i}.test`, { id: i }));
+        assert.ok(await waitFor(() => forwarder.pending.length === 3));
         // The same client reconnecting in a loop: each extra connection is closed at once.
         for (let i = 0; i < 10; i++) {
           const extra = await TcpDnsClient.connect(port);
@@ -349,6 +351,8 @@ Deno.test({
         const reply = await tcpQueryFrom("127.0.0.2", port, buildQuery("other.test", { id: 9 }));
         expectAddress(reply, "other.test");
         assert.equal(metric(proxy, "dotproxy_tcp_connections_rejected_total"), 10);
+        forwarder.release();
+        expectAddress(await held[2].receive(), "hold2.test");
       } finally {
         for (const client of held) client.close();
       }
@@ -605,16 +609,18 @@ Deno.test("tcp: with big answers about, all connections together keep few querie
       clients.push(first);
       await first.send(buildQuery("big60000.test", { id: 1, type: 16 }));
       assert.equal((await first.receive())!.length > 60_000, true);
-      // 60 connections x 16 queries: 960 would be in flight; 32 MiB of 60 KB answers is ~550.
+      // 60 connections x 16 queries: 960 would be in flight; the budget holds ~140 answers of
+      // 60 KB, and each connection may have one.
+      const fit = Math.ceil(STREAM_ANSWER_BUDGET / 60_000);
       for (let i = 0; i < 60; i++) {
         const client = await TcpDnsClient.connect(port);
         clients.push(client);
         for (let j = 0; j < 16; j++) await client.send(buildQuery(`s${i}-${j}.test`, { id: j }));
       }
-      assert.ok(await waitFor(() => forwarder.pending.length >= 500));
+      assert.ok(await waitFor(() => forwarder.pending.length >= fit));
       await new Promise((resolve) => setTimeout(resolve, 100));
       const held = forwarder.pending.length;
-      assert.ok(held < 620, `${held} in flight`);
+      assert.ok(held <= fit + 60, `${held} in flight`);
       // Small answers wear the estimate down; everything is answered in the end.
       for (let round = 0; round < 20 && forwarder.forwarded < 960; round++) {
         forwarder.release();

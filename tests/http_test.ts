@@ -16,11 +16,10 @@ import {
   HttpRequestError,
   HttpServer,
   type HttpServerOptions,
-  isDescriptorExhaustion,
   parseRequestHead,
   route,
-  type TcpAcceptor,
 } from "../src/server/http.ts";
+import type { Acceptor } from "../src/net/accept_loop.ts";
 
 const encoder = new TextEncoder();
 
@@ -275,17 +274,6 @@ Deno.test("http: parseRequestHead reads request lines, fields and bodies by RFC 
       JSON.stringify(text),
     );
   }
-});
-
-Deno.test("http: isDescriptorExhaustion knows EMFILE and ENFILE, nothing else", () => {
-  assert.ok(isDescriptorExhaustion(new Error("Too many open files (os error 24)")));
-  assert.ok(isDescriptorExhaustion(new Error("Too many open files in system (os error 23)")));
-  assert.ok(isDescriptorExhaustion(Object.assign(new Error("x"), { code: "EMFILE" })));
-  assert.ok(isDescriptorExhaustion(Object.assign(new Error("x"), { code: "ENFILE" })));
-  assert.ok(!isDescriptorExhaustion(new Error("Software caused connection abort (os error 103)")));
-  assert.ok(!isDescriptorExhaustion(new Error("Connection reset by peer (os error 104)")));
-  assert.ok(!isDescriptorExhaustion(new Error("x (os error 240)")));
-  assert.ok(!isDescriptorExhaustion("Too many open files"));
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -753,7 +741,7 @@ Deno.test("http: the default per-client cap: one address gets 8 connections, oth
 });
 
 /** Wraps a real listener, failing `accept()` as `script` says before delegating. */
-class FlakyListener implements TcpAcceptor {
+class FlakyListener implements Acceptor<Deno.TcpConn> {
   readonly #inner: Deno.TcpListener;
   readonly #script: ("aborted" | "emfile")[];
   /** When each scripted failure was handed out, and what it was. */

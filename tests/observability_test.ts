@@ -282,7 +282,7 @@ Deno.test("metrics: exact counters after known traffic, scraped over HTTP", asyn
 
         const queries = familyValues(metrics, "dotproxy_queries_total");
         const expected: Record<string, number> = {};
-        for (const transport of ["udp", "tcp"]) {
+        for (const transport of ["udp", "tcp", "dot", "doh"]) {
           for (const rcode of ["NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED"]) {
             expected[JSON.stringify({ transport, rcode })] = 0;
           }
@@ -295,7 +295,7 @@ Deno.test("metrics: exact counters after known traffic, scraped over HTTP", asyn
 
         const dropped = familyValues(metrics, "dotproxy_dropped_total");
         const expectedDropped: Record<string, number> = {};
-        for (const transport of ["udp", "tcp"]) {
+        for (const transport of ["udp", "tcp", "dot", "doh"]) {
           for (const reason of ["malformed", "response", "overload", "rate_limit"]) {
             expectedDropped[JSON.stringify({ transport, reason })] = 0;
           }

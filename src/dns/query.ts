@@ -106,6 +106,10 @@ export class QueryInfo {
   ednsVersion = 0;
   /** True when the OPT record carries an EDNS Client Subnet option (8, RFC 7871). */
   hasClientSubnet = false;
+  /** True when the OPT record carries an edns-tcp-keepalive option (11, RFC 7828). */
+  asksKeepalive = false;
+  /** True when the OPT record carries a Padding option (12, RFC 7830). */
+  asksPadding = false;
   /** Offset of the OPT record (its root owner), or -1 when there is none. */
   optStart: number = -1;
   /** Offset just past the OPT record, or -1 when there is none. */
@@ -183,6 +187,8 @@ export function inspectQuery(msg: Uint8Array, info: QueryInfo): QueryVerdict {
   info.cd = false;
   info.ednsVersion = 0;
   info.hasClientSubnet = false;
+  info.asksKeepalive = false;
+  info.asksPadding = false;
   info.optStart = -1;
   info.optEnd = -1;
   info.tsig = false;
@@ -239,6 +245,8 @@ export function inspectQuery(msg: Uint8Array, info: QueryInfo): QueryVerdict {
         const code = readU16(msg, at);
         const optionEnd = at + 4 + readU16(msg, at + 2);
         if (code === EdnsOption.CLIENT_SUBNET) info.hasClientSubnet = true;
+        else if (code === EdnsOption.TCP_KEEPALIVE) info.asksKeepalive = true;
+        else if (code === EdnsOption.PADDING) info.asksPadding = true;
         if (
           code !== EdnsOption.COOKIE && code !== EdnsOption.TCP_KEEPALIVE &&
           code !== EdnsOption.PADDING

@@ -23,6 +23,7 @@
 
 import { type Cidr, cidrContains, parseIpAddress } from "../net/ip.ts";
 import type { Clock } from "../timers.ts";
+import { isDatagram, type Transport } from "./job.ts";
 
 /** What the admit stage says about a message. */
 export const Admit = {
@@ -174,10 +175,11 @@ export class Admission {
 
   /**
    * True when a REFUSED answer may go to a client outside `--allow` over `transport`: always
-   * over TCP, over UDP within {@linkcode UDP_REFUSALS_PER_SECOND} (all sources together).
+   * over a stream transport, over a datagram one (UDP) within
+   * {@linkcode UDP_REFUSALS_PER_SECOND} (all sources together).
    */
-  answerRefusal(transport: "udp" | "tcp"): boolean {
-    if (transport === "tcp") return true;
+  answerRefusal(transport: Transport): boolean {
+    if (!isDatagram(transport)) return true;
     const now = this.#clock.now();
     const refill = ((now - this.#refusalsUpdated) / 1000) * UDP_REFUSALS_PER_SECOND;
     this.#refusalTokens = Math.min(UDP_REFUSALS_PER_SECOND, this.#refusalTokens + refill);
@@ -188,7 +190,7 @@ export class Admission {
   }
 
   /** The verdict for one message from `client` over `transport`. */
-  admit(client: Deno.Addr | undefined, transport: "udp" | "tcp"): Admit {
+  admit(client: Deno.Addr | undefined, transport: Transport): Admit {
     // One property read: Deno's address objects are dictionaries, each lookup a hash probe.
     const hostname = (client as Partial<Deno.NetAddr> | undefined)?.hostname;
     if (hostname === undefined) return this.#everyone ? Admit.ALLOW : Admit.DENY;
@@ -226,7 +228,7 @@ export class Admission {
     return verdict;
   }
 
-  #take(key: string, transport: "udp" | "tcp"): Admit {
+  #take(key: string, transport: Transport): Admit {
     const now = this.#clock.now();
     let bucket = this.#buckets.get(key);
     if (bucket === undefined) {
@@ -247,7 +249,7 @@ export class Admission {
       bucket.tokens -= 1;
       return Admit.ALLOW;
     }
-    if (transport === "tcp") return Admit.REFUSE;
+    if (!isDatagram(transport)) return Admit.REFUSE;
     return (++bucket.limited & 1) === 0 ? Admit.SLIP : Admit.DROP;
   }
 }

@@ -11,8 +11,48 @@ import type { CacheEntry } from "../cache/answer_cache.ts";
 import { MAX_MESSAGE_SIZE } from "../dns/wire.ts";
 import type { Timed } from "../timers.ts";
 
-/** The client transport a query arrived on. */
-export type Transport = "udp" | "tcp";
+/**
+ * The client transports and what the resolver needs to know of each; no stage names one, so
+ * adding a transport is one row here.
+ *
+ * - `datagram`: one message per datagram. Answers are cut to the client's size (TC=1), ANY
+ *   gets TC=1, refusals are rate-limited (the sources can be spoofed), and queries are shed at
+ *   `--max-inflight`; otherwise none of that, and the connection closes after a refusal by
+ *   access control.
+ * - `keepalive`: a query's edns-tcp-keepalive option (RFC 7828) is answered with the stream
+ *   idle timeout (TCP and DoT; never UDP, and DoH has HTTP's own).
+ * - `padsAnswers`: a query's Padding option gets its answer padded to 468-octet blocks (RFC
+ *   8467), over TLS and HTTPS.
+ */
+export const TRANSPORTS = {
+  udp: { datagram: true, keepalive: false, padsAnswers: false },
+  tcp: { datagram: false, keepalive: true, padsAnswers: false },
+  dot: { datagram: false, keepalive: true, padsAnswers: true },
+  doh: { datagram: false, keepalive: false, padsAnswers: true },
+} as const satisfies Record<
+  string,
+  { datagram: boolean; keepalive: boolean; padsAnswers: boolean }
+>;
+
+/** The client transport a query arrived on (the `transport` label of metrics). */
+export type Transport = keyof typeof TRANSPORTS;
+
+/** Every client transport, in the order metrics list them. */
+export const TRANSPORT_NAMES: readonly Transport[] = Object.keys(TRANSPORTS) as Transport[];
+
+/**
+ * True for a transport that carries one message per datagram (see {@linkcode TRANSPORTS}).
+ *
+ * @example
+ * ```ts
+ * import { isDatagram } from "./job.ts";
+ * isDatagram("udp"); // true
+ * isDatagram("tcp"); // false
+ * ```
+ */
+export function isDatagram(transport: Transport): boolean {
+  return TRANSPORTS[transport].datagram;
+}
 
 /** How the cache took part in an answer (the query log's `cache=` field). */
 export type CacheStatus = "off" | "hit" | "miss" | "stale" | "coalesced";
@@ -54,6 +94,8 @@ export class ClientJob implements Timed {
   readonly query: Uint8Array;
   /** Client transport. */
   readonly transport: Transport;
+  /** True when the transport carries one message per datagram (see `isDatagram`). */
+  readonly datagram: boolean;
   /** Client address. */
   readonly client: Deno.Addr | undefined;
   /** Where the response goes. */
@@ -68,7 +110,11 @@ export class ClientJob implements Timed {
   qtype = 0;
   /** True when the client sent an OPT record. */
   hasEdns = false;
-  /** Largest response the client takes (UDP: 512 or its EDNS size, capped). */
+  /** True when its OPT asked for edns-tcp-keepalive (RFC 7828). */
+  asksKeepalive = false;
+  /** True when its OPT carried padding (RFC 7830). */
+  asksPadding = false;
+  /** Largest response the client takes (datagram: 512 or its EDNS size, capped). */
   limit: number = MAX_MESSAGE_SIZE;
   /** Cache key flags (DO, CD, AD, RD). */
   keyFlags = 0;
@@ -84,7 +130,7 @@ export class ClientJob implements Timed {
   stale: CacheEntry | null = null;
   /** True once answered or dropped. */
   done = false;
-  /** Close the TCP connection after the response (refused by access control). */
+  /** Close the stream connection after the response (refused by access control). */
   closeAfter = false;
   /** See {@linkcode Timed} (the stale-answer timer). */
   timerAt = 0;
@@ -106,6 +152,7 @@ export class ClientJob implements Timed {
     this.#owner = owner;
     this.query = query;
     this.transport = transport;
+    this.datagram = TRANSPORTS[transport].datagram;
     this.client = client;
     this.sink = sink;
     this.started = started;

@@ -55,12 +55,18 @@ export class UdpServer implements ResponseSink {
     this.#done = Promise.all(loops).then(() => {});
   }
 
-  /** Binds `address` and starts serving; throws the OS error when it cannot bind. */
+  /**
+   * Binds `address` and starts serving; throws the OS error when it cannot bind. The socket
+   * has `SO_REUSEADDR`, so that a new process can bind the address while this one drains: on
+   * Linux the socket bound last then receives every datagram (measured), and this one answers
+   * what it had already received (see docs/dot.md, rotation).
+   */
   static listen(address: ListenAddress, resolver: Resolver, log: Logger): UdpServer {
     const socket = Deno.listenDatagram({
       transport: "udp",
       hostname: address.hostname,
       port: address.port,
+      reuseAddress: true,
     });
     return new UdpServer(socket, resolver, log);
   }

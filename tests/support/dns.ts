@@ -286,3 +286,18 @@ export function appendChunk(
   joined.set(chunk.subarray(0, n), buffer.length);
   return joined;
 }
+
+/**
+ * `query` (built with an OPT record: `ednsUdpSize` set, so the OPT is last and has no
+ * options) with an EDNS option appended to its OPT.
+ */
+export function withEdnsOption(query: Uint8Array, code: number, data: number[] = []): Uint8Array {
+  const out = new Uint8Array(query.length + 4 + data.length);
+  out.set(query);
+  const rdlength = query.length - 2;
+  const length = ((query[rdlength] << 8) | query[rdlength + 1]) + 4 + data.length;
+  out[rdlength] = length >> 8;
+  out[rdlength + 1] = length & 0xff;
+  out.set([code >> 8, code & 0xff, data.length >> 8, data.length & 0xff, ...data], query.length);
+  return out;
+}

@@ -8,7 +8,7 @@
  */
 
 import type { Forwarder, UpstreamRequest } from "../../src/upstream/forwarder.ts";
-import { answerFor, encodeName } from "./dns.ts";
+import { answerFor, encodeName, parseMessage } from "./dns.ts";
 
 /**
  * Sends `queries` from a UDP socket bound to `source`; collects replies for `waitMs`, or
@@ -70,15 +70,28 @@ export class InstantForwarder implements Forwarder {
   close(): void {}
 }
 
-/** A forwarder that holds every request until the test answers it. */
+/**
+ * A forwarder that holds every request until the test answers it, or, given `hold`, only
+ * the requests whose question name `hold` picks (the others are answered a turn later).
+ */
 export class HeldForwarder implements Forwarder {
   /** Requests not answered yet, oldest first. */
   readonly pending: UpstreamRequest[] = [];
-  /** Requests forwarded in all. */
+  /** Requests forwarded in all (held or not). */
   forwarded = 0;
-  /** Holds `request`. */
+  readonly #hold: ((name: string) => boolean) | undefined;
+  /** Holds every request, or those whose question name `hold` returns true for. */
+  constructor(hold?: (name: string) => boolean) {
+    this.#hold = hold;
+  }
+  /** Holds `request` (or answers it a turn later when `hold` says so). */
   forward(request: UpstreamRequest): void {
     this.forwarded++;
+    const hold = this.#hold;
+    if (hold && !hold(parseMessage(request.query).question?.name ?? "")) {
+      queueMicrotask(() => request.settleAnswer(answerFor(request.query), "instant", null));
+      return;
+    }
     this.pending.push(request);
   }
   /** Answers the `count` oldest requests (all by default). */
@@ -219,4 +232,45 @@ print(done)
 /** Opens `count` TCP connections and resets each at once (SO_LINGER 0); returns how many. */
 export async function resetConnections(port: number, count: number): Promise<number> {
   return Number(await python(RESET_BEFORE_ACCEPT, [String(port), String(count)], 20_000));
+}
+
+const TCP_PIPELINE_FROM = `
+import socket, sys, binascii
+source, port = sys.argv[1], int(sys.argv[2])
+queries = [binascii.unhexlify(q) for q in sys.argv[3:]]
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(8)
+s.bind((source, 0))
+s.connect(("127.0.0.1", port))
+s.sendall(b"".join(len(q).to_bytes(2, "big") + q for q in queries))
+data = b""
+answers = 0
+try:
+    while answers < len(queries):
+        while len(data) >= 2 and len(data) >= 2 + int.from_bytes(data[:2], "big"):
+            data = data[2 + int.from_bytes(data[:2], "big"):]
+            answers += 1
+        if answers == len(queries):
+            break
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+except socket.timeout:
+    pass
+s.close()
+print(answers)
+`;
+
+/**
+ * Pipelines `queries` in one write over one TCP connection from `source` (a loopback
+ * address), then reads; returns how many answers arrived (within 8 s).
+ */
+export async function tcpPipelineFrom(
+  source: string,
+  port: number,
+  queries: Uint8Array[],
+): Promise<number> {
+  const hex = queries.map((q) => Array.from(q, (b) => b.toString(16).padStart(2, "0")).join(""));
+  return Number(await python(TCP_PIPELINE_FROM, [source, String(port), ...hex], 15_000));
 }

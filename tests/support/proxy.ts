@@ -98,19 +98,43 @@ export async function udpExchange(
   }
 }
 
-/** A plain DNS-over-TCP client for tests. */
+/** A DNS-over-TCP client for tests; over TLS (DoT) with {@linkcode TcpDnsClient.connectTls}. */
 export class TcpDnsClient {
-  readonly conn: Deno.TcpConn;
+  readonly conn: Deno.Conn;
   #buffer = new Uint8Array(0);
   #closed = false;
 
-  private constructor(conn: Deno.TcpConn) {
+  private constructor(conn: Deno.Conn) {
     this.conn = conn;
   }
 
   /** Connects to the proxy. */
   static async connect(port: number, hostname = "127.0.0.1"): Promise<TcpDnsClient> {
     return new TcpDnsClient(await Deno.connect({ hostname, port, transport: "tcp" }));
+  }
+
+  /**
+   * Connects over TLS, trusting the test CA, and completes the handshake (rejects when it
+   * fails). `alpn` is what the client offers (none by default, as dnsperf and kdig).
+   */
+  static async connectTls(
+    port: number,
+    hostname = "127.0.0.1",
+    alpn?: string[],
+  ): Promise<TcpDnsClient> {
+    const conn = await Deno.connectTls({
+      hostname,
+      port,
+      caCerts: [CA_PEM],
+      ...(alpn ? { alpnProtocols: alpn } : {}),
+    });
+    try {
+      await conn.handshake();
+    } catch (error) {
+      conn.close();
+      throw error;
+    }
+    return new TcpDnsClient(conn);
   }
 
   /** Writes raw bytes. */

@@ -1,0 +1,313 @@
+/**
+ * HTTP/1.1 (RFC 9112) for the DoH listener: keep-alive and pipelining (requests answered in
+ * the order they came), bodies by `Content-Length` (with `Expect: 100-continue`), and the
+ * limits of {@linkcode HttpLimits}. The request head parser is the metrics endpoint's
+ * ({@linkcode parseRequestHead} in `server/http.ts`).
+ *
+ * A body in chunked transfer coding gets 411 (Length Required): DoH clients (curl, kdig,
+ * dig, browsers, dnsdist) send `Content-Length`, and a chunked body would need its own
+ * limits for a message that is at most 65,535 octets anyway.
+ *
+ * @module
+ */
+
+import {
+  findHeadEnd,
+  HttpRequestError,
+  parseRequestHead,
+  type RequestHead,
+  skipEmptyLines,
+} from "../server/http.ts";
+import type { Clock, TimerQueue } from "../timers.ts";
+import { Deadline } from "./deadline.ts";
+import {
+  type HttpLimits,
+  type HttpPeer,
+  type HttpResponse,
+  type HttpService,
+  REASONS,
+} from "./types.ts";
+
+const encoder = new TextEncoder();
+const LF = 0x0a;
+/** After a response with `Connection: close`, unread bytes are drained this long at most. */
+const LINGER_MS = 1_000;
+const LINGER_BYTES = 64 * 1024;
+/** On shutdown, how long an idle keep-alive connection waits for a request already sent. */
+const SHUTDOWN_GRACE_MS = 1_000;
+
+/** How an HTTP/1.1 connection ended, for the listener's log. */
+export type H1Outcome = { reason: string; error?: string };
+
+function render(response: HttpResponse, head: boolean, keepAlive: boolean): Uint8Array {
+  let text = `HTTP/1.1 ${response.status} ${REASONS[response.status] ?? "Status"}\r\n`;
+  for (const [name, value] of response.fields) text += `${name}: ${value}\r\n`;
+  text += `content-length: ${response.body.length}\r\n`;
+  if (!keepAlive) text += "connection: close\r\n";
+  const headBytes = encoder.encode(text + "\r\n");
+  if (head || response.body.length === 0) return headBytes;
+  const out = new Uint8Array(headBytes.length + response.body.length);
+  out.set(headBytes);
+  out.set(response.body, headBytes.length);
+  return out;
+}
+
+/**
+ * Serves HTTP/1.1 on one connection. `initial` holds bytes already read from it (the
+ * listener peeks at the first bytes to tell HTTP/2 prior knowledge from HTTP/1.1).
+ *
+ * @example
+ * ```ts ignore
+ * const h1 = new H1Connection(conn, peer, service, limits, firstBytes);
+ * await h1.finished;
+ * ```
+ */
+export class H1Connection {
+  /** Settles (never rejects) once the connection is closed. */
+  readonly finished: Promise<H1Outcome>;
+  readonly #conn: Deno.Conn;
+  readonly #peer: HttpPeer;
+  readonly #service: HttpService;
+  readonly #limits: HttpLimits;
+  readonly #deadline: Deadline;
+  #closed = false;
+  #reason = "";
+  /** True while a request is being answered (a shutdown waits for it). */
+  #busy = false;
+  #lastActive: number;
+  readonly #clock: Clock;
+  #shuttingDown = false;
+
+  /** Starts serving. */
+  constructor(
+    conn: Deno.Conn,
+    peer: HttpPeer,
+    service: HttpService,
+    limits: HttpLimits,
+    initial: Uint8Array,
+    timers: TimerQueue,
+  ) {
+    this.#clock = timers.clock;
+    this.#lastActive = timers.clock.now();
+    this.#deadline = new Deadline(timers, (reason) => this.#close(reason));
+    this.#conn = conn;
+    this.#peer = peer;
+    this.#service = service;
+    this.#limits = limits;
+    this.finished = this.#serve(initial).then(
+      () => ({ reason: this.#reason || "closed" }),
+      (error) => ({
+        reason: this.#reason || "error",
+        error: error instanceof Error ? error.message : String(error),
+      }),
+    ).finally(() => this.#close(""));
+  }
+
+  /** True between requests: closing the connection loses nothing. */
+  get idle(): boolean {
+    return !this.#busy;
+  }
+
+  /** When a request last arrived or an answer was written (the timers' clock). */
+  get lastActive(): number {
+    return this.#lastActive;
+  }
+
+  /** Closes the connection now. */
+  abort(reason: string): void {
+    this.#close(reason);
+  }
+
+  /** Closes once the request being answered (if any) is written, or after a short grace. */
+  shutdown(): void {
+    this.#shuttingDown = true;
+    // Between requests a request may already be on its way (HTTP/1.1 has no GOAWAY): give it
+    // a moment to arrive and be answered with `connection: close` rather than be lost.
+    if (!this.#busy) this.#arm(SHUTDOWN_GRACE_MS, "shutting down");
+  }
+
+  #close(reason: string): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (reason !== "") this.#reason ||= reason;
+    this.#deadline.disarm();
+    try {
+      this.#conn.close();
+    } catch {
+      // Already closed.
+    }
+  }
+
+  #arm(ms: number, reason: string): void {
+    if (!this.#closed) this.#deadline.arm(ms, reason);
+  }
+
+  async #serve(initial: Uint8Array): Promise<void> {
+    const limits = this.#limits;
+    // Starts small (an idle keep-alive connection holds its buffer) and grows, by doubling,
+    // to the largest head plus the largest body plus what a pipelining client sends ahead.
+    const cap = limits.maxHeadBytes + limits.maxBodyBytes + 4096;
+    let buffer = new Uint8Array(Math.min(cap, Math.max(4096, initial.length)));
+    buffer.set(initial.subarray(0, buffer.length));
+    let start = 0;
+    let end = Math.min(initial.length, buffer.length);
+    const grow = (needed: number) => {
+      if (needed <= buffer.length) return;
+      const bigger = new Uint8Array(Math.min(cap, Math.max(needed, 2 * buffer.length)));
+      bigger.set(buffer.subarray(0, end));
+      buffer = bigger;
+    };
+    for (let served = 0; served < limits.maxRequestsPerConnection; served++) {
+      if (this.#shuttingDown) return;
+      // Before the first byte of a request: the idle deadline (also for the first request:
+      // the listener counts an open connection against its caps). From the first byte, the
+      // request deadline, not moved by later bytes.
+      let waitingForFirstByte = skipEmptyLines(buffer, start, end) === end;
+      if (waitingForFirstByte) this.#arm(limits.idleTimeoutMs, "idle");
+      else this.#arm(limits.requestTimeoutMs, "request timeout");
+      let found: { headEnd: number; next: number } | null = null;
+      let scanFrom = start;
+      // Each pass finds the head or reads at least a byte into a bounded buffer: bounded.
+      for (let pass = 0; pass <= 2 * cap + 2; pass++) {
+        start = skipEmptyLines(buffer, start, end);
+        if (start === end) start = end = 0;
+        found = findHeadEnd(buffer, Math.max(start, scanFrom), end);
+        if (found !== null) break;
+        scanFrom = Math.max(start, end - 2);
+        if (end - start >= limits.maxHeadBytes) {
+          // No line end at all: the request line alone is too long (a long GET target).
+          const lineEnd = buffer.subarray(start, end).indexOf(LF);
+          const status = lineEnd < 0 ? 414 : 431;
+          await this.#refuse(status, status === 414 ? "request target too long" : "head too large");
+          return;
+        }
+        if (end === buffer.length) {
+          buffer.copyWithin(0, start, end);
+          end -= start;
+          scanFrom -= start;
+          start = 0;
+          if (end === buffer.length) grow(end + 1);
+        }
+        const n = await this.#conn.read(buffer.subarray(end));
+        if (n === null) {
+          if (end > start) this.#reason = "client closed mid-request";
+          return;
+        }
+        if (waitingForFirstByte) {
+          waitingForFirstByte = false;
+          this.#arm(limits.requestTimeoutMs, "request timeout");
+        }
+        end += n;
+      }
+      if (found === null) return;
+
+      let head: RequestHead;
+      try {
+        head = parseRequestHead(buffer.subarray(start, found.headEnd));
+      } catch (error) {
+        if (!(error instanceof HttpRequestError)) throw error;
+        await this.#refuse(error.status, error.message);
+        return;
+      }
+      start = found.next;
+      if (head.target.length > limits.maxTargetBytes) {
+        await this.#refuse(414, "request target too long");
+        return;
+      }
+      if (head.fields.has("transfer-encoding")) {
+        await this.#refuse(411, "chunked bodies are not taken; send Content-Length");
+        return;
+      }
+      const length = head.hasBody ? Number(head.fields.get("content-length")!.split(",")[0]) : 0;
+      if (length > limits.maxBodyBytes) {
+        await this.#refuse(413, `body over ${limits.maxBodyBytes} octets`);
+        return;
+      }
+      if (
+        length > 0 && end - start < length && /100-continue/i.test(head.fields.get("expect") ?? "")
+      ) {
+        await this.#write(encoder.encode("HTTP/1.1 100 Continue\r\n\r\n"));
+        // The write had its own deadline; the body has the request's again.
+        this.#arm(limits.requestTimeoutMs, "request timeout");
+      }
+      // The body: the bytes already here, then reads until it is whole (same deadline).
+      if (end - start < length && start + length > buffer.length) {
+        buffer.copyWithin(0, start, end);
+        end -= start;
+        start = 0;
+        grow(length);
+      }
+      while (end - start < length) {
+        const n = await this.#conn.read(buffer.subarray(end));
+        if (n === null) {
+          this.#reason = "client closed mid-body";
+          return;
+        }
+        end += n;
+      }
+      const body = buffer.slice(start, start + length);
+      start += length;
+      if (start === end) start = end = 0;
+      this.#deadline.disarm();
+
+      const connection = (head.fields.get("connection") ?? "").toLowerCase();
+      const keepAlive = head.version === "HTTP/1.1" && !/\bclose\b/.test(connection) &&
+        served + 1 < limits.maxRequestsPerConnection;
+      this.#busy = true;
+      this.#lastActive = this.#clock.now();
+      let response: HttpResponse;
+      try {
+        response = await this.#service.handle({
+          method: head.method,
+          // Absolute form (`GET http://host/dns-query?dns=...`, RFC 9112 section 3.2.2), as a
+          // forward proxy sends it, becomes origin form.
+          target: head.target.replace(/^https?:\/\/[^/?#]*/i, "") || "/",
+          fields: head.fields,
+          body,
+          version: head.version,
+        }, this.#peer);
+      } catch {
+        response = this.#service.reject(503, "the request failed");
+      }
+      if (this.#closed) return;
+      const last = !keepAlive || this.#shuttingDown;
+      await this.#write(render(response, head.method === "HEAD", !last));
+      this.#busy = false;
+      this.#lastActive = this.#clock.now();
+      if (last) {
+        await this.#linger();
+        return;
+      }
+    }
+  }
+
+  async #write(bytes: Uint8Array): Promise<void> {
+    this.#arm(this.#limits.writeTimeoutMs, "write timeout");
+    for (let at = 0; at < bytes.length;) at += await this.#conn.write(bytes.subarray(at));
+    this.#deadline.disarm();
+  }
+
+  /** Answers a request the connection will not serve, then closes. */
+  async #refuse(status: number, reason: string): Promise<void> {
+    this.#reason = `refused ${status}: ${reason}`;
+    await this.#write(render(this.#service.reject(status, reason), false, false));
+    await this.#linger();
+  }
+
+  /** Half-closes and drains briefly, so that closing does not reset the response away. */
+  async #linger(): Promise<void> {
+    if (this.#closed) return;
+    try {
+      await this.#conn.closeWrite();
+      this.#arm(LINGER_MS, "");
+      const sink = new Uint8Array(4096);
+      for (let total = 0; total < LINGER_BYTES;) {
+        const n = await this.#conn.read(sink);
+        if (n === null) return;
+        total += n;
+      }
+    } catch {
+      // Closed by the deadline or the client.
+    }
+  }
+}
