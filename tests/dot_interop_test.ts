@@ -335,3 +335,33 @@ Deno.test({
     });
   },
 });
+
+const OPENSSL = await hasTool("openssl", ["version"]);
+
+Deno.test({
+  name: named("dot interop: TLS 1.2 and TLS 1.3 handshakes (openssl s_client)", OPENSSL, "openssl"),
+  ignore: !OPENSSL,
+  fn: async () => {
+    await withDot(async (test) => {
+      for (const version of ["-tls1_2", "-tls1_3"]) {
+        const out = await run("openssl", [
+          "s_client",
+          "-connect",
+          `127.0.0.1:${test.dotPort}`,
+          version,
+          "-CAfile",
+          test.caFile,
+          "-verify_hostname",
+          "dns.test",
+          "-alpn",
+          "dot",
+          "-brief",
+        ], new Uint8Array(0));
+        const said = text(out.stdout) + out.stderr;
+        const expected = version === "-tls1_2" ? "TLSv1.2" : "TLSv1.3";
+        assert.match(said, new RegExp(`Protocol version: ${expected.replace(".", "\\.")}`), said);
+        assert.match(said, /Verification: OK/, said);
+      }
+    });
+  },
+});

@@ -289,15 +289,27 @@ export function appendChunk(
 
 /**
  * `query` (built with an OPT record: `ednsUdpSize` set, so the OPT is last and has no
- * options) with an EDNS option appended to its OPT.
+ * options) with EDNS options, each `[code, data]`, added to its OPT.
  */
-export function withEdnsOption(query: Uint8Array, code: number, data: number[] = []): Uint8Array {
-  const out = new Uint8Array(query.length + 4 + data.length);
+export function withEdnsOptions(query: Uint8Array, options: [number, number[]][]): Uint8Array {
+  const bytes = options.flatMap(([code, data]) => [
+    code >> 8,
+    code & 0xff,
+    data.length >> 8,
+    data.length & 0xff,
+    ...data,
+  ]);
+  const out = new Uint8Array(query.length + bytes.length);
   out.set(query);
   const rdlength = query.length - 2;
-  const length = ((query[rdlength] << 8) | query[rdlength + 1]) + 4 + data.length;
+  const length = ((query[rdlength] << 8) | query[rdlength + 1]) + bytes.length;
   out[rdlength] = length >> 8;
   out[rdlength + 1] = length & 0xff;
-  out.set([code >> 8, code & 0xff, data.length >> 8, data.length & 0xff, ...data], query.length);
+  out.set(bytes, query.length);
   return out;
+}
+
+/** {@linkcode withEdnsOptions} with one option. */
+export function withEdnsOption(query: Uint8Array, code: number, data: number[] = []): Uint8Array {
+  return withEdnsOptions(query, [[code, data]]);
 }
