@@ -509,7 +509,33 @@ function parseListenList(text: string, what: string): ListenAddress[] {
     }
     seen.set(key, shown);
   }
+  // Every listener binds with SO_REUSEPORT / SO_REUSEADDR (a new process takes over while the
+  // old one drains), so a wildcard and another address on the same port both bind, and the
+  // kernel would split one port's traffic between them: refuse it here.
+  for (const address of addresses) {
+    const covering = addresses.find((other) =>
+      other !== address && other.port === address.port && coversAddress(other, address)
+    );
+    if (covering === undefined) continue;
+    const dual = covering.hostname === "::" && address.hostname.includes(".")
+      ? " ([::] takes the port for IPv4 too, dual-stack)"
+      : "";
+    throw new ConfigError(
+      `${what}: ${formatHostPort(covering.hostname, covering.port)} already takes the port of ` +
+        `${formatHostPort(address.hostname, address.port)}${dual}; list only the wildcard address`,
+    );
+  }
   return addresses;
+}
+
+/** True when `wildcard` is a wildcard address that takes `address`'s port too. */
+function coversAddress(wildcard: ListenAddress, address: ListenAddress): boolean {
+  const bytes = parseIpAddress(wildcard.hostname);
+  if (bytes === null || bytes.some((b) => b !== 0)) return false;
+  const other = parseIpAddress(address.hostname);
+  if (other === null) return false;
+  // [::] is dual-stack on Linux: it takes IPv4 too. 0.0.0.0 takes IPv4 only.
+  return bytes.length === 16 || other.length === 4;
 }
 
 function parseUpstreamList(text: string, what: string): UpstreamSpec[] {
@@ -682,6 +708,7 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     defaultText: "none",
     range: "",
     help: "PEM text of the private key of DOTPROXY_TLS_CERT, unencrypted (text, not a path)",
+    secret: true,
     parse: (text, what) => checkedPem(text, what, checkKeyText),
     fallback: () => "",
   },

@@ -367,6 +367,11 @@ export class AcceptLoop<C extends Deno.Conn = Deno.Conn> {
       largest.delete(served);
       this.#served.delete(served);
       served.abort();
+      this.#options.log.debug(
+        `${this.#options.name} connection limit reached; closed an idle connection of the ` +
+          "client holding the most",
+        { limit: this.#options.maxConnections, held: largest.size + 1 },
+      );
       return true;
     }
     return false;
@@ -381,8 +386,9 @@ export class AcceptLoop<C extends Deno.Conn = Deno.Conn> {
       }
     }
     if (oldest === undefined) return;
-    // Out of the count at once: its `finished` settles later.
+    // Out of the counts at once: its `finished` settles later.
     connections.delete(oldest);
+    this.#served.delete(oldest);
     oldest.abort();
     this.#options.log.debug(
       `${this.#options.name} connections per client reached; closed its longest-idle one`,
