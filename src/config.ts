@@ -682,6 +682,7 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     defaultText: "none",
     range: "",
     help: "PEM text of the private key of DOTPROXY_TLS_CERT, unencrypted (text, not a path)",
+    secret: true,
     parse: (text, what) => checkedPem(text, what, checkKeyText),
     fallback: () => "",
   },
