@@ -119,6 +119,21 @@ export class Logger {
 }
 
 /**
+ * The text a log line gives for a thrown value: an `Error`'s message, else the value as a
+ * string.
+ *
+ * @example
+ * ```ts
+ * import { errorMessage } from "./log.ts";
+ * errorMessage(new Error("Connection refused")); // "Connection refused"
+ * errorMessage("timeout"); // "timeout"
+ * ```
+ */
+export function errorMessage(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/**
  * Lets through at most one line per `intervalMs` for a noisy event (for example malformed
  * packets from a flood), and reports how many were suppressed in between.
  *

@@ -6,6 +6,7 @@ import {
   isDescriptorExhaustion,
   type Served,
 } from "../src/net/accept_loop.ts";
+import { sleep } from "./support/wait.ts";
 
 Deno.test("accept loop: isDescriptorExhaustion knows EMFILE and ENFILE, nothing else", () => {
   assert.ok(isDescriptorExhaustion(new Error("Too many open files (os error 24)")));
@@ -76,7 +77,7 @@ Deno.test("accept loop: caps in all and per client; the longest-idle connection 
     };
     await connect();
     await connect();
-    for (let i = 0; i < 100 && served.length < 2; i++) await new Promise((r) => setTimeout(r, 5));
+    for (let i = 0; i < 100 && served.length < 2; i++) await sleep(5);
     // At the per-client cap with nothing idle: the new connection is closed.
     assert.equal(await closedByPeer(await connect(), 2000), true);
     assert.equal(loop.open, 2);
@@ -84,7 +85,7 @@ Deno.test("accept loop: caps in all and per client; the longest-idle connection 
     served[0].idle = true;
     served[1].idle = true;
     const third = await connect();
-    for (let i = 0; i < 100 && served.length < 3; i++) await new Promise((r) => setTimeout(r, 5));
+    for (let i = 0; i < 100 && served.length < 3; i++) await sleep(5);
     assert.equal(await closedByPeer(clients[0], 2000), true, "the longest-idle one closed");
     assert.equal(served.length, 3);
     assert.equal(loop.open, 2);

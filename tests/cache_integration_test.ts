@@ -12,6 +12,7 @@ import { addressFor, answerFor, buildQuery, formatA, parseMessage } from "./supp
 import { metricValue } from "./support/prometheus.ts";
 import { spawnMain, TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
 import { unboundServerHead } from "./support/unbound.ts";
+import { sleep } from "./support/wait.ts";
 
 async function toolAvailable(command: string, args: string[]): Promise<boolean> {
   try {
@@ -37,8 +38,6 @@ for (
 ) {
   if (!present) console.log(`cache integration: SKIPPING tests that need ${tool}: not installed`);
 }
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 async function run(command: string, args: string[]): Promise<{ code: number; out: string }> {
   const output = await new Deno.Command(command, { args, stdout: "piped", stderr: "piped" })

@@ -18,10 +18,16 @@ import { type CacheStatus, Resolver, type ResolverOptions } from "../src/resolve
 import { Flight, type FlightOwner, FlightTable } from "../src/resolver/flight.ts";
 import { ManualClock } from "../src/timers.ts";
 import { TEST_CACHE } from "./support/cache.ts";
-import { UpstreamError } from "../src/upstream/errors.ts";
-import type { Forwarder, UpstreamRequest } from "../src/upstream/forwarder.ts";
-import { buildQuery, encodeName, type ParsedMessage, parseMessage } from "./support/dns.ts";
+import {
+  buildQuery,
+  encodeName,
+  type ParsedMessage,
+  parseMessage,
+  u16,
+  u32,
+} from "./support/dns.ts";
 import { LogCapture } from "./support/proxy.ts";
+import { FakeForwarder } from "./support/forwarder.ts";
 
 // ---- answers built by hand -------------------------------------------------------------------
 
@@ -54,14 +60,6 @@ const SOA = 6;
 const TXT = 16;
 const AAAA = 28;
 const RRSIG = 46;
-
-function u16(n: number): number[] {
-  return [(n >> 8) & 0xff, n & 0xff];
-}
-
-function u32(n: number): number[] {
-  return [(n >>> 24) & 0xff, (n >>> 16) & 0xff, (n >>> 8) & 0xff, n & 0xff];
-}
 
 function questionEnd(msg: Uint8Array): number {
   let at = 12;
@@ -140,24 +138,6 @@ function rrsig(ttl: number, covered = A): Rec {
 
 // ---- the resolver under test -----------------------------------------------------------------
 
-/** Holds every request until the test answers or fails it. */
-class FakeForwarder implements Forwarder {
-  readonly requests: UpstreamRequest[] = [];
-  forward(request: UpstreamRequest): void {
-    this.requests.push(request);
-  }
-  /** Answers request `i` with a response shaped by `shape`; returns the bytes sent. */
-  answer(i: number, shape: Shape = {}): Uint8Array {
-    const response = respond(this.requests[i].query, shape);
-    this.requests[i].settleAnswer(response.slice(), "fake", null);
-    return response;
-  }
-  fail(i: number, reason: "timeout" | "unavailable" = "unavailable"): void {
-    this.requests[i].settleFailure(new UpstreamError(reason, "no upstream answered", "fake"));
-  }
-  close(): void {}
-}
-
 interface CacheOptions extends CacheSettings {
   prefetch: boolean;
   staleAnswerTimeoutMs: number;
@@ -166,7 +146,7 @@ interface CacheOptions extends CacheSettings {
 interface Harness {
   r: Resolver;
   clock: ManualClock;
-  up: FakeForwarder;
+  up: FakeForwarder<Shape>;
   lookups: CacheStatus[];
   prefetches: number;
   evictions: number;
@@ -174,7 +154,7 @@ interface Harness {
 
 function setup(cache: Partial<CacheOptions> = {}, options: Partial<ResolverOptions> = {}): Harness {
   const clock = new ManualClock();
-  const up = new FakeForwarder();
+  const up = new FakeForwarder<Shape>({ respond });
   const harness = { clock, up, lookups: [], prefetches: 0, evictions: 0 } as unknown as Harness;
   harness.r = new Resolver(up, {
     udpMaxSize: 1232,

@@ -19,6 +19,7 @@ import {
   SERVICE,
   SERVICE_IP,
 } from "./support/cluster.ts";
+import { sleep } from "./support/wait.ts";
 
 const unboundAvailable = await UnboundUpstream.available();
 if (!unboundAvailable) console.warn("cluster_dns_test: skipped, unbound is not installed");
@@ -155,7 +156,7 @@ Deno.test({
         assert.deepEqual(first.answers.map((r) => formatA(r.data)), [SERVICE_IP]);
         cluster.stop();
         try {
-          await new Promise((resolve) => setTimeout(resolve, 1100)); // the TTL of 1 s runs out
+          await sleep(1100); // the TTL of 1 s runs out
           const started = performance.now();
           const [stale, unknown, publicName] = await Promise.all([
             udpExchange(port, buildQuery(SERVICE)),

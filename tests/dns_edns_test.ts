@@ -8,33 +8,20 @@ import {
 } from "../src/dns/edns.ts";
 import { analyzeResponse, ResponseInfo } from "../src/dns/message.ts";
 import { inspectQuery, QueryInfo, QueryVerdict } from "../src/dns/query.ts";
-import { answerFor, buildQuery, encodeName, parseMessage } from "./support/dns.ts";
-
-type Part = number | readonly number[] | Uint8Array;
-
-function bytes(...parts: Part[]): Uint8Array {
-  const out: number[] = [];
-  for (const part of parts) {
-    if (typeof part === "number") out.push(part);
-    else out.push(...part);
-  }
-  return new Uint8Array(out);
-}
-
-const u16 = (n: number): number[] => [(n >> 8) & 0xff, n & 0xff];
-const u32 = (n: number): number[] => [n >>> 24, (n >>> 16) & 0xff, (n >>> 8) & 0xff, n & 0xff];
+import {
+  answerFor,
+  buildQuery,
+  bytes,
+  encodeName,
+  opt,
+  parseMessage,
+  type Part,
+  rr,
+  u16,
+  u32,
+} from "./support/dns.ts";
 
 type Option = [number, Part];
-
-function options(list: Option[]): Uint8Array {
-  return bytes(...list.map(([code, d]) => bytes(u16(code), u16(bytes(d).length), d)));
-}
-
-/** An OPT record: UDP size, the TTL field's four octets (ext rcode, version, flags), options. */
-function opt(list: Option[] = [], udp = 1232, ttl: number[] = [0, 0, 0, 0]): Uint8Array {
-  const data = options(list);
-  return bytes(0, u16(41), u16(udp), ttl, u16(data.length), data);
-}
 
 function query(name: string, additional: Uint8Array[], id = 0x1234): Uint8Array {
   return bytes(
@@ -209,11 +196,6 @@ Deno.test("buildUpstreamQuery writes into a caller buffer when it fits", () => {
 // --- stripResponseOpt -------------------------------------------------------------------
 
 const QUESTION = bytes(encodeName("strip.test"), u16(1), u16(1));
-
-function rr(type: number, ttl: number, rdata: Part): Uint8Array {
-  const data = bytes(rdata);
-  return bytes(0xc0, 12, u16(type), u16(1), u32(ttl), u16(data.length), data);
-}
 
 /** A response with one answer and `additional` in the additional section. */
 function response(additional: Uint8Array[]): Uint8Array {

@@ -3,22 +3,17 @@ import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "../src/dns/
 import { inspectQuery, QueryInfo } from "../src/dns/query.ts";
 import { answersQuestion } from "../src/dns/response.ts";
 import { checkName, MAX_POINTER_HOPS } from "../src/dns/wire.ts";
-import { answerFor, buildQuery, encodeName, parseMessage } from "./support/dns.ts";
+import {
+  answerFor,
+  buildQuery,
+  bytes,
+  encodeName,
+  parseMessage,
+  type Part,
+  u16,
+  u32,
+} from "./support/dns.ts";
 
-// Hand-written bytes: a number is one octet, arrays and Uint8Arrays are spliced in.
-type Part = number | readonly number[] | Uint8Array;
-
-function bytes(...parts: Part[]): Uint8Array {
-  const out: number[] = [];
-  for (const part of parts) {
-    if (typeof part === "number") out.push(part);
-    else out.push(...part);
-  }
-  return new Uint8Array(out);
-}
-
-const u16 = (n: number): number[] => [(n >> 8) & 0xff, n & 0xff];
-const u32 = (n: number): number[] => [n >>> 24, (n >>> 16) & 0xff, (n >>> 8) & 0xff, n & 0xff];
 const name = (text: string): Uint8Array => encodeName(text);
 const ptr = (offset: number): number[] => [0xc0 | (offset >> 8), offset & 0xff];
 

@@ -5,26 +5,7 @@ import { buildProbeQuery } from "../src/dns/probe.ts";
 import { inspectQuery, QueryInfo, QueryVerdict, verdictRcode } from "../src/dns/query.ts";
 import { buildErrorResponse } from "../src/dns/response.ts";
 import { Rcode } from "../src/dns/wire.ts";
-import { buildQuery, encodeName, parseMessage } from "./support/dns.ts";
-
-type Part = number | readonly number[] | Uint8Array;
-
-function bytes(...parts: Part[]): Uint8Array {
-  const out: number[] = [];
-  for (const part of parts) {
-    if (typeof part === "number") out.push(part);
-    else out.push(...part);
-  }
-  return new Uint8Array(out);
-}
-
-const u16 = (n: number): number[] => [(n >> 8) & 0xff, n & 0xff];
-
-/** An OPT record with the given options (code, data) pairs. */
-function opt(options: [number, Part][] = [], udp = 1232, ttl: number[] = [0, 0, 0, 0]) {
-  const data = bytes(...options.map(([code, d]) => bytes(u16(code), u16(bytes(d).length), d)));
-  return bytes(0, u16(41), u16(udp), ttl, u16(data.length), data);
-}
+import { buildQuery, bytes, encodeName, opt, parseMessage, type Part, u16 } from "./support/dns.ts";
 
 const MAC = new Uint8Array(32).fill(0x5a);
 const TIME = [0, 0, 0x65, 0x92, 0x00, 0x01];

@@ -9,26 +9,7 @@ import {
   writeTtls,
   zeroHighTtls,
 } from "../src/dns/ttl.ts";
-import { encodeName, parseMessage } from "./support/dns.ts";
-
-type Part = number | readonly number[] | Uint8Array;
-
-function bytes(...parts: Part[]): Uint8Array {
-  const out: number[] = [];
-  for (const part of parts) {
-    if (typeof part === "number") out.push(part);
-    else out.push(...part);
-  }
-  return new Uint8Array(out);
-}
-
-const u16 = (n: number): number[] => [(n >> 8) & 0xff, n & 0xff];
-const u32 = (n: number): number[] => [n >>> 24, (n >>> 16) & 0xff, (n >>> 8) & 0xff, n & 0xff];
-
-function rr(type: number, ttl: number, rdata: Part): Uint8Array {
-  const data = bytes(rdata);
-  return bytes(0xc0, 12, u16(type), u16(1), u32(ttl), u16(data.length), data);
-}
+import { bytes, encodeName, parseMessage, rr, u16, u32 } from "./support/dns.ts";
 
 /**
  * A response to `ttl.test. A` with answers of the given TTLs, an OPT (whose TTL field holds

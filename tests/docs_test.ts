@@ -20,6 +20,7 @@ import { freeStablePort } from "./support/fault_upstream.ts";
 import { parsePrometheus } from "./support/prometheus.ts";
 import { spawnMain, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
 import { UnboundUpstream } from "./support/unbound.ts";
+import { sleep } from "./support/wait.ts";
 
 const ROOT = new URL("../", import.meta.url);
 
@@ -182,7 +183,7 @@ Deno.test({
       for (let i = 0; i < 50 && answer === null; i++) {
         answer = await udpExchange(listenPort, buildQuery("www.dotproxy.test"), 200);
         if (answer !== null && parseMessage(answer).rcode !== 0) answer = null;
-        if (answer === null) await new Promise((resolve) => setTimeout(resolve, 100));
+        if (answer === null) await sleep(100);
       }
       assert.ok(answer, "www.dotproxy.test answered NOERROR");
       assert.deepEqual(parseMessage(answer).answers.map((r) => formatA(r.data)), ["192.0.2.10"]);

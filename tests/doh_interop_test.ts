@@ -12,6 +12,7 @@ import assert from "node:assert/strict";
 import { parseCidr } from "../src/config.ts";
 import { SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
 import { hasTool, named, run, withDoh } from "./support/doh.ts";
+import { until } from "./support/wait.ts";
 
 const DNSDIST = await hasTool("dnsdist", ["--version"]);
 const NGINX = await hasTool("nginx", ["-v"]);
@@ -47,15 +48,6 @@ async function withServer(
   }
 }
 
-/** Retries `probe` until it passes (a server starting up), at most `tries` times. */
-async function eventually(probe: () => Promise<boolean>, tries = 50): Promise<boolean> {
-  for (let i = 0; i < tries; i++) {
-    if (await probe()) return true;
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-  return false;
-}
-
 Deno.test({
   name: named(
     "interop: dnsdist 1.7 in front, dotproxy as its DoH backend",
@@ -78,17 +70,21 @@ Deno.test({
           "dnsdist",
           ["--supervised", "--disable-syslog", "-C", `${dir}/dnsdist.conf`],
           async () => {
-            const answered = await eventually(async () => {
-              const out = await run("dig", [
-                "@127.0.0.1",
-                "-p",
-                String(port),
-                "+tries=1",
-                "+time=1",
-                "dnsdist.example",
-              ]);
-              return /status: NOERROR/.test(new TextDecoder().decode(out.stdout));
-            });
+            const answered = await until(
+              async () => {
+                const out = await run("dig", [
+                  "@127.0.0.1",
+                  "-p",
+                  String(port),
+                  "+tries=1",
+                  "+time=1",
+                  "dnsdist.example",
+                ]);
+                return /status: NOERROR/.test(new TextDecoder().decode(out.stdout));
+              },
+              30_000,
+              100,
+            );
             assert.ok(answered, "no answer through dnsdist");
             for (const transport of ["+notcp", "+tcp"]) {
               const out = await run("dig", [
@@ -176,8 +172,11 @@ Deno.test({
               ...extra,
               name,
             ]);
-          const up = await eventually(async () =>
-            /HTTP\/2-POST/.test(new TextDecoder().decode((await ask("up.example")).stdout))
+          const up = await until(
+            async () =>
+              /HTTP\/2-POST/.test(new TextDecoder().decode((await ask("up.example")).stdout)),
+            30_000,
+            100,
           );
           assert.ok(up, "nginx did not come up");
           // From 127.0.0.1 (nginx's peer and client alike): refused by --allow.

@@ -16,8 +16,9 @@ import { buildQuery, parseMessage } from "./support/dns.ts";
 import { base64Url } from "./support/doh.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
-import { waitFor } from "./support/hostile.ts";
+
 import { spawnMain } from "./support/proxy.ts";
+import { sleep, until } from "./support/wait.ts";
 
 function start(args: string[]) {
   const main = spawnMain(args, {
@@ -119,22 +120,22 @@ Deno.test({
     let running = true;
     const loops: Promise<void>[] = [];
     try {
-      assert.ok(await waitFor(() => old.stderr().includes("dotproxy started"), 15_000));
+      assert.ok(await until(() => old.stderr().includes("dotproxy started"), 15_000));
       for (const asker of askers) {
         loops.push((async () => {
           while (running) {
             await asker.ask();
-            await new Promise((resolve) => setTimeout(resolve, 5));
+            await sleep(5);
           }
         })());
       }
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      await sleep(500);
       fresh = start(args);
-      assert.ok(await waitFor(() => fresh!.stderr().includes("dotproxy started"), 15_000));
-      await new Promise((resolve) => setTimeout(resolve, 300));
+      assert.ok(await until(() => fresh!.stderr().includes("dotproxy started"), 15_000));
+      await sleep(300);
       const asked = askers.map((a) => a.asked);
       assert.equal(await old.stop(), 0, old.stderr().slice(-2000));
-      await new Promise((resolve) => setTimeout(resolve, 700));
+      await sleep(700);
       running = false;
       await Promise.all(loops);
       console.log(

@@ -438,6 +438,7 @@ while len(order) < count:
 print(len(order), sum(1 for s in statuses.values() if s == b"200"), int(order != sorted(order)),
       conn.remote_settings.max_concurrent_streams)
 `;
+import { sleep, until } from "./support/wait.ts";
 
 Deno.test({
   name: named(
@@ -643,7 +644,7 @@ Deno.test("doh: connection caps, TLS handshake deadline, request and idle deadli
         const first = await Deno.connect({ hostname: "127.0.0.1", port: perClient.addr.port });
         opened.push(first);
         opened.push(await Deno.connect({ hostname: "127.0.0.1", port: perClient.addr.port }));
-        await waitUntil(() => perClient.openConnections === 2, 1000);
+        await until(() => perClient.openConnections === 2, 1000);
         opened.push(await Deno.connect({ hostname: "127.0.0.1", port: perClient.addr.port }));
         assert.ok(await closedWithin(first, 500), "the longest-idle connection stayed");
         assert.ok(perClient.openConnections <= 2);
@@ -662,7 +663,7 @@ Deno.test("doh: connection caps, TLS handshake deadline, request and idle deadli
       const garbage = await Deno.connect({ hostname: "127.0.0.1", port: tls.addr.port });
       opened.push(garbage);
       await garbage.write(new TextEncoder().encode("GET / HTTP/1.1\r\n\r\n"));
-      await new Promise((resolve) => setTimeout(resolve, 600));
+      await sleep(600);
       assert.equal(tls.openConnections, 0, "a failed handshake still holds its slot");
       const client = await Deno.connectTls({
         hostname: "127.0.0.1",
@@ -697,7 +698,7 @@ Deno.test("doh: connection caps, TLS handshake deadline, request and idle deadli
         }
       }
       // Deno releases a TLS connection closed before its handshake once the client closes.
-      await new Promise((resolve) => setTimeout(resolve, 100));
+      await sleep(100);
       await tls.close(500);
       await plain.close(500);
     }
@@ -802,7 +803,7 @@ Deno.test("doh: a client that never reads its answers is closed by the write dea
             // The server closed the connection under us: the point of the test.
           }
         })();
-        const closed = await waitUntil(() => listener.openConnections === 0, 5000);
+        const closed = await until(() => listener.openConnections === 0, 5000);
         assert.ok(closed, `${h2 ? "h2" : "http/1.1"}: a client that does not read stayed open`);
         conn.close();
         await writing;
@@ -812,14 +813,6 @@ Deno.test("doh: a client that never reads its answers is closed by the write dea
     }
   });
 });
-
-async function waitUntil(condition: () => boolean, timeoutMs: number): Promise<boolean> {
-  for (let waited = 0; waited < timeoutMs; waited += 20) {
-    if (condition()) return true;
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-  return condition();
-}
 
 /** The GOAWAY error code a connection ends with after `bytes`, or null when it sends none. */
 async function goAwayAfter(port: number, bytes: Uint8Array[]): Promise<number | null> {
@@ -997,7 +990,7 @@ Deno.test("doh: a drain answers the requests in flight (HTTP/2: GOAWAY first), t
           ]]),
         ));
         await h1.write(new TextEncoder().encode(`GET ${path} HTTP/1.1\r\nhost: x\r\n\r\n`));
-        await new Promise((resolve) => setTimeout(resolve, 50));
+        await sleep(50);
         const draining = proxy.drain({ delayMs: 0, timeoutMs: 3000 });
         const frames = await readFrames(h2, (f) => f.some((x) => x.type === 0 && (x.flags & 1)));
         const types = frames.map((f) => f.type).filter((t) => t === 7 || t === 1 || t === 0);
@@ -1034,7 +1027,7 @@ Deno.test("doh: TLS handshakes and open connections count under transport=doh", 
       assert.equal(proxy.metrics.clientConnections.get("doh"), 1, "the kept-alive connection");
       const garbage = await Deno.connect({ hostname: "127.0.0.1", port: tlsPort });
       await garbage.write(new TextEncoder().encode("GET / HTTP/1.1\r\n\r\n"));
-      await waitUntil(() => proxy.metrics.tlsHandshakes.get("doh", "failed") === 1, 2000);
+      await until(() => proxy.metrics.tlsHandshakes.get("doh", "failed") === 1, 2000);
       assert.equal(proxy.metrics.tlsHandshakes.get("doh", "failed"), 1);
       garbage.close();
     } finally {

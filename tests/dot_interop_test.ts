@@ -15,9 +15,10 @@ import { answerFor } from "./support/dns.ts";
 import { hasTool, named, run } from "./support/doh.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
-import { waitFor } from "./support/hostile.ts";
+
 import { metricValue } from "./support/prometheus.ts";
 import { testConfig, type TestProxy, withProxy } from "./support/proxy.ts";
+import { sleep, until } from "./support/wait.ts";
 
 const KDIG = await hasTool("kdig", ["--version"]);
 const DIG = await hasTool("dig", ["-v"]);
@@ -112,7 +113,7 @@ async function digUntilAnswered(port: number, name: string, extra: string[] = []
       "A",
     ]);
     if (/status: NOERROR/.test(text(out.stdout))) return out;
-    await new Promise((resolve) => setTimeout(resolve, 250));
+    await sleep(250);
   }
   return out;
 }
@@ -289,7 +290,7 @@ Deno.test({
           "A",
         ]);
         assert.match(text(cd.stdout), /status: NOERROR/);
-        assert.ok(await waitFor(() => dotQueries(test) >= 2), `${dotQueries(test)} over DoT`);
+        assert.ok(await until(() => dotQueries(test) >= 2), `${dotQueries(test)} over DoT`);
       });
     });
   },

@@ -10,11 +10,12 @@
 import assert from "node:assert/strict";
 import { SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
 import { buildQuery, parseMessage, withEdnsOption } from "./support/dns.ts";
-import { InstantForwarder, waitFor } from "./support/hostile.ts";
 import { metricValue } from "./support/prometheus.ts";
 import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
 import { type Config, parseCidr } from "../src/config.ts";
 import type { RunningProxy } from "../src/app.ts";
+import { until } from "./support/wait.ts";
+import { InstantForwarder } from "./support/forwarder.ts";
 
 const UNUSED = ["127.0.0.1:853#dns.test"];
 const KEEPALIVE = 11;
@@ -72,7 +73,7 @@ Deno.test("dot: pipelined queries over TLS with ALPN dot and with no ALPN, answe
     // A client offering only another protocol fails the handshake (no overlap).
     await assert.rejects(TcpDnsClient.connectTls(dotPort(proxy), "127.0.0.1", ["h2"]));
     assert.ok(
-      await waitFor(() =>
+      await until(() =>
         metric(proxy, "dotproxy_tls_handshakes_total", { transport: "dot", result: "failed" }) ===
           1
       ),
@@ -95,7 +96,7 @@ Deno.test("dot: garbage, half a ClientHello and silence fail or time out; slots 
     assert.ok(closed, "closed");
     garbage.close();
     assert.ok(
-      await waitFor(() =>
+      await until(() =>
         metric(proxy, "dotproxy_tls_handshakes_total", { transport: "dot", result: "failed" }) ===
           1
       ),
@@ -105,7 +106,7 @@ Deno.test("dot: garbage, half a ClientHello and silence fail or time out; slots 
     const half = await Deno.connect({ hostname: "127.0.0.1", port });
     // A TLS record header announcing 512 octets of handshake, and only 5 of them.
     await half.write(new Uint8Array([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03]));
-    assert.ok(await waitFor(() => proxy.dot[0].openConnections === 2));
+    assert.ok(await until(() => proxy.dot[0].openConnections === 2));
     // A third connection is closed on accept while the two handshake (Deno's TLS may finish
     // the client's handshake before the close: then the connection ends unanswered).
     const third = await TcpDnsClient.connectTls(port).catch(() => null);
@@ -128,7 +129,7 @@ Deno.test("dot: garbage, half a ClientHello and silence fail or time out; slots 
       "handshakes count as open connections",
     );
     // The deadline (5 s) frees them.
-    assert.ok(await waitFor(() => proxy.dot[0].openConnections === 0, 8000));
+    assert.ok(await until(() => proxy.dot[0].openConnections === 0, 8000));
     assert.equal(
       metric(proxy, "dotproxy_tls_handshakes_total", { transport: "dot", result: "timeout" }),
       2,

@@ -16,10 +16,7 @@ import { DotServer } from "./support/dot_server.ts";
 import { buildQuery } from "./support/dns.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
 import { type MainProcess, spawnMain, TcpDnsClient, udpExchange } from "./support/proxy.ts";
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
+import { sleep } from "./support/wait.ts";
 
 /** Status of GET /readyz, or 0 when nothing answers. */
 async function readyz(port: number): Promise<number> {

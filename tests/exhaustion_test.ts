@@ -11,8 +11,9 @@ import { base64Url } from "./support/doh.ts";
 import { addressFor, buildQuery, formatA, parseMessage } from "./support/dns.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
-import { waitFor } from "./support/hostile.ts";
+
 import { TcpDnsClient, udpExchange } from "./support/proxy.ts";
+import { sleep, until } from "./support/wait.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const CLIENTS = 1000;
@@ -133,7 +134,7 @@ Deno.test({
     try {
       const healthz = `http://127.0.0.1:${httpPort}/healthz`;
       assert.ok(
-        await waitFor(() => main.stderr().includes("dotproxy started"), 15_000),
+        await until(() => main.stderr().includes("dotproxy started"), 15_000),
         `started: ${main.stderr()}`,
       );
       assert.equal(await httpStatus(healthz, 2000), 200);
@@ -144,7 +145,7 @@ Deno.test({
         clients.push(await Deno.connect({ hostname: "127.0.0.1", port: dnsPort }));
       }
       assert.ok(
-        await waitFor(() => main.stderr().includes("out of file descriptors"), 10_000),
+        await until(() => main.stderr().includes("out of file descriptors"), 10_000),
         "the proxy ran out of descriptors",
       );
       // Meanwhile: /healthz may not get a descriptor, but must not end the process...
@@ -160,7 +161,7 @@ Deno.test({
       let health: number | string = 0;
       for (let i = 0; i < 40 && health !== 200; i++) {
         health = await httpStatus(healthz, 1000);
-        if (health !== 200) await new Promise((resolve) => setTimeout(resolve, 100));
+        if (health !== 200) await sleep(100);
       }
       assert.equal(health, 200, "/healthz answers once descriptors free up");
       const tcp = await TcpDnsClient.connect(dnsPort);
@@ -211,13 +212,13 @@ Deno.test({
     });
     try {
       assert.ok(
-        await waitFor(() => main.stderr().includes("dotproxy started"), 15_000),
+        await until(() => main.stderr().includes("dotproxy started"), 15_000),
         `started: ${main.stderr()}`,
       );
       for (let round = 1; round <= 2; round++) {
         main.kill("SIGUSR2");
         assert.ok(
-          await waitFor(() => main.stderr().split("injected exception").length > round, 5000),
+          await until(() => main.stderr().split("injected exception").length > round, 5000),
           `round ${round}: ${main.stderr()}`,
         );
         const reply = await udpExchange(dnsPort, buildQuery(`after${round}.test`, { id: round }));
@@ -291,7 +292,7 @@ Deno.test({
     const path = `/dns-query?dns=${base64Url(buildQuery("doh.test", { id: 0 }))}`;
     try {
       assert.ok(
-        await waitFor(() => main.stderr().includes("dotproxy started"), 15_000),
+        await until(() => main.stderr().includes("dotproxy started"), 15_000),
         `started: ${main.stderr()}`,
       );
       assert.equal(await ask(`http://127.0.0.1:${plainPort}${path}`), 200);
@@ -299,7 +300,7 @@ Deno.test({
         clients.push(await Deno.connect({ hostname: "127.0.0.1", port: plainPort }));
       }
       assert.ok(
-        await waitFor(
+        await until(
           () => main.stderr().includes("doh-plain accept failed: out of file descriptors"),
           10_000,
         ),
@@ -312,7 +313,7 @@ Deno.test({
       for (let i = 0; i < 40 && (plain !== 200 || tls !== 200); i++) {
         plain = await ask(`http://127.0.0.1:${plainPort}${path}`);
         tls = await ask(`https://localhost:${dohPort}${path}`);
-        if (plain !== 200 || tls !== 200) await new Promise((resolve) => setTimeout(resolve, 100));
+        if (plain !== 200 || tls !== 200) await sleep(100);
       }
       assert.equal(plain, 200, "plain DoH answers once descriptors free up");
       assert.equal(tls, 200, "DoH over TLS answers once descriptors free up");
@@ -368,7 +369,7 @@ Deno.test({
     };
     try {
       assert.ok(
-        await waitFor(() => main.stderr().includes("dotproxy started"), 15_000),
+        await until(() => main.stderr().includes("dotproxy started"), 15_000),
         `started: ${main.stderr()}`,
       );
       assert.ok(await askDot(), "DoT answers at first");
@@ -377,7 +378,7 @@ Deno.test({
         clients.push(await Deno.connect({ hostname: "127.0.0.1", port: dotPort }));
       }
       assert.ok(
-        await waitFor(
+        await until(
           () => main.stderr().includes("dot accept failed: out of file descriptors"),
           10_000,
         ),
@@ -389,7 +390,7 @@ Deno.test({
       let dot = false;
       for (let i = 0; i < 40 && !dot; i++) {
         dot = await askDot();
-        if (!dot) await new Promise((resolve) => setTimeout(resolve, 100));
+        if (!dot) await sleep(100);
       }
       assert.ok(dot, "DoT answers once descriptors free up");
       assert.equal(main.exited(), false, "never exited");

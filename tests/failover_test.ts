@@ -26,6 +26,7 @@ import { BlackHole, type Fault, FaultyUpstream } from "./support/fault_upstream.
 import { parsePrometheus, sampleValue, sumMetric } from "./support/prometheus.ts";
 import { LogCapture, testConfig, udpExchange } from "./support/proxy.ts";
 import { UnboundUpstream } from "./support/unbound.ts";
+import { sleep } from "./support/wait.ts";
 
 // ---------------------------------------------------------------------------------------------
 // A steady UDP load and what it saw.
@@ -87,7 +88,7 @@ async function steadyLoad(
   const start = performance.now();
   for (let i = 0; i < total; i++) {
     const wait = start + (i * 1000) / qps - performance.now();
-    if (wait > 1) await new Promise((resolve) => setTimeout(resolve, wait));
+    if (wait > 1) await sleep(wait);
     const id = i & 0xffff;
     sentAt.set(id, performance.now());
     report.sent++;
@@ -99,7 +100,7 @@ async function steadyLoad(
   }
   const until = performance.now() + waitMs;
   for (let i = 0; i < 10_000 && sentAt.size > 0 && performance.now() < until; i++) {
-    await new Promise((resolve) => setTimeout(resolve, 20));
+    await sleep(20);
   }
   report.lost = sentAt.size;
   socket.close();
@@ -114,10 +115,6 @@ function assertUnnoticed(report: LoadReport, what: string, rcode = 0): void {
   assert.equal(report.lost, 0, summary);
   assert.deepEqual(Object.keys(report.rcodes), [String(rcode)], summary);
   assert.ok(report.latencies.at(-1)! < 1000, summary);
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /** What a {@linkcode recordingServer} saw: every query's bytes, as written. */

@@ -12,7 +12,7 @@
 
 import assert from "node:assert/strict";
 import { CA_PEM } from "./fixtures/certs.ts";
-import { answerFor, buildQuery, parseMessage } from "./support/dns.ts";
+import { answerFor, buildQuery, lengthFramed, parseMessage } from "./support/dns.ts";
 import {
   BlackHole,
   type Fault,
@@ -21,6 +21,7 @@ import {
   rcodeResponse,
 } from "./support/fault_upstream.ts";
 import { UnboundUpstream } from "./support/unbound.ts";
+import { sleep } from "./support/wait.ts";
 
 // ---------------------------------------------------------------------------------------------
 // A small DoT client that reads in the background, so a test can wait for an answer with a
@@ -54,10 +55,7 @@ class DotClient {
   }
 
   async send(message: Uint8Array): Promise<void> {
-    const frame = new Uint8Array(2 + message.length);
-    frame[0] = message.length >> 8;
-    frame[1] = message.length & 0xff;
-    frame.set(message, 2);
+    const frame = lengthFramed(message);
     for (let off = 0; off < frame.length;) off += await this.conn.write(frame.subarray(off));
   }
 
@@ -139,10 +137,6 @@ async function within<T>(
   } finally {
     clearTimeout(timer);
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /** Starts an upstream, runs `fn`, closes it however `fn` ends. */

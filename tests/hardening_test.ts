@@ -12,20 +12,19 @@ import { parseCidr } from "../src/config.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { addressFor, answerFor, buildQuery, formatA, parseMessage } from "./support/dns.ts";
 import {
-  HeldForwarder,
-  InstantForwarder,
   pythonAvailable,
   resetConnections,
   signWithTsig,
   tcpQueryFrom,
   udpFrom,
-  waitFor,
 } from "./support/hostile.ts";
 import { metricValue, sumMetric } from "./support/prometheus.ts";
 import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
 import { ManualClock } from "../src/timers.ts";
 import type { RunningProxy } from "../src/app.ts";
 import { STREAM_ANSWER_BUDGET } from "../src/server/answer_budget.ts";
+import { sleep, until } from "./support/wait.ts";
+import { FakeForwarder, InstantForwarder } from "./support/forwarder.ts";
 
 /** Upstreams are not used when a forwarder is injected; the config still needs one. */
 const UNUSED = ["127.0.0.1:853#dns.test"];
@@ -258,7 +257,7 @@ Deno.test("padding: the upstream sees multiples of 128; no OPT for a client with
 });
 
 Deno.test("tcp: 20 pipelined queries with --max-tcp-queries 5 are all answered, 5 at a time", async () => {
-  const forwarder = new HeldForwarder();
+  const forwarder = new FakeForwarder();
   const config = testConfig(UNUSED, { maxTcpQueriesPerConnection: 5, cacheSize: 0 });
   await withProxy(config, async ({ port }) => {
     const client = await TcpDnsClient.connect(port);
@@ -275,8 +274,8 @@ Deno.test("tcp: 20 pipelined queries with --max-tcp-queries 5 are all answered, 
       await client.writeRaw(frames.subarray(0, at)); // all 20 in one write
       const ids = new Set<number>();
       for (let round = 0; round < 4; round++) {
-        assert.ok(await waitFor(() => forwarder.pending.length === 5), `round ${round}`);
-        await new Promise((resolve) => setTimeout(resolve, 30));
+        assert.ok(await until(() => forwarder.pending.length === 5), `round ${round}`);
+        await sleep(30);
         assert.equal(forwarder.pending.length, 5, "never more than 5 in flight");
         forwarder.release();
         for (let i = 0; i < 5; i++) ids.add(parseMessage((await client.receive())!).id);
@@ -290,21 +289,21 @@ Deno.test("tcp: 20 pipelined queries with --max-tcp-queries 5 are all answered, 
 });
 
 Deno.test("tcp: at --max-inflight TCP reading pauses and loses nothing; UDP is shed", async () => {
-  const forwarder = new HeldForwarder();
+  const forwarder = new FakeForwarder();
   const config = testConfig(UNUSED, { maxInflight: 8, cacheSize: 0, tcpIdleTimeoutMs: 200 });
   await withProxy(config, async ({ proxy, port }) => {
     const client = await TcpDnsClient.connect(port);
     try {
       for (let i = 0; i < 30; i++) await client.send(buildQuery(`q${i}.test`, { id: i }));
-      assert.ok(await waitFor(() => forwarder.pending.length === 8));
+      assert.ok(await until(() => forwarder.pending.length === 8));
       assert.equal(await udpExchange(port, buildQuery("shed.test"), 200), null, "UDP shed");
       // Longer than the idle timeout: a paused connection is not idle.
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      await sleep(500);
       assert.equal(forwarder.pending.length, 8);
       const ids = new Set<number>();
       for (let round = 0; round < 10 && ids.size < 30; round++) {
         forwarder.release();
-        assert.ok(await waitFor(() => forwarder.pending.length > 0 || forwarder.forwarded === 30));
+        assert.ok(await until(() => forwarder.pending.length > 0 || forwarder.forwarded === 30));
         while (ids.size < forwarder.forwarded - forwarder.pending.length) {
           ids.add(parseMessage((await client.receive())!).id);
         }
@@ -330,14 +329,14 @@ Deno.test({
   ignore: !HAS_PYTHON,
   fn: async () => {
     // Its three connections each wait for an answer: none is idle to make room.
-    const forwarder = new HeldForwarder((name) => name.startsWith("hold"));
+    const forwarder = new FakeForwarder({ hold: (name) => name.startsWith("hold") });
     const config = testConfig(UNUSED, { maxTcpConnectionsPerClient: 3, maxTcpConnections: 5 });
     await withProxy(config, async ({ proxy, port }) => {
       const held: TcpDnsClient[] = [];
       try {
         for (let i = 0; i < 3; i++) held.push(await TcpDnsClient.connect(port));
         for (let i = 0; i < 3; i++) await held[i].send(buildQuery(`hold${i}.test`, { id: i }));
-        assert.ok(await waitFor(() => forwarder.pending.length === 3));
+        assert.ok(await until(() => forwarder.pending.length === 3));
         // The same client reconnecting in a loop: each extra connection is closed at once.
         for (let i = 0; i < 10; i++) {
           const extra = await TcpDnsClient.connect(port);
@@ -478,10 +477,10 @@ Deno.test("memory: a TCP client that pipelines big answers and never reads is cu
         frames.reduce((at, f) => (all.set(f, at), at + f.length), 0);
         await client.writeRaw(all);
         assert.ok(
-          await waitFor(() => logs.find("not reading its answers").length > 0, 10_000),
+          await until(() => logs.find("not reading its answers").length > 0, 10_000),
           "the proxy gives up on the client",
         );
-        assert.ok(await waitFor(() => proxy.tcp[0].openConnections === 0));
+        assert.ok(await until(() => proxy.tcp[0].openConnections === 0));
         assert.ok(upstream.queries < 1000, `reading paused: ${upstream.queries} of 1000 read`);
       } finally {
         client.close();
@@ -564,22 +563,22 @@ Deno.test({
 });
 
 Deno.test("tcp: a new connection starts with 16 queries in flight, more as it takes answers", async () => {
-  const forwarder = new HeldForwarder();
+  const forwarder = new FakeForwarder();
   await withProxy(testConfig(UNUSED, { cacheSize: 0 }), async ({ port }) => {
     const client = await TcpDnsClient.connect(port);
     try {
       for (let i = 0; i < 100; i++) await client.send(buildQuery(`w${i}.test`, { id: i }));
-      assert.ok(await waitFor(() => forwarder.pending.length === 16));
-      await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.ok(await until(() => forwarder.pending.length === 16));
+      await sleep(50);
       assert.equal(forwarder.pending.length, 16, "a client that has taken no answer: 16");
       forwarder.release();
       // 16 answers written: 32 may be in flight now.
       assert.ok(
-        await waitFor(() => forwarder.pending.length === 32),
+        await until(() => forwarder.pending.length === 32),
         `${forwarder.pending.length}`,
       );
       forwarder.release();
-      assert.ok(await waitFor(() => forwarder.forwarded === 100));
+      assert.ok(await until(() => forwarder.forwarded === 100));
       forwarder.release();
       const ids = new Set<number>();
       for (let i = 0; i < 100; i++) ids.add(parseMessage((await client.receive())!).id);
@@ -592,9 +591,9 @@ Deno.test("tcp: a new connection starts with 16 queries in flight, more as it ta
 
 Deno.test("tcp: with big answers about, all connections together keep few queries in flight", async () => {
   // Answers `big60000.` names at once (a 60 KB TXT), holds everything else.
-  const forwarder = new HeldForwarder();
+  const forwarder = new FakeForwarder();
   const bigFirst = {
-    forward(request: Parameters<HeldForwarder["forward"]>[0]) {
+    forward(request: Parameters<FakeForwarder["forward"]>[0]) {
       if (parseMessage(request.query).question?.name.startsWith("big60000.")) {
         queueMicrotask(() => request.settleAnswer(answerFor(request.query), "big", null));
       } else forwarder.forward(request);
@@ -617,14 +616,14 @@ Deno.test("tcp: with big answers about, all connections together keep few querie
         clients.push(client);
         for (let j = 0; j < 16; j++) await client.send(buildQuery(`s${i}-${j}.test`, { id: j }));
       }
-      assert.ok(await waitFor(() => forwarder.pending.length >= fit));
-      await new Promise((resolve) => setTimeout(resolve, 100));
+      assert.ok(await until(() => forwarder.pending.length >= fit));
+      await sleep(100);
       const held = forwarder.pending.length;
       assert.ok(held <= fit + 60, `${held} in flight`);
       // Small answers wear the estimate down; everything is answered in the end.
       for (let round = 0; round < 20 && forwarder.forwarded < 960; round++) {
         forwarder.release();
-        await waitFor(() => forwarder.pending.length > 0 || forwarder.forwarded === 960, 1000);
+        await until(() => forwarder.pending.length > 0 || forwarder.forwarded === 960, 1000);
       }
       forwarder.release();
       assert.equal(forwarder.forwarded, 960);

@@ -19,8 +19,8 @@ import { Logger } from "../src/log.ts";
 import { NO_RESOLVER_STATS, Resolver } from "../src/resolver.ts";
 import { ManualClock } from "../src/timers.ts";
 import { buildQuery, encodeName, parseMessage } from "./support/dns.ts";
-import { HeldForwarder } from "./support/hostile.ts";
 import { TEST_CACHE } from "./support/cache.ts";
+import { FakeForwarder } from "./support/forwarder.ts";
 
 /** A query for `name` with one OPT carrying `options` (code, data length) in that order. */
 function queryWithOptions(name: string, options: [number, number][]): Uint8Array {
@@ -258,7 +258,7 @@ Deno.test("analyzeResponse: octets after the last field of record data are relay
 
 Deno.test("Resolver: at --max-inflight cache hits are answered; only UDP bound upstream is shed", () => {
   const clock = new ManualClock();
-  const forwarder = new HeldForwarder();
+  const forwarder = new FakeForwarder();
   const drops: string[] = [];
   const r = new Resolver(forwarder, {
     udpMaxSize: 1232,

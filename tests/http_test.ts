@@ -20,6 +20,7 @@ import {
   route,
 } from "../src/server/http.ts";
 import type { Acceptor } from "../src/net/accept_loop.ts";
+import { sleep, waitFor } from "./support/wait.ts";
 
 const encoder = new TextEncoder();
 
@@ -70,20 +71,6 @@ async function withServer(
   } finally {
     await server.close();
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-/** Polls `probe` every 20 ms until it is true, for at most `timeoutMs`. */
-async function waitFor(what: string, probe: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = performance.now() + timeoutMs;
-  for (let i = 0; i < 10_000 && performance.now() < deadline; i++) {
-    if (probe()) return;
-    await sleep(20);
-  }
-  assert.fail(`gave up waiting for ${what}`);
 }
 
 /** A response as read off the wire. */

@@ -8,6 +8,7 @@ import { CA_PEM, SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { addressFor } from "./support/dns.ts";
 import { testConfig, withProxy } from "./support/proxy.ts";
+import { sleep } from "./support/wait.ts";
 
 async function toolAvailable(command: string, args: string[]): Promise<boolean> {
   try {
@@ -91,7 +92,7 @@ remote-control:
         conn.close();
         ready = true;
       } catch {
-        await new Promise((resolve) => setTimeout(resolve, 50));
+        await sleep(50);
       }
     }
     assert.ok(ready, "unbound did not start listening within 5 s");

@@ -13,6 +13,7 @@ import { LOG_LEVELS, Logger, type LogLevel, RateLimitedLog } from "../src/log.ts
 import { DotServer } from "./support/dot_server.ts";
 import { buildQuery, parseMessage } from "./support/dns.ts";
 import { spawnMain, TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { sleep } from "./support/wait.ts";
 
 const FIXED = new Date("2024-05-06T07:08:09.123Z");
 const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
@@ -172,7 +173,7 @@ async function sendTraffic(
     socket.close();
   }
   for (let attempt = 0; attempt < 250 && dropped() === 0; attempt++) {
-    await new Promise((resolve) => setTimeout(resolve, 20));
+    await sleep(20);
   }
   assert.equal(dropped(), 1, "the short datagram was not seen");
 

@@ -13,6 +13,7 @@ import { tlsHint } from "../src/upstream/tls_hint.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { buildQuery } from "./support/dns.ts";
 import { spawnMain, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { sleep } from "./support/wait.ts";
 
 function failure(args: string[], env: Record<string, string> = {}): string {
   try {
@@ -51,7 +52,7 @@ Deno.test("messages: an upstream certificate from an unknown CA points at DOTPRO
       let reason = "";
       for (let i = 0; i < 50 && !reason.includes("UnknownIssuer"); i++) {
         reason = (await proxy.upstreamHealth()).reason;
-        if (!reason.includes("UnknownIssuer")) await new Promise((r) => setTimeout(r, 50));
+        if (!reason.includes("UnknownIssuer")) await sleep(50);
       }
       assert.match(reason, /invalid peer certificate: UnknownIssuer/);
       assert.ok(

@@ -21,13 +21,8 @@ import {
 import { StreamConnection } from "../src/upstream/stream_connection.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { parseMessage } from "./support/dns.ts";
-import {
-  closeAll,
-  exchangeFor,
-  loopbackSpec,
-  RecordingOwner,
-  until,
-} from "./support/connection_owner.ts";
+import { closeAll, exchangeFor, loopbackSpec, RecordingOwner } from "./support/connection_owner.ts";
+import { sleep, waitFor } from "./support/wait.ts";
 
 /**
  * Runs `body` with one open StreamConnection to a Nagle-like server (it answers the first of two
@@ -65,7 +60,7 @@ function withNudgedConnection(
   return withNagleConnection(1, async (server, owner, connection) => {
     connection.send(exchangeFor("a.octet.test"));
     connection.send(exchangeFor("b.octet.test"));
-    await until("both answered", () => owner.answered.length === 2);
+    await waitFor("both answered", () => owner.answered.length === 2);
     assert.equal(server.lengthOctets, 1, "the nudge was one octet alone");
     assert.equal(server.queries, 2, "and no query written again");
     await body(server, owner, connection);
@@ -81,7 +76,7 @@ Deno.test("nudge: a lone length octet releases held answers; a long query then c
     assert.ok(longExchange.message.length > 255);
     // The filler's answer comes first and holds the long query's: another octet releases it.
     connection.send(longExchange);
-    await until("the long query answered", () => owner.answered.length === 3);
+    await waitFor("the long query answered", () => owner.answered.length === 3);
     const reply = parseMessage(owner.answered[2].response);
     assert.equal(reply.question?.name, `${long}.`);
     assert.equal(server.queries, 3, "the long query, no duplicate");
@@ -90,7 +85,7 @@ Deno.test("nudge: a lone length octet releases held answers; a long query then c
     assert.equal(server.lengthOctets, 2);
     // The filler's answer is an echo: read and ignored, no complaint, connection still open.
     connection.send(exchangeFor("c.octet.test"));
-    await until("one more answered", () => owner.answered.length === 4);
+    await waitFor("one more answered", () => owner.answered.length === 4);
   });
 });
 
@@ -104,12 +99,12 @@ Deno.test("nudge: an idle connection gets the rest of the frame its last octet b
     );
     assert.equal(connection.completePendingFrame(now + COMPLETE_FRAME_AFTER_MS), true);
     // The server reads the completed frame as a health probe: no partial frame left.
-    await until("the frame completed", () => server.probes === 1);
+    await waitFor("the frame completed", () => server.probes === 1);
     assert.equal(server.queries, 2);
     assert.equal(connection.completePendingFrame(now + 2 * COMPLETE_FRAME_AFTER_MS), false);
     // Its answer is an echo; the connection goes on answering what comes next.
     connection.send(exchangeFor("c.idle.test"));
-    await until("the next query answered", () => owner.answered.length === 3);
+    await waitFor("the next query answered", () => owner.answered.length === 3);
     assert.equal(parseMessage(owner.answered[2].response).question?.name, "c.idle.test.");
   });
 });
@@ -121,11 +116,11 @@ Deno.test("nudge: an idle connection gets the rest of the frame its last octet b
  */
 function timerNudge(settleFirst: boolean): Promise<void> {
   return withNagleConnection(100, async (server, owner, connection) => {
-    if (settleFirst) await new Promise((r) => setTimeout(r, SETTLE_MS + 10));
+    if (settleFirst) await sleep(SETTLE_MS + 10);
     const sentAt = performance.now();
     connection.send(exchangeFor("a.timer.test"));
     connection.send(exchangeFor("b.timer.test"));
-    await until("both answered", () => owner.answered.length === 2);
+    await waitFor("both answered", () => owner.answered.length === 2);
     const took = performance.now() - sentAt;
     assert.equal(server.lengthOctets, 1, "released by one octet");
     assert.equal(server.queries, 2, "and no query written again");

@@ -21,6 +21,7 @@ import {
   sampleValue,
 } from "./support/prometheus.ts";
 import { TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { waitFor } from "./support/wait.ts";
 
 // ---------------------------------------------------------------------------------------------
 // The exposition is parsed by the shared strict parser in ./support/prometheus.ts.
@@ -74,26 +75,18 @@ async function scrape(port: number): Promise<Map<string, MetricFamily>> {
   return families;
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
 /**
- * Calls `probe` until it returns something other than undefined, at most `attempts` times
- * and for at most `timeoutMs`; fails with `what` otherwise.
+ * Calls `probe` until it returns something other than undefined, for at most `timeoutMs`
+ * (see `waitFor`); fails with `what` otherwise.
  */
 async function pollUntil<T>(
   what: string,
   probe: () => Promise<T | undefined>,
-  { timeoutMs = 10_000, attempts = 500, intervalMs = 20 } = {},
+  { timeoutMs = 10_000, intervalMs = 20 } = {},
 ): Promise<T> {
-  const deadline = performance.now() + timeoutMs;
-  for (let attempt = 0; attempt < attempts && performance.now() < deadline; attempt++) {
-    const result = await probe();
-    if (result !== undefined) return result;
-    await sleep(intervalMs);
-  }
-  throw new Error(`gave up waiting for ${what}`);
+  let result: T | undefined;
+  await waitFor(what, async () => (result = await probe()) !== undefined, timeoutMs, intervalMs);
+  return result as T;
 }
 
 const HTTP = { http: { hostname: "127.0.0.1", port: 0 } };
@@ -507,7 +500,7 @@ Deno.test("healthz/upstreams: 503 with a reason when the upstream dies, 200 when
         const up = await pollUntil("/healthz/upstreams to report 200 again", async () => {
           const result = await http(web, "/healthz/upstreams");
           return result.status === 200 ? result : undefined;
-        }, { timeoutMs: 15_000, attempts: 300, intervalMs: 50 });
+        }, { timeoutMs: 15_000, intervalMs: 50 });
         assert.equal(up.body, `ok: ${label} answered a probe\n`);
 
         const recovered = await scrape(web);

@@ -13,6 +13,7 @@ import { DotServer } from "./support/dot_server.ts";
 import { PlainDnsServer, type PlainHandler } from "./support/plain_dns.ts";
 import { metricValue } from "./support/prometheus.ts";
 import { TcpDnsClient, testConfig, udpExchange, withProxy, zones } from "./support/proxy.ts";
+import { sleep } from "./support/wait.ts";
 
 /** Queries of clients the server read over `transport` (not the health checks: `ZONE SOA`). */
 function asked(plain: PlainDnsServer, transport?: "udp" | "tcp") {
@@ -165,7 +166,7 @@ Deno.test("plain zone target: answers from another port, with another ID or for 
     );
     await reply(otherName);
     spoofs += 3;
-    await new Promise((resolve) => setTimeout(resolve, 30));
+    await sleep(30);
     await reply(real);
     void server;
   };
@@ -202,7 +203,7 @@ Deno.test("plain zone target: health-checked with ZONE SOA, shown in /healthz/up
       i < 100 && !metrics().includes(`health_checks_total{upstream="${label}",result="ok"} 1`);
       i++
     ) {
-      await new Promise((resolve) => setTimeout(resolve, 20));
+      await sleep(20);
     }
     const checks = plain.queries.map((q) => parseMessage(q.query).question);
     assert.deepEqual(checks[0], { name: "cluster.test.", type: 6, qclass: 1 }, "ZONE SOA");

@@ -16,6 +16,7 @@ import {
 } from "./support/dns.ts";
 import { startProxy } from "../src/app.ts";
 import { LogCapture, TcpDnsClient, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { sleep } from "./support/wait.ts";
 
 const NET_AND_ENV_ONLY: Deno.PermissionOptions = {
   net: true,
@@ -245,7 +246,7 @@ netTest("queries in flight on a connection that breaks are re-sent and answered"
         names.map((name, i) => udpExchange(port, buildQuery(name, { id: i }))),
       );
       for (let i = 0; i < 100 && upstream.queries < names.length; i++) {
-        await new Promise((resolve) => setTimeout(resolve, 10));
+        await sleep(10);
       }
       assert.equal(upstream.queries, names.length, "all queries reached the upstream");
       swallow = false;
@@ -295,7 +296,7 @@ netTest("an upstream that closes idle connections is not reconnected to in a loo
       assert.equal(reply.rcode, 0);
       // The server closes each connection 100 ms after the last bytes it read, and for a
       // second no client asks anything.
-      await new Promise((resolve) => setTimeout(resolve, 1000));
+      await sleep(1000);
       // The start-up probe's connection (the query's too, or one more for it), and one probe
       // after the first idle close: not one more handshake every 100 ms.
       assert.ok(upstream.connections <= 3, `connections opened: ${upstream.connections}`);
@@ -340,7 +341,7 @@ netTest("an upstream that fails the handshake is not hammered", async () => {
       const replies = [];
       for (let i = 0; i < 30; i++) {
         replies.push(udpExchange(port, buildQuery(`q${i}.test`)));
-        await new Promise((resolve) => setTimeout(resolve, 5));
+        await sleep(5);
       }
       for (const reply of await Promise.all(replies)) assert.equal(parseMessage(reply!).rcode, 2);
       assert.ok(upstream.connections <= 3, `${upstream.connections} handshakes for 30 queries`);
@@ -529,7 +530,7 @@ netTest("idle upstream connections are closed, and reopened on demand", async ()
       expectAnswer(await udpExchange(port, buildQuery("one.idle", { id: 1 })), 1, "one.idle");
       assert.equal(open(), 1);
       for (let i = 0; i < 100 && open() !== 0; i++) {
-        await new Promise((resolve) => setTimeout(resolve, 20));
+        await sleep(20);
       }
       assert.equal(open(), 0, "idle connection closed");
       expectAnswer(await udpExchange(port, buildQuery("two.idle", { id: 2 })), 2, "two.idle");
@@ -545,7 +546,7 @@ netTest("graceful shutdown answers queries already in flight", async () => {
     const port = proxy.udp[0].addr.port;
     const pending = udpExchange(port, buildQuery("inflight.shutdown", { id: 5 }));
     for (let i = 0; i < 100 && upstream.queries === 0; i++) {
-      await new Promise((resolve) => setTimeout(resolve, 5));
+      await sleep(5);
     }
     await proxy.close();
     expectAnswer(await pending, 5, "inflight.shutdown");
@@ -564,7 +565,7 @@ netTest("an upstream that stops answering is abandoned for one that answers", as
         );
         assert.ok(first.every((r) => r !== null), "every query got some answer");
         for (let i = 0; i < 100 && logs.find("upstream down").length === 0; i++) {
-          await new Promise((resolve) => setTimeout(resolve, 20));
+          await sleep(20);
         }
         assert.ok(logs.find("upstream down").length >= 1, "the silent connection was noticed");
         assert.equal(proxy.pool?.upstreams[0].usable, false, "the silent upstream is down");
@@ -592,7 +593,7 @@ netTest("answers held back by a Nagle-bound upstream are released by a nudge", a
       const nudges = upstream.lengthOctets + (upstream.queries - names.length);
       assert.ok(nudges >= 1 && nudges <= 3 * names.length, `${nudges} nudges`);
       // The echoes of the nudges are absorbed quietly.
-      await new Promise((resolve) => setTimeout(resolve, 50));
+      await sleep(50);
       assert.equal(logs.find("does not match").length, 0);
       assert.equal(logs.find("stalled").length, 0);
     });
@@ -646,7 +647,7 @@ netTest(
           }
           // The pool probes each upstream at start.
           for (let i = 0; i < 100 && upstream.probes === 0; i++) {
-            await new Promise((r) => setTimeout(r, 20));
+            await sleep(20);
           }
           const probes = upstream.messageLengths.filter((m) => m.probe);
           const queries = upstream.messageLengths.filter((m) => !m.probe);

@@ -15,6 +15,7 @@ import { signWithTsig, udpFrom } from "./support/hostile.ts";
 import { sumMetric } from "./support/prometheus.ts";
 import { TcpDnsClient, testConfig, withProxy } from "./support/proxy.ts";
 import { UnboundUpstream } from "./support/unbound.ts";
+import { sleep } from "./support/wait.ts";
 
 const HAS_UNBOUND = await UnboundUpstream.available();
 const RUN_MS = 2500;
@@ -102,7 +103,7 @@ Deno.test({
                 if (query.length >= 12 && query.length <= 4096) await tcp.send(query);
               }
               abusive += 12;
-              await new Promise((resolve) => setTimeout(resolve, 20));
+              await sleep(20);
             }
           } finally {
             tcp.close();
@@ -112,7 +113,7 @@ Deno.test({
         for (let i = 0; i < 1000 && performance.now() < stopAt; i++) {
           const [reply] = await udpFrom("127.0.0.3", port, [buildQuery(good, { id: i })], 3000, 1);
           rcodes.push(reply === undefined ? -1 : parseMessage(reply).rcode);
-          await new Promise((resolve) => setTimeout(resolve, 10));
+          await sleep(10);
         }
         await abuser;
         const text = proxy.metrics.registry.render();
@@ -276,7 +277,7 @@ async function killerAmongSlowQuestions(upstreams: string[], killerAt: "last" | 
   await withProxy(config, async ({ logs, port }) => {
     // Warm: the connection is open and settled before the burst.
     await udpFrom("127.0.0.3", port, [buildQuery("warm.example", { id: 1 })], 3000, 1);
-    await new Promise((resolve) => setTimeout(resolve, 100));
+    await sleep(100);
     const bystander: number[] = [];
     let stop = false;
     const watcher = (async () => {
@@ -289,7 +290,7 @@ async function killerAmongSlowQuestions(upstreams: string[], killerAt: "last" | 
           1,
         );
         bystander.push(reply === undefined ? -1 : parseMessage(reply).rcode);
-        await new Promise((resolve) => setTimeout(resolve, 20));
+        await sleep(20);
       }
     })();
     let replies: Uint8Array[];
@@ -300,7 +301,7 @@ async function killerAmongSlowQuestions(upstreams: string[], killerAt: "last" | 
       killerReplies = replies;
     } else {
       const slowDone = udpFrom("127.0.0.2", port, slowQueries, 3500, slowQueries.length);
-      await new Promise((resolve) => setTimeout(resolve, 20));
+      await sleep(20);
       killerReplies = await udpFrom("127.0.0.4", port, [killerQuery], 3500, 1);
       replies = await slowDone;
     }

@@ -9,16 +9,13 @@ import assert from "node:assert/strict";
 import { DotServer } from "./support/dot_server.ts";
 import { addressFor, buildQuery, formatA, parseMessage } from "./support/dns.ts";
 import { testConfig, udpExchange, withProxy } from "./support/proxy.ts";
+import { sleep } from "./support/wait.ts";
 
 async function get(port: number, path: string): Promise<{ status: number; body: string }> {
   const response = await fetch(`http://127.0.0.1:${port}${path}`, {
     signal: AbortSignal.timeout(5000),
   });
   return { status: response.status, body: await response.text() };
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function addresses(reply: Uint8Array): { ttl: number; address: string }[] {

@@ -11,22 +11,10 @@ import { type DropReason, Resolver, type ResolverOptions } from "../src/resolver
 import { Admission } from "../src/resolver/admission.ts";
 import { ManualClock } from "../src/timers.ts";
 import { UpstreamError } from "../src/upstream/errors.ts";
-import type { Forwarder, UpstreamRequest } from "../src/upstream/forwarder.ts";
-import { answerFor, buildQuery, parseMessage } from "./support/dns.ts";
+import type { Forwarder } from "../src/upstream/forwarder.ts";
+import { buildQuery, parseMessage } from "./support/dns.ts";
 import { VERSION } from "../src/version.ts";
-
-/** Holds every request until the test answers or fails it. */
-class FakeForwarder implements Forwarder {
-  readonly requests: UpstreamRequest[] = [];
-  forward(request: UpstreamRequest): void {
-    this.requests.push(request);
-  }
-  /** Answers request `i` the way the test upstream would. */
-  answer(i: number, label = "fake"): void {
-    this.requests[i].settleAnswer(answerFor(this.requests[i].query), label, null);
-  }
-  close(): void {}
-}
+import { FakeForwarder } from "./support/forwarder.ts";
 
 interface Delivered {
   response: Uint8Array | null;

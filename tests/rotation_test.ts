@@ -19,8 +19,9 @@ import { CA_PEM, SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
 import { buildQuery, parseMessage } from "./support/dns.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
-import { waitFor } from "./support/hostile.ts";
+
 import { spawnMain, TcpDnsClient, udpExchange } from "./support/proxy.ts";
+import { sleep, until } from "./support/wait.ts";
 
 interface Proxy {
   stderr(): string;
@@ -144,14 +145,14 @@ Deno.test({
     const loops: Promise<void>[] = [];
     try {
       assert.ok(
-        await waitFor(() => old.stderr().includes("dotproxy started"), 15_000),
+        await until(() => old.stderr().includes("dotproxy started"), 15_000),
         old.stderr(),
       );
       for (const asker of [tcp, tls]) {
         loops.push((async () => {
           while (running) {
             await asker.ask();
-            await new Promise((resolve) => setTimeout(resolve, 5));
+            await sleep(5);
           }
         })());
       }
@@ -164,22 +165,22 @@ Deno.test({
             reply = await udpExchange(dns, query, 1000);
           }
           if (reply === null) udpFailures.push(`udp query ${id}`);
-          await new Promise((resolve) => setTimeout(resolve, 5));
+          await sleep(5);
         }
       })());
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      await sleep(500);
       // The hand-over: the new process binds the same addresses, then the old one drains.
       const overlapStart = Date.now();
       fresh = start(args);
       assert.ok(
-        await waitFor(() => fresh!.stderr().includes("dotproxy started"), 15_000),
+        await until(() => fresh!.stderr().includes("dotproxy started"), 15_000),
         fresh.stderr(),
       );
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      await sleep(500);
       const termAt = Date.now();
       const code = await old.stop("SIGTERM");
       assert.equal(code, 0, old.stderr().slice(-2000));
-      await new Promise((resolve) => setTimeout(resolve, 700));
+      await sleep(700);
       running = false;
       await Promise.all(loops);
       const oldUdp = answered(old.stderr(), "udp", overlapStart);

@@ -13,26 +13,18 @@
 
 import assert from "node:assert/strict";
 import { answerFor, buildQuery, parseMessage } from "./support/dns.ts";
-import {
-  HeldForwarder,
-  InstantForwarder,
-  pythonAvailable,
-  tcpPipelineFrom,
-  waitFor,
-} from "./support/hostile.ts";
+import { pythonAvailable, tcpPipelineFrom } from "./support/hostile.ts";
 import { TcpDnsClient, testConfig, withProxy } from "./support/proxy.ts";
 import type { UpstreamRequest } from "../src/upstream/forwarder.ts";
 import { STREAM_ANSWER_BUDGET } from "../src/server/answer_budget.ts";
+import { sleep, until } from "./support/wait.ts";
+import { FakeForwarder, InstantForwarder } from "./support/forwarder.ts";
 
 const UNUSED = ["127.0.0.1:853#dns.test"];
 const HAS_PYTHON = await pythonAvailable();
 
 /** Holds questions whose name starts with `hold`, answers the rest at once. */
-const holdSome = () => new HeldForwarder((name) => name.startsWith("hold"));
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
+const holdSome = () => new FakeForwarder({ hold: (name) => name.startsWith("hold") });
 
 async function ask(client: TcpDnsClient, name: string, id: number): Promise<void> {
   await client.send(buildQuery(name, { id }));
@@ -53,7 +45,7 @@ Deno.test("tcp per-client cap: one more connection closes the client's longest-i
       await sleep(30);
       await ask(recent, "b.test", 2);
       await busy.send(buildQuery("hold.test", { id: 3 }));
-      assert.ok(await waitFor(() => forwarder.pending.length === 1));
+      assert.ok(await until(() => forwarder.pending.length === 1));
       // One more: the longest-idle connection makes room.
       const newer = await TcpDnsClient.connect(port);
       clients.push(newer);
@@ -80,7 +72,7 @@ Deno.test("tcp per-client cap: with none of its connections idle, the new one is
         clients.push(client);
         await client.send(buildQuery(`hold${i}.test`, { id: i }));
       }
-      assert.ok(await waitFor(() => forwarder.pending.length === 3));
+      assert.ok(await until(() => forwarder.pending.length === 3));
       const extra = await TcpDnsClient.connect(port);
       clients.push(extra);
       assert.equal(await extra.closedByPeer(2000), true, "the new connection is closed");
@@ -97,7 +89,7 @@ Deno.test("tcp per-client cap: with none of its connections idle, the new one is
 });
 
 Deno.test("tcp drain: every frame already read is answered before the connection closes", async () => {
-  const forwarder = new HeldForwarder();
+  const forwarder = new FakeForwarder();
   // Five in flight at a time: the other frames wait in the connection's read buffer.
   const config = testConfig(UNUSED, { maxTcpQueriesPerConnection: 5 });
   const logs: string[] = [];
@@ -112,7 +104,7 @@ Deno.test("tcp drain: every frame already read is answered before the connection
       }
       assert.ok(frames.length <= 4096);
       await client.writeRaw(new Uint8Array(frames));
-      assert.ok(await waitFor(() => forwarder.pending.length === 5));
+      assert.ok(await until(() => forwarder.pending.length === 5));
       const drained = proxy.drain({ delayMs: 0, timeoutMs: 10_000 });
       // The upstream answers slowly, five at a time.
       const releasing = (async () => {
@@ -147,7 +139,7 @@ Deno.test({
   ignore: !HAS_PYTHON,
   fn: async () => {
     // The hog's questions are held; the victim's are answered after 20 ms, as from upstream.
-    const hog = new HeldForwarder();
+    const hog = new FakeForwarder();
     let victimInflight = 0;
     let victimMost = 0;
     const forwarder = {
@@ -180,7 +172,7 @@ Deno.test({
           clients.push(client);
           for (let j = 0; j < 16; j++) await client.send(buildQuery(`s${i}-${j}.test`, { id: j }));
         }
-        assert.ok(await waitFor(() => hog.pending.length >= STREAM_ANSWER_BUDGET / 60_000));
+        assert.ok(await until(() => hog.pending.length >= STREAM_ANSWER_BUDGET / 60_000));
         // The victim asks for big answers too (the estimate stays at 60 KB).
         const queries = Array.from(
           { length: 100 },
@@ -212,10 +204,10 @@ Deno.test("tcp: a client that stops reading is closed after 2 s without write pr
       }
       await client.writeRaw(new Uint8Array(frames));
       const started = performance.now();
-      assert.ok(await waitFor(() => logs.find("not reading its answers").length > 0, 10_000));
+      assert.ok(await until(() => logs.find("not reading its answers").length > 0, 10_000));
       const waited = performance.now() - started;
       assert.ok(waited >= 1500, `closed after ${Math.round(waited)} ms`);
-      assert.ok(await waitFor(() => proxy.tcp[0].openConnections === 0));
+      assert.ok(await until(() => proxy.tcp[0].openConnections === 0));
       assert.ok(forwarder.forwarded < 300, `reading paused: ${forwarder.forwarded} of 300`);
     } finally {
       client.close();

@@ -14,7 +14,7 @@
  */
 
 import assert from "node:assert/strict";
-import { buildQuery, parseMessage } from "./support/dns.ts";
+import { buildQuery, lengthFramed, parseMessage } from "./support/dns.ts";
 import { TcpDnsClient, testConfig, withProxy } from "./support/proxy.ts";
 import { UnboundUpstream } from "./support/unbound.ts";
 
@@ -52,14 +52,6 @@ function queryFor(i: number): { query: Uint8Array; big: boolean; rcode: number }
   return { query, big: false, rcode: 0 };
 }
 
-function frame(query: Uint8Array): Uint8Array {
-  const out = new Uint8Array(2 + query.length);
-  out[0] = query.length >> 8;
-  out[1] = query.length & 0xff;
-  out.set(query, 2);
-  return out;
-}
-
 /** Pipelines the 1,000 queries, then reads; returns how many answers were right. */
 async function pipeline(
   hostname: string,
@@ -73,7 +65,7 @@ async function pipeline(
   let big = 0;
   try {
     if (oneWrite) {
-      const frames = expected.map((e) => frame(e.query));
+      const frames = expected.map((e) => lengthFramed(e.query));
       const all = new Uint8Array(frames.reduce((n, f) => n + f.length, 0));
       frames.reduce((at, f) => (all.set(f, at), at + f.length), 0);
       await client.writeRaw(all);

@@ -14,7 +14,8 @@ import type { UpstreamRequest } from "../src/upstream/forwarder.ts";
 import { type PoolOptions, UpstreamPool } from "../src/upstream/pool.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { buildQuery, encodeName, parseMessage } from "./support/dns.ts";
-import { loopbackSpec, until } from "./support/connection_owner.ts";
+import { loopbackSpec } from "./support/connection_owner.ts";
+import { waitFor } from "./support/wait.ts";
 
 /** A question with an OPT record, recording how it settled. */
 class Question implements UpstreamRequest {
@@ -75,7 +76,7 @@ Deno.test("plain upstream set: questions answered and health checked over plain 
     assert.equal(server.probes, 1, "the health check went over plain TCP");
     const questions = ["a.plain.test", "b.plain.test"].map((name) => new Question(name));
     for (const question of questions) pool.forward(question);
-    await until("both answered", () => questions.every((q) => q.answer !== null));
+    await waitFor("both answered", () => questions.every((q) => q.answer !== null));
     assert.deepEqual(
       questions.map((q) => parseMessage(q.answer!).question?.name),
       ["a.plain.test.", "b.plain.test."],
@@ -125,14 +126,14 @@ Deno.test("upstream sets are values: a DoT set and a plain set side by side, sha
     const viaDot = new Question("b.sets.test");
     plainSet.forward(viaPlain);
     dotSet.forward(viaDot);
-    await until("both answered", () => viaPlain.answer !== null && viaDot.answer !== null);
+    await waitFor("both answered", () => viaPlain.answer !== null && viaDot.answer !== null);
     assert.equal(plain.queries, 1);
     assert.equal(dot.queries, 1);
     assert.ok(dot.messageLengths.every((m) => m.length % 128 === 0), "the DoT set pads");
     await plainSet.close();
     const after = new Question("c.sets.test");
     dotSet.forward(after);
-    await until("the other set still answers", () => after.answer !== null);
+    await waitFor("the other set still answers", () => after.answer !== null);
     const refused = new Question("d.sets.test");
     plainSet.forward(refused);
     assert.equal(refused.error?.reason, "unavailable", "the closed set refuses at once");

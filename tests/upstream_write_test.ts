@@ -8,13 +8,8 @@ import { StreamConnection } from "../src/upstream/stream_connection.ts";
 import { CA_PEM } from "./fixtures/certs.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { parseMessage } from "./support/dns.ts";
-import {
-  closeAll,
-  exchangeFor,
-  loopbackSpec,
-  RecordingOwner,
-  until,
-} from "./support/connection_owner.ts";
+import { closeAll, exchangeFor, loopbackSpec, RecordingOwner } from "./support/connection_owner.ts";
+import { waitFor } from "./support/wait.ts";
 
 type Write = (this: Deno.TlsConn, bytes: Uint8Array) => Promise<number>;
 
@@ -77,7 +72,7 @@ Deno.test("upstream writes: a query queued as a write completes is written, what
           step.then(() => connection.send(second));
         };
         connection.send(exchangeFor(`a${k}.flush.test`));
-        await until(
+        await waitFor(
           `the query queued ${k} microtasks after a write completed is answered`,
           () => owner.answered.length === before + 2,
         );

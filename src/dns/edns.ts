@@ -211,7 +211,7 @@ export function padUpstreamQuery(
  * ```ts
  * import { analyzeResponse, ResponseInfo } from "./message.ts";
  * import { stripResponseOpt } from "./edns.ts";
- * declare const answer: Uint8Array;
+ * const answer = new Uint8Array(12); // an upstream's answer, as read
  * const info = new ResponseInfo();
  * if (analyzeResponse(answer, info)) {
  *   const forPlainClient = stripResponseOpt(answer, info, false);
@@ -260,7 +260,7 @@ export function stripResponseOpt(
  * ```ts
  * import { analyzeResponse, ResponseInfo } from "./message.ts";
  * import { stripResponseOpt, trimResponseOpt } from "./edns.ts";
- * declare const answer: Uint8Array; // our own copy: it may change
+ * const answer = new Uint8Array(12); // our own copy of an upstream's answer: it may change
  * const info = new ResponseInfo();
  * if (analyzeResponse(answer, info)) {
  *   const canonical = trimResponseOpt(answer, info) ?? stripResponseOpt(answer, info, true);

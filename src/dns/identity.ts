@@ -37,8 +37,9 @@ const NAMES: readonly Uint8Array[] = ["version.bind", "version.server"].map((nam
  * @example
  * ```ts
  * import { isIdentityQuery } from "./identity.ts";
+ * import { buildProbeQuery } from "./probe.ts";
  * import { inspectQuery, QueryInfo } from "./query.ts";
- * declare const query: Uint8Array;
+ * const query = buildProbeQuery(); // a client's query
  * const info = new QueryInfo();
  * inspectQuery(query, info);
  * isIdentityQuery(query, info);
@@ -82,8 +83,9 @@ export function isLoopbackClient(client: Deno.Addr | undefined): boolean {
  * @example
  * ```ts
  * import { buildIdentityAnswer } from "./identity.ts";
+ * import { buildProbeQuery } from "./probe.ts";
  * import { inspectQuery, QueryInfo } from "./query.ts";
- * declare const query: Uint8Array;
+ * const query = buildProbeQuery(); // a client's query
  * const info = new QueryInfo();
  * inspectQuery(query, info);
  * const answer = buildIdentityAnswer(query, info, "dotproxy 0.1.0");

@@ -316,9 +316,10 @@ export function analyzeResponse(msg: Uint8Array, info: ResponseInfo): boolean {
  * @example
  * ```ts
  * import { analyzeResponse, ResponseInfo, responseAnswersQuery } from "./message.ts";
+ * import { buildProbeQuery } from "./probe.ts";
  * import { inspectQuery, QueryInfo } from "./query.ts";
- * declare const query: Uint8Array;
- * declare const answer: Uint8Array;
+ * const query = buildProbeQuery(); // what was sent
+ * const answer = new Uint8Array(12); // what came back
  * const q = new QueryInfo();
  * const r = new ResponseInfo();
  * inspectQuery(query, q);

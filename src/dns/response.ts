@@ -181,7 +181,7 @@ function responseQuestionEnd(resp: Uint8Array): number {
  * @example
  * ```ts
  * import { truncateResponse } from "./response.ts";
- * declare const bigAnswer: Uint8Array;
+ * const bigAnswer = new Uint8Array(1232); // an upstream's answer, as read
  * const forUdp = truncateResponse(bigAnswer, 512);
  * ```
  */

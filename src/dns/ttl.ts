@@ -108,7 +108,7 @@ function rewriteTtls(
  * ```ts
  * import { analyzeResponse, ResponseInfo } from "./message.ts";
  * import { clampTtls } from "./ttl.ts";
- * declare const answer: Uint8Array;
+ * const answer = new Uint8Array(12); // an upstream's answer, as read
  * const info = new ResponseInfo();
  * if (analyzeResponse(answer, info)) clampTtls(answer, info.ttlOffsets, info.ttlCount, 5, 86400);
  * ```
@@ -132,12 +132,14 @@ export function clampTtls(
  *
  * @example
  * ```ts
+ * import { analyzeResponse, ResponseInfo } from "./message.ts";
  * import { writeAgedTtls } from "./ttl.ts";
- * declare const stored: Uint8Array;
- * declare const offsets: Uint32Array;
- * declare const count: number;
- * const reply = stored.slice();
- * writeAgedTtls(reply, stored, offsets, count, 42);
+ * const stored = new Uint8Array(12); // a cached answer
+ * const info = new ResponseInfo();
+ * if (analyzeResponse(stored, info)) {
+ *   const reply = stored.slice();
+ *   writeAgedTtls(reply, stored, info.ttlOffsets, info.ttlCount, 42);
+ * }
  * ```
  */
 export function writeAgedTtls(
@@ -156,11 +158,11 @@ export function writeAgedTtls(
  *
  * @example
  * ```ts
+ * import { analyzeResponse, ResponseInfo } from "./message.ts";
  * import { writeTtls } from "./ttl.ts";
- * declare const stale: Uint8Array;
- * declare const offsets: Uint32Array;
- * declare const count: number;
- * writeTtls(stale, offsets, count, 30);
+ * const stale = new Uint8Array(12); // a copy of an expired cached answer
+ * const info = new ResponseInfo();
+ * if (analyzeResponse(stale, info)) writeTtls(stale, info.ttlOffsets, info.ttlCount, 30);
  * ```
  */
 export function writeTtls(

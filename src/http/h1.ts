@@ -20,7 +20,10 @@ import {
 } from "../server/http.ts";
 import type { Clock, TimerQueue } from "../timers.ts";
 import { Deadline } from "./deadline.ts";
+import { linger } from "./linger.ts";
 import {
+  type ConnectionOutcome,
+  connectionOutcome,
   type HttpLimits,
   type HttpPeer,
   type HttpResponse,
@@ -30,14 +33,11 @@ import {
 
 const encoder = new TextEncoder();
 const LF = 0x0a;
-/** After a response with `Connection: close`, unread bytes are drained this long at most. */
-const LINGER_MS = 1_000;
-const LINGER_BYTES = 64 * 1024;
 /** On shutdown, how long an idle keep-alive connection waits for a request already sent. */
 const SHUTDOWN_GRACE_MS = 1_000;
 
 /** How an HTTP/1.1 connection ended, for the listener's log. */
-export type H1Outcome = { reason: string; error?: string };
+export type H1Outcome = ConnectionOutcome;
 
 function render(response: HttpResponse, head: boolean, keepAlive: boolean): Uint8Array {
   let text = `HTTP/1.1 ${response.status} ${REASONS[response.status] ?? "Status"}\r\n`;
@@ -94,13 +94,9 @@ export class H1Connection {
     this.#peer = peer;
     this.#service = service;
     this.#limits = limits;
-    this.finished = this.#serve(initial).then(
-      () => ({ reason: this.#reason || "closed" }),
-      (error) => ({
-        reason: this.#reason || "error",
-        error: error instanceof Error ? error.message : String(error),
-      }),
-    ).finally(() => this.#close(""));
+    this.finished = connectionOutcome(this.#serve(initial), () => this.#reason).finally(() =>
+      this.#close("")
+    );
   }
 
   /** True between requests: closing the connection loses nothing. */
@@ -296,18 +292,6 @@ export class H1Connection {
 
   /** Half-closes and drains briefly, so that closing does not reset the response away. */
   async #linger(): Promise<void> {
-    if (this.#closed) return;
-    try {
-      await this.#conn.closeWrite();
-      this.#arm(LINGER_MS, "");
-      const sink = new Uint8Array(4096);
-      for (let total = 0; total < LINGER_BYTES;) {
-        const n = await this.#conn.read(sink);
-        if (n === null) return;
-        total += n;
-      }
-    } catch {
-      // Closed by the deadline or the client.
-    }
+    if (!this.#closed) await linger(this.#conn, (ms, reason) => this.#arm(ms, reason));
   }
 }

@@ -38,7 +38,15 @@
 import type { Clock, TimerQueue } from "../timers.ts";
 import { Deadline } from "./deadline.ts";
 import { encodeHeaders, type HeaderField, HpackDecoder, HpackError } from "./hpack.ts";
-import type { HttpLimits, HttpPeer, HttpRequest, HttpResponse, HttpService } from "./types.ts";
+import {
+  type ConnectionOutcome,
+  connectionOutcome,
+  type HttpLimits,
+  type HttpPeer,
+  type HttpRequest,
+  type HttpResponse,
+  type HttpService,
+} from "./types.ts";
 
 /** The client connection preface (RFC 9113 section 3.4). */
 export const PREFACE: Uint8Array = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
@@ -144,7 +152,7 @@ function u32Payload(...values: number[]): Uint8Array {
 }
 
 /** How an HTTP/2 connection ended, for the listener's log. */
-export type H2Outcome = { reason: string; error?: string };
+export type H2Outcome = ConnectionOutcome;
 
 /**
  * Serves HTTP/2 on one connection whose bytes start with the client preface (after ALPN
@@ -224,13 +232,7 @@ export class H2Connection {
     this.#service = service;
     this.#limits = limits;
     this.#stopped = new Promise((resolve) => this.#stop = resolve);
-    this.finished = this.#run(initial).then(
-      () => ({ reason: this.#reason || "closed" }),
-      (error) => ({
-        reason: this.#reason || "error",
-        error: error instanceof Error ? error.message : String(error),
-      }),
-    ).finally(async () => {
+    this.finished = connectionOutcome(this.#run(initial), () => this.#reason).finally(async () => {
       // A GOAWAY queued on the way out is written first (or the write deadline ends it).
       await this.#writing;
       this.#close("");

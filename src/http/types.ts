@@ -6,6 +6,8 @@
  * @module
  */
 
+import { errorMessage } from "../log.ts";
+
 /** One request, its body read in full (within the listener's body limit). */
 export interface HttpRequest {
   /** The method, case-sensitive as sent. */
@@ -84,3 +86,27 @@ export const REASONS: Readonly<Record<number, string>> = {
   503: "Service Unavailable",
   505: "HTTP Version Not Supported",
 };
+
+/** How an HTTP connection ended, for the listener's log. */
+export type ConnectionOutcome = { reason: string; error?: string };
+
+/**
+ * The outcome of a connection serving as `serving`: once it settles, `reason()` ("closed"
+ * when empty, "error" when empty and it failed) with the failure's message.
+ *
+ * @example
+ * ```ts
+ * import { connectionOutcome } from "./types.ts";
+ * const outcome = await connectionOutcome(Promise.reject(new Error("reset")), () => "");
+ * outcome; // { reason: "error", error: "reset" }
+ * ```
+ */
+export function connectionOutcome(
+  serving: Promise<void>,
+  reason: () => string,
+): Promise<ConnectionOutcome> {
+  return serving.then(
+    () => ({ reason: reason() || "closed" }),
+    (error) => ({ reason: reason() || "error", error: errorMessage(error) }),
+  );
+}

@@ -40,7 +40,7 @@
  */
 
 import { formatAddr } from "../address.ts";
-import { type Logger, RateLimitedLog } from "../log.ts";
+import { errorMessage, type Logger, RateLimitedLog } from "../log.ts";
 import { clientKey } from "../resolver/admission.ts";
 
 /** What the loop accepts connections from: `Deno.Listener` and `Deno.TlsListener` fit. */
@@ -63,6 +63,11 @@ export interface Served {
   readonly lastActive: number;
   /** Closes it now. */
   abort(): void;
+  /**
+   * Stops taking new work and closes once what is in hand is done (optional; see
+   * {@linkcode AcceptLoop.drain}).
+   */
+  shutdown?(): void;
 }
 
 /** What the loop knows about an accepted client, handed to `serve`. */
@@ -155,11 +160,20 @@ export function isConnectionGone(error: unknown): boolean {
   return error instanceof Error && /\(os error (103|104|107)\)/.test(error.message);
 }
 
-function describeError(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
-function closeQuietly(conn: Deno.Conn): void {
+/**
+ * Closes `conn`, ignoring that it is closed already.
+ *
+ * @example
+ * ```ts
+ * import { closeQuietly } from "./accept_loop.ts";
+ * const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const conn = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+ * closeQuietly(conn);
+ * closeQuietly(conn); // no error
+ * listener.close();
+ * ```
+ */
+export function closeQuietly(conn: Deno.Conn): void {
   try {
     conn.close();
   } catch {
@@ -191,7 +205,7 @@ export class AcceptLoop<C extends Deno.Conn = Deno.Conn> {
     this.#limitLog = new RateLimitedLog(options.log, LOG_INTERVAL_MS);
     this.#done = this.#run().catch((error) => {
       options.log.error(`${options.name} accept loop failed; no longer serving`, {
-        error: describeError(error),
+        error: errorMessage(error),
       });
     });
   }
@@ -228,6 +242,27 @@ export class AcceptLoop<C extends Deno.Conn = Deno.Conn> {
     await this.#done;
   }
 
+  /**
+   * Closes the loop, asks every open connection to {@linkcode Served.shutdown} (finish what
+   * it has in hand), and waits up to `timeoutMs` for them all to finish; whatever is still
+   * open then is aborted. Returns the connections that were open when it started.
+   */
+  async drain(timeoutMs: number): Promise<Served[]> {
+    await this.close();
+    const connections = [...this.#served];
+    for (const connection of connections) connection.shutdown?.();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const forced = new Promise<void>((resolve) => {
+      timer = setTimeout(() => {
+        for (const connection of this.#served) connection.abort();
+        resolve();
+      }, timeoutMs);
+    });
+    await Promise.race([Promise.all(connections.map((c) => c.finished)), forced]);
+    clearTimeout(timer);
+    return connections;
+  }
+
   async #run(): Promise<void> {
     const name = this.#options.name;
     const pauseMin = this.#options.pauseMinMs ?? 5;
@@ -242,7 +277,7 @@ export class AcceptLoop<C extends Deno.Conn = Deno.Conn> {
         if (this.#closing) break;
         if (error instanceof Deno.errors.BadResource) {
           this.#options.log.error(`${name} listener closed unexpectedly; no longer serving`, {
-            error: describeError(error),
+            error: errorMessage(error),
           });
           break;
         }
@@ -250,7 +285,7 @@ export class AcceptLoop<C extends Deno.Conn = Deno.Conn> {
           // The connection waits in the kernel's backlog; retry once descriptors free up.
           pauseMs = pauseMs === 0 ? pauseMin : Math.min(pauseMs * 2, pauseMax);
           this.#exhaustedLog.warn(`${name} accept failed: out of file descriptors; pausing`, {
-            error: describeError(error),
+            error: errorMessage(error),
             pause_ms: pauseMs,
             open: this.#served.size,
           });
@@ -258,12 +293,12 @@ export class AcceptLoop<C extends Deno.Conn = Deno.Conn> {
         } else if (isConnectionGone(error)) {
           // A client that reset before accept: next one at once, and nothing worth more than
           // a line now and then (such resets cost an attacker nothing).
-          const fields = { error: describeError(error) };
+          const fields = { error: errorMessage(error) };
           if (this.#options.resetLogLevel === "warn") {
             this.#errorLog.warn(`${name} accept failed`, fields);
           } else this.#errorLog.debug(`${name} accept failed`, fields);
         } else {
-          this.#errorLog.warn(`${name} accept failed`, { error: describeError(error) });
+          this.#errorLog.warn(`${name} accept failed`, { error: errorMessage(error) });
           if (++failures % SPIN_GUARD_ERRORS === 0) await this.#pause(pauseMax);
         }
         continue;

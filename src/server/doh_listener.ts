@@ -325,18 +325,7 @@ export class DohListener {
 
   async #close(timeoutMs: number): Promise<void> {
     this.#closing = true;
-    await this.#loop.close();
-    const connections = [...this.#loop.connections()] as DohConnection[];
-    for (const connection of connections) connection.shutdown();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const forced = new Promise<void>((resolve) => {
-      timer = setTimeout(() => {
-        for (const connection of this.#loop.connections()) connection.abort();
-        resolve();
-      }, timeoutMs);
-    });
-    await Promise.race([Promise.all(connections.map((c) => c.finished)), forced]);
-    clearTimeout(timer);
+    await this.#loop.drain(timeoutMs);
     // Let each connection's clean-up run before the caller checks for leaks.
     for (let round = 0; round < 1000 && this.#loop.open > 0; round++) {
       for (const connection of this.#loop.connections()) connection.abort();

@@ -27,8 +27,9 @@
 
 import { formatAddr } from "../address.ts";
 import type { ListenAddress } from "../config.ts";
-import { AcceptLoop, type Acceptor, type Served } from "../net/accept_loop.ts";
-import { type LogFields, type Logger, RateLimitedLog } from "../log.ts";
+import { linger } from "../http/linger.ts";
+import { AcceptLoop, type Acceptor, closeQuietly, type Served } from "../net/accept_loop.ts";
+import { errorMessage, type LogFields, type Logger, RateLimitedLog } from "../log.ts";
 
 /** A verdict of `/readyz` or `/healthz/upstreams`. */
 export interface Readiness {
@@ -413,24 +414,8 @@ function errorReply(status: number, reason: string): HttpReply {
 const EXHAUSTED_PAUSE_MIN_MS = 10;
 /** Longest pause: short enough that a probe arriving as descriptors free up is served. */
 const EXHAUSTED_PAUSE_MAX_MS = 50;
-/** After a response with `Connection: close`, unread bytes are drained this long at most... */
-const LINGER_MS = 1_000;
-/** ...and this much at most, so that closing does not reset the connection under the reply. */
-const LINGER_BYTES = 64 * 1024;
 /** Accept failures and the connection limit are logged at most once per this interval. */
 const LOG_INTERVAL_MS = 10_000;
-
-function describeError(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
-function closeQuietly(conn: Deno.Conn): void {
-  try {
-    conn.close();
-  } catch {
-    // Already closed.
-  }
-}
 
 function resolveOptions(options: HttpServerOptions): Required<HttpServerOptions> {
   const resolved = { ...HTTP_DEFAULTS, ...options };
@@ -615,7 +600,7 @@ class HttpConnection implements Served {
         context.log.debug("http connection closed", {
           client,
           reason: this.#reason === "" ? "error" : this.#reason,
-          error: describeError(error),
+          error: errorMessage(error),
         });
       },
     ).finally(() => this.#close(""));
@@ -760,7 +745,7 @@ class HttpConnection implements Served {
     } catch (error) {
       this.#context.handlerFailures.error("http handler failed", {
         path: head.path,
-        error: describeError(error),
+        error: errorMessage(error),
       });
       return errorReply(500, "the handler failed");
     } finally {
@@ -794,18 +779,6 @@ class HttpConnection implements Served {
    * bytes resets it, and a reset can destroy the response before the client reads it.
    */
   async #linger(): Promise<void> {
-    if (this.#closed) return;
-    try {
-      await this.#conn.closeWrite();
-      this.#arm(LINGER_MS, "");
-      const sink = new Uint8Array(4096);
-      for (let total = 0; total < LINGER_BYTES;) {
-        const n = await this.#conn.read(sink);
-        if (n === null) return;
-        total += n;
-      }
-    } catch {
-      // Closed by the deadline or by the client: either way, done.
-    }
+    if (!this.#closed) await linger(this.#conn, (ms, reason) => this.#arm(ms, reason));
   }
 }

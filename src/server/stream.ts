@@ -248,18 +248,7 @@ export class StreamServer {
    * left is closed.
    */
   async close(timeoutMs = 10_000): Promise<void> {
-    await this.#loop.close();
-    const connections = [...this.#loop.connections()] as StreamConnection[];
-    for (const connection of connections) connection.shutdown();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const forced = new Promise<void>((resolve) => {
-      timer = setTimeout(() => {
-        for (const connection of this.#loop.connections()) connection.abort();
-        resolve();
-      }, timeoutMs);
-    });
-    await Promise.race([Promise.all(connections.map((c) => c.finished)), forced]);
-    clearTimeout(timer);
+    const connections = await this.#loop.drain(timeoutMs);
     await Promise.all(connections.map((c) => c.finished));
     if (this.#sweepTimer !== undefined) {
       clearInterval(this.#sweepTimer);

@@ -193,7 +193,11 @@ export function checkCertificateText(text: string, variable: string = CERT_VARIA
  * @example
  * ```ts
  * import { checkKeyText } from "./certificate.ts";
- * checkKeyText(Deno.env.get("DOTPROXY_TLS_KEY") ?? "", "DOTPROXY_TLS_KEY");
+ * try {
+ *   checkKeyText(Deno.env.get("DOTPROXY_TLS_KEY") ?? "", "DOTPROXY_TLS_KEY");
+ * } catch (error) {
+ *   // DOTPROXY_TLS_KEY: empty (when the variable is unset)
+ * }
  * ```
  */
 export function checkKeyText(text: string, variable: string = KEY_VARIABLE): void {

@@ -13,7 +13,7 @@ import type { ResponseInfo } from "../dns/message.ts";
 import type { Logger } from "../log.ts";
 import type { Clock, TimerQueue } from "../timers.ts";
 import type { Dialer } from "./dial.ts";
-import type { UpstreamError, UpstreamErrorReason } from "./errors.ts";
+import { UpstreamError, type UpstreamErrorReason } from "./errors.ts";
 import type { Exchange, ExchangeCarrier } from "./exchange.ts";
 import type { Nudging } from "./nudge.ts";
 import type { UpstreamStats } from "./stats.ts";
@@ -74,6 +74,21 @@ export interface ConnectionContext {
    * query).
    */
   readonly timers: TimerQueue;
+}
+
+/**
+ * A connection failing as a whole (stalled, misbehaving): counts `reason` in the upstream's
+ * statistics and returns the error its exchanges are handed back with, named after the
+ * upstream. Both connection kinds (TLS or plain stream, plain DNS) abandon through it.
+ */
+export function connectionFailure(
+  context: ConnectionContext,
+  reason: UpstreamErrorReason,
+  message: string,
+): UpstreamError {
+  const label = context.spec.label;
+  context.stats.error(reason);
+  return new UpstreamError(reason, `${label}: ${message}`, label);
 }
 
 /** Connection lifecycle states. */

@@ -27,11 +27,12 @@ import { buildZoneProbe } from "../dns/probe.ts";
 import { HEADER_SIZE } from "../dns/wire.ts";
 import { parseIpAddress } from "../net/ip.ts";
 import type { Clock } from "../timers.ts";
-import type {
-  ConnectionContext,
-  ConnectionOwner,
-  ConnectionState,
-  UpstreamConnection,
+import {
+  type ConnectionContext,
+  connectionFailure,
+  type ConnectionOwner,
+  type ConnectionState,
+  type UpstreamConnection,
 } from "./connection.ts";
 import { closeQuietly, tcpDialer } from "./dial.ts";
 import { classifyError, UpstreamError, type UpstreamErrorReason } from "./errors.ts";
@@ -236,10 +237,9 @@ export class PlainConnection implements UpstreamConnection, ConnectionOwner, Exc
   /** Closes as a failure (the target stopped answering); queries in flight are handed back. */
   abandon(reason: UpstreamErrorReason, message: string): void {
     if (this.state === "closed") return;
-    const label = this.#context.spec.label;
-    this.#context.stats.error(reason);
+    const failure = connectionFailure(this.#context, reason, message);
     this.#closeRequested = true;
-    this.#shutdown(new UpstreamError(reason, `${label}: ${message}`, label));
+    this.#shutdown(failure);
   }
 
   #shutdown(failure: UpstreamError | null): void {

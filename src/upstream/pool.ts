@@ -206,9 +206,10 @@ function addExchange(request: PoolRequest, exchange: Exchange): void {
  *   padding: true,
  *   log: new Logger({ level: "error", sink: () => {} }),
  * });
- * declare const flight: UpstreamRequest; // the resolver's question
  * pool.start(); // connect and probe
- * pool.forward(flight); // settled once, through flight.settleAnswer or settleFailure
+ * // The resolver hands each question over; it is settled once, through
+ * // flight.settleAnswer or flight.settleFailure.
+ * const ask = (flight: UpstreamRequest) => pool.forward(flight);
  * console.log((await pool.readiness()).reason);
  * await pool.close();
  * ```

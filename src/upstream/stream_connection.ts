@@ -21,6 +21,7 @@ import { SlabCopier } from "../slab.ts";
 import type { Clock, Timed } from "../timers.ts";
 import {
   type ConnectionContext,
+  connectionFailure,
   type ConnectionOwner,
   type ConnectionState,
   SETTLE_MS,
@@ -250,16 +251,15 @@ export class StreamConnection implements UpstreamConnection {
    */
   abandon(reason: UpstreamErrorReason, message: string): void {
     if (this.state === "closed") return;
-    const label = this.#context.spec.label;
-    this.#context.stats.error(reason);
+    const failure = connectionFailure(this.#context, reason, message);
     this.#context.log.debug("closing upstream connection", {
-      upstream: label,
+      upstream: this.#context.spec.label,
       reason,
       error: message,
       inflight: this.inflight.size,
     });
     this.#closeRequested = true;
-    this.#shutdown(new UpstreamError(reason, `${label}: ${message}`, label));
+    this.#shutdown(failure);
   }
 
   /** Appends `exchange`'s frame under `id` to the write buffer. */

@@ -5,7 +5,6 @@
  * @module
  */
 
-import assert from "node:assert/strict";
 import { Logger } from "../../src/log.ts";
 import { SYSTEM_CLOCK, TimerQueue } from "../../src/timers.ts";
 import type { UpstreamSpec } from "../../src/config.ts";
@@ -93,10 +92,4 @@ export function exchangeFor(name: string): Exchange {
   // Header, the name (one length octet per label, and the root), type and class.
   const questionEnd = 12 + name.length + 2 + 4;
   return new Exchange(message, questionEnd, null, "query");
-}
-
-/** Waits (at most 2 s, in 10 ms steps) until `done()`; fails with `what` otherwise. */
-export async function until(what: string, done: () => boolean): Promise<void> {
-  for (let i = 0; i < 200 && !done(); i++) await new Promise((r) => setTimeout(r, 10));
-  assert.ok(done(), what);
 }

@@ -5,6 +5,57 @@
  * @module
  */
 
+/** Hand-written bytes: a number is one octet, arrays and Uint8Arrays are spliced in. */
+export type Part = number | readonly number[] | Uint8Array;
+
+/** The octets of `parts`, in order, in one array. */
+export function bytes(...parts: Part[]): Uint8Array {
+  const out: number[] = [];
+  for (const part of parts) {
+    if (typeof part === "number") out.push(part);
+    else out.push(...part);
+  }
+  return new Uint8Array(out);
+}
+
+/** `n` as two octets, network order. */
+export const u16 = (n: number): number[] => [(n >> 8) & 0xff, n & 0xff];
+/** `n` as four octets, network order. */
+export const u32 = (n: number): number[] => [
+  n >>> 24,
+  (n >>> 16) & 0xff,
+  (n >>> 8) & 0xff,
+  n & 0xff,
+];
+
+/**
+ * An OPT record: UDP size, the TTL field's four octets (ext rcode, version, flags), options
+ * (code, data).
+ */
+export function opt(
+  options: [number, Part][] = [],
+  udp = 1232,
+  ttl: number[] = [0, 0, 0, 0],
+): Uint8Array {
+  const data = bytes(...options.map(([code, d]) => bytes(u16(code), u16(bytes(d).length), d)));
+  return bytes(0, u16(41), u16(udp), ttl, u16(data.length), data);
+}
+
+/** A resource record whose owner is the question's name (a pointer to offset 12), class IN. */
+export function rr(type: number, ttl: number, rdata: Part): Uint8Array {
+  const data = bytes(rdata);
+  return bytes(0xc0, 12, u16(type), u16(1), u32(ttl), u16(data.length), data);
+}
+
+/** `message` with its two-octet length in front: one DNS-over-TCP (and DoT) frame. */
+export function lengthFramed(message: Uint8Array): Uint8Array {
+  const frame = new Uint8Array(2 + message.length);
+  frame[0] = message.length >> 8;
+  frame[1] = message.length & 0xff;
+  frame.set(message, 2);
+  return frame;
+}
+
 /** Options for {@linkcode buildQuery}. */
 export interface QueryOptions {
   /** Message ID (random when omitted). */

@@ -7,7 +7,7 @@
  */
 
 import { SERVER_KEY, SERVER_PEM } from "../fixtures/certs.ts";
-import { answerFor, appendChunk } from "./dns.ts";
+import { answerFor, appendChunk, lengthFramed } from "./dns.ts";
 
 /** Options of {@linkcode DotServer}. */
 export interface DotServerOptions {
@@ -152,10 +152,7 @@ export class DotServer {
       writeFrame(response);
     };
     const writeFrame = (response: Uint8Array) => {
-      const frame = new Uint8Array(2 + response.length);
-      frame[0] = response.length >> 8;
-      frame[1] = response.length & 0xff;
-      frame.set(response, 2);
+      const frame = lengthFramed(response);
       writing = writing.then(async () => {
         if (closed) return;
         try {

@@ -27,7 +27,8 @@
  */
 
 import { SERVER_KEY, SERVER_PEM, WRONG_KEY, WRONG_PEM } from "../fixtures/certs.ts";
-import { answerFor, appendChunk } from "./dns.ts";
+import { answerFor, appendChunk, lengthFramed } from "./dns.ts";
+import { sleep } from "./wait.ts";
 
 /** What a {@linkcode FaultyUpstream} does wrong. See {@linkcode FAULTS} for each one. */
 export type Fault =
@@ -174,10 +175,6 @@ function closeQuietly(resource: { close(): void }): void {
   } catch {
     // Already closed.
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
@@ -750,10 +747,7 @@ export class FaultyUpstream {
     let closed = false;
     let writing = Promise.resolve();
     const send = (response: Uint8Array) => {
-      const frame = new Uint8Array(2 + response.length);
-      frame[0] = response.length >> 8;
-      frame[1] = response.length & 0xff;
-      frame.set(response, 2);
+      const frame = lengthFramed(response);
       writing = writing.then(async () => {
         if (closed) return;
         try {

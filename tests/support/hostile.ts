@@ -7,8 +7,7 @@
  * @module
  */
 
-import type { Forwarder, UpstreamRequest } from "../../src/upstream/forwarder.ts";
-import { answerFor, encodeName, parseMessage } from "./dns.ts";
+import { encodeName } from "./dns.ts";
 
 /**
  * Sends `queries` from a UDP socket bound to `source`; collects replies for `waitMs`, or
@@ -44,66 +43,6 @@ export async function udpFrom(
     socket.close();
   }
   return replies;
-}
-
-/** Polls `condition` every 5 ms until it holds or `timeoutMs` passes; returns the last result. */
-export async function waitFor(condition: () => boolean, timeoutMs = 3000): Promise<boolean> {
-  const deadline = performance.now() + timeoutMs;
-  for (let i = 0; i < 10_000; i++) {
-    if (condition()) return true;
-    if (performance.now() > deadline) return false;
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-  return condition();
-}
-
-/** A forwarder that answers every request the way the test upstream does, a turn later. */
-export class InstantForwarder implements Forwarder {
-  /** Requests forwarded. */
-  forwarded = 0;
-  /** Answers a turn later. */
-  forward(request: UpstreamRequest): void {
-    this.forwarded++;
-    queueMicrotask(() => request.settleAnswer(answerFor(request.query), "instant", null));
-  }
-  /** Nothing to close. */
-  close(): void {}
-}
-
-/**
- * A forwarder that holds every request until the test answers it, or, given `hold`, only
- * the requests whose question name `hold` picks (the others are answered a turn later).
- */
-export class HeldForwarder implements Forwarder {
-  /** Requests not answered yet, oldest first. */
-  readonly pending: UpstreamRequest[] = [];
-  /** Requests forwarded in all (held or not). */
-  forwarded = 0;
-  readonly #hold: ((name: string) => boolean) | undefined;
-  /** Holds every request, or those whose question name `hold` returns true for. */
-  constructor(hold?: (name: string) => boolean) {
-    this.#hold = hold;
-  }
-  /** Holds `request` (or answers it a turn later when `hold` says so). */
-  forward(request: UpstreamRequest): void {
-    this.forwarded++;
-    const hold = this.#hold;
-    if (hold && !hold(parseMessage(request.query).question?.name ?? "")) {
-      queueMicrotask(() => request.settleAnswer(answerFor(request.query), "instant", null));
-      return;
-    }
-    this.pending.push(request);
-  }
-  /** Answers the `count` oldest requests (all by default). */
-  release(count = this.pending.length): void {
-    for (const request of this.pending.splice(0, count)) {
-      request.settleAnswer(answerFor(request.query), "held", null);
-    }
-  }
-  /** Answers what is left. */
-  close(): void {
-    this.release();
-  }
 }
 
 /** `query` with a TSIG record (RFC 8945) for key `key.` appended, ARCOUNT raised by one. */

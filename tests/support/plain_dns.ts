@@ -7,7 +7,7 @@
  * @module
  */
 
-import { answerFor, parseMessage } from "./dns.ts";
+import { answerFor, lengthFramed, parseMessage } from "./dns.ts";
 
 /** One query the server read. */
 export interface PlainQuery {
@@ -151,10 +151,7 @@ export class PlainDnsServer {
           };
           this.queries.push(query);
           const reply: Reply = async (bytes) => {
-            const frame = new Uint8Array(2 + bytes.length);
-            frame[0] = bytes.length >> 8;
-            frame[1] = bytes.length & 0xff;
-            frame.set(bytes, 2);
+            const frame = lengthFramed(bytes);
             for (let at = 0; at < frame.length;) at += await conn.write(frame.subarray(at));
           };
           this.#handle(query, reply);

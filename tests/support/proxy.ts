@@ -16,6 +16,7 @@ import {
 } from "../../src/config.ts";
 import { Logger, type LogLevel } from "../../src/log.ts";
 import { CA_PEM } from "../fixtures/certs.ts";
+import { lengthFramed } from "./dns.ts";
 
 /** Log lines captured from a proxy under test. */
 export class LogCapture {
@@ -144,11 +145,7 @@ export class TcpDnsClient {
 
   /** Writes one length-prefixed message. */
   async send(message: Uint8Array): Promise<void> {
-    const frame = new Uint8Array(2 + message.length);
-    frame[0] = message.length >> 8;
-    frame[1] = message.length & 0xff;
-    frame.set(message, 2);
-    await this.writeRaw(frame);
+    await this.writeRaw(lengthFramed(message));
   }
 
   /**

@@ -11,6 +11,7 @@
 
 import { SERVER_KEY, SERVER_PEM } from "../fixtures/certs.ts";
 import { freeStablePort } from "./fault_upstream.ts";
+import { sleep } from "./wait.ts";
 
 /** Options of {@linkcode UnboundUpstream.start}. */
 export interface UnboundOptions {
@@ -251,7 +252,7 @@ export class UnboundUpstream {
         conn.close();
         return;
       } catch {
-        await new Promise((resolve) => setTimeout(resolve, 25));
+        await sleep(25);
       }
     }
     await this.kill();

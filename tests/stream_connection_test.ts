@@ -9,13 +9,8 @@ import { tcpDialer } from "../src/upstream/dial.ts";
 import { StreamConnection } from "../src/upstream/stream_connection.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { answerFor, parseMessage } from "./support/dns.ts";
-import {
-  closeAll,
-  exchangeFor,
-  loopbackSpec,
-  RecordingOwner,
-  until,
-} from "./support/connection_owner.ts";
+import { closeAll, exchangeFor, loopbackSpec, RecordingOwner } from "./support/connection_owner.ts";
+import { waitFor } from "./support/wait.ts";
 
 Deno.test("upstream connection: a question given up on stays owed until purged, then the connection is idle", async () => {
   // The server never answers "silent" names: their late answer never comes.
@@ -35,7 +30,7 @@ Deno.test("upstream connection: a question given up on stays owed until purged, 
     const silent = exchangeFor("silent.purge.test");
     connection.send(silent);
     connection.send(exchangeFor("a.purge.test"));
-    await until("the other question answered", () => owner.answered.length === 1);
+    await waitFor("the other question answered", () => owner.answered.length === 1);
     assert.equal(connection.load, 1);
     // Given up on: its ID stays reserved and the connection still owes its answer (which
     // counts when judging whether the server stopped answering)...
@@ -49,7 +44,7 @@ Deno.test("upstream connection: a question given up on stays owed until purged, 
     assert.equal(connection.stalledSince, 0, "and nothing counts as a stall");
     // The connection goes on answering.
     connection.send(exchangeFor("b.purge.test"));
-    await until("the next question answered", () => owner.answered.length === 2);
+    await waitFor("the next question answered", () => owner.answered.length === 2);
     assert.equal(parseMessage(owner.answered[1].response).question?.name, "b.purge.test.");
     assert.deepEqual(owner.problems, []);
   } finally {
@@ -71,7 +66,7 @@ Deno.test("upstream connection: plain DNS over TCP is the same connection withou
     for (const name of ["a.plain.test", "b.plain.test", "c.plain.test"]) {
       connection.send(exchangeFor(name));
     }
-    await until("three answers", () => owner.answered.length === 3);
+    await waitFor("three answers", () => owner.answered.length === 3);
     const names = owner.answered.map((a) => parseMessage(a.response).question?.name);
     assert.deepEqual(names, ["b.plain.test.", "c.plain.test.", "a.plain.test."]);
     assert.equal(server.connections, 1, "one connection carried them all");
@@ -89,7 +84,7 @@ Deno.test("upstream connection: a TLS dial to a plain DNS server fails; nothing 
   connection.start();
   connection.send(exchangeFor("secret.plain.test"));
   try {
-    await until("the connection fails", () => connection.state === "closed");
+    await waitFor("the connection fails", () => connection.state === "closed");
     assert.equal(connection.opened, false);
     assert.equal(owner.problems.length, 1);
     assert.match(owner.problems[0], /connecting to .* failed: no handshake within 300 ms/);
