@@ -212,6 +212,8 @@ export class H2Connection {
   #prefaceWritten = false;
   /** Octets of DATA received before our SETTINGS were written. */
   #earlyData = 0;
+  /** The client's preface was read (until then our SETTINGS wait: see `#release`). */
+  #prefaceSeen = false;
   #drained: (() => void) | null = null;
   readonly #deadline: Deadline;
   readonly #writeDeadline: Deadline;
@@ -368,22 +370,21 @@ export class H2Connection {
       this.#send(Frame.WINDOW_UPDATE, 0, 0, u32Payload(connectionCredit - 65_535), true);
     }
     this.#deadline.arm(this.#limits.requestTimeoutMs, "preface timeout");
-    let prefaceSeen = false;
     // Each pass consumes a frame or reads at least one byte: the loop ends with the stream.
     for (;;) {
       if (this.#closed) return;
-      if (!prefaceSeen && end - start >= PREFACE.length) {
+      if (!this.#prefaceSeen && end - start >= PREFACE.length) {
         for (let i = 0; i < PREFACE.length; i++) {
           if (buffer[start + i] !== PREFACE[i]) {
             throw this.#fail(new ConnectionError(H2Error.PROTOCOL_ERROR, "bad preface"), "");
           }
         }
         start += PREFACE.length;
-        prefaceSeen = true;
+        this.#prefaceSeen = true;
         this.#arm();
         continue;
       }
-      if (prefaceSeen && end - start >= FRAME_HEADER) {
+      if (this.#prefaceSeen && end - start >= FRAME_HEADER) {
         const length = (buffer[start] << 16) | (buffer[start + 1] << 8) | buffer[start + 2];
         if (length > MAX_FRAME) {
           throw this.#fail(
@@ -932,7 +933,7 @@ export class H2Connection {
   /**
    * Writes held control frames unless a response will carry them: while a stream is open
    * (its answer is being made, or its body is coming), they wait to leave in the answer's
-   * write. Why: the DoH listener's TLS connections cannot turn Nagle's algorithm off
+   * write; before the client's preface, our SETTINGS wait for it. Why: the DoH listener's TLS connections cannot turn Nagle's algorithm off
    * (`Deno.TlsConn` has no `setNoDelay`), and a SETTINGS ACK or our SETTINGS written alone
    * just before an answer made the answer wait for the client's delayed ACK of that small
    * segment: 40-50 ms per new connection and per POST (curl, h2load; issue 26). A stream
@@ -941,7 +942,7 @@ export class H2Connection {
    * out it may send 65,535 octets of DATA, so they go once half of that came.
    */
   #release(): void {
-    if (this.#outLength === 0 || this.#urgent || this.#closed) return;
+    if (this.#outLength === 0 || this.#urgent || this.#closed || !this.#prefaceSeen) return;
     if (
       (this.#streams.size > 0 || this.#continuing !== null) &&
       (this.#prefaceWritten || this.#earlyData < HOLD_DATA_LIMIT)
