@@ -351,9 +351,8 @@ export class H2Connection {
     let start = 0;
     let end = Math.min(initial.length, buffer.length);
     // Our SETTINGS first (the server preface): the stream cap, a stream window of the body
-    // limit plus a frame, and the header list limit.
-    // Held (lazy) until the client's first bytes are read: they then leave with the first
-    // response in one write (see `#release`).
+    // limit plus a frame, and the header list limit. Held (lazy) until the client's preface
+    // is read: they then leave with the first answer in one write (see `#release`).
     this.#send(
       Frame.SETTINGS,
       0,
@@ -933,13 +932,14 @@ export class H2Connection {
   /**
    * Writes held control frames unless a response will carry them: while a stream is open
    * (its answer is being made, or its body is coming), they wait to leave in the answer's
-   * write; before the client's preface, our SETTINGS wait for it. Why: the DoH listener's TLS connections cannot turn Nagle's algorithm off
-   * (`Deno.TlsConn` has no `setNoDelay`), and a SETTINGS ACK or our SETTINGS written alone
-   * just before an answer made the answer wait for the client's delayed ACK of that small
-   * segment: 40-50 ms per new connection and per POST (curl, h2load; issue 26). A stream
-   * stays open at most the request deadline or the resolver's; the client never waits for
-   * these frames to send (RFC 9113 section 3.4), except for window: before our SETTINGS are
-   * out it may send 65,535 octets of DATA, so they go once half of that came.
+   * write; before the client's preface, our SETTINGS wait for it. Why: the DoH listener's
+   * TLS connections cannot turn Nagle's algorithm off (`Deno.TlsConn` has no `setNoDelay`),
+   * and a SETTINGS ACK or our SETTINGS written alone just before an answer made the answer
+   * wait for the client's delayed ACK of that small segment: 40-50 ms per new connection and
+   * per POST (curl, h2load; issue 26). A stream stays open at most the request deadline or
+   * the resolver's; the client never waits for these frames to send (RFC 9113 section 3.4),
+   * except for window: before our SETTINGS are out it may send 65,535 octets of DATA, so
+   * they go once half of that came.
    */
   #release(): void {
     if (this.#outLength === 0 || this.#urgent || this.#closed || !this.#prefaceSeen) return;
