@@ -62,6 +62,11 @@ export const OUTPUT_BUDGET = 512 * 1024;
 const RESET_ALLOWANCE = 200;
 /** Most CONTINUATION frames in one header block. */
 const MAX_CONTINUATIONS = 64;
+/**
+ * Before our SETTINGS are out the client may send only the default 65,535 octets of DATA:
+ * past half of it, held control frames go out even with streams open (see `#release`).
+ */
+const HOLD_DATA_LIMIT = 32_768;
 
 const enum Frame {
   DATA = 0,
@@ -205,6 +210,18 @@ export class H2Connection {
   /** Octets queued or being written. */
   #outBytes = 0;
   #writing: Promise<void> | null = null;
+  /**
+   * True when the queued output must go now (a response, a reset, GOAWAY, a PING answer);
+   * false while it holds only control frames that can wait for the next response (see
+   * `#release`).
+   */
+  #urgent = false;
+  /** Our SETTINGS (the server preface) were handed to a write. */
+  #prefaceWritten = false;
+  /** Octets of DATA received before our SETTINGS were written. */
+  #earlyData = 0;
+  /** The client's preface was read (until then our SETTINGS wait: see `#release`). */
+  #prefaceSeen = false;
   #drained: (() => void) | null = null;
   readonly #deadline: Deadline;
   readonly #writeDeadline: Deadline;
@@ -336,7 +353,8 @@ export class H2Connection {
     let start = 0;
     let end = Math.min(initial.length, buffer.length);
     // Our SETTINGS first (the server preface): the stream cap, a stream window of the body
-    // limit plus a frame, and the header list limit.
+    // limit plus a frame, and the header list limit. Held (lazy) until the client's preface
+    // is read: they then leave with the first answer in one write (see `#release`).
     this.#send(
       Frame.SETTINGS,
       0,
@@ -346,28 +364,28 @@ export class H2Connection {
         ...[0, 4, ...u32Payload(this.#streamWindow())],
         ...[0, 6, ...u32Payload(this.#limits.maxHeadBytes)],
       ]),
+      true,
     );
     const connectionCredit = this.#streamWindow() * 2;
     if (connectionCredit > 65_535) {
-      this.#send(Frame.WINDOW_UPDATE, 0, 0, u32Payload(connectionCredit - 65_535));
+      this.#send(Frame.WINDOW_UPDATE, 0, 0, u32Payload(connectionCredit - 65_535), true);
     }
     this.#deadline.arm(this.#limits.requestTimeoutMs, "preface timeout");
-    let prefaceSeen = false;
     // Each pass consumes a frame or reads at least one byte: the loop ends with the stream.
     for (;;) {
       if (this.#closed) return;
-      if (!prefaceSeen && end - start >= PREFACE.length) {
+      if (!this.#prefaceSeen && end - start >= PREFACE.length) {
         for (let i = 0; i < PREFACE.length; i++) {
           if (buffer[start + i] !== PREFACE[i]) {
             throw this.#fail(new ConnectionError(H2Error.PROTOCOL_ERROR, "bad preface"), "");
           }
         }
         start += PREFACE.length;
-        prefaceSeen = true;
+        this.#prefaceSeen = true;
         this.#arm();
         continue;
       }
-      if (prefaceSeen && end - start >= FRAME_HEADER) {
+      if (this.#prefaceSeen && end - start >= FRAME_HEADER) {
         const length = (buffer[start] << 16) | (buffer[start + 1] << 8) | buffer[start + 2];
         if (length > MAX_FRAME) {
           throw this.#fail(
@@ -409,6 +427,9 @@ export class H2Connection {
         ]);
         continue;
       }
+      // Everything read is handled: control frames held for a response go now unless one
+      // is on its way.
+      this.#release();
       const n = await conn.read(buffer.subarray(end));
       if (n === null) {
         this.#reason ||= "client closed";
@@ -554,7 +575,7 @@ export class H2Connection {
         this.#peerMaxFrame = value;
       }
     }
-    this.#send(Frame.SETTINGS, ACK, 0, new Uint8Array(0));
+    this.#send(Frame.SETTINGS, ACK, 0, new Uint8Array(0), true);
     this.#pump();
   }
 
@@ -593,6 +614,7 @@ export class H2Connection {
     // The whole frame, padding included, counts against the windows.
     const length = payload.length;
     this.#credit += length;
+    if (!this.#prefaceWritten) this.#earlyData += length;
     let data = payload;
     if (flags & PADDED) {
       const pad = payload[0] ?? 0;
@@ -644,9 +666,15 @@ export class H2Connection {
     this.#arm();
   }
 
-  /** Gives received octets back to the connection window while bodies stay in budget. */
+  /**
+   * Gives received octets back to the connection window while bodies stay in budget, once
+   * they reach a stream window: the connection window is two stream windows, so a whole
+   * body still fits meanwhile, and a small POST costs no WINDOW_UPDATE of its own (a write
+   * before the answer's that Nagle's algorithm then makes the answer wait behind, for the
+   * client's delayed ACK: 40 ms on Linux).
+   */
   #giveCredit(): void {
-    if (this.#credit === 0 || this.#bodyBytes > BODY_BUDGET) return;
+    if (this.#credit < this.#streamWindow() || this.#bodyBytes > BODY_BUDGET) return;
     this.#send(Frame.WINDOW_UPDATE, 0, 0, u32Payload(this.#credit));
     this.#credit = 0;
   }
@@ -895,6 +923,7 @@ export class H2Connection {
     this.#streams.delete(stream.id);
     this.#lastActive = this.#clock.now();
     if (this.#streams.size === 0 && this.#goingAway) this.#closeAfterFlush("done");
+    this.#release();
     this.#arm();
   }
 
@@ -902,8 +931,35 @@ export class H2Connection {
     this.#send(Frame.RST_STREAM, 0, id, u32Payload(code));
   }
 
-  /** Queues a frame: its 9-octet header and a copy of its payload. */
-  #send(type: number, flags: number, stream: number, payload: Uint8Array): void {
+  /**
+   * Writes held control frames unless a response will carry them: while a stream is open
+   * (its answer is being made, or its body is coming), they wait to leave in the answer's
+   * write; before the client's preface, our SETTINGS wait for it. Why: the DoH listener's
+   * TLS connections cannot turn Nagle's algorithm off (`Deno.TlsConn` has no `setNoDelay`),
+   * and a SETTINGS ACK or our SETTINGS written alone just before an answer made the answer
+   * wait for the client's delayed ACK of that small segment: 40-50 ms per new connection and
+   * per POST (curl, h2load; issue 26). A stream stays open at most the request deadline or
+   * the resolver's; the client never waits for these frames to send (RFC 9113 section 3.4),
+   * except for window: before our SETTINGS are out it may send 65,535 octets of DATA, so
+   * they go once half of that came.
+   */
+  #release(): void {
+    if (this.#outLength === 0 || this.#urgent || this.#closed || !this.#prefaceSeen) return;
+    if (
+      (this.#streams.size > 0 || this.#continuing !== null) &&
+      (this.#prefaceWritten || this.#earlyData < HOLD_DATA_LIMIT)
+    ) {
+      return;
+    }
+    this.#urgent = true;
+    this.#writing ??= this.#flush();
+  }
+
+  /**
+   * Queues a frame: its 9-octet header and a copy of its payload. A `lazy` frame (SETTINGS,
+   * its ACK, the first WINDOW_UPDATE) waits for the next urgent one or for `#release`.
+   */
+  #send(type: number, flags: number, stream: number, payload: Uint8Array, lazy = false): void {
     if (this.#closed) return;
     const size = FRAME_HEADER + payload.length;
     let out = this.#out;
@@ -925,6 +981,8 @@ export class H2Connection {
     out.set(payload, at + FRAME_HEADER);
     this.#outLength = at + size;
     this.#outBytes += size;
+    if (lazy) return;
+    this.#urgent = true;
     this.#writing ??= this.#flush();
   }
 
@@ -932,12 +990,14 @@ export class H2Connection {
     // Let the frames of this turn (a batch of answers) join one write.
     await Promise.resolve();
     try {
-      while (this.#outLength > 0 && !this.#closed) {
+      while (this.#outLength > 0 && this.#urgent && !this.#closed) {
         // Frames queued during the write go to the other buffer.
         const full = this.#out;
         const bytes = full.subarray(0, this.#outLength);
         this.#out = this.#spare;
         this.#outLength = 0;
+        this.#urgent = false;
+        this.#prefaceWritten = true;
         try {
           for (let at = 0; at < bytes.length;) {
             this.#writeDeadline.arm(this.#limits.writeTimeoutMs, "write timeout");
