@@ -315,3 +315,54 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name: named(
+    "h2 bodies: ten 60 KB POSTs at once on one connection are not all held until the deadline (the newest is refused, the rest answered)",
+    H2LOAD,
+    "h2load",
+  ),
+  ignore: !H2LOAD,
+  fn: async () => {
+    await withDoh(async ({ plainPort }) => {
+      const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "dotproxy-bodies-" });
+      try {
+        // A query padded (EDNS padding option) to 60,050 octets: ten of them at once are more
+        // than the 256 KiB of bodies a connection holds. Before the fix no stream could
+        // complete, no credit came back, and all ten waited for the request deadline: 0 of 20
+        // answered. Now the newest incomplete body is refused (REFUSED_STREAM, which h2load
+        // counts as failed and a browser retries) and the others are answered.
+        const query = buildQuery("www.example.com", { id: 0 });
+        const pad = 60_000;
+        const opt = new Uint8Array(11 + 4 + pad);
+        const view = new DataView(opt.buffer);
+        view.setUint16(1, 41); // OPT
+        view.setUint16(3, 4096);
+        view.setUint16(9, 4 + pad);
+        view.setUint16(11, 12); // padding
+        view.setUint16(13, pad);
+        const body = new Uint8Array(query.length + opt.length);
+        body.set(query);
+        body.set(opt, query.length);
+        // One additional record: the OPT.
+        new DataView(body.buffer).setUint16(10, 1);
+        await Deno.writeFile(`${dir}/big.bin`, body);
+        const answered = await h2loadDurations([
+          "-n",
+          "20",
+          "-c",
+          "1",
+          "-m",
+          "10",
+          "-d",
+          `${dir}/big.bin`,
+          "-H",
+          "content-type: application/dns-message",
+        ], `http://127.0.0.1:${plainPort}/dns-query`);
+        assert.ok(answered.length >= 5, `${answered.length} of 20 answered`);
+      } finally {
+        await Deno.remove(dir, { recursive: true });
+      }
+    });
+  },
+});

@@ -674,6 +674,20 @@ export class H2Connection {
    * client's delayed ACK: 40 ms on Linux).
    */
   #giveCredit(): void {
+    // Bodies over budget, every one still incomplete: with no credit given back, none could
+    // ever complete (ten 60 KB POSTs at once waited for the request deadline). Refuse the
+    // newest (the client may retry it, RFC 9113 section 8.7) until the rest fit.
+    while (this.#bodyBytes > BODY_BUDGET) {
+      let newest: Stream | undefined;
+      for (const stream of this.#streams.values()) {
+        if (stream.receiving && !stream.answered && stream.bodyBytes > 0) {
+          if (newest === undefined || stream.id > newest.id) newest = stream;
+        }
+      }
+      if (newest === undefined) break;
+      this.#reset(newest.id, H2Error.REFUSED_STREAM);
+      this.#forget(newest);
+    }
     if (this.#credit < this.#streamWindow() || this.#bodyBytes > BODY_BUDGET) return;
     this.#send(Frame.WINDOW_UPDATE, 0, 0, u32Payload(this.#credit));
     this.#credit = 0;
