@@ -480,6 +480,46 @@ function parseOptionalListenList(text: string, what: string): ListenAddress[] {
   return splitList(text).map((item) => parseListenAddress(item, what));
 }
 
+/** The row of a TLS listener's PEM setting: environment only, off (`""`) when unset. */
+function pemSetting<K extends "tlsCert" | "tlsKey">(
+  env: string,
+  help: string,
+  check: (text: string, variable: string) => void,
+): Declaration<K> {
+  return {
+    flag: "",
+    env,
+    arg: "",
+    group: "Serving",
+    kind: "value",
+    defaultText: "none",
+    range: "",
+    help,
+    parse: (text, what) => checkedPem(text, what, check),
+    fallback: () => "",
+  };
+}
+
+/** The row of an optional, repeatable listener (DoT, DoH): off (no address) by default. */
+function listenerSetting<K extends "listenDot" | "listenDoh" | "listenDohPlain">(
+  flag: string,
+  env: string,
+  help: string,
+): Declaration<K> {
+  return {
+    flag,
+    env,
+    arg: "ADDR:PORT",
+    group: "Serving",
+    kind: "list",
+    defaultText: "off",
+    range: "",
+    help,
+    parse: parseOptionalListenList,
+    fallback: () => [],
+  };
+}
+
 function parseDohPath(text: string, what: string): string {
   const path = text.trim();
   if (!/^\/[A-Za-z0-9._~!$&'()*+,;=:@\/-]*$/.test(path)) {
@@ -686,72 +726,39 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     parse: (text, what) => text.trim() === "" ? null : parseListenAddress(text, what),
     fallback: () => null,
   },
-  tlsCert: {
-    flag: "",
-    env: "DOTPROXY_TLS_CERT",
-    arg: "",
-    group: "Serving",
-    kind: "value",
-    defaultText: "none",
-    range: "",
-    help: "PEM text of the certificate chain served to TLS clients, leaf first (text, not a " +
+  tlsCert: pemSetting(
+    "DOTPROXY_TLS_CERT",
+    "PEM text of the certificate chain served to TLS clients, leaf first (text, not a " +
       "path); required with a TLS listener",
-    parse: (text, what) => checkedPem(text, what, checkCertificateText),
-    fallback: () => "",
-  },
+    checkCertificateText,
+  ),
   tlsKey: {
-    flag: "",
-    env: "DOTPROXY_TLS_KEY",
-    arg: "",
-    group: "Serving",
-    kind: "value",
-    defaultText: "none",
-    range: "",
-    help: "PEM text of the private key of DOTPROXY_TLS_CERT, unencrypted (text, not a path)",
+    ...pemSetting(
+      "DOTPROXY_TLS_KEY",
+      "PEM text of the private key of DOTPROXY_TLS_CERT, unencrypted (text, not a path)",
+      checkKeyText,
+    ),
     secret: true,
-    parse: (text, what) => checkedPem(text, what, checkKeyText),
-    fallback: () => "",
   },
-  listenDot: {
-    flag: "listen-dot",
-    env: "DOTPROXY_LISTEN_DOT",
-    arg: "ADDR:PORT",
-    group: "Serving",
-    kind: "list",
-    defaultText: "off",
-    range: "",
-    help: "serve DNS over TLS (RFC 7858; port 853 by convention) here; needs " +
+  listenDot: listenerSetting(
+    "listen-dot",
+    "DOTPROXY_LISTEN_DOT",
+    "serve DNS over TLS (RFC 7858; port 853 by convention) here; needs " +
       "DOTPROXY_TLS_CERT and DOTPROXY_TLS_KEY (repeatable; env: comma-separated)",
-    parse: parseOptionalListenList,
-    fallback: () => [],
-  },
-  listenDoh: {
-    flag: "listen-doh",
-    env: "DOTPROXY_LISTEN_DOH",
-    arg: "ADDR:PORT",
-    group: "Serving",
-    kind: "list",
-    defaultText: "off",
-    range: "",
-    help: "serve DNS over HTTPS (RFC 8484; HTTP/2 and HTTP/1.1 over TLS) here; needs " +
+  ),
+  listenDoh: listenerSetting(
+    "listen-doh",
+    "DOTPROXY_LISTEN_DOH",
+    "serve DNS over HTTPS (RFC 8484; HTTP/2 and HTTP/1.1 over TLS) here; needs " +
       "DOTPROXY_TLS_CERT and DOTPROXY_TLS_KEY (repeatable; env: comma-separated)",
-    parse: parseOptionalListenList,
-    fallback: () => [],
-  },
-  listenDohPlain: {
-    flag: "listen-doh-plain",
-    env: "DOTPROXY_LISTEN_DOH_PLAIN",
-    arg: "ADDR:PORT",
-    group: "Serving",
-    kind: "list",
-    defaultText: "off",
-    range: "",
-    help: "serve DNS over plain HTTP (HTTP/1.1, HTTP/2 with prior knowledge) here, for a " +
+  ),
+  listenDohPlain: listenerSetting(
+    "listen-doh-plain",
+    "DOTPROXY_LISTEN_DOH_PLAIN",
+    "serve DNS over plain HTTP (HTTP/1.1, HTTP/2 with prior knowledge) here, for a " +
       "TLS-terminating proxy in front; loopback or private addresses only unless --allow is " +
       "given (repeatable; env: comma-separated)",
-    parse: parseOptionalListenList,
-    fallback: () => [],
-  },
+  ),
   dohPath: {
     flag: "doh-path",
     env: "DOTPROXY_DOH_PATH",
