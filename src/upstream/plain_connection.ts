@@ -230,19 +230,17 @@ export class PlainConnection implements UpstreamConnection, ConnectionOwner, Exc
 
   /** Closes; queries in flight are handed back as orphans. */
   close(): void {
-    this.#closeRequested = true;
     this.#shutdown(null);
   }
 
   /** Closes as a failure (the target stopped answering); queries in flight are handed back. */
   abandon(reason: UpstreamErrorReason, message: string): void {
-    if (this.state === "closed") return;
-    const failure = connectionFailure(this.#context, reason, message);
-    this.#closeRequested = true;
-    this.#shutdown(failure);
+    if (this.state !== "closed") this.#shutdown(connectionFailure(this.#context, reason, message));
   }
 
+  /** Every close of a plain target is one this side asked for: no stream the far side ends. */
   #shutdown(failure: UpstreamError | null): void {
+    this.#closeRequested = true;
     if (this.state === "closed") return;
     this.state = "closed";
     const orphans: Exchange[] = [];
