@@ -149,14 +149,13 @@ async function withH2(
     ]);
   }
   const { conn, writes } = counting(accepted);
-  const h2 = new H2Connection(
+  const h2 = new H2Connection({
     conn,
-    { address: accepted.remoteAddr as Deno.NetAddr },
-    service(delayMs),
-    { ...DOH_LIMITS, ...limits },
-    new Uint8Array(0),
+    peer: { address: accepted.remoteAddr as Deno.NetAddr },
+    service: service(delayMs),
+    limits: { ...DOH_LIMITS, ...limits },
     timers,
-  );
+  }, new Uint8Array(0));
   try {
     await fn(client, new FrameReader(client), writes);
   } finally {

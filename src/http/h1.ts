@@ -18,16 +18,14 @@ import {
   type RequestHead,
   skipEmptyLines,
 } from "../server/http.ts";
-import type { Clock, TimerQueue } from "../timers.ts";
+
 import { Deadline } from "./deadline.ts";
 import { linger } from "./linger.ts";
 import {
   type ConnectionOutcome,
   connectionOutcome,
-  type HttpLimits,
-  type HttpPeer,
   type HttpResponse,
-  type HttpService,
+  type HttpSession,
   REASONS,
 } from "./types.ts";
 
@@ -58,42 +56,28 @@ function render(response: HttpResponse, head: boolean, keepAlive: boolean): Uint
  *
  * @example
  * ```ts ignore
- * const h1 = new H1Connection(conn, peer, service, limits, firstBytes);
+ * const h1 = new H1Connection({ conn, peer, service, limits, timers }, firstBytes);
  * await h1.finished;
  * ```
  */
 export class H1Connection {
   /** Settles (never rejects) once the connection is closed. */
   readonly finished: Promise<H1Outcome>;
-  readonly #conn: Deno.Conn;
-  readonly #peer: HttpPeer;
-  readonly #service: HttpService;
-  readonly #limits: HttpLimits;
+  /** The connection, its peer, the service, the limits and the timers. */
+  readonly #session: HttpSession;
   readonly #deadline: Deadline;
   #closed = false;
   #reason = "";
   /** True while a request is being answered (a shutdown waits for it). */
   #busy = false;
   #lastActive: number;
-  readonly #clock: Clock;
   #shuttingDown = false;
 
   /** Starts serving. */
-  constructor(
-    conn: Deno.Conn,
-    peer: HttpPeer,
-    service: HttpService,
-    limits: HttpLimits,
-    initial: Uint8Array,
-    timers: TimerQueue,
-  ) {
-    this.#clock = timers.clock;
-    this.#lastActive = timers.clock.now();
-    this.#deadline = new Deadline(timers, (reason) => this.#close(reason));
-    this.#conn = conn;
-    this.#peer = peer;
-    this.#service = service;
-    this.#limits = limits;
+  constructor(session: HttpSession, initial: Uint8Array) {
+    this.#session = session;
+    this.#lastActive = session.timers.clock.now();
+    this.#deadline = new Deadline(session.timers, (reason) => this.#close(reason));
     this.finished = connectionOutcome(this.#serve(initial), () => this.#reason).finally(() =>
       this.#close("")
     );
@@ -128,7 +112,7 @@ export class H1Connection {
     if (reason !== "") this.#reason ||= reason;
     this.#deadline.disarm();
     try {
-      this.#conn.close();
+      this.#session.conn.close();
     } catch {
       // Already closed.
     }
@@ -139,7 +123,7 @@ export class H1Connection {
   }
 
   async #serve(initial: Uint8Array): Promise<void> {
-    const limits = this.#limits;
+    const limits = this.#session.limits;
     // Starts small (an idle keep-alive connection holds its buffer) and grows, by doubling,
     // to the largest head plus the largest body plus what a pipelining client sends ahead.
     const cap = limits.maxHeadBytes + limits.maxBodyBytes + 4096;
@@ -184,7 +168,7 @@ export class H1Connection {
           start = 0;
           if (end === buffer.length) grow(end + 1);
         }
-        const n = await this.#conn.read(buffer.subarray(end));
+        const n = await this.#session.conn.read(buffer.subarray(end));
         if (n === null) {
           if (end > start) this.#reason = "client closed mid-request";
           return;
@@ -234,7 +218,7 @@ export class H1Connection {
         grow(length);
       }
       while (end - start < length) {
-        const n = await this.#conn.read(buffer.subarray(end));
+        const n = await this.#session.conn.read(buffer.subarray(end));
         if (n === null) {
           this.#reason = "client closed mid-body";
           return;
@@ -250,10 +234,10 @@ export class H1Connection {
       const keepAlive = head.version === "HTTP/1.1" && !/\bclose\b/.test(connection) &&
         served + 1 < limits.maxRequestsPerConnection;
       this.#busy = true;
-      this.#lastActive = this.#clock.now();
+      this.#lastActive = this.#session.timers.clock.now();
       let response: HttpResponse;
       try {
-        response = await this.#service.handle({
+        response = await this.#session.service.handle({
           method: head.method,
           // Absolute form (`GET http://host/dns-query?dns=...`, RFC 9112 section 3.2.2), as a
           // forward proxy sends it, becomes origin form.
@@ -261,15 +245,15 @@ export class H1Connection {
           fields: head.fields,
           body,
           version: head.version,
-        }, this.#peer);
+        }, this.#session.peer);
       } catch {
-        response = this.#service.reject(503, "the request failed");
+        response = this.#session.service.reject(503, "the request failed");
       }
       if (this.#closed) return;
       const last = !keepAlive || this.#shuttingDown;
       await this.#write(render(response, head.method === "HEAD", !last));
       this.#busy = false;
-      this.#lastActive = this.#clock.now();
+      this.#lastActive = this.#session.timers.clock.now();
       if (last) {
         await this.#linger();
         return;
@@ -278,20 +262,20 @@ export class H1Connection {
   }
 
   async #write(bytes: Uint8Array): Promise<void> {
-    this.#arm(this.#limits.writeTimeoutMs, "write timeout");
-    for (let at = 0; at < bytes.length;) at += await this.#conn.write(bytes.subarray(at));
+    this.#arm(this.#session.limits.writeTimeoutMs, "write timeout");
+    for (let at = 0; at < bytes.length;) at += await this.#session.conn.write(bytes.subarray(at));
     this.#deadline.disarm();
   }
 
   /** Answers a request the connection will not serve, then closes. */
   async #refuse(status: number, reason: string): Promise<void> {
     this.#reason = `refused ${status}: ${reason}`;
-    await this.#write(render(this.#service.reject(status, reason), false, false));
+    await this.#write(render(this.#session.service.reject(status, reason), false, false));
     await this.#linger();
   }
 
   /** Half-closes and drains briefly, so that closing does not reset the response away. */
   async #linger(): Promise<void> {
-    if (!this.#closed) await linger(this.#conn, (ms, reason) => this.#arm(ms, reason));
+    if (!this.#closed) await linger(this.#session.conn, (ms, reason) => this.#arm(ms, reason));
   }
 }

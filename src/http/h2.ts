@@ -35,17 +35,14 @@
  * @module
  */
 
-import type { Clock, TimerQueue } from "../timers.ts";
 import { Deadline } from "./deadline.ts";
 import { encodeHeaders, type HeaderField, HpackDecoder, HpackError } from "./hpack.ts";
 import {
   type ConnectionOutcome,
   connectionOutcome,
-  type HttpLimits,
-  type HttpPeer,
   type HttpRequest,
   type HttpResponse,
-  type HttpService,
+  type HttpSession,
 } from "./types.ts";
 
 /** The client connection preface (RFC 9113 section 3.4). */
@@ -165,17 +162,15 @@ export type H2Outcome = ConnectionOutcome;
  *
  * @example
  * ```ts ignore
- * const h2 = new H2Connection(conn, peer, service, limits, new Uint8Array(0));
+ * const h2 = new H2Connection({ conn, peer, service, limits, timers }, new Uint8Array(0));
  * await h2.finished;
  * ```
  */
 export class H2Connection {
   /** Settles (never rejects) once the connection is closed. */
   readonly finished: Promise<H2Outcome>;
-  readonly #conn: Deno.Conn;
-  readonly #peer: HttpPeer;
-  readonly #service: HttpService;
-  readonly #limits: HttpLimits;
+  /** The connection, its peer, the service, the limits and the timers. */
+  readonly #session: HttpSession;
   readonly #decoder = new HpackDecoder();
   readonly #streams = new Map<number, Stream>();
   #lastStream = 0;
@@ -191,7 +186,6 @@ export class H2Connection {
   #opened = 0;
   #resetByClient = 0;
   #lastActive: number;
-  readonly #clock: Clock;
   #peerInitialWindow = 65_535;
   #peerMaxFrame = 16_384;
   #sendWindow = 65_535;
@@ -232,22 +226,11 @@ export class H2Connection {
   readonly #stopped: Promise<void>;
 
   /** Starts serving; `initial` are bytes already read (at least part of the preface). */
-  constructor(
-    conn: Deno.Conn,
-    peer: HttpPeer,
-    service: HttpService,
-    limits: HttpLimits,
-    initial: Uint8Array,
-    timers: TimerQueue,
-  ) {
-    this.#clock = timers.clock;
-    this.#lastActive = timers.clock.now();
-    this.#deadline = new Deadline(timers, (reason) => this.#expired(reason));
-    this.#writeDeadline = new Deadline(timers, (reason) => this.#close(reason));
-    this.#conn = conn;
-    this.#peer = peer;
-    this.#service = service;
-    this.#limits = limits;
+  constructor(session: HttpSession, initial: Uint8Array) {
+    this.#session = session;
+    this.#lastActive = session.timers.clock.now();
+    this.#deadline = new Deadline(session.timers, (reason) => this.#expired(reason));
+    this.#writeDeadline = new Deadline(session.timers, (reason) => this.#close(reason));
     this.#stopped = new Promise((resolve) => this.#stop = resolve);
     this.finished = connectionOutcome(this.#run(initial), () => this.#reason).finally(async () => {
       // A GOAWAY queued on the way out is written first (or the write deadline ends it).
@@ -296,7 +279,7 @@ export class H2Connection {
     this.#stop();
     this.#drained?.();
     try {
-      this.#conn.close();
+      this.#session.conn.close();
     } catch {
       // Already closed.
     }
@@ -321,10 +304,13 @@ export class H2Connection {
     let ms: number;
     let reason: string;
     if (oldest !== Infinity) {
-      ms = Math.max(0, oldest + this.#limits.requestTimeoutMs - this.#clock.now());
+      ms = Math.max(
+        0,
+        oldest + this.#session.limits.requestTimeoutMs - this.#session.timers.clock.now(),
+      );
       reason = "request timeout";
     } else if (this.#streams.size === 0) {
-      ms = this.#limits.idleTimeoutMs;
+      ms = this.#session.limits.idleTimeoutMs;
       reason = "idle";
     } else {
       // Streams being answered: the resolver's deadline bounds them, writes have their own.
@@ -346,7 +332,7 @@ export class H2Connection {
   }
 
   async #run(initial: Uint8Array): Promise<void> {
-    const conn = this.#conn;
+    const conn = this.#session.conn;
     // Small while idle; grows by doubling to hold a whole frame (at most 32 KiB).
     let buffer = new Uint8Array(Math.max(4096, initial.length));
     buffer.set(initial);
@@ -360,9 +346,9 @@ export class H2Connection {
       0,
       0,
       Uint8Array.from([
-        ...[0, 3, ...u32Payload(this.#limits.maxStreams)],
+        ...[0, 3, ...u32Payload(this.#session.limits.maxStreams)],
         ...[0, 4, ...u32Payload(this.#streamWindow())],
-        ...[0, 6, ...u32Payload(this.#limits.maxHeadBytes)],
+        ...[0, 6, ...u32Payload(this.#session.limits.maxHeadBytes)],
       ]),
       true,
     );
@@ -370,7 +356,7 @@ export class H2Connection {
     if (connectionCredit > 65_535) {
       this.#send(Frame.WINDOW_UPDATE, 0, 0, u32Payload(connectionCredit - 65_535), true);
     }
-    this.#deadline.arm(this.#limits.requestTimeoutMs, "preface timeout");
+    this.#deadline.arm(this.#session.limits.requestTimeoutMs, "preface timeout");
     // Each pass consumes a frame or reads at least one byte: the loop ends with the stream.
     for (;;) {
       if (this.#closed) return;
@@ -441,7 +427,7 @@ export class H2Connection {
   }
 
   #streamWindow(): number {
-    return this.#limits.maxBodyBytes + MAX_FRAME;
+    return this.#session.limits.maxBodyBytes + MAX_FRAME;
   }
 
   /** Sends GOAWAY for `error` and closes after it is written; returns `error` to throw. */
@@ -521,7 +507,7 @@ export class H2Connection {
         // Bounded in octets and in frames (empty CONTINUATION frames cost nothing to send;
         // CVE-2024-27316).
         if (
-          block.bytes > 2 * this.#limits.maxHeadBytes + MAX_FRAME ||
+          block.bytes > 2 * this.#session.limits.maxHeadBytes + MAX_FRAME ||
           block.parts.length > MAX_CONTINUATIONS
         ) {
           throw new ConnectionError(H2Error.ENHANCE_YOUR_CALM, "header block too large");
@@ -641,8 +627,8 @@ export class H2Connection {
       return;
     }
     if (!stream.answered) {
-      if (stream.bodyBytes + data.length > this.#limits.maxBodyBytes) {
-        this.#reject(stream, 413, `body over ${this.#limits.maxBodyBytes} octets`);
+      if (stream.bodyBytes + data.length > this.#session.limits.maxBodyBytes) {
+        this.#reject(stream, 413, `body over ${this.#session.limits.maxBodyBytes} octets`);
       } else if (data.length > 0) {
         stream.chunks.push(data.slice());
         stream.bodyBytes += data.length;
@@ -715,7 +701,7 @@ export class H2Connection {
         flags,
         parts: [block.slice()],
         bytes: block.length,
-        started: this.#clock.now(),
+        started: this.#session.timers.clock.now(),
       };
       this.#arm();
     }
@@ -724,7 +710,7 @@ export class H2Connection {
   #headerBlock(id: number, flags: number, block: Uint8Array): void {
     let decoded: { fields: HeaderField[]; tooLarge: boolean };
     try {
-      decoded = this.#decoder.decode(block, this.#limits.maxHeadBytes);
+      decoded = this.#decoder.decode(block, this.#session.limits.maxHeadBytes);
     } catch (error) {
       if (error instanceof HpackError) {
         throw new ConnectionError(H2Error.COMPRESSION_ERROR, error.message);
@@ -751,18 +737,18 @@ export class H2Connection {
     }
     this.#lastStream = id;
     this.#opened++;
-    this.#lastActive = this.#clock.now();
+    this.#lastActive = this.#session.timers.clock.now();
     if (this.#goingAway) {
       this.#reset(id, H2Error.REFUSED_STREAM);
       return;
     }
-    if (this.#streams.size >= this.#limits.maxStreams) {
+    if (this.#streams.size >= this.#session.limits.maxStreams) {
       this.#reset(id, H2Error.REFUSED_STREAM);
       return;
     }
     const stream: Stream = {
       id,
-      started: this.#clock.now(),
+      started: this.#session.timers.clock.now(),
       receiving: (flags & END_STREAM) === 0,
       method: "",
       target: "",
@@ -781,7 +767,11 @@ export class H2Connection {
     const problem = decoded.tooLarge ? 431 : this.#readFields(stream, decoded.fields);
     if (problem === 431) this.#reject(stream, 431, "header list too large");
     else if (problem === 414) {
-      this.#reject(stream, 414, `request target over ${this.#limits.maxTargetBytes} octets`);
+      this.#reject(
+        stream,
+        414,
+        `request target over ${this.#session.limits.maxTargetBytes} octets`,
+      );
     } else if (problem !== 0) this.#reject(stream, 400, "malformed request header fields");
     if (!stream.receiving) this.#complete(stream);
     this.#arm();
@@ -807,7 +797,7 @@ export class H2Connection {
       stream.fields.set(name, previous === undefined ? value : `${previous}, ${value}`);
     }
     if (stream.method === "" || scheme === "" || stream.target === "") return 400;
-    if (stream.target.length > this.#limits.maxTargetBytes) return 414;
+    if (stream.target.length > this.#session.limits.maxTargetBytes) return 414;
     stream.head = stream.method === "HEAD";
     return 0;
   }
@@ -833,9 +823,9 @@ export class H2Connection {
       body,
       version: "HTTP/2",
     };
-    this.#service.handle(request, this.#peer).then(
+    this.#session.service.handle(request, this.#session.peer).then(
       (response) => this.#respond(stream, response),
-      () => this.#respond(stream, this.#service.reject(503, "the request failed")),
+      () => this.#respond(stream, this.#session.service.reject(503, "the request failed")),
     );
   }
 
@@ -851,7 +841,7 @@ export class H2Connection {
     if (stream.answered) return;
     stream.answered = true;
     this.#releaseBody(stream);
-    this.#respond(stream, this.#service.reject(status, reason));
+    this.#respond(stream, this.#session.service.reject(status, reason));
   }
 
   #respond(stream: Stream, response: HttpResponse): void {
@@ -935,7 +925,7 @@ export class H2Connection {
     stream.pending = null;
     this.#releaseBody(stream);
     this.#streams.delete(stream.id);
-    this.#lastActive = this.#clock.now();
+    this.#lastActive = this.#session.timers.clock.now();
     if (this.#streams.size === 0 && this.#goingAway) this.#closeAfterFlush("done");
     this.#release();
     this.#arm();
@@ -1014,8 +1004,8 @@ export class H2Connection {
         this.#prefaceWritten = true;
         try {
           for (let at = 0; at < bytes.length;) {
-            this.#writeDeadline.arm(this.#limits.writeTimeoutMs, "write timeout");
-            at += await this.#conn.write(bytes.subarray(at));
+            this.#writeDeadline.arm(this.#session.limits.writeTimeoutMs, "write timeout");
+            at += await this.#session.conn.write(bytes.subarray(at));
           }
         } finally {
           this.#writeDeadline.disarm();

@@ -7,6 +7,7 @@
  */
 
 import { errorMessage } from "../log.ts";
+import type { TimerQueue } from "../timers.ts";
 
 /** One request, its body read in full (within the listener's body limit). */
 export interface HttpRequest {
@@ -48,6 +49,23 @@ export interface HttpService {
    * 431), so the service counts and shapes it like its own.
    */
   reject(status: number, reason: string): HttpResponse;
+}
+
+/**
+ * What one accepted connection is served with, the same for HTTP/1.1 and HTTP/2: the listener
+ * builds it once and hands it to whichever protocol the connection speaks.
+ */
+export interface HttpSession {
+  /** The connection (TLS or plain). */
+  conn: Deno.Conn;
+  /** Who is on the other end. */
+  peer: HttpPeer;
+  /** What answers its requests. */
+  service: HttpService;
+  /** The listener's limits. */
+  limits: HttpLimits;
+  /** The queue its deadlines go in (and the clock they read). */
+  timers: TimerQueue;
 }
 
 /** The limits every connection of a listener keeps. */

@@ -288,9 +288,14 @@ export class DohListener {
       h2 = initial.length >= 3 && initial[0] === PREFACE[0] && initial[1] === PREFACE[1] &&
         initial[2] === PREFACE[2];
     }
-    const served = h2
-      ? new H2Connection(conn, peer, this.#service, this.#limits, initial, this.#timers)
-      : new H1Connection(conn, peer, this.#service, this.#limits, initial, this.#timers);
+    const session = {
+      conn,
+      peer,
+      service: this.#service,
+      limits: this.#limits,
+      timers: this.#timers,
+    };
+    const served = h2 ? new H2Connection(session, initial) : new H1Connection(session, initial);
     connection.served = served;
     if (this.#closing) served.shutdown();
     const outcome = await served.finished;
