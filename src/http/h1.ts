@@ -12,9 +12,10 @@
  */
 
 import {
-  findHeadEnd,
   HttpRequestError,
   parseRequestHead,
+  readRequestHead,
+  RequestBuffer,
   type RequestHead,
   skipEmptyLines,
 } from "../server/http.ts";
@@ -127,69 +128,43 @@ export class H1Connection {
     // Starts small (an idle keep-alive connection holds its buffer) and grows, by doubling,
     // to the largest head plus the largest body plus what a pipelining client sends ahead.
     const cap = limits.maxHeadBytes + limits.maxBodyBytes + 4096;
-    let buffer = new Uint8Array(Math.min(cap, Math.max(4096, initial.length)));
-    buffer.set(initial.subarray(0, buffer.length));
-    let start = 0;
-    let end = Math.min(initial.length, buffer.length);
-    const grow = (needed: number) => {
-      if (needed <= buffer.length) return;
-      const bigger = new Uint8Array(Math.min(cap, Math.max(needed, 2 * buffer.length)));
-      bigger.set(buffer.subarray(0, end));
-      buffer = bigger;
-    };
+    const at = new RequestBuffer(cap, Math.max(4096, initial.length), initial);
     for (let served = 0; served < limits.maxRequestsPerConnection; served++) {
       if (this.#shuttingDown) return;
       // Before the first byte of a request: the idle deadline (also for the first request:
       // the listener counts an open connection against its caps). From the first byte, the
       // request deadline, not moved by later bytes.
-      let waitingForFirstByte = skipEmptyLines(buffer, start, end) === end;
+      const waitingForFirstByte = skipEmptyLines(at.bytes, at.start, at.end) === at.end;
       if (waitingForFirstByte) this.#arm(limits.idleTimeoutMs, "idle");
       else this.#arm(limits.requestTimeoutMs, "request timeout");
-      let found: { headEnd: number; next: number } | null = null;
-      let scanFrom = start;
-      // Each pass finds the head or reads at least a byte into a bounded buffer: bounded.
-      for (let pass = 0; pass <= 2 * cap + 2; pass++) {
-        start = skipEmptyLines(buffer, start, end);
-        if (start === end) start = end = 0;
-        found = findHeadEnd(buffer, Math.max(start, scanFrom), end);
-        if (found !== null) break;
-        scanFrom = Math.max(start, end - 2);
-        if (end - start >= limits.maxHeadBytes) {
-          // No line end at all: the request line alone is too long (a long GET target).
-          const lineEnd = buffer.subarray(start, end).indexOf(LF);
-          const status = lineEnd < 0 ? 414 : 431;
-          await this.#refuse(status, status === 414 ? "request target too long" : "head too large");
-          return;
-        }
-        if (end === buffer.length) {
-          buffer.copyWithin(0, start, end);
-          end -= start;
-          scanFrom -= start;
-          start = 0;
-          if (end === buffer.length) grow(end + 1);
-        }
-        const n = await this.#session.conn.read(buffer.subarray(end));
-        if (n === null) {
-          if (end > start) this.#reason = "client closed mid-request";
-          return;
-        }
-        if (waitingForFirstByte) {
-          waitingForFirstByte = false;
-          this.#arm(limits.requestTimeoutMs, "request timeout");
-        }
-        end += n;
+      const found = await readRequestHead(
+        this.#session.conn,
+        at,
+        limits.maxHeadBytes,
+        waitingForFirstByte ? () => this.#arm(limits.requestTimeoutMs, "request timeout") : null,
+      );
+      if (found === "too large") {
+        // No line end at all: the request line alone is too long (a long GET target).
+        const lineEnd = at.bytes.subarray(at.start, at.end).indexOf(LF);
+        const status = lineEnd < 0 ? 414 : 431;
+        await this.#refuse(status, status === 414 ? "request target too long" : "head too large");
+        return;
+      }
+      if (found === "closed") {
+        if (at.end > at.start) this.#reason = "client closed mid-request";
+        return;
       }
       if (found === null) return;
 
       let head: RequestHead;
       try {
-        head = parseRequestHead(buffer.subarray(start, found.headEnd));
+        head = parseRequestHead(at.bytes.subarray(at.start, found.headEnd));
       } catch (error) {
         if (!(error instanceof HttpRequestError)) throw error;
         await this.#refuse(error.status, error.message);
         return;
       }
-      start = found.next;
+      at.start = found.next;
       if (head.target.length > limits.maxTargetBytes) {
         await this.#refuse(414, "request target too long");
         return;
@@ -204,30 +179,29 @@ export class H1Connection {
         return;
       }
       if (
-        length > 0 && end - start < length && /100-continue/i.test(head.fields.get("expect") ?? "")
+        length > 0 && at.end - at.start < length &&
+        /100-continue/i.test(head.fields.get("expect") ?? "")
       ) {
         await this.#write(encoder.encode("HTTP/1.1 100 Continue\r\n\r\n"));
         // The write had its own deadline; the body has the request's again.
         this.#arm(limits.requestTimeoutMs, "request timeout");
       }
       // The body: the bytes already here, then reads until it is whole (same deadline).
-      if (end - start < length && start + length > buffer.length) {
-        buffer.copyWithin(0, start, end);
-        end -= start;
-        start = 0;
-        grow(length);
+      if (at.end - at.start < length && at.start + length > at.bytes.length) {
+        at.compact();
+        at.grow(length);
       }
-      while (end - start < length) {
-        const n = await this.#session.conn.read(buffer.subarray(end));
+      while (at.end - at.start < length) {
+        const n = await this.#session.conn.read(at.bytes.subarray(at.end));
         if (n === null) {
           this.#reason = "client closed mid-body";
           return;
         }
-        end += n;
+        at.end += n;
       }
-      const body = buffer.slice(start, start + length);
-      start += length;
-      if (start === end) start = end = 0;
+      const body = at.bytes.slice(at.start, at.start + length);
+      at.start += length;
+      if (at.start === at.end) at.start = at.end = 0;
       this.#deadline.disarm();
 
       const connection = (head.fields.get("connection") ?? "").toLowerCase();

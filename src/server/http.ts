@@ -368,6 +368,83 @@ export function findHeadEnd(
   return null;
 }
 
+/**
+ * A connection's read buffer: the bytes read and not yet consumed are `bytes[start, end)`. It
+ * grows, by doubling, up to `cap` octets (an HTTP/1.1 DoH connection holds a body in it too;
+ * the metrics endpoint's is `maxHeadBytes` from the start).
+ */
+export class RequestBuffer {
+  /** The buffer. */
+  bytes: Uint8Array;
+  /** Where the unconsumed bytes start. */
+  start = 0;
+  /** Where they end. */
+  end = 0;
+  /** The largest the buffer grows to. */
+  readonly cap: number;
+
+  /** A buffer of `size` octets (at most `cap`) holding `initial` (bytes already read). */
+  constructor(cap: number, size: number, initial: Uint8Array = new Uint8Array(0)) {
+    this.cap = cap;
+    this.bytes = new Uint8Array(Math.min(cap, size));
+    this.bytes.set(initial.subarray(0, this.bytes.length));
+    this.end = Math.min(initial.length, this.bytes.length);
+  }
+
+  /** Moves the unconsumed bytes to the front; returns how far they moved. */
+  compact(): number {
+    const moved = this.start;
+    this.bytes.copyWithin(0, this.start, this.end);
+    this.end -= moved;
+    this.start = 0;
+    return moved;
+  }
+
+  /** Grows (up to `cap`) to hold at least `needed` octets. */
+  grow(needed: number): void {
+    if (needed <= this.bytes.length) return;
+    const bigger = new Uint8Array(Math.min(this.cap, Math.max(needed, 2 * this.bytes.length)));
+    bigger.set(this.bytes.subarray(0, this.end));
+    this.bytes = bigger;
+  }
+}
+
+/**
+ * Reads from `conn` into `at` until it holds a whole request head (skipping empty lines
+ * before it, RFC 9112 section 2.2), for both HTTP/1.1 servers (DoH and the metrics endpoint).
+ * Returns where the head ends; `"too large"` when `maxHeadBytes` are buffered without one;
+ * `"closed"` when the client closed first (mid-request when `at` still holds bytes). Calls
+ * `firstByte`, if given, once, when a read brings the first byte of the request.
+ */
+export async function readRequestHead(
+  conn: Deno.Conn,
+  at: RequestBuffer,
+  maxHeadBytes: number,
+  firstByte: (() => void) | null,
+): Promise<{ headEnd: number; next: number } | "too large" | "closed" | null> {
+  let scanFrom = at.start;
+  // Each pass finds the head or reads at least a byte into a bounded buffer, compacted at most
+  // once per byte: bounded.
+  for (let pass = 0; pass <= 2 * at.cap + 2; pass++) {
+    at.start = skipEmptyLines(at.bytes, at.start, at.end);
+    if (at.start === at.end) at.start = at.end = 0;
+    const found = findHeadEnd(at.bytes, Math.max(at.start, scanFrom), at.end);
+    if (found !== null) return found;
+    scanFrom = Math.max(at.start, at.end - 2);
+    if (at.end - at.start >= maxHeadBytes) return "too large";
+    if (at.end === at.bytes.length) {
+      scanFrom -= at.compact();
+      if (at.end === at.bytes.length) at.grow(at.end + 1);
+    }
+    const n = await conn.read(at.bytes.subarray(at.end));
+    if (n === null) return "closed";
+    firstByte?.();
+    firstByte = null;
+    at.end += n;
+  }
+  return null;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Responses.
 
@@ -650,48 +727,29 @@ class HttpConnection implements Served {
 
   async #serve(): Promise<void> {
     const options = this.#context.options;
-    const buffer = new Uint8Array(options.maxHeadBytes);
-    let start = 0;
-    let end = 0;
+    const at = new RequestBuffer(options.maxHeadBytes, options.maxHeadBytes);
     for (let served = 0; served < options.maxRequestsPerConnection; served++) {
       // Waiting for a first request, or for the rest of one already begun: the head
       // deadline. Between requests on a keep-alive connection: the idle deadline, until a
       // byte arrives.
-      let idle = served > 0 && start === end;
+      const idle = served > 0 && at.start === at.end;
       if (idle) this.#arm(options.idleTimeoutMs, "idle");
       else this.#arm(options.headTimeoutMs, "request head timeout");
-      let found: { headEnd: number; next: number } | null = null;
-      let scanFrom = start;
-      // Every pass either finds the head, or reads at least one byte into a buffer of
-      // maxHeadBytes that is compacted at most once per byte: bounded.
-      for (let pass = 0; pass <= 2 * options.maxHeadBytes + 2; pass++) {
-        start = skipEmptyLines(buffer, start, end);
-        if (start === end) start = end = 0;
-        found = findHeadEnd(buffer, Math.max(start, scanFrom), end);
-        if (found !== null) break;
-        scanFrom = Math.max(start, end - 2);
-        if (end === buffer.length) {
-          if (start === 0) {
-            await this.#reject(
-              new HttpRequestError(431, `request head over ${options.maxHeadBytes} bytes`),
-            );
-            return;
-          }
-          buffer.copyWithin(0, start, end);
-          end -= start;
-          scanFrom -= start;
-          start = 0;
-        }
-        const n = await this.#conn.read(buffer.subarray(end));
-        if (n === null) {
-          if (end > start) this.#reason = "client closed mid-request";
-          return;
-        }
-        if (idle) {
-          idle = false;
-          this.#arm(options.headTimeoutMs, "request head timeout");
-        }
-        end += n;
+      const found = await readRequestHead(
+        this.#conn,
+        at,
+        options.maxHeadBytes,
+        idle ? () => this.#arm(options.headTimeoutMs, "request head timeout") : null,
+      );
+      if (found === "too large") {
+        await this.#reject(
+          new HttpRequestError(431, `request head over ${options.maxHeadBytes} bytes`),
+        );
+        return;
+      }
+      if (found === "closed") {
+        if (at.end > at.start) this.#reason = "client closed mid-request";
+        return;
       }
       if (found === null) return;
       this.#disarm();
@@ -700,14 +758,14 @@ class HttpConnection implements Served {
 
       let head: RequestHead;
       try {
-        head = parseRequestHead(buffer.subarray(start, found.headEnd));
+        head = parseRequestHead(at.bytes.subarray(at.start, found.headEnd));
       } catch (error) {
         if (!(error instanceof HttpRequestError)) throw error;
         await this.#reject(error);
         return;
       }
-      start = found.next;
-      if (start === end) start = end = 0;
+      at.start = found.next;
+      if (at.start === at.end) at.start = at.end = 0;
 
       const keepAlive = head.version === "HTTP/1.1" && !head.hasBody && !wantsClose(head) &&
         served + 1 < options.maxRequestsPerConnection;
