@@ -394,6 +394,14 @@ function toggle(fallback: boolean): Kind<boolean> & { arg: string } {
   };
 }
 
+/** A list of items, empty unless given. */
+function noneByDefault<T>(
+  kind: "list" | "entries",
+  parse: (text: string, what: string) => T[],
+): Kind<T[]> {
+  return { kind, defaultText: "none", range: "", parse, fallback: () => [] };
+}
+
 /** One of a fixed set of words, case-insensitive. */
 function oneOf<T extends string>(words: readonly T[], fallback: T, noun: string): Kind<T> {
   return {
@@ -776,13 +784,9 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     env: "DOTPROXY_TRUSTED_PROXIES",
     arg: "CIDR",
     group: "Serving",
-    kind: "list",
-    defaultText: "none",
-    range: "",
+    ...noneByDefault("list", (text, what) => splitList(text).map((item) => parseCidr(item, what))),
     help: "believe X-Forwarded-For on DoH requests from these peers only: the client is the " +
       "right-most address not in this list (repeatable; env: comma-separated)",
-    parse: (text, what) => splitList(text).map((item) => parseCidr(item, what)),
-    fallback: () => [],
   },
   ddr: {
     flag: "ddr",
@@ -1021,14 +1025,10 @@ const TABLE: { readonly [K in SettingField]: Declaration<K> } = {
     env: "DOTPROXY_ZONES",
     arg: "ZONE[,ZONE...]=TARGET[,TARGET...]",
     group: "Routing",
-    kind: "entries",
-    defaultText: "none",
-    range: "",
+    ...noneByDefault("entries", parseZoneRoutes),
     help: "send the questions in these zones (domains, or CIDRs for their reverse zones) to " +
       "these targets: IP[:PORT][#TLS_NAME] (DoT), dns://IP[:PORT] (plain DNS) or default " +
       "(the --upstream set); the longest zone wins (repeatable; env: entries separated by ;)",
-    parse: parseZoneRoutes,
-    fallback: () => [],
   },
   specialUseNames: {
     flag: "special-use-names",
