@@ -26,7 +26,6 @@ import { analyzeResponse, responseAnswersQuery, ResponseInfo } from "../dns/mess
 import { buildZoneProbe } from "../dns/probe.ts";
 import { HEADER_SIZE } from "../dns/wire.ts";
 import { parseIpAddress } from "../net/ip.ts";
-import type { Clock } from "../timers.ts";
 import {
   type ConnectionContext,
   connectionFailure,
@@ -99,7 +98,6 @@ export class PlainConnection implements UpstreamConnection, ConnectionOwner, Exc
   ignored = 0;
   readonly #owner: ConnectionOwner;
   readonly #context: ConnectionContext;
-  readonly #clock: Clock;
   readonly #probeZone: string;
   readonly #target: Uint8Array | null;
   readonly #legs = new Map<Exchange, Leg>();
@@ -117,10 +115,9 @@ export class PlainConnection implements UpstreamConnection, ConnectionOwner, Exc
   constructor(owner: ConnectionOwner, context: ConnectionContext, probeZone: string) {
     this.#owner = owner;
     this.#context = context;
-    this.#clock = context.clock;
     this.#probeZone = probeZone;
     this.#target = parseIpAddress(context.spec.address);
-    this.createdAt = this.#clock.now();
+    this.createdAt = this.#context.clock.now();
     this.lastActive = this.createdAt;
   }
 
@@ -183,7 +180,7 @@ export class PlainConnection implements UpstreamConnection, ConnectionOwner, Exc
     const id = randomId();
     wire[0] = id >> 8;
     wire[1] = id & 0xff;
-    const now = this.#clock.now();
+    const now = this.#context.clock.now();
     exchange.carrier = this;
     exchange.wireId = id;
     exchange.sentAt = now;
@@ -218,7 +215,9 @@ export class PlainConnection implements UpstreamConnection, ConnectionOwner, Exc
     const tcp = this.#tcp;
     if (tcp === null) return;
     tcp.purge(before);
-    if (tcp.load === 0 && this.#tcpUsedAt < Math.min(before, this.#clock.now() - TCP_IDLE_MS)) {
+    if (
+      tcp.load === 0 && this.#tcpUsedAt < Math.min(before, this.#context.clock.now() - TCP_IDLE_MS)
+    ) {
       tcp.close();
     }
   }
@@ -331,7 +330,7 @@ export class PlainConnection implements UpstreamConnection, ConnectionOwner, Exc
     const again = new Exchange(leg.wire, leg.questionEnd, this, "query");
     leg.overTcp = again;
     this.#overTcp.set(again, leg);
-    this.#tcpUsedAt = this.#clock.now();
+    this.#tcpUsedAt = this.#context.clock.now();
     tcp.send(again);
   }
 
@@ -367,7 +366,7 @@ export class PlainConnection implements UpstreamConnection, ConnectionOwner, Exc
     const exchange = leg.exchange;
     this.#end(leg);
     data[3] &= ~0x20; // AD: nothing authenticated it on the way here
-    const now = this.#clock.now();
+    const now = this.#context.clock.now();
     this.lastReadAt = now;
     this.lastActive = now;
     this.stalledSince = 0;
