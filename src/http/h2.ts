@@ -126,6 +126,8 @@ interface Stream {
   head: boolean;
   /** The whole response is queued. */
   sent: boolean;
+  /** Handed to the service under the {@linkcode ResponseBudget}, and not yet answered. */
+  budgeted: boolean;
 }
 
 function u32(bytes: Uint8Array, at: number): number {
@@ -141,6 +143,30 @@ function u32Payload(...values: number[]): Uint8Array {
     out[i * 4 + 3] = value & 0xff;
   });
   return out;
+}
+
+/**
+ * The answer budget an HTTP/2 connection asks before it hands a request to the service (for
+ * DoH: the answer budget of the stream listeners, shared per client). It counts the requests
+ * being answered (at an estimated answer size) and the response bodies queued and not yet
+ * written, so that answers are not made faster than the client takes them.
+ *
+ * Why: a client that opens its 100 streams on each of its 64 connections and reads nothing
+ * made the proxy hold 64 x 100 answers of 60 KB: 398 MiB RSS (bench/memory_attacks.ts
+ * `doh-no-read-64`), over the Kubernetes manifest's 256 MiB; {@linkcode OUTPUT_BUDGET} stops
+ * reading, but every stream already read was answered.
+ */
+export interface ResponseBudget {
+  /** True when one more request may be handed to the service now. */
+  mayStart(): boolean;
+  /** A request was handed to the service. */
+  started(): void;
+  /** The service answered a request with a body of `bytes` octets (null: no answer). */
+  answered(bytes: number | null): void;
+  /** `bytes` octets of response bodies were queued for the client. */
+  queued(bytes: number): void;
+  /** `bytes` octets of queued response bodies were written or dropped. */
+  sent(bytes: number): void;
 }
 
 /** How an HTTP/2 connection ended, for the listener's log. */
@@ -205,6 +231,15 @@ export class H2Connection {
   #reason = "";
   #stop: () => void = () => {};
   readonly #stopped: Promise<void>;
+  readonly #budget: ResponseBudget | null;
+  /** Whole requests waiting for the budget, oldest first. */
+  #waiting: { stream: Stream; request: HttpRequest }[] = [];
+  /** Requests handed to the service and not yet answered. */
+  #handling = 0;
+  /** Response body octets queued (pending or in `#out`) and not yet written. */
+  #unsentBodies = 0;
+  /** DATA payload octets in `#out` (the batch not yet handed to a write). */
+  #outData = 0;
 
   /** Starts serving; `initial` are bytes already read (at least part of the preface). */
   constructor(
@@ -214,7 +249,9 @@ export class H2Connection {
     limits: HttpLimits,
     initial: Uint8Array,
     timers: TimerQueue,
+    budget: ResponseBudget | null = null,
   ) {
+    this.#budget = budget;
     this.#clock = timers.clock;
     this.#lastActive = timers.clock.now();
     this.#deadline = new Deadline(timers, (reason) => this.#expired(reason));
@@ -272,6 +309,9 @@ export class H2Connection {
     if (this.#closed) return;
     this.#closed = true;
     if (reason !== "") this.#reason = reason;
+    this.#budget?.sent(this.#unsentBodies);
+    this.#unsentBodies = 0;
+    this.#waiting = [];
     this.#deadline.disarm();
     this.#writeDeadline.disarm();
     this.#stop();
@@ -732,6 +772,7 @@ export class H2Connection {
       closed: false,
       head: false,
       sent: false,
+      budgeted: false,
     };
     this.#streams.set(id, stream);
     const problem = decoded.tooLarge ? 431 : this.#readFields(stream, decoded.fields);
@@ -789,10 +830,41 @@ export class H2Connection {
       body,
       version: "HTTP/2",
     };
+    if (this.#waiting.length > 0 || !this.#mayStart()) {
+      this.#waiting.push({ stream, request });
+      return;
+    }
+    this.#dispatch(stream, request);
+  }
+
+  /**
+   * True when the budget lets one more request go to the service; a connection with nothing
+   * being answered and nothing unsent may always have one.
+   */
+  #mayStart(): boolean {
+    const budget = this.#budget;
+    if (budget === null) return true;
+    return (this.#handling === 0 && this.#unsentBodies === 0) || budget.mayStart();
+  }
+
+  #dispatch(stream: Stream, request: HttpRequest): void {
+    if (this.#budget !== null) {
+      stream.budgeted = true;
+      this.#handling++;
+      this.#budget.started();
+    }
     this.#service.handle(request, this.#peer).then(
       (response) => this.#respond(stream, response),
       () => this.#respond(stream, this.#service.reject(503, "the request failed")),
     );
+  }
+
+  /** Hands waiting requests to the service while the budget has room. */
+  #admitWaiting(): void {
+    while (this.#waiting.length > 0 && !this.#closed && this.#mayStart()) {
+      const next = this.#waiting.shift()!;
+      if (!next.stream.closed) this.#dispatch(next.stream, next.request);
+    }
   }
 
   #releaseBody(stream: Stream): void {
@@ -811,6 +883,13 @@ export class H2Connection {
   }
 
   #respond(stream: Stream, response: HttpResponse): void {
+    if (stream.budgeted) {
+      stream.budgeted = false;
+      this.#handling--;
+      const gone = stream.closed || this.#closed;
+      this.#budget!.answered(gone ? null : response.body.length);
+      if (gone) this.#admitWaiting();
+    }
     if (stream.closed || this.#closed) return;
     const fields: HeaderField[] = [[":status", String(response.status)]];
     for (const [name, value] of response.fields) fields.push([name.toLowerCase(), value]);
@@ -839,7 +918,10 @@ export class H2Connection {
       return;
     }
     stream.pending = body;
+    this.#unsentBodies += body.length;
+    this.#budget?.queued(body.length);
     this.#pump();
+    this.#admitWaiting();
   }
 
   /** Sends what the flow-control windows allow of every pending response body. */
@@ -863,6 +945,7 @@ export class H2Connection {
           pending.subarray(at, at + size),
         );
         at += size;
+        this.#outData += size;
         this.#sendWindow -= size;
         stream.sendWindow -= size;
       }
@@ -888,6 +971,11 @@ export class H2Connection {
   #forget(stream: Stream): void {
     if (stream.closed) return;
     stream.closed = true;
+    if (stream.pending !== null && !this.#closed) {
+      // Reset with part of its body never queued: that part is dropped.
+      this.#unsentBodies -= stream.pending.length;
+      this.#budget?.sent(stream.pending.length);
+    }
     stream.pending = null;
     this.#releaseBody(stream);
     this.#streams.delete(stream.id);
@@ -934,8 +1022,10 @@ export class H2Connection {
         // Frames queued during the write go to the other buffer.
         const full = this.#out;
         const bytes = full.subarray(0, this.#outLength);
+        const data = this.#outData;
         this.#out = this.#spare;
         this.#outLength = 0;
+        this.#outData = 0;
         try {
           for (let at = 0; at < bytes.length;) {
             this.#writeDeadline.arm(this.#limits.writeTimeoutMs, "write timeout");
@@ -945,6 +1035,12 @@ export class H2Connection {
           this.#writeDeadline.disarm();
         }
         this.#outBytes -= bytes.length;
+        if (data > 0 && !this.#closed) {
+          const written = Math.min(data, this.#unsentBodies);
+          this.#unsentBodies -= written;
+          this.#budget?.sent(written);
+          this.#admitWaiting();
+        }
         // A buffer grown for a burst is not kept past it.
         this.#spare = full.length > 64 * 1024 ? new Uint8Array(1024) : full;
         if (this.#outBytes <= OUTPUT_BUDGET && this.#drained !== null) {

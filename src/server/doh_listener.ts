@@ -24,11 +24,12 @@
 import { formatHostPort } from "../address.ts";
 import type { ListenAddress } from "../config.ts";
 import { H1Connection } from "../http/h1.ts";
-import { H2Connection, PREFACE } from "../http/h2.ts";
+import { H2Connection, PREFACE, type ResponseBudget } from "../http/h2.ts";
 import type { HttpLimits, HttpService } from "../http/types.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
 import { AcceptLoop, type Served as AcceptedServed } from "../net/accept_loop.ts";
 import { TimerQueue } from "../timers.ts";
+import type { AnswerBudget } from "./answer_budget.ts";
 
 /** A TLS handshake not done within this long closes the connection (as the DoT listener). */
 export const HANDSHAKE_TIMEOUT_MS = 5_000;
@@ -73,6 +74,11 @@ export interface DohListenerOptions {
   stats?: DohListenerStats;
   /** The proxy's timers, for the connections' deadlines; the listener's own when not given. */
   timers?: TimerQueue;
+  /**
+   * The answer budget of the stream listeners, which HTTP/2 connections share per client
+   * (see {@linkcode ResponseBudget}); none when not given.
+   */
+  budget?: AnswerBudget;
 }
 
 const LOG_INTERVAL_MS = 10_000;
@@ -183,7 +189,10 @@ export class DohListener {
       log,
       stats: { accepted() {}, rejected: () => this.#stats.rejected() },
       serve: (conn, client) =>
-        new DohConnection(conn, (connection) => this.#serve(connection, conn, client.remote)),
+        new DohConnection(
+          conn,
+          (connection) => this.#serve(connection, conn, client.remote, client.key),
+        ),
     });
   }
 
@@ -234,6 +243,7 @@ export class DohListener {
     connection: DohConnection,
     conn: Deno.Conn,
     remote: Deno.NetAddr | undefined,
+    key: string,
   ): Promise<void> {
     const address = remote ?? { transport: "tcp" as const, hostname: "0.0.0.0", port: 0 };
     const client = formatHostPort(address.hostname, address.port);
@@ -274,12 +284,34 @@ export class DohListener {
       h2 = initial.length >= 3 && initial[0] === PREFACE[0] && initial[1] === PREFACE[1] &&
         initial[2] === PREFACE[2];
     }
+    const budget = this.#options.budget;
+    const share = h2 && budget !== undefined ? budget.share(key) : undefined;
+    const responseBudget: ResponseBudget | null = share === undefined ? null : {
+      mayStart: () => budget!.mayAdmit(share),
+      started: () => budget!.started(share),
+      answered: (bytes) => budget!.answered(share, bytes),
+      queued: (bytes) => budget!.queued(share, bytes),
+      sent: (bytes) => budget!.sent(share, bytes),
+    };
     const served = h2
-      ? new H2Connection(conn, peer, this.#service, this.#limits, initial, this.#timers)
+      ? new H2Connection(
+        conn,
+        peer,
+        this.#service,
+        this.#limits,
+        initial,
+        this.#timers,
+        responseBudget,
+      )
       : new H1Connection(conn, peer, this.#service, this.#limits, initial, this.#timers);
     connection.served = served;
     if (this.#closing) served.shutdown();
-    const outcome = await served.finished;
+    let outcome;
+    try {
+      outcome = await served.finished;
+    } finally {
+      if (share !== undefined) budget!.release(share);
+    }
     this.#log.debug("doh connection closed", {
       client,
       protocol: h2 ? "h2" : "http/1.1",
