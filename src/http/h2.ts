@@ -89,6 +89,12 @@ export const H2Error = {
 } as const;
 
 const MAX_WINDOW = 0x7fffffff;
+/**
+ * Response body octets unsent on a connection past which no more requests are handed on (as
+ * the stream listener pauses reading at 64 KiB unsent): 1,000 non-reading connections x 100
+ * streams, 405 -> 353-356 MiB RSS (dohprobe, same session).
+ */
+const UNSENT_PAUSE = 64 * 1024;
 /** The body of every request without one (a GET): one shared, empty, never written to. */
 const NO_BODY = new Uint8Array(0);
 
@@ -857,7 +863,8 @@ export class H2Connection {
   #mayStart(): boolean {
     const budget = this.#budget;
     if (budget === null) return true;
-    return (this.#handling === 0 && this.#unsentBodies === 0) || budget.mayStart();
+    if (this.#handling === 0 && this.#unsentBodies === 0) return true;
+    return this.#unsentBodies < UNSENT_PAUSE && budget.mayStart();
   }
 
   #dispatch(stream: Stream, request: HttpRequest): void {
