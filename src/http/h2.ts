@@ -90,6 +90,15 @@ export const H2Error = {
 
 const MAX_WINDOW = 0x7fffffff;
 /**
+ * DATA payloads longer than this are written from the response body, not copied into the
+ * output buffer. Why: copying 60 KB answers grew the output buffers of every connection to
+ * 64-128 KiB and back, and the process heap with them: 1,000 non-reading connections x 100
+ * streams held 267 MiB of malloc heap against 152 for the same attack over DoT, which queues
+ * large answers uncopied (server/answer_queue.ts). Answers this long have a buffer of their
+ * own (the resolver carves only shorter ones from shared slabs).
+ */
+const LARGE_DATA = 4096;
+/**
  * Response body octets unsent on a connection past which no more requests are handed on (as
  * the stream listener pauses reading at 64 KiB unsent): 1,000 non-reading connections x 100
  * streams, 405 -> 353-356 MiB RSS (dohprobe, same session).
@@ -228,6 +237,8 @@ export class H2Connection {
   #out: Uint8Array = new Uint8Array(1024);
   #outLength = 0;
   #spare: Uint8Array = new Uint8Array(1024);
+  /** Whole parts of the output queued before what `#out` holds, oldest first. */
+  #segments: Uint8Array[] = [];
   /** Octets queued or being written. */
   #outBytes = 0;
   #writing: Promise<void> | null = null;
@@ -1030,10 +1041,15 @@ export class H2Connection {
     this.#send(Frame.RST_STREAM, 0, id, u32Payload(code));
   }
 
-  /** Queues a frame: its 9-octet header and a copy of its payload. */
+  /**
+   * Queues a frame: its 9-octet header and a copy of its payload, except for a DATA payload
+   * longer than {@linkcode LARGE_DATA}, which is queued as it is (a response body is never
+   * changed once handed to the connection).
+   */
   #send(type: number, flags: number, stream: number, payload: Uint8Array): void {
     if (this.#closed) return;
-    const size = FRAME_HEADER + payload.length;
+    const large = type === Frame.DATA && payload.length > LARGE_DATA;
+    const size = FRAME_HEADER + (large ? 0 : payload.length);
     let out = this.#out;
     const at = this.#outLength;
     if (at + size > out.length) {
@@ -1050,9 +1066,16 @@ export class H2Connection {
     out[at + 6] = (stream >>> 16) & 0xff;
     out[at + 7] = (stream >>> 8) & 0xff;
     out[at + 8] = stream & 0xff;
-    out.set(payload, at + FRAME_HEADER);
+    if (!large) out.set(payload, at + FRAME_HEADER);
     this.#outLength = at + size;
-    this.#outBytes += size;
+    this.#outBytes += FRAME_HEADER + payload.length;
+    if (large) {
+      // The frames so far (this header last) go before the payload, in a buffer of their own.
+      this.#segments.push(out.subarray(0, this.#outLength));
+      this.#segments.push(payload);
+      this.#out = new Uint8Array(1024);
+      this.#outLength = 0;
+    }
     this.#writing ??= this.#flush();
   }
 
@@ -1060,23 +1083,32 @@ export class H2Connection {
     // Let the frames of this turn (a batch of answers) join one write.
     await Promise.resolve();
     try {
-      while (this.#outLength > 0 && !this.#closed) {
+      while ((this.#outLength > 0 || this.#segments.length > 0) && !this.#closed) {
         // Frames queued during the write go to the other buffer.
-        const full = this.#out;
-        const bytes = full.subarray(0, this.#outLength);
+        const batch = this.#segments;
+        this.#segments = [];
+        let full: Uint8Array | null = null;
+        if (this.#outLength > 0) {
+          full = this.#out;
+          batch.push(full.subarray(0, this.#outLength));
+          this.#out = this.#spare;
+          this.#outLength = 0;
+        }
         const data = this.#outData;
-        this.#out = this.#spare;
-        this.#outLength = 0;
         this.#outData = 0;
+        let written = 0;
         try {
-          for (let at = 0; at < bytes.length;) {
-            this.#writeDeadline.arm(this.#limits.writeTimeoutMs, "write timeout");
-            at += await this.#conn.write(bytes.subarray(at));
+          for (const bytes of batch) {
+            for (let at = 0; at < bytes.length;) {
+              this.#writeDeadline.arm(this.#limits.writeTimeoutMs, "write timeout");
+              at += await this.#conn.write(bytes.subarray(at));
+            }
+            written += bytes.length;
           }
         } finally {
           this.#writeDeadline.disarm();
         }
-        this.#outBytes -= bytes.length;
+        this.#outBytes -= written;
         if (data > 0 && !this.#closed) {
           const written = Math.min(data, this.#unsentBodies);
           this.#unsentBodies -= written;
@@ -1084,7 +1116,7 @@ export class H2Connection {
           this.#admitWaiting();
         }
         // A buffer grown for a burst is not kept past it.
-        this.#spare = full.length > 64 * 1024 ? new Uint8Array(1024) : full;
+        if (full !== null) this.#spare = full.length > 64 * 1024 ? new Uint8Array(1024) : full;
         if (this.#outBytes <= OUTPUT_BUDGET && this.#drained !== null) {
           const wake = this.#drained;
           this.#drained = null;
