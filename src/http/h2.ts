@@ -30,7 +30,12 @@
  *   a connection with no stream open closes after `idleTimeoutMs` (GOAWAY first);
  * - output: while more than {@linkcode OUTPUT_BUDGET} octets wait for a client that does not
  *   read, no more frames are read from it; a write that makes no progress for
- *   `writeTimeoutMs` closes the connection.
+ *   `writeTimeoutMs` closes the connection;
+ * - answers: with a {@linkcode ResponseBudget} (DoH: the stream listeners' answer budget,
+ *   shared per client), a request goes to the service only while the budget has room or the
+ *   connection has nothing being answered and nothing unsent, and not while 64 KiB of bodies
+ *   wait for the client; meanwhile the HEADERS of new streams stay unread. Large DATA
+ *   payloads are written from the response body, not copied.
  *
  * @module
  */
@@ -259,7 +264,7 @@ export class H2Connection {
   #unsentBodies = 0;
   /** DATA payload octets in `#out` (the batch not yet handed to a write). */
   #outData = 0;
-  /** Wakes the frame loop held at a HEADERS frame by {@linkcode H2Connection.#holdNewStreams}. */
+  /** Wakes the frame loop held at a HEADERS frame while a request waits for the budget. */
   #streamsHeld: (() => void) | null = null;
 
   /** Starts serving; `initial` are bytes already read (at least part of the preface). */

@@ -14,7 +14,9 @@
  * - the TLS handshake must finish within {@linkcode HANDSHAKE_TIMEOUT_MS}: a client that
  *   connects and sends nothing, half a ClientHello or garbage holds its slot no longer;
  * - per connection, the {@linkcode HttpLimits} (request deadline, idle timeout, body size,
- *   streams);
+ *   streams, and the stream listeners' 2 s send timeout);
+ * - HTTP/2 answers: the answer budget of the stream listeners (`budget`), shared per client
+ *   before per connection, as TCP and DoT share it ({@linkcode ResponseBudget});
  * - out of descriptors (EMFILE), accepting pauses 5-100 ms and resumes: the kernel keeps
  *   new connections in the backlog meanwhile.
  *
