@@ -15,7 +15,7 @@
  * @module
  */
 
-import { CA_PEM } from "../tests/fixtures/certs.ts";
+import { CA_PEM, SERVER_KEY, SERVER_PEM } from "../tests/fixtures/certs.ts";
 import { buildQuery, parseMessage } from "../tests/support/dns.ts";
 import { freeStablePort } from "../tests/support/fault_upstream.ts";
 import { fuzzQuery, Rng } from "../tests/support/fuzz.ts";
@@ -74,15 +74,32 @@ interface Proxy {
   child: Deno.ChildProcess;
   dnsPort: number;
   httpPort: number;
+  /** The DoT listener's port (0 unless the attack asked for TLS listeners). */
+  dotPort: number;
+  /** The DoH (TLS) listener's port (0 unless the attack asked for TLS listeners). */
+  dohPort: number;
   stderr: () => string;
   stop: () => Promise<void>;
 }
 
 let proxyEnv: Record<string, string> = {};
 
-async function startProxy(upstream: string, v8Flags: string, extra: string[]): Promise<Proxy> {
+async function startProxy(
+  upstream: string,
+  v8Flags: string,
+  extra: string[],
+  tls = false,
+): Promise<Proxy> {
   const dnsPort = freeStablePort();
   const httpPort = freeStablePort();
+  const dotPort = tls ? freeStablePort() : 0;
+  const dohPort = tls ? freeStablePort() : 0;
+  const tlsArgs = tls
+    ? ["--listen-dot", `127.0.0.1:${dotPort}`, "--listen-doh", `127.0.0.1:${dohPort}`]
+    : [];
+  const tlsEnv: Record<string, string> = tls
+    ? { DOTPROXY_TLS_CERT: SERVER_PEM, DOTPROXY_TLS_KEY: SERVER_KEY }
+    : {};
   const child = new Deno.Command(Deno.execPath(), {
     args: [
       "run",
@@ -98,10 +115,17 @@ async function startProxy(upstream: string, v8Flags: string, extra: string[]): P
       upstream,
       "--log-level",
       "warn",
+      ...tlsArgs,
       ...extra,
     ],
     cwd: ROOT,
-    env: { DOTPROXY_CA_CERTS: CA_PEM, DENO_NO_UPDATE_CHECK: "1", NO_COLOR: "1", ...proxyEnv },
+    env: {
+      DOTPROXY_CA_CERTS: CA_PEM,
+      DENO_NO_UPDATE_CHECK: "1",
+      NO_COLOR: "1",
+      ...tlsEnv,
+      ...proxyEnv,
+    },
     stdin: "null",
     stdout: "null",
     stderr: "piped",
@@ -119,6 +143,8 @@ async function startProxy(upstream: string, v8Flags: string, extra: string[]): P
     child,
     dnsPort,
     httpPort,
+    dotPort,
+    dohPort,
     stderr: () => text,
     stop: async () => {
       try {
@@ -288,6 +314,115 @@ async function noRead(
   return `${conns.length} connections`;
 }
 
+/** Opens `count` TLS connections (ALPN `alpn`) to `port` and writes `bytes` on each. */
+async function tlsClients(
+  port: number,
+  count: number,
+  alpn: string[],
+  bytes: Uint8Array,
+): Promise<Deno.TlsConn[]> {
+  const conns: Deno.TlsConn[] = [];
+  for (let i = 0; i < count; i += 50) {
+    const batch = await Promise.all(
+      Array.from({ length: Math.min(50, count - i) }, async () => {
+        try {
+          const conn = await Deno.connectTls({
+            hostname: "127.0.0.1",
+            port,
+            caCerts: [CA_PEM],
+            alpnProtocols: alpn,
+          });
+          await conn.handshake();
+          conn.write(bytes).catch(() => {});
+          return conn;
+        } catch {
+          return null;
+        }
+      }),
+    );
+    for (const conn of batch) if (conn !== null) conns.push(conn);
+  }
+  return conns;
+}
+
+/** `noRead` over DoT: `count` TLS connections x 128 pipelined queries, never read. */
+async function dotNoRead(proxy: Proxy, seconds: number, count: number): Promise<string> {
+  const queries = Array.from(
+    { length: 128 },
+    (_, i) => buildQuery("big.unbound.test", { id: i, type: 16 }),
+  );
+  const conns = await tlsClients(proxy.dotPort, count, ["dot"], framed(queries));
+  await sleep(seconds * 1000);
+  for (const conn of conns) conn.close();
+  return `${conns.length} connections`;
+}
+
+function h2Frame(type: number, flags: number, stream: number, payload: Uint8Array): Uint8Array {
+  const f = new Uint8Array(9 + payload.length);
+  f[0] = payload.length >> 16;
+  f[1] = (payload.length >> 8) & 0xff;
+  f[2] = payload.length & 0xff;
+  f[3] = type;
+  f[4] = flags;
+  new DataView(f.buffer).setUint32(5, stream & 0x7fffffff);
+  f.set(payload, 9);
+  return f;
+}
+
+/** An HPACK string literal without Huffman (shorter than 127 octets). */
+function hpackString(text: string): number[] {
+  const bytes = new TextEncoder().encode(text);
+  return [bytes.length, ...bytes];
+}
+
+/**
+ * What a DoH client that never reads sends on one HTTP/2 connection: the preface, SETTINGS
+ * with the largest stream window and a connection window to match (so flow control holds
+ * nothing back), and `streams` GETs for the 60 KB answer.
+ */
+function h2NoReadBytes(port: number, streams: number): Uint8Array {
+  const query = buildQuery("big.unbound.test", { id: 0, type: 16 });
+  const dns = btoa(String.fromCharCode(...query)).replace(/\+/g, "-").replace(/\//g, "_")
+    .replace(/=+$/, "");
+  const block = new Uint8Array([
+    0x82, // :method GET
+    0x87, // :scheme https
+    0x04, // :path, literal without indexing, name index 4
+    ...hpackString(`/dns-query?dns=${dns}`),
+    0x01, // :authority
+    ...hpackString(`127.0.0.1:${port}`),
+  ]);
+  const window = 0x7fffffff;
+  const settings = new Uint8Array(6);
+  new DataView(settings.buffer).setUint16(0, 4);
+  new DataView(settings.buffer).setUint32(2, window);
+  const increment = new Uint8Array(4);
+  new DataView(increment.buffer).setUint32(0, window - 65_535);
+  const parts = [
+    new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+    h2Frame(4, 0, 0, settings),
+    h2Frame(8, 0, 0, increment),
+  ];
+  for (let i = 0; i < streams; i++) parts.push(h2Frame(1, 0x05, 1 + 2 * i, block));
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  parts.reduce((at, p) => (out.set(p, at), at + p.length), 0);
+  return out;
+}
+
+/** DoH over HTTP/2: `count` TLS connections x `streams` GETs for 60 KB answers, never read. */
+async function dohNoRead(
+  proxy: Proxy,
+  seconds: number,
+  count: number,
+  streams = 100,
+): Promise<string> {
+  const bytes = h2NoReadBytes(proxy.dohPort, streams);
+  const conns = await tlsClients(proxy.dohPort, count, ["h2"], bytes);
+  await sleep(seconds * 1000);
+  for (const conn of conns) conn.close();
+  return `${conns.length} connections x ${streams} streams`;
+}
+
 /** Fills the cache with 12,000 answers of 16,381 octets over `seconds` (UDP, TC=1 to us). */
 async function fillCache(proxy: Proxy, seconds: number, tmp: string): Promise<string> {
   const lines = Array.from(
@@ -342,6 +477,8 @@ interface Attack {
   name: string;
   what: string;
   extraFlags?: string[];
+  /** Start the proxy with --listen-dot and --listen-doh (test certificate). */
+  tls?: boolean;
   run: (proxy: Proxy, seconds: number, tmp: string) => Promise<string>;
 }
 
@@ -416,6 +553,28 @@ const ATTACKS: Attack[] = [
       await tcpAnswerLength(proxy.dnsPort, "f00000.fill.unbound.test");
       return await noRead(proxy, seconds, 1000, "f00000.fill.unbound.test");
     },
+  },
+  {
+    name: "dot-no-read-1000",
+    what: "tcp-no-read-1000 over DoT (--listen-dot): 1,000 TLS connections x 128 pipelined " +
+      "60 KB answers, never read",
+    extraFlags: ["--max-tcp-connections-per-client", "1000"],
+    tls: true,
+    run: (proxy, seconds) => dotNoRead(proxy, seconds, 1000),
+  },
+  {
+    name: "doh-no-read-64",
+    what: "DoH over HTTP/2 (--listen-doh): 64 connections (one client's cap) x 100 streams " +
+      "(the stream cap) of GETs for 60 KB answers, windows opened wide, never read",
+    tls: true,
+    run: (proxy, seconds) => dohNoRead(proxy, seconds, 64),
+  },
+  {
+    name: "doh-no-read-1000",
+    what: "the same with 1,000 connections (per-client cap lifted)",
+    extraFlags: ["--max-tcp-connections-per-client", "1000"],
+    tls: true,
+    run: (proxy, seconds) => dohNoRead(proxy, seconds, 1000),
   },
   {
     name: "idle-connections",
@@ -522,10 +681,12 @@ async function main() {
     for (const flags of args.flags) {
       for (const attack of ATTACKS) {
         if (args.only && !args.only.includes(attack.name)) continue;
-        const proxy = await startProxy(unbound.upstream(), flags, [
-          ...(attack.extraFlags ?? []),
-          ...args.extra,
-        ]);
+        const proxy = await startProxy(
+          unbound.upstream(),
+          flags,
+          [...(attack.extraFlags ?? []), ...args.extra],
+          attack.tls ?? false,
+        );
         const pid = proxy.child.pid;
         const before = await memoryOf(pid);
         let highest = before.rss;

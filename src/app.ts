@@ -494,6 +494,7 @@ export async function startProxy(
       limits: { idleTimeoutMs: config.tcpIdleTimeoutMs },
       timers,
       stats: metrics.doh,
+      budget,
     };
     for (const address of config.listenDot) {
       try {

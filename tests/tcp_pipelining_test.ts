@@ -14,43 +14,12 @@
  */
 
 import assert from "node:assert/strict";
-import { buildQuery, lengthFramed, parseMessage } from "./support/dns.ts";
+import { lengthFramed, parseMessage } from "./support/dns.ts";
+import { QUERIES, queryFor, startPipeliningUpstream } from "./support/pipelining.ts";
 import { TcpDnsClient, testConfig, withProxy } from "./support/proxy.ts";
 import { UnboundUpstream } from "./support/unbound.ts";
 
 const HAS_UNBOUND = await UnboundUpstream.available();
-const ZONE = "unbound.test";
-const QUERIES = 1000;
-/** TXT records of 255 octets per big RRset: about 54 kB on the wire. */
-const BIG_RECORDS = 200;
-
-function bigRecords(name: string): string[] {
-  const records: string[] = [];
-  for (let i = 0; i < BIG_RECORDS; i++) {
-    const text = `${String(i).padStart(3, "0")}${"x".repeat(252)}`;
-    records.push(`${name} 300 IN TXT "${text}"`);
-  }
-  return records;
-}
-
-/** What query `i` asks, and what its answer must look like. */
-function queryFor(i: number): { query: Uint8Array; big: boolean; rcode: number } {
-  const kind = i % 6;
-  const dnssecOk = i % 12 >= 6;
-  const edns = dnssecOk ? { ednsUdpSize: 1232, dnssecOk } : {};
-  if (kind === 0) {
-    const query = buildQuery(`big${i % 3}.${ZONE}`, { id: i, type: 16, ...edns });
-    return { query, big: true, rcode: 0 };
-  }
-  if (kind === 1 || kind === 4) {
-    return { query: buildQuery(`www.${ZONE}`, { id: i, ...edns }), big: false, rcode: 0 };
-  }
-  if (kind === 2) {
-    return { query: buildQuery(`nx${i}.${ZONE}`, { id: i, ...edns }), big: false, rcode: 3 };
-  }
-  const query = buildQuery(`w${i}.wild.${ZONE}`, { id: i, ...edns });
-  return { query, big: false, rcode: 0 };
-}
 
 /** Pipelines the 1,000 queries, then reads; returns how many answers were right. */
 async function pipeline(
@@ -107,19 +76,7 @@ for (const hostname of ["127.0.0.1", "::1"]) {
         `--max-tcp-queries ${maxTcpQueries}, one write and one write per query: all answered`,
       ignore: !HAS_UNBOUND,
       fn: async () => {
-        const unbound = await UnboundUpstream.start({
-          zone: ZONE,
-          localData: [
-            `www.${ZONE} 300 IN A 192.0.2.10`,
-            ...bigRecords(`big0.${ZONE}`),
-            ...bigRecords(`big1.${ZONE}`),
-            ...bigRecords(`big2.${ZONE}`),
-          ],
-          extraServerConfig: [
-            `  local-zone: "wild.${ZONE}." redirect`,
-            `  local-data: "wild.${ZONE}. 300 IN A 192.0.2.20"`,
-          ],
-        });
+        const unbound = await startPipeliningUpstream();
         try {
           const config = testConfig([unbound.upstream()], {
             listen: [{ hostname, port: 0 }],

@@ -30,7 +30,11 @@
  *   a connection with no stream open closes after `idleTimeoutMs` (GOAWAY first);
  * - output: while more than {@linkcode OUTPUT_BUDGET} octets wait for a client that does not
  *   read, no more frames are read from it; a write that makes no progress for
- *   `writeTimeoutMs` closes the connection.
+ *   `writeTimeoutMs` closes the connection;
+ * - answers: with a {@linkcode ResponseBudget} (DoH: the stream listeners' answer budget,
+ *   shared per client), a request goes to the service only while the budget has room or the
+ *   connection has nothing being answered and nothing unsent, and not while 64 KiB of bodies
+ *   wait for the client; meanwhile the HEADERS of new streams stay unread.
  *
  * @module
  */
@@ -99,6 +103,14 @@ export const H2Error = {
 } as const;
 
 const MAX_WINDOW = 0x7fffffff;
+/**
+ * Response body octets unsent on a connection past which no more requests are handed on (as
+ * the stream listener pauses reading at 64 KiB unsent): 1,000 non-reading connections x 100
+ * streams, 405 -> 353-356 MiB RSS (dohprobe, same session).
+ */
+const UNSENT_PAUSE = 64 * 1024;
+/** The body of every request without one (a GET): one shared, empty, never written to. */
+const NO_BODY = new Uint8Array(0);
 
 /** A connection error: GOAWAY with `code`, then close. */
 class ConnectionError extends Error {
@@ -136,6 +148,8 @@ interface Stream {
   head: boolean;
   /** The whole response is queued. */
   sent: boolean;
+  /** Handed to the service under the {@linkcode ResponseBudget}, and not yet answered. */
+  budgeted: boolean;
 }
 
 function u32(bytes: Uint8Array, at: number): number {
@@ -151,6 +165,30 @@ function u32Payload(...values: number[]): Uint8Array {
     out[i * 4 + 3] = value & 0xff;
   });
   return out;
+}
+
+/**
+ * The answer budget an HTTP/2 connection asks before it hands a request to the service (for
+ * DoH: the answer budget of the stream listeners, shared per client). It counts the requests
+ * being answered (at an estimated answer size) and the response bodies queued and not yet
+ * written, so that answers are not made faster than the client takes them.
+ *
+ * Why: a client that opens its 100 streams on each of its 64 connections and reads nothing
+ * made the proxy hold 64 x 100 answers of 60 KB: 398 MiB RSS (bench/memory_attacks.ts
+ * `doh-no-read-64`), over the Kubernetes manifest's 256 MiB; {@linkcode OUTPUT_BUDGET} stops
+ * reading, but every stream already read was answered.
+ */
+export interface ResponseBudget {
+  /** True when one more request may be handed to the service now. */
+  mayStart(): boolean;
+  /** A request was handed to the service. */
+  started(): void;
+  /** The service answered a request with a body of `bytes` octets (null: no answer). */
+  answered(bytes: number | null): void;
+  /** `bytes` octets of response bodies were queued for the client. */
+  queued(bytes: number): void;
+  /** `bytes` octets of queued response bodies were written or dropped. */
+  sent(bytes: number): void;
 }
 
 /** How an HTTP/2 connection ended, for the listener's log. */
@@ -224,9 +262,21 @@ export class H2Connection {
   #reason = "";
   #stop: () => void = () => {};
   readonly #stopped: Promise<void>;
+  readonly #budget: ResponseBudget | null;
+  /** Whole requests waiting for the budget, oldest first. */
+  #waiting: { stream: Stream; request: HttpRequest }[] = [];
+  /** Requests handed to the service and not yet answered. */
+  #handling = 0;
+  /** Response body octets queued (pending or in `#out`) and not yet written. */
+  #unsentBodies = 0;
+  /** DATA payload octets in `#out` (the batch not yet handed to a write). */
+  #outData = 0;
+  /** Wakes the frame loop held at a HEADERS frame while a request waits for the budget. */
+  #streamsHeld: (() => void) | null = null;
 
   /** Starts serving; `initial` are bytes already read (at least part of the preface). */
-  constructor(session: HttpSession, initial: Uint8Array) {
+  constructor(session: HttpSession, initial: Uint8Array, budget: ResponseBudget | null = null) {
+    this.#budget = budget;
     this.#session = session;
     this.#lastActive = session.timers.clock.now();
     this.#deadline = new Deadline(session.timers, (reason) => this.#expired(reason));
@@ -274,6 +324,9 @@ export class H2Connection {
     if (this.#closed) return;
     this.#closed = true;
     if (reason !== "") this.#reason = reason;
+    this.#budget?.sent(this.#unsentBodies);
+    this.#unsentBodies = 0;
+    this.#waiting = [];
     this.#deadline.disarm();
     this.#writeDeadline.disarm();
     this.#stop();
@@ -381,6 +434,15 @@ export class H2Connection {
         }
         if (end - start >= FRAME_HEADER + length) {
           const type = buffer[start + 3];
+          if (type === Frame.HEADERS && this.#holdNewStreams()) {
+            // The frame stays in the buffer, unread past it, until the budget has room.
+            await Promise.race([
+              new Promise<void>((resolve) => this.#streamsHeld = resolve),
+              this.#stopped,
+            ]);
+            this.#streamsHeld = null;
+            continue;
+          }
           const flags = buffer[start + 4];
           const stream = u32(buffer, start + 5) & 0x7fffffff;
           const payload = buffer.subarray(start + FRAME_HEADER, start + FRAME_HEADER + length);
@@ -762,6 +824,7 @@ export class H2Connection {
       closed: false,
       head: false,
       sent: false,
+      budgeted: false,
     };
     this.#streams.set(id, stream);
     const problem = decoded.tooLarge ? 431 : this.#readFields(stream, decoded.fields);
@@ -809,7 +872,7 @@ export class H2Connection {
       return;
     }
     stream.answered = true;
-    const body = new Uint8Array(stream.bodyBytes);
+    const body = stream.bodyBytes === 0 ? NO_BODY : new Uint8Array(stream.bodyBytes);
     let at = 0;
     for (const chunk of stream.chunks) {
       body.set(chunk, at);
@@ -823,10 +886,63 @@ export class H2Connection {
       body,
       version: "HTTP/2",
     };
+    if (this.#waiting.length > 0 || !this.#mayStart()) {
+      this.#waiting.push({ stream, request });
+      return;
+    }
+    this.#dispatch(stream, request);
+  }
+
+  /**
+   * True when the budget lets one more request go to the service; a connection with nothing
+   * being answered and nothing unsent may always have one.
+   */
+  #mayStart(): boolean {
+    const budget = this.#budget;
+    if (budget === null) return true;
+    if (this.#handling === 0 && this.#unsentBodies === 0) return true;
+    return this.#unsentBodies < UNSENT_PAUSE && budget.mayStart();
+  }
+
+  #dispatch(stream: Stream, request: HttpRequest): void {
+    if (this.#budget !== null) {
+      stream.budgeted = true;
+      this.#handling++;
+      this.#budget.started();
+    }
     this.#session.service.handle(request, this.#session.peer).then(
       (response) => this.#respond(stream, response),
       () => this.#respond(stream, this.#session.service.reject(503, "the request failed")),
     );
+  }
+
+  /** Hands waiting requests to the service while the budget has room. */
+  #admitWaiting(): void {
+    while (this.#waiting.length > 0 && !this.#closed && this.#mayStart()) {
+      const next = this.#waiting.shift()!;
+      if (!next.stream.closed) this.#dispatch(next.stream, next.request);
+    }
+    if (!this.#holdNewStreams()) this.#releaseStreams();
+  }
+
+  /**
+   * True while a new stream's HEADERS should stay unread: a request already waits for the
+   * budget, and no response waits for the client's flow-control window (its WINDOW_UPDATE
+   * may be behind that HEADERS frame; holding it then could wait for ever). Why: 1,000
+   * connections that each open 100 streams and read nothing held 100,000 parsed requests
+   * waiting for the budget, about 75 MiB of the heap (snapshot, `doh-no-read-1000`); unread,
+   * a request is its 90 octets of HPACK in the read buffer.
+   */
+  #holdNewStreams(): boolean {
+    if (this.#waiting.length === 0 || this.#closed) return false;
+    for (const stream of this.#streams.values()) if (stream.pending !== null) return false;
+    return true;
+  }
+
+  #releaseStreams(): void {
+    const wake = this.#streamsHeld;
+    this.#streamsHeld = null;
+    wake?.();
   }
 
   #releaseBody(stream: Stream): void {
@@ -845,6 +961,13 @@ export class H2Connection {
   }
 
   #respond(stream: Stream, response: HttpResponse): void {
+    if (stream.budgeted) {
+      stream.budgeted = false;
+      this.#handling--;
+      const gone = stream.closed || this.#closed;
+      this.#budget!.answered(gone ? null : response.body.length);
+      if (gone) this.#admitWaiting();
+    }
     if (stream.closed || this.#closed) return;
     const fields: HeaderField[] = [[":status", String(response.status)]];
     for (const [name, value] of response.fields) fields.push([name.toLowerCase(), value]);
@@ -873,7 +996,10 @@ export class H2Connection {
       return;
     }
     stream.pending = body;
+    this.#unsentBodies += body.length;
+    this.#budget?.queued(body.length);
     this.#pump();
+    this.#admitWaiting();
   }
 
   /** Sends what the flow-control windows allow of every pending response body. */
@@ -897,6 +1023,7 @@ export class H2Connection {
           pending.subarray(at, at + size),
         );
         at += size;
+        this.#outData += size;
         this.#sendWindow -= size;
         stream.sendWindow -= size;
       }
@@ -908,6 +1035,7 @@ export class H2Connection {
       }
       if (this.#sendWindow <= 0) break;
     }
+    if (this.#streamsHeld !== null && !this.#holdNewStreams()) this.#releaseStreams();
   }
 
   /** The response is queued in full. */
@@ -922,6 +1050,11 @@ export class H2Connection {
   #forget(stream: Stream): void {
     if (stream.closed) return;
     stream.closed = true;
+    if (stream.pending !== null && !this.#closed) {
+      // Reset with part of its body never queued: that part is dropped.
+      this.#unsentBodies -= stream.pending.length;
+      this.#budget?.sent(stream.pending.length);
+    }
     stream.pending = null;
     this.#releaseBody(stream);
     this.#streams.delete(stream.id);
@@ -1002,6 +1135,8 @@ export class H2Connection {
         this.#outLength = 0;
         this.#urgent = false;
         this.#prefaceWritten = true;
+        const data = this.#outData;
+        this.#outData = 0;
         try {
           for (let at = 0; at < bytes.length;) {
             this.#writeDeadline.arm(this.#session.limits.writeTimeoutMs, "write timeout");
@@ -1011,6 +1146,12 @@ export class H2Connection {
           this.#writeDeadline.disarm();
         }
         this.#outBytes -= bytes.length;
+        if (data > 0 && !this.#closed) {
+          const written = Math.min(data, this.#unsentBodies);
+          this.#unsentBodies -= written;
+          this.#budget?.sent(written);
+          this.#admitWaiting();
+        }
         // A buffer grown for a burst is not kept past it.
         this.#spare = full.length > 64 * 1024 ? new Uint8Array(1024) : full;
         if (this.#outBytes <= OUTPUT_BUDGET && this.#drained !== null) {

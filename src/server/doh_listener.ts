@@ -14,7 +14,9 @@
  * - the TLS handshake must finish within {@linkcode HANDSHAKE_TIMEOUT_MS}: a client that
  *   connects and sends nothing, half a ClientHello or garbage holds its slot no longer;
  * - per connection, the {@linkcode HttpLimits} (request deadline, idle timeout, body size,
- *   streams);
+ *   streams, and the stream listeners' 2 s send timeout);
+ * - HTTP/2 answers: the answer budget of the stream listeners (`budget`), shared per client
+ *   before per connection, as TCP and DoT share it ({@linkcode ResponseBudget});
  * - out of descriptors (EMFILE), accepting pauses 5-100 ms and resumes: the kernel keeps
  *   new connections in the backlog meanwhile.
  *
@@ -24,11 +26,13 @@
 import { formatHostPort } from "../address.ts";
 import type { ListenAddress } from "../config.ts";
 import { H1Connection } from "../http/h1.ts";
-import { H2Connection, PREFACE } from "../http/h2.ts";
+import { H2Connection, PREFACE, type ResponseBudget } from "../http/h2.ts";
 import type { HttpLimits, HttpService } from "../http/types.ts";
 import { type Logger, RateLimitedLog } from "../log.ts";
 import { AcceptLoop, type Served as AcceptedServed } from "../net/accept_loop.ts";
 import { TimerQueue } from "../timers.ts";
+import type { AnswerBudget } from "./answer_budget.ts";
+import { SEND_TIMEOUT_MS } from "./stream.ts";
 
 /** A TLS handshake not done within this long closes the connection (as the DoT listener). */
 export const HANDSHAKE_TIMEOUT_MS = 5_000;
@@ -41,7 +45,10 @@ export const DOH_LIMITS: Readonly<HttpLimits> = Object.freeze({
   maxHeadBytes: 16_384,
   requestTimeoutMs: 5_000,
   idleTimeoutMs: 10_000,
-  writeTimeoutMs: 10_000,
+  // The stream listeners' send timeout (dnsdist's is the same 2 s): a client that reads moves
+  // the write each time it reads. With 10 s, 1,000 HTTP/2 connections that read nothing held
+  // their answers five times longer than the same attack over DoT.
+  writeTimeoutMs: SEND_TIMEOUT_MS,
   maxStreams: 100,
   maxRequestsPerConnection: 10_000,
 });
@@ -73,6 +80,11 @@ export interface DohListenerOptions {
   stats?: DohListenerStats;
   /** The proxy's timers, for the connections' deadlines; the listener's own when not given. */
   timers?: TimerQueue;
+  /**
+   * The answer budget of the stream listeners, which HTTP/2 connections share per client
+   * (see {@linkcode ResponseBudget}); none when not given.
+   */
+  budget?: AnswerBudget;
 }
 
 const LOG_INTERVAL_MS = 10_000;
@@ -195,7 +207,7 @@ export class DohListener {
         }
         return new DohConnection(
           conn,
-          (connection) => this.#serve(connection, conn, client.remote),
+          (connection) => this.#serve(connection, conn, client.remote, client.key),
         );
       },
     });
@@ -248,6 +260,7 @@ export class DohListener {
     connection: DohConnection,
     conn: Deno.Conn,
     remote: Deno.NetAddr | undefined,
+    key: string,
   ): Promise<void> {
     const address = remote ?? { transport: "tcp" as const, hostname: "0.0.0.0", port: 0 };
     const client = formatHostPort(address.hostname, address.port);
@@ -288,6 +301,15 @@ export class DohListener {
       h2 = initial.length >= 3 && initial[0] === PREFACE[0] && initial[1] === PREFACE[1] &&
         initial[2] === PREFACE[2];
     }
+    const budget = this.#options.budget;
+    const share = h2 && budget !== undefined ? budget.share(key) : undefined;
+    const responseBudget: ResponseBudget | null = share === undefined ? null : {
+      mayStart: () => budget!.mayAdmit(share),
+      started: () => budget!.started(share),
+      answered: (bytes) => budget!.answered(share, bytes),
+      queued: (bytes) => budget!.queued(share, bytes),
+      sent: (bytes) => budget!.sent(share, bytes),
+    };
     const session = {
       conn,
       peer,
@@ -295,10 +317,17 @@ export class DohListener {
       limits: this.#limits,
       timers: this.#timers,
     };
-    const served = h2 ? new H2Connection(session, initial) : new H1Connection(session, initial);
+    const served = h2
+      ? new H2Connection(session, initial, responseBudget)
+      : new H1Connection(session, initial);
     connection.served = served;
     if (this.#closing) served.shutdown();
-    const outcome = await served.finished;
+    let outcome;
+    try {
+      outcome = await served.finished;
+    } finally {
+      if (share !== undefined) budget!.release(share);
+    }
     this.#log.debug("doh connection closed", {
       client,
       protocol: h2 ? "h2" : "http/1.1",
