@@ -235,3 +235,20 @@ Deno.test("ddr: DoT and DoH listeners each get their SVCB record, DoT first", as
     ]);
   }, { listenDot: [{ hostname: "127.0.0.1", port: 0 }] });
 });
+
+Deno.test("h2: the error codes are RFC 9113 section 7's", async () => {
+  const { H2Error } = await import("../src/http/h2.ts");
+  assert.deepEqual(
+    [
+      H2Error.NO_ERROR,
+      H2Error.PROTOCOL_ERROR,
+      H2Error.FLOW_CONTROL_ERROR,
+      H2Error.STREAM_CLOSED,
+      H2Error.REFUSED_STREAM,
+      H2Error.CANCEL,
+      H2Error.ENHANCE_YOUR_CALM,
+      H2Error.HTTP_1_1_REQUIRED,
+    ],
+    [0x0, 0x1, 0x3, 0x5, 0x7, 0x8, 0xb, 0xd],
+  );
+});

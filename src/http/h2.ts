@@ -88,19 +88,37 @@ const END_HEADERS = 0x4;
 const PADDED = 0x8;
 const PRIORITY_FLAG = 0x20;
 
-/** Error codes (RFC 9113 section 7). */
-export const H2Error = {
-  NO_ERROR: 0,
-  PROTOCOL_ERROR: 1,
-  INTERNAL_ERROR: 2,
-  FLOW_CONTROL_ERROR: 3,
-  STREAM_CLOSED: 5,
-  FRAME_SIZE_ERROR: 6,
-  REFUSED_STREAM: 7,
-  CANCEL: 8,
-  COMPRESSION_ERROR: 9,
-  ENHANCE_YOUR_CALM: 11,
-} as const;
+/**
+ * The error codes of RFC 9113 section 7, in the RFC's order: each one's code is its index
+ * (0x0 NO_ERROR to 0xd HTTP_1_1_REQUIRED).
+ */
+export const H2_ERROR_NAMES = [
+  "NO_ERROR",
+  "PROTOCOL_ERROR",
+  "INTERNAL_ERROR",
+  "FLOW_CONTROL_ERROR",
+  "SETTINGS_TIMEOUT",
+  "STREAM_CLOSED",
+  "FRAME_SIZE_ERROR",
+  "REFUSED_STREAM",
+  "CANCEL",
+  "COMPRESSION_ERROR",
+  "CONNECT_ERROR",
+  "ENHANCE_YOUR_CALM",
+  "INADEQUATE_SECURITY",
+  "HTTP_1_1_REQUIRED",
+] as const;
+
+/** The name of an HTTP/2 error code. */
+export type H2ErrorName = (typeof H2_ERROR_NAMES)[number];
+
+/** Error codes (RFC 9113 section 7) by name: `H2Error.REFUSED_STREAM` is 7. */
+export const H2Error: Readonly<Record<H2ErrorName, number>> = Object.freeze(
+  Object.fromEntries(H2_ERROR_NAMES.map((name, code) => [name, code])) as Record<
+    H2ErrorName,
+    number
+  >,
+);
 
 const MAX_WINDOW = 0x7fffffff;
 /**
