@@ -27,7 +27,7 @@ if ! command -v unbound >/dev/null 2>&1; then
   exit 1
 fi
 
-dir="${TMPDIR:-/tmp}/dotproxy-local-upstream-$(id -u)"
+dir="${TMPDIR:-/tmp}/dotproxy-local-upstream-$(id -u)-$port"
 mkdir -p "$dir"
 cp "$repo/tests/fixtures/server.pem" "$repo/tests/fixtures/server.key" "$dir/"
 chmod 600 "$dir/server.key"
