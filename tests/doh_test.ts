@@ -16,7 +16,7 @@ import { DohService } from "../src/server/doh.ts";
 import { DohListener } from "../src/server/doh_listener.ts";
 import { CA_PEM, SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
 import { appendChunk, buildQuery, encodeName, parseMessage } from "./support/dns.ts";
-import { base64Url, hasTool, named, run, withDoh } from "./support/doh.ts";
+import { base64Url, type DohSetup, hasTool, named, run, withDoh } from "./support/doh.ts";
 import { H2_PREFACE, h2Frame } from "./support/h2_frames.ts";
 import { parseCidr } from "../src/config.ts";
 
@@ -586,15 +586,20 @@ async function closedWithin(conn: Deno.Conn, limitMs: number): Promise<boolean> 
   }
 }
 
+/** A DoH service at /dns-query on `proxy`'s resolver, logging to `logs`. */
+function dohService(proxy: DohSetup["proxy"], logs: DohSetup["logs"]): DohService {
+  return new DohService({
+    resolver: proxy.resolver,
+    path: "/dns-query",
+    trustedProxies: [],
+    cache: { minTtl: 0, maxTtl: 86400, maxNegativeTtl: 3600 },
+    log: logs.logger(),
+  });
+}
+
 Deno.test("doh: connection caps, TLS handshake deadline, request and idle deadlines", async () => {
   await withDoh(async ({ proxy, logs }) => {
-    const service = new DohService({
-      resolver: proxy.resolver,
-      path: "/dns-query",
-      trustedProxies: [],
-      cache: { minTtl: 0, maxTtl: 86400, maxNegativeTtl: 3600 },
-      log: logs.logger(),
-    });
+    const service = dohService(proxy, logs);
     const limits = { requestTimeoutMs: 300, idleTimeoutMs: 400 };
     const tls = DohListener.listen({ hostname: "127.0.0.1", port: 0 }, service, logs.logger(), {
       tls: { cert: SERVER_PEM, key: SERVER_KEY },
@@ -745,13 +750,7 @@ Deno.test("doh: HTTP/1.1 pipelining: ten requests in one write, ten answers in o
 
 Deno.test("doh: a client that never reads its answers is closed by the write deadline", async () => {
   await withDoh(async ({ proxy, logs }) => {
-    const service = new DohService({
-      resolver: proxy.resolver,
-      path: "/dns-query",
-      trustedProxies: [],
-      cache: { minTtl: 0, maxTtl: 86400, maxNegativeTtl: 3600 },
-      log: logs.logger(),
-    });
+    const service = dohService(proxy, logs);
     const listener = DohListener.listen(
       { hostname: "127.0.0.1", port: 0 },
       service,
