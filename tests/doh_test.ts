@@ -722,10 +722,7 @@ Deno.test("doh: HTTP/1.1 pipelining: ten requests in one write, ten answers in o
       for (let reads = 0; reads < 1000 && answers.length < 10; reads++) {
         const n = await conn.read(chunk);
         if (n === null) break;
-        const joined = new Uint8Array(buffer.length + n);
-        joined.set(buffer);
-        joined.set(chunk.subarray(0, n), buffer.length);
-        buffer = joined;
+        buffer = appendChunk(buffer, chunk, n);
         for (;;) {
           const text = new TextDecoder("latin1").decode(buffer);
           const headEnd = text.indexOf("\r\n\r\n");
