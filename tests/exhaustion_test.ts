@@ -17,6 +17,16 @@ import { sleep, until } from "./support/wait.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const CLIENTS = 1000;
+/**
+ * One client address holds them all: the per-client and global caps lifted so that the
+ * descriptors run out first.
+ */
+const UNCAPPED = [
+  "--max-tcp-connections",
+  "5000",
+  "--max-tcp-connections-per-client",
+  "5000",
+];
 
 /** The status of a GET of `url` (through `client` when given), or the error's name. */
 async function httpStatus(
@@ -150,12 +160,8 @@ Deno.test({
         `127.0.0.1:${httpPort}`,
         "--upstream",
         upstream.upstream(),
-        // One client address holds them all: lift the per-client and global caps so the
-        // descriptors run out first, and keep idle clients open through the test.
-        "--max-tcp-connections",
-        "5000",
-        "--max-tcp-connections-per-client",
-        "5000",
+        ...UNCAPPED,
+        // Idle clients stay open through the test.
         "--tcp-idle-timeout",
         "120000",
       ],
@@ -294,10 +300,7 @@ Deno.test({
         `127.0.0.1:${plainPort}`,
         "--upstream",
         upstream.upstream(),
-        "--max-tcp-connections",
-        "5000",
-        "--max-tcp-connections-per-client",
-        "5000",
+        ...UNCAPPED,
         "--tcp-idle-timeout",
         "120000",
       ],
@@ -357,10 +360,7 @@ Deno.test({
         `127.0.0.1:${dotPort}`,
         "--upstream",
         upstream.upstream(),
-        "--max-tcp-connections",
-        "5000",
-        "--max-tcp-connections-per-client",
-        "5000",
+        ...UNCAPPED,
       ],
     });
     const clients: Deno.TcpConn[] = [];
