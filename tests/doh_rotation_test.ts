@@ -17,7 +17,7 @@ import { base64Url } from "./support/doh.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
 
-import { type RotationProxy, startRotationProxy } from "./support/rotation.ts";
+import { keepAsking, type RotationProxy, startRotationProxy } from "./support/rotation.ts";
 import { sleep, until } from "./support/wait.ts";
 
 /** DoH queries by `fetch`, one at a time, each sent again (at most twice) if it was lost. */
@@ -93,12 +93,7 @@ Deno.test({
     try {
       assert.ok(await until(() => old.stderr().includes("dotproxy started"), 15_000));
       for (const asker of askers) {
-        loops.push((async () => {
-          while (running) {
-            await asker.ask();
-            await sleep(5);
-          }
-        })());
+        loops.push(keepAsking(asker, () => running));
       }
       await sleep(500);
       fresh = startRotationProxy(args);

@@ -20,7 +20,7 @@ import { DotServer } from "./support/dot_server.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
 
 import { TcpDnsClient, udpExchange } from "./support/proxy.ts";
-import { type RotationProxy, startRotationProxy } from "./support/rotation.ts";
+import { keepAsking, type RotationProxy, startRotationProxy } from "./support/rotation.ts";
 import { sleep, until } from "./support/wait.ts";
 
 /** Query lines (`--log-queries`) of `transport` in `stderr` logged at or after `since`. */
@@ -108,12 +108,7 @@ Deno.test({
         old.stderr(),
       );
       for (const asker of [tcp, tls]) {
-        loops.push((async () => {
-          while (running) {
-            await asker.ask();
-            await sleep(5);
-          }
-        })());
+        loops.push(keepAsking(asker, () => running));
       }
       loops.push((async () => {
         for (let id = 1; running; id++) {

@@ -8,6 +8,7 @@
 
 import { CA_PEM, SERVER_KEY, SERVER_PEM } from "../fixtures/certs.ts";
 import { spawnMain } from "./proxy.ts";
+import { sleep } from "./wait.ts";
 
 /** One running dotproxy of a rotation scenario. */
 export interface RotationProxy {
@@ -53,4 +54,15 @@ export function startRotationProxy(args: string[]): RotationProxy {
       return code;
     },
   };
+}
+
+/** Asks one query after another (5 ms apart) for as long as `running()` holds. */
+export async function keepAsking(
+  asker: { ask(): Promise<void> },
+  running: () => boolean,
+): Promise<void> {
+  while (running()) {
+    await asker.ask();
+    await sleep(5);
+  }
 }
