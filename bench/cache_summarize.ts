@@ -5,7 +5,7 @@
  * Usage: deno run --allow-read=DIR --allow-write=DIR bench/cache_summarize.ts DIR
  */
 
-type Row = Record<string, string>;
+import { fmt, mean, num, type Row } from "./summary_lib.ts";
 
 function readTsv(path: string): Row[] {
   let text: string;
@@ -19,25 +19,6 @@ function readTsv(path: string): Row[] {
   return lines.filter((l) => l !== "").map((line) => {
     const cells = line.split("\t");
     return Object.fromEntries(names.map((n, i) => [n, cells[i] ?? ""]));
-  });
-}
-
-function num(value: string | undefined): number | null {
-  if (value === undefined || value === "" || value === "-") return null;
-  const n = Number(value);
-  return Number.isFinite(n) ? n : null;
-}
-
-function mean(values: (number | null)[]): number | null {
-  const known = values.filter((v): v is number => v !== null);
-  return known.length === 0 ? null : known.reduce((a, b) => a + b, 0) / known.length;
-}
-
-function fmt(value: number | null, digits = 0): string {
-  if (value === null) return "–";
-  return value.toLocaleString("en-US", {
-    minimumFractionDigits: digits,
-    maximumFractionDigits: digits,
   });
 }
 

@@ -19,6 +19,8 @@
  * @module
  */
 
+import { H2_PREFACE, h2Frame, hpackLiteral } from "../tests/support/h2_frames.ts";
+
 /** A DNS query for NAME type A class IN, RD set. */
 function query(name: string, id: number): Uint8Array {
   const labels = name.replace(/\.$/, "").split(".").filter((l) => l !== "");
@@ -63,25 +65,6 @@ async function readAtLeast(conn: Deno.Conn, buf: { b: Uint8Array; have: number }
   return true;
 }
 
-function frame(type: number, flags: number, stream: number, payload: Uint8Array): Uint8Array {
-  const f = new Uint8Array(9 + payload.length);
-  f[0] = payload.length >> 16;
-  f[1] = (payload.length >> 8) & 0xff;
-  f[2] = payload.length & 0xff;
-  f[3] = type;
-  f[4] = flags;
-  new DataView(f.buffer).setUint32(5, stream & 0x7fffffff);
-  f.set(payload, 9);
-  return f;
-}
-
-/** HPACK string literal, no Huffman; short strings only (7-bit length prefix). */
-function hstr(s: string): number[] {
-  const b = new TextEncoder().encode(s);
-  if (b.length >= 127) throw new Error("header value too long for this client");
-  return [b.length, ...b];
-}
-
 async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
   let off = 0;
   while (off < bytes.length) off += await conn.write(bytes.subarray(off));
@@ -109,18 +92,17 @@ async function h2Once(conn: Deno.Conn, name: string, port: number): Promise<void
     0x82, // :method GET
     0x87, // :scheme https
     0x04, // :path, literal without indexing, name index 4
-    ...hstr(path),
+    ...hpackLiteral(path),
     0x01, // :authority, name index 1
-    ...hstr(`127.0.0.1:${port}`),
+    ...hpackLiteral(`127.0.0.1:${port}`),
     0x0f, // accept (static index 19 = 15 + 4), literal without indexing
     0x04,
-    ...hstr("application/dns-message"),
+    ...hpackLiteral("application/dns-message"),
   ]);
-  const preface = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
   const out = new Uint8Array([
-    ...preface,
-    ...frame(4, 0, 0, new Uint8Array(0)),
-    ...frame(1, 0x05, 1, block), // END_STREAM | END_HEADERS
+    ...H2_PREFACE,
+    ...h2Frame(4, 0, 0, new Uint8Array(0)),
+    ...h2Frame(1, 0x05, 1, block), // END_STREAM | END_HEADERS
   ]);
   await writeAll(conn, out);
   const buf = { b: new Uint8Array(16384), have: 0 };
@@ -131,7 +113,7 @@ async function h2Once(conn: Deno.Conn, name: string, port: number): Promise<void
     if (!await readAtLeast(conn, buf, 9 + len)) throw new Error("closed in a frame");
     const type = buf.b[3], flags = buf.b[4];
     const stream = new DataView(buf.b.buffer).getUint32(5) & 0x7fffffff;
-    if (type === 4 && (flags & 1) === 0) await writeAll(conn, frame(4, 1, 0, new Uint8Array(0)));
+    if (type === 4 && (flags & 1) === 0) await writeAll(conn, h2Frame(4, 1, 0, new Uint8Array(0)));
     if (type === 7) throw new Error("GOAWAY");
     if (type === 3 && stream === 1) throw new Error("RST_STREAM");
     if (type === 0 && stream === 1) data += len;

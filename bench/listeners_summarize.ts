@@ -8,7 +8,7 @@
  * @module
  */
 
-type Row = Record<string, string>;
+import { fmt, mean, num, readPlainTsv, readTsv, type Row } from "./summary_lib.ts";
 
 const TARGETS = ["dotproxy", "dnsdist", "unbound"];
 const PEERS = ["dnsdist", "unbound"];
@@ -23,53 +23,6 @@ const CASES: Record<string, string> = {
   "doh-h2-misses": "DoH HTTP/2 GET, misses (one connection)",
   "doh-h1-hits": "DoH HTTP/1.1 GET, cache hits",
 };
-
-function readTsv(path: string): Row[] {
-  let text: string;
-  try {
-    text = Deno.readTextFileSync(path);
-  } catch {
-    return [];
-  }
-  const lines = text.split("\n").filter((l) => l.trim() !== "");
-  if (lines.length === 0) return [];
-  const head = lines[0].split("\t");
-  return lines.slice(1).map((l) => {
-    const cells = l.split("\t");
-    const row: Row = {};
-    head.forEach((h, i) => (row[h] = cells[i] ?? ""));
-    return row;
-  });
-}
-
-function readPlain(path: string): string[][] {
-  try {
-    return Deno.readTextFileSync(path).split("\n").filter((l) => l.trim() !== "").map((l) =>
-      l.split("\t")
-    );
-  } catch {
-    return [];
-  }
-}
-
-function num(s: string | undefined): number | null {
-  if (s === undefined || s === "" || s === "-") return null;
-  const n = Number(s);
-  return Number.isFinite(n) ? n : null;
-}
-
-function mean(xs: (number | null)[]): number | null {
-  const v = xs.filter((x): x is number => x !== null);
-  return v.length === 0 ? null : v.reduce((a, b) => a + b, 0) / v.length;
-}
-
-function fmt(n: number | null, digits = 0): string {
-  if (n === null) return "–";
-  return n.toLocaleString("en-US", {
-    minimumFractionDigits: digits,
-    maximumFractionDigits: digits,
-  });
-}
 
 function pct(n: number | null): string {
   return n === null ? "–" : `${Math.round(n * 100)}%`;
@@ -244,8 +197,8 @@ function main(dir: string): void {
   const meta = JSON.parse(Deno.readTextFileSync(`${dir}/meta.json`));
   const load = loads(readTsv(`${dir}/runs.tsv`));
   const idle = idles(readTsv(`${dir}/idle.tsv`));
-  const skipped = readPlain(`${dir}/skipped.tsv`);
-  const failures = readPlain(`${dir}/failures.tsv`);
+  const skipped = readPlainTsv(`${dir}/skipped.tsv`);
+  const failures = readPlainTsv(`${dir}/failures.tsv`);
   const rs = ratios(load, idle);
   const md: string[] = [];
   const v = meta.versions;

@@ -19,6 +19,7 @@ import { CA_PEM, SERVER_KEY, SERVER_PEM } from "../tests/fixtures/certs.ts";
 import { buildQuery, parseMessage } from "../tests/support/dns.ts";
 import { freeStablePort } from "../tests/support/fault_upstream.ts";
 import { fuzzQuery, Rng } from "../tests/support/fuzz.ts";
+import { h2NoReadClientBytes, hpackLiteral } from "../tests/support/h2_frames.ts";
 import { UnboundUpstream } from "../tests/support/unbound.ts";
 
 const ROOT = new URL("../", import.meta.url);
@@ -357,24 +358,6 @@ async function dotNoRead(proxy: Proxy, seconds: number, count: number): Promise<
   return `${conns.length} connections`;
 }
 
-function h2Frame(type: number, flags: number, stream: number, payload: Uint8Array): Uint8Array {
-  const f = new Uint8Array(9 + payload.length);
-  f[0] = payload.length >> 16;
-  f[1] = (payload.length >> 8) & 0xff;
-  f[2] = payload.length & 0xff;
-  f[3] = type;
-  f[4] = flags;
-  new DataView(f.buffer).setUint32(5, stream & 0x7fffffff);
-  f.set(payload, 9);
-  return f;
-}
-
-/** An HPACK string literal without Huffman (shorter than 127 octets). */
-function hpackString(text: string): number[] {
-  const bytes = new TextEncoder().encode(text);
-  return [bytes.length, ...bytes];
-}
-
 /**
  * What a DoH client that never reads sends on one HTTP/2 connection: the preface, SETTINGS
  * with the largest stream window and a connection window to match (so flow control holds
@@ -388,25 +371,11 @@ function h2NoReadBytes(port: number, streams: number): Uint8Array {
     0x82, // :method GET
     0x87, // :scheme https
     0x04, // :path, literal without indexing, name index 4
-    ...hpackString(`/dns-query?dns=${dns}`),
+    ...hpackLiteral(`/dns-query?dns=${dns}`),
     0x01, // :authority
-    ...hpackString(`127.0.0.1:${port}`),
+    ...hpackLiteral(`127.0.0.1:${port}`),
   ]);
-  const window = 0x7fffffff;
-  const settings = new Uint8Array(6);
-  new DataView(settings.buffer).setUint16(0, 4);
-  new DataView(settings.buffer).setUint32(2, window);
-  const increment = new Uint8Array(4);
-  new DataView(increment.buffer).setUint32(0, window - 65_535);
-  const parts = [
-    new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-    h2Frame(4, 0, 0, settings),
-    h2Frame(8, 0, 0, increment),
-  ];
-  for (let i = 0; i < streams; i++) parts.push(h2Frame(1, 0x05, 1 + 2 * i, block));
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  parts.reduce((at, p) => (out.set(p, at), at + p.length), 0);
-  return out;
+  return h2NoReadClientBytes(block, streams);
 }
 
 /** DoH over HTTP/2: `count` TLS connections x `streams` GETs for 60 KB answers, never read. */

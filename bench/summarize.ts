@@ -6,7 +6,7 @@
  * Usage: deno run --allow-read=DIR --allow-write=DIR bench/summarize.ts DIR
  */
 
-type Row = Record<string, string>;
+import { fmt, mean, num, readPlainTsv, readTsv, type Row } from "./summary_lib.ts";
 
 interface Group {
   kind: string;
@@ -54,45 +54,6 @@ const ORDER = [
   "deno-responder",
   "unbound-direct",
 ];
-
-function readTsv(path: string): Row[] {
-  let text: string;
-  try {
-    text = Deno.readTextFileSync(path);
-  } catch {
-    return [];
-  }
-  const lines = text.split("\n").filter((l) => l.trim() !== "");
-  if (lines.length === 0) return [];
-  const head = lines[0].split("\t");
-  return lines.slice(1).map((l) => {
-    const cells = l.split("\t");
-    const row: Row = {};
-    head.forEach((h, i) => (row[h] = cells[i] ?? ""));
-    return row;
-  });
-}
-
-function readPlainTsv(path: string): string[][] {
-  try {
-    return Deno.readTextFileSync(path).split("\n").filter((l) => l.trim() !== "").map((l) =>
-      l.split("\t")
-    );
-  } catch {
-    return [];
-  }
-}
-
-function num(s: string | undefined): number | null {
-  if (s === undefined || s === "" || s === "-") return null;
-  const n = Number(s);
-  return Number.isFinite(n) ? n : null;
-}
-
-function mean(xs: (number | null)[]): number | null {
-  const v = xs.filter((x): x is number => x !== null);
-  return v.length === 0 ? null : v.reduce((a, b) => a + b, 0) / v.length;
-}
 
 function sum(xs: (number | null)[]): number {
   return xs.reduce((a: number, b) => a + (b ?? 0), 0);
@@ -143,14 +104,6 @@ function group(rows: Row[]): Group[] {
     b.mode.localeCompare(a.mode)
   );
   return groups;
-}
-
-function fmt(n: number | null, digits = 0): string {
-  if (n === null) return "–";
-  return n.toLocaleString("en-US", {
-    minimumFractionDigits: digits,
-    maximumFractionDigits: digits,
-  });
 }
 
 /** Three significant digits, but whole numbers from 1,000 up. */

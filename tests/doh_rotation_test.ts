@@ -11,43 +11,14 @@
  */
 
 import assert from "node:assert/strict";
-import { CA_PEM, SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
+import { CA_PEM } from "./fixtures/certs.ts";
 import { buildQuery, parseMessage } from "./support/dns.ts";
 import { base64Url } from "./support/doh.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
 
-import { spawnMain } from "./support/proxy.ts";
+import { keepAsking, type RotationProxy, startRotationProxy } from "./support/rotation.ts";
 import { sleep, until } from "./support/wait.ts";
-
-function start(args: string[]) {
-  const main = spawnMain(args, {
-    DOTPROXY_CA_CERTS: CA_PEM,
-    DOTPROXY_TLS_CERT: SERVER_PEM,
-    DOTPROXY_TLS_KEY: SERVER_KEY,
-  }, 60_000);
-  let stderr = "";
-  const collected = (async () => {
-    const decoder = new TextDecoder();
-    for await (const chunk of main.child.stderr) stderr += decoder.decode(chunk, { stream: true });
-  })();
-  const drained = main.child.stdout.cancel();
-  return {
-    stderr: () => stderr,
-    stop: async () => {
-      try {
-        main.child.kill("SIGTERM");
-      } catch {
-        // Gone already.
-      }
-      const { code } = await main.child.status;
-      main.stopTimer();
-      await collected;
-      await drained;
-      return code;
-    },
-  };
-}
 
 /** DoH queries by `fetch`, one at a time, each sent again (at most twice) if it was lost. */
 class DohAsker {
@@ -115,22 +86,17 @@ Deno.test({
       new DohAsker(`http://127.0.0.1:${plain}/dns-query`, "h1", client),
       new DohAsker(`https://localhost:${doh}/dns-query`, "h2", client),
     ];
-    const old = start(args);
-    let fresh: ReturnType<typeof start> | null = null;
+    const old = startRotationProxy(args);
+    let fresh: RotationProxy | null = null;
     let running = true;
     const loops: Promise<void>[] = [];
     try {
       assert.ok(await until(() => old.stderr().includes("dotproxy started"), 15_000));
       for (const asker of askers) {
-        loops.push((async () => {
-          while (running) {
-            await asker.ask();
-            await sleep(5);
-          }
-        })());
+        loops.push(keepAsking(asker, () => running));
       }
       await sleep(500);
-      fresh = start(args);
+      fresh = startRotationProxy(args);
       assert.ok(await until(() => fresh!.stderr().includes("dotproxy started"), 15_000));
       await sleep(300);
       const asked = askers.map((a) => a.asked);

@@ -15,8 +15,9 @@ import { encodeHeaders } from "../src/http/hpack.ts";
 import { DohService } from "../src/server/doh.ts";
 import { DohListener } from "../src/server/doh_listener.ts";
 import { CA_PEM, SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
-import { buildQuery, encodeName, parseMessage } from "./support/dns.ts";
-import { base64Url, hasTool, named, run, withDoh } from "./support/doh.ts";
+import { appendChunk, buildQuery, encodeName, parseMessage } from "./support/dns.ts";
+import { base64Url, type DohSetup, hasTool, named, run, withDoh } from "./support/doh.ts";
+import { H2_PREFACE, h2Frame } from "./support/h2_frames.ts";
 import { parseCidr } from "../src/config.ts";
 
 const CURL = await hasTool("curl");
@@ -476,13 +477,14 @@ Deno.test({
   },
 });
 
-/** An HTTP/2 frame. */
-function frame(type: number, flags: number, stream: number, payload: Uint8Array): Uint8Array {
-  const out = new Uint8Array(9 + payload.length);
-  out.set([payload.length >> 16, (payload.length >> 8) & 0xff, payload.length & 0xff, type, flags]);
-  new DataView(out.buffer).setUint32(5, stream);
-  out.set(payload, 9);
-  return out;
+/** The HPACK block of a GET of `path` over plain HTTP/2 (authority "x"). */
+function plainGetHeaders(path: string): Uint8Array {
+  return encodeHeaders([
+    [":method", "GET"],
+    [":scheme", "http"],
+    [":authority", "x"],
+    [":path", path],
+  ]);
 }
 
 /** Reads frames until `done` says stop or the connection ends; returns them. */
@@ -496,10 +498,7 @@ async function readFrames(
   for (let reads = 0; reads < 10_000 && !done(frames); reads++) {
     const n = await conn.read(chunk);
     if (n === null) break;
-    const joined = new Uint8Array(buffer.length + n);
-    joined.set(buffer);
-    joined.set(chunk.subarray(0, n), buffer.length);
-    buffer = joined;
+    buffer = appendChunk(buffer, chunk, n);
     while (buffer.length >= 9) {
       const length = (buffer[0] << 16) | (buffer[1] << 8) | buffer[2];
       if (buffer.length < 9 + length) break;
@@ -521,16 +520,11 @@ Deno.test("doh: HTTP/2 streams past SETTINGS_MAX_CONCURRENT_STREAMS get RST_STRE
       const conn = await Deno.connect({ hostname: "127.0.0.1", port: plainPort });
       try {
         const path = `/dns-query?dns=${base64Url(buildQuery("slow.example", { id: 0 }))}`;
-        const parts: Uint8Array[] = [new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")];
-        parts.push(frame(4, 0, 0, new Uint8Array(0)));
+        const parts: Uint8Array[] = [H2_PREFACE];
+        parts.push(h2Frame(4, 0, 0, new Uint8Array(0)));
         for (let i = 0; i < 101; i++) {
-          const block = encodeHeaders([
-            [":method", "GET"],
-            [":scheme", "http"],
-            [":authority", "x"],
-            [":path", path],
-          ]);
-          parts.push(frame(1, 0x5, 1 + 2 * i, block));
+          const block = plainGetHeaders(path);
+          parts.push(h2Frame(1, 0x5, 1 + 2 * i, block));
         }
         for (const part of parts) await conn.write(part);
         const frames = await readFrames(conn, (f) => f.some((x) => x.type === 3));
@@ -592,15 +586,20 @@ async function closedWithin(conn: Deno.Conn, limitMs: number): Promise<boolean> 
   }
 }
 
+/** A DoH service at /dns-query on `proxy`'s resolver, logging to `logs`. */
+function dohService(proxy: DohSetup["proxy"], logs: DohSetup["logs"]): DohService {
+  return new DohService({
+    resolver: proxy.resolver,
+    path: "/dns-query",
+    trustedProxies: [],
+    cache: { minTtl: 0, maxTtl: 86400, maxNegativeTtl: 3600 },
+    log: logs.logger(),
+  });
+}
+
 Deno.test("doh: connection caps, TLS handshake deadline, request and idle deadlines", async () => {
   await withDoh(async ({ proxy, logs }) => {
-    const service = new DohService({
-      resolver: proxy.resolver,
-      path: "/dns-query",
-      trustedProxies: [],
-      cache: { minTtl: 0, maxTtl: 86400, maxNegativeTtl: 3600 },
-      log: logs.logger(),
-    });
+    const service = dohService(proxy, logs);
     const limits = { requestTimeoutMs: 300, idleTimeoutMs: 400 };
     const tls = DohListener.listen({ hostname: "127.0.0.1", port: 0 }, service, logs.logger(), {
       tls: { cert: SERVER_PEM, key: SERVER_KEY },
@@ -723,10 +722,7 @@ Deno.test("doh: HTTP/1.1 pipelining: ten requests in one write, ten answers in o
       for (let reads = 0; reads < 1000 && answers.length < 10; reads++) {
         const n = await conn.read(chunk);
         if (n === null) break;
-        const joined = new Uint8Array(buffer.length + n);
-        joined.set(buffer);
-        joined.set(chunk.subarray(0, n), buffer.length);
-        buffer = joined;
+        buffer = appendChunk(buffer, chunk, n);
         for (;;) {
           const text = new TextDecoder("latin1").decode(buffer);
           const headEnd = text.indexOf("\r\n\r\n");
@@ -751,13 +747,7 @@ Deno.test("doh: HTTP/1.1 pipelining: ten requests in one write, ten answers in o
 
 Deno.test("doh: a client that never reads its answers is closed by the write deadline", async () => {
   await withDoh(async ({ proxy, logs }) => {
-    const service = new DohService({
-      resolver: proxy.resolver,
-      path: "/dns-query",
-      trustedProxies: [],
-      cache: { minTtl: 0, maxTtl: 86400, maxNegativeTtl: 3600 },
-      log: logs.logger(),
-    });
+    const service = dohService(proxy, logs);
     const listener = DohListener.listen(
       { hostname: "127.0.0.1", port: 0 },
       service,
@@ -776,18 +766,13 @@ Deno.test("doh: a client that never reads its answers is closed by the write dea
         const path = `/dns-query?dns=${base64Url(buildQuery("big8000.example", { type: 16 }))}`;
         const parts: Uint8Array[] = [];
         if (h2) {
-          parts.push(new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+          parts.push(H2_PREFACE);
           // A large window, so that flow control is not what holds the answers back.
-          parts.push(frame(4, 0, 0, new Uint8Array([0, 4, 0x7f, 0xff, 0xff, 0xff])));
-          parts.push(frame(8, 0, 0, new Uint8Array([0x7f, 0xff, 0, 0])));
+          parts.push(h2Frame(4, 0, 0, new Uint8Array([0, 4, 0x7f, 0xff, 0xff, 0xff])));
+          parts.push(h2Frame(8, 0, 0, new Uint8Array([0x7f, 0xff, 0, 0])));
           for (let i = 0; i < 2000; i++) {
-            const block = encodeHeaders([
-              [":method", "GET"],
-              [":scheme", "http"],
-              [":authority", "x"],
-              [":path", path],
-            ]);
-            parts.push(frame(1, 0x5, 1 + 2 * i, block));
+            const block = plainGetHeaders(path);
+            parts.push(h2Frame(1, 0x5, 1 + 2 * i, block));
             // Stay under the stream cap: a few at a time would be the polite way; the cap
             // refuses the rest, which is fine here.
           }
@@ -818,9 +803,8 @@ Deno.test("doh: a client that never reads its answers is closed by the write dea
 async function goAwayAfter(port: number, bytes: Uint8Array[]): Promise<number | null> {
   const conn = await Deno.connect({ hostname: "127.0.0.1", port });
   try {
-    const preface = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-    await conn.write(preface);
-    await conn.write(frame(4, 0, 0, new Uint8Array(0)));
+    await conn.write(H2_PREFACE);
+    await conn.write(h2Frame(4, 0, 0, new Uint8Array(0)));
     for (const part of bytes) await conn.write(part);
     const timer = setTimeout(() => conn.close(), 3000);
     try {
@@ -845,7 +829,7 @@ Deno.test("doh: malformed HTTP/2 ends the connection with the right GOAWAY; the 
   await withDoh(
     async ({ plainPort }) => {
       const headers = (stream: number, path = "/dns-query?dns=AAABAAABAAAAAAAAAAABAAE") =>
-        frame(
+        h2Frame(
           1,
           0x5,
           stream,
@@ -854,32 +838,32 @@ Deno.test("doh: malformed HTTP/2 ends the connection with the right GOAWAY; the 
       const cases: [string, Uint8Array[], number][] = [
         [
           "a frame over 16,384 octets",
-          [frame(0, 0, 1, new Uint8Array(20_000))],
+          [h2Frame(0, 0, 1, new Uint8Array(20_000))],
           H2Error.FRAME_SIZE_ERROR,
         ],
         ["HEADERS on stream 0", [headers(0)], H2Error.PROTOCOL_ERROR],
         ["HEADERS on an even stream", [headers(2)], H2Error.PROTOCOL_ERROR],
         ["undecodable HPACK", [
-          frame(1, 0x5, 1, new Uint8Array([0xff, 0xff, 0xff, 0xff, 0xff, 0xff])),
+          h2Frame(1, 0x5, 1, new Uint8Array([0xff, 0xff, 0xff, 0xff, 0xff, 0xff])),
         ], H2Error.COMPRESSION_ERROR],
-        ["DATA on an idle stream", [frame(0, 0, 9, new Uint8Array(4))], H2Error.PROTOCOL_ERROR],
+        ["DATA on an idle stream", [h2Frame(0, 0, 9, new Uint8Array(4))], H2Error.PROTOCOL_ERROR],
         [
           "PUSH_PROMISE from a client",
-          [frame(5, 0x4, 1, new Uint8Array(4))],
+          [h2Frame(5, 0x4, 1, new Uint8Array(4))],
           H2Error.PROTOCOL_ERROR,
         ],
-        ["WINDOW_UPDATE of 0", [frame(8, 0, 0, new Uint8Array(4))], H2Error.PROTOCOL_ERROR],
-        ["a SETTINGS of 5 octets", [frame(4, 0, 0, new Uint8Array(5))], H2Error.FRAME_SIZE_ERROR],
+        ["WINDOW_UPDATE of 0", [h2Frame(8, 0, 0, new Uint8Array(4))], H2Error.PROTOCOL_ERROR],
+        ["a SETTINGS of 5 octets", [h2Frame(4, 0, 0, new Uint8Array(5))], H2Error.FRAME_SIZE_ERROR],
         [
           "CONTINUATION out of the blue",
-          [frame(9, 0x4, 1, new Uint8Array(1))],
+          [h2Frame(9, 0x4, 1, new Uint8Array(1))],
           H2Error.PROTOCOL_ERROR,
         ],
         ["a frame inside a header block", [
-          frame(1, 0x1, 1, new Uint8Array(0)),
-          frame(6, 0, 0, new Uint8Array(8)),
+          h2Frame(1, 0x1, 1, new Uint8Array(0)),
+          h2Frame(6, 0, 0, new Uint8Array(8)),
         ], H2Error.PROTOCOL_ERROR],
-        ["a ping of 7 octets", [frame(6, 0, 0, new Uint8Array(7))], H2Error.FRAME_SIZE_ERROR],
+        ["a ping of 7 octets", [h2Frame(6, 0, 0, new Uint8Array(7))], H2Error.FRAME_SIZE_ERROR],
         ["streams going backwards", [headers(5), headers(3)], H2Error.STREAM_CLOSED],
       ];
       // Floods: streams opened only to be reset (CVE-2023-44487), and a header block of empty
@@ -887,11 +871,11 @@ Deno.test("doh: malformed HTTP/2 ends the connection with the right GOAWAY; the 
       const resets: Uint8Array[] = [];
       for (let i = 0; i < 300; i++) {
         resets.push(headers(1 + 2 * i, `/dns-query?dns=${base64Url(buildQuery("slow.example"))}`));
-        resets.push(frame(3, 0, 1 + 2 * i, new Uint8Array([0, 0, 0, 8])));
+        resets.push(h2Frame(3, 0, 1 + 2 * i, new Uint8Array([0, 0, 0, 8])));
       }
       cases.push(["rapid reset", resets, H2Error.ENHANCE_YOUR_CALM]);
-      const continuations = [frame(1, 0x1, 1, new Uint8Array(0))];
-      for (let i = 0; i < 100; i++) continuations.push(frame(9, 0, 1, new Uint8Array(0)));
+      const continuations = [h2Frame(1, 0x1, 1, new Uint8Array(0))];
+      for (let i = 0; i < 100; i++) continuations.push(h2Frame(9, 0, 1, new Uint8Array(0)));
       cases.push(["endless CONTINUATION", continuations, H2Error.ENHANCE_YOUR_CALM]);
       for (const [what, bytes, code] of cases) {
         assert.equal(await goAwayAfter(plainPort, bytes), code, what);
@@ -899,8 +883,8 @@ Deno.test("doh: malformed HTTP/2 ends the connection with the right GOAWAY; the 
       // A PING is answered; a bad preface is closed without a word.
       const conn = await Deno.connect({ hostname: "127.0.0.1", port: plainPort });
       try {
-        await conn.write(new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
-        await conn.write(frame(6, 0, 0, new Uint8Array([1, 2, 3, 4, 5, 6, 7, 8])));
+        await conn.write(H2_PREFACE);
+        await conn.write(h2Frame(6, 0, 0, new Uint8Array([1, 2, 3, 4, 5, 6, 7, 8])));
         const frames = await readFrames(conn, (f) => f.some((x) => x.type === 6));
         const pong = frames.find((f) => f.type === 6);
         assert.deepEqual([pong?.flags, [...pong?.payload ?? []]], [1, [1, 2, 3, 4, 5, 6, 7, 8]]);
@@ -978,9 +962,9 @@ Deno.test("doh: a drain answers the requests in flight (HTTP/2: GOAWAY first), t
       const h1 = await Deno.connect({ hostname: "127.0.0.1", port: plainPort });
       try {
         const path = `/dns-query?dns=${base64Url(buildQuery("slow.example", { id: 0 }))}`;
-        await h2.write(new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
-        await h2.write(frame(4, 0, 0, new Uint8Array(0)));
-        await h2.write(frame(
+        await h2.write(H2_PREFACE);
+        await h2.write(h2Frame(4, 0, 0, new Uint8Array(0)));
+        await h2.write(h2Frame(
           1,
           0x5,
           1,

@@ -23,6 +23,7 @@ import { TimerQueue } from "../src/timers.ts";
 import { CA_PEM, SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
 import { buildQuery } from "./support/dns.ts";
 import { hasTool, named, run, withDoh } from "./support/doh.ts";
+import { h2Frame } from "./support/h2_frames.ts";
 
 type Frame = { type: number; flags: number; stream: number; payload: Uint8Array };
 
@@ -33,14 +34,6 @@ const WINDOW_UPDATE = 8;
 const END_STREAM = 1;
 const ACK = 1;
 const END_HEADERS = 4;
-
-function frame(type: number, flags: number, stream: number, payload: Uint8Array): Uint8Array {
-  const out = new Uint8Array(9 + payload.length);
-  out.set([payload.length >> 16, (payload.length >> 8) & 0xff, payload.length & 0xff, type, flags]);
-  new DataView(out.buffer).setUint32(5, stream);
-  out.set(payload, 9);
-  return out;
-}
 
 function join(...parts: Uint8Array[]): Uint8Array {
   const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
@@ -60,7 +53,12 @@ function request(method: string, stream: number, endStream: boolean): Uint8Array
     [":path", method === "GET" ? "/dns-query?dns=AAABAAABAAAAAAAAAAABAAE" : "/dns-query"],
   ];
   if (method === "POST") fields.push(["content-type", "application/dns-message"]);
-  return frame(HEADERS, END_HEADERS | (endStream ? END_STREAM : 0), stream, encodeHeaders(fields));
+  return h2Frame(
+    HEADERS,
+    END_HEADERS | (endStream ? END_STREAM : 0),
+    stream,
+    encodeHeaders(fields),
+  );
 }
 
 /** The client side: reads frames as they come. */
@@ -178,7 +176,7 @@ for (const tls of [false, true]) {
       await withH2(tls, delayMs, async (client, reader, writes) => {
         // As curl sends it: preface, SETTINGS and the request in one write.
         await client.write(
-          join(PREFACE, frame(SETTINGS, 0, 0, new Uint8Array(0)), request("GET", 1, true)),
+          join(PREFACE, h2Frame(SETTINGS, 0, 0, new Uint8Array(0)), request("GET", 1, true)),
         );
         assert.ok(await reader.until(answered(1)), "no answer");
         assert.equal(writes.length, 1, `server writes before the answer was whole: ${writes}`);
@@ -197,14 +195,14 @@ for (const tls of [false, true]) {
       await withH2(tls, delayMs, async (client, reader, writes) => {
         const body = new Uint8Array(33);
         await client.write(
-          join(PREFACE, frame(SETTINGS, 0, 0, new Uint8Array(0)), request("POST", 1, false)),
+          join(PREFACE, h2Frame(SETTINGS, 0, 0, new Uint8Array(0)), request("POST", 1, false)),
         );
-        await client.write(frame(DATA, END_STREAM, 1, body));
+        await client.write(h2Frame(DATA, END_STREAM, 1, body));
         assert.ok(await reader.until(answered(1)), "no answer");
         assert.equal(writes.length, 1, `server writes before the answer was whole: ${writes}`);
         // A second POST on the open connection: still no lone WINDOW_UPDATE before its answer.
         await client.write(request("POST", 3, false));
-        await client.write(frame(DATA, END_STREAM, 3, body));
+        await client.write(h2Frame(DATA, END_STREAM, 3, body));
         assert.ok(await reader.until(answered(3)), "no second answer");
         assert.equal(writes.length, 2, `writes: ${writes}`);
         assert.ok(
@@ -220,7 +218,7 @@ for (const tls of [false, true]) {
 Deno.test("h2 writes: held control frames never stall a client (no stream, or a large body before our SETTINGS)", async () => {
   // A client that waits for our SETTINGS before its first request gets them.
   await withH2(false, 0, async (client, reader) => {
-    await client.write(join(PREFACE, frame(SETTINGS, 0, 0, new Uint8Array(0))));
+    await client.write(join(PREFACE, h2Frame(SETTINGS, 0, 0, new Uint8Array(0))));
     assert.ok(
       await reader.until((frames) =>
         frames.some((f) => f.type === SETTINGS && (f.flags & ACK) !== 0)
@@ -232,18 +230,18 @@ Deno.test("h2 writes: held control frames never stall a client (no stream, or a 
   // our SETTINGS and connection WINDOW_UPDATE while its stream is still open.
   await withH2(false, 0, async (client, reader) => {
     await client.write(
-      join(PREFACE, frame(SETTINGS, 0, 0, new Uint8Array(0)), request("POST", 1, false)),
+      join(PREFACE, h2Frame(SETTINGS, 0, 0, new Uint8Array(0)), request("POST", 1, false)),
     );
     for (let sent = 0; sent < 65_535;) {
       const size = Math.min(16_384, 65_535 - sent);
-      await client.write(frame(DATA, 0, 1, new Uint8Array(size)));
+      await client.write(h2Frame(DATA, 0, 1, new Uint8Array(size)));
       sent += size;
     }
     assert.ok(
       await reader.until((frames) => frames.some((f) => f.type === WINDOW_UPDATE)),
       "stalled",
     );
-    await client.write(frame(DATA, END_STREAM, 1, new Uint8Array(0)));
+    await client.write(h2Frame(DATA, END_STREAM, 1, new Uint8Array(0)));
     assert.ok(await reader.until(answered(1)), "no answer");
   });
 });

@@ -61,6 +61,18 @@ async function withDot(
   }
 }
 
+/** dig/kdig arguments for `test`'s DoT listener, `hostname` verified against the test CA. */
+function overTls(test: { dotPort: number; caFile: string }, hostname = "dns.test"): string[] {
+  return [
+    "@127.0.0.1",
+    "-p",
+    String(test.dotPort),
+    "+tls",
+    `+tls-ca=${test.caFile}`,
+    `+tls-hostname=${hostname}`,
+  ];
+}
+
 function dotQueries(test: TestProxy): number {
   const render = test.proxy.metrics.registry.render();
   return metricValue(render, "dotproxy_queries_total", { transport: "dot", rcode: "NOERROR" }) ??
@@ -128,12 +140,7 @@ Deno.test({
   fn: async () => {
     await withDot(async (test) => {
       const out = await run("kdig", [
-        "@127.0.0.1",
-        "-p",
-        String(test.dotPort),
-        "+tls",
-        `+tls-ca=${test.caFile}`,
-        "+tls-hostname=dns.test",
+        ...overTls(test),
         "+dnssec",
         "+cdflag",
         "kdig.example",
@@ -152,12 +159,7 @@ Deno.test({
       assert.match(said, /TLS session \(TLS1\.[23]\)/, said);
       // A wrong name fails verification: kdig refuses to ask.
       const wrong = await run("kdig", [
-        "@127.0.0.1",
-        "-p",
-        String(test.dotPort),
-        "+tls",
-        `+tls-ca=${test.caFile}`,
-        "+tls-hostname=wrong.test",
+        ...overTls(test, "wrong.test"),
         "x.example",
       ]);
       assert.doesNotMatch(text(wrong.stdout), /status: NOERROR/);
@@ -172,12 +174,7 @@ Deno.test({
   fn: async () => {
     await withDot(async (test) => {
       const out = await run("dig", [
-        "@127.0.0.1",
-        "-p",
-        String(test.dotPort),
-        "+tls",
-        `+tls-ca=${test.caFile}`,
-        "+tls-hostname=dns.test",
+        ...overTls(test),
         "dig.example",
         "A",
       ]);

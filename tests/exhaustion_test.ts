@@ -17,10 +17,25 @@ import { sleep, until } from "./support/wait.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const CLIENTS = 1000;
+/**
+ * One client address holds them all: the per-client and global caps lifted so that the
+ * descriptors run out first.
+ */
+const UNCAPPED = [
+  "--max-tcp-connections",
+  "5000",
+  "--max-tcp-connections-per-client",
+  "5000",
+];
 
-async function httpStatus(url: string, timeoutMs: number): Promise<number | string> {
+/** The status of a GET of `url` (through `client` when given), or the error's name. */
+async function httpStatus(
+  url: string,
+  timeoutMs: number,
+  client?: Deno.HttpClient,
+): Promise<number | string> {
   try {
-    const response = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    const response = await fetch(url, { client, signal: AbortSignal.timeout(timeoutMs) });
     await response.body?.cancel();
     return response.status;
   } catch (error) {
@@ -104,6 +119,31 @@ function startMain(
   };
 }
 
+/** Waits (15 s at most) for `main` to log that it started. */
+async function started(main: MainChild): Promise<void> {
+  assert.ok(
+    await until(() => main.stderr().includes("dotproxy started"), 15_000),
+    `started: ${main.stderr()}`,
+  );
+}
+
+/**
+ * Opens CLIENTS connections to `port` on 127.0.0.1, each pushed to `clients` (the caller
+ * closes them), and waits (10 s at most) for `main` to log `logged`.
+ */
+async function exhaust(
+  main: MainChild,
+  port: number,
+  clients: Deno.TcpConn[],
+  logged: string,
+  message: string,
+): Promise<void> {
+  for (let i = 0; i < CLIENTS; i++) {
+    clients.push(await Deno.connect({ hostname: "127.0.0.1", port }));
+  }
+  assert.ok(await until(() => main.stderr().includes(logged), 10_000), message);
+}
+
 Deno.test({
   name: "exhaustion: 1,000 idle TCP clients under ulimit -n 1024; every port comes back",
   ignore: Deno.build.os === "windows",
@@ -120,12 +160,8 @@ Deno.test({
         `127.0.0.1:${httpPort}`,
         "--upstream",
         upstream.upstream(),
-        // One client address holds them all: lift the per-client and global caps so the
-        // descriptors run out first, and keep idle clients open through the test.
-        "--max-tcp-connections",
-        "5000",
-        "--max-tcp-connections-per-client",
-        "5000",
+        ...UNCAPPED,
+        // Idle clients stay open through the test.
         "--tcp-idle-timeout",
         "120000",
       ],
@@ -133,19 +169,16 @@ Deno.test({
     const clients: Deno.TcpConn[] = [];
     try {
       const healthz = `http://127.0.0.1:${httpPort}/healthz`;
-      assert.ok(
-        await until(() => main.stderr().includes("dotproxy started"), 15_000),
-        `started: ${main.stderr()}`,
-      );
+      await started(main);
       assert.equal(await httpStatus(healthz, 2000), 200);
 
       // 1,000 idle clients: the kernel completes every handshake; the proxy runs out of
       // descriptors accepting them.
-      for (let i = 0; i < CLIENTS; i++) {
-        clients.push(await Deno.connect({ hostname: "127.0.0.1", port: dnsPort }));
-      }
-      assert.ok(
-        await until(() => main.stderr().includes("out of file descriptors"), 10_000),
+      await exhaust(
+        main,
+        dnsPort,
+        clients,
+        "out of file descriptors",
         "the proxy ran out of descriptors",
       );
       // Meanwhile: /healthz may not get a descriptor, but must not end the process...
@@ -211,10 +244,7 @@ Deno.test({
       args: ["--listen", `127.0.0.1:${dnsPort}`, "--upstream", upstream.upstream()],
     });
     try {
-      assert.ok(
-        await until(() => main.stderr().includes("dotproxy started"), 15_000),
-        `started: ${main.stderr()}`,
-      );
+      await started(main);
       for (let round = 1; round <= 2; round++) {
         main.kill("SIGUSR2");
         assert.ok(
@@ -270,40 +300,23 @@ Deno.test({
         `127.0.0.1:${plainPort}`,
         "--upstream",
         upstream.upstream(),
-        "--max-tcp-connections",
-        "5000",
-        "--max-tcp-connections-per-client",
-        "5000",
+        ...UNCAPPED,
         "--tcp-idle-timeout",
         "120000",
       ],
     });
     const clients: Deno.TcpConn[] = [];
     const client = Deno.createHttpClient({ caCerts: [CA_PEM] });
-    const ask = async (url: string): Promise<number | string> => {
-      try {
-        const response = await fetch(url, { client, signal: AbortSignal.timeout(2000) });
-        await response.body?.cancel();
-        return response.status;
-      } catch (error) {
-        return error instanceof Error ? error.name : String(error);
-      }
-    };
+    const ask = (url: string) => httpStatus(url, 2000, client);
     const path = `/dns-query?dns=${base64Url(buildQuery("doh.test", { id: 0 }))}`;
     try {
-      assert.ok(
-        await until(() => main.stderr().includes("dotproxy started"), 15_000),
-        `started: ${main.stderr()}`,
-      );
+      await started(main);
       assert.equal(await ask(`http://127.0.0.1:${plainPort}${path}`), 200);
-      for (let i = 0; i < CLIENTS; i++) {
-        clients.push(await Deno.connect({ hostname: "127.0.0.1", port: plainPort }));
-      }
-      assert.ok(
-        await until(
-          () => main.stderr().includes("doh-plain accept failed: out of file descriptors"),
-          10_000,
-        ),
+      await exhaust(
+        main,
+        plainPort,
+        clients,
+        "doh-plain accept failed: out of file descriptors",
         "the proxy ran out of descriptors on the DoH listener",
       );
       assert.equal(main.exited(), false, "still running");
@@ -347,10 +360,7 @@ Deno.test({
         `127.0.0.1:${dotPort}`,
         "--upstream",
         upstream.upstream(),
-        "--max-tcp-connections",
-        "5000",
-        "--max-tcp-connections-per-client",
-        "5000",
+        ...UNCAPPED,
       ],
     });
     const clients: Deno.TcpConn[] = [];
@@ -368,20 +378,14 @@ Deno.test({
       }
     };
     try {
-      assert.ok(
-        await until(() => main.stderr().includes("dotproxy started"), 15_000),
-        `started: ${main.stderr()}`,
-      );
+      await started(main);
       assert.ok(await askDot(), "DoT answers at first");
       // Connections that never start a handshake: each holds a descriptor up to the deadline.
-      for (let i = 0; i < CLIENTS; i++) {
-        clients.push(await Deno.connect({ hostname: "127.0.0.1", port: dotPort }));
-      }
-      assert.ok(
-        await until(
-          () => main.stderr().includes("dot accept failed: out of file descriptors"),
-          10_000,
-        ),
+      await exhaust(
+        main,
+        dotPort,
+        clients,
+        "dot accept failed: out of file descriptors",
         "the proxy ran out of descriptors on the DoT listener",
       );
       const udp = await udpExchange(dnsPort, buildQuery("udp.test", { id: 2 }), 2000);

@@ -19,44 +19,22 @@ import type { HttpResponse, HttpService } from "../src/http/types.ts";
 import { DOH_LIMITS } from "../src/server/doh_listener.ts";
 import { AnswerBudget } from "../src/server/answer_budget.ts";
 import { TimerQueue } from "../src/timers.ts";
+import { h2NoReadClientBytes, hpackLiteral } from "./support/h2_frames.ts";
 
 const BODY = 1024 * 1024;
 const STREAMS = 100;
 
-function frame(type: number, flags: number, stream: number, payload: Uint8Array): Uint8Array {
-  const f = new Uint8Array(9 + payload.length);
-  f[0] = payload.length >> 16;
-  f[1] = (payload.length >> 8) & 0xff;
-  f[2] = payload.length & 0xff;
-  f[3] = type;
-  f[4] = flags;
-  new DataView(f.buffer).setUint32(5, stream);
-  f.set(payload, 9);
-  return f;
-}
-
-function literal(text: string): number[] {
-  const bytes = new TextEncoder().encode(text);
-  return [bytes.length, ...bytes];
-}
-
 /** Preface, SETTINGS (largest stream window), the connection window opened, 100 GETs. */
 function hostileClientBytes(): Uint8Array {
-  const settings = new Uint8Array(6);
-  new DataView(settings.buffer).setUint16(0, 4);
-  new DataView(settings.buffer).setUint32(2, 0x7fffffff);
-  const increment = new Uint8Array(4);
-  new DataView(increment.buffer).setUint32(0, 0x7fffffff - 65_535);
-  const block = new Uint8Array([0x82, 0x86, 0x04, ...literal("/dns-query"), 0x01, ...literal("x")]);
-  const parts = [
-    new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-    frame(4, 0, 0, settings),
-    frame(8, 0, 0, increment),
-  ];
-  for (let i = 0; i < STREAMS; i++) parts.push(frame(1, 0x05, 1 + 2 * i, block));
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  parts.reduce((at, p) => (out.set(p, at), at + p.length), 0);
-  return out;
+  const block = new Uint8Array([
+    0x82,
+    0x86,
+    0x04,
+    ...hpackLiteral("/dns-query"),
+    0x01,
+    ...hpackLiteral("x"),
+  ]);
+  return h2NoReadClientBytes(block, STREAMS);
 }
 
 Deno.test("h2: a client that reads nothing gets no more answers made than the budget holds", async () => {

@@ -12,6 +12,7 @@ import { parseCidr } from "../src/config.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { addressFor, answerFor, buildQuery, formatA, parseMessage } from "./support/dns.ts";
 import {
+  bigAnswersThenHeldQueries,
   pythonAvailable,
   resetConnections,
   signWithTsig,
@@ -604,18 +605,10 @@ Deno.test("tcp: with big answers about, all connections together keep few querie
   await withProxy(config, async ({ port }) => {
     const clients: TcpDnsClient[] = [];
     try {
-      const first = await TcpDnsClient.connect(port);
-      clients.push(first);
-      await first.send(buildQuery("big60000.test", { id: 1, type: 16 }));
-      assert.equal((await first.receive())!.length > 60_000, true);
-      // 60 connections x 16 queries: 960 would be in flight; the budget holds ~140 answers of
-      // 60 KB, and each connection may have one.
+      // A 60 KB answer first, then 60 connections x 16 queries: 960 would be in flight; the
+      // budget holds ~140 answers of 60 KB, and each connection may have one.
       const fit = Math.ceil(STREAM_ANSWER_BUDGET / 60_000);
-      for (let i = 0; i < 60; i++) {
-        const client = await TcpDnsClient.connect(port);
-        clients.push(client);
-        for (let j = 0; j < 16; j++) await client.send(buildQuery(`s${i}-${j}.test`, { id: j }));
-      }
+      await bigAnswersThenHeldQueries(port, clients, 60, 16);
       assert.ok(await until(() => forwarder.pending.length >= fit));
       await sleep(100);
       const held = forwarder.pending.length;

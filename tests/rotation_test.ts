@@ -15,54 +15,13 @@
  */
 
 import assert from "node:assert/strict";
-import { CA_PEM, SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
 import { buildQuery, parseMessage } from "./support/dns.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { freeStablePort } from "./support/fault_upstream.ts";
 
-import { spawnMain, TcpDnsClient, udpExchange } from "./support/proxy.ts";
+import { TcpDnsClient, udpExchange } from "./support/proxy.ts";
+import { keepAsking, type RotationProxy, startRotationProxy } from "./support/rotation.ts";
 import { sleep, until } from "./support/wait.ts";
-
-interface Proxy {
-  stderr(): string;
-  exited(): boolean;
-  stop(signal?: Deno.Signal): Promise<number>;
-}
-
-function start(args: string[]): Proxy {
-  const main = spawnMain(args, {
-    DOTPROXY_CA_CERTS: CA_PEM,
-    DOTPROXY_TLS_CERT: SERVER_PEM,
-    DOTPROXY_TLS_KEY: SERVER_KEY,
-  }, 60_000);
-  let stderr = "";
-  let exited = false;
-  const collected = (async () => {
-    const decoder = new TextDecoder();
-    for await (const chunk of main.child.stderr) stderr += decoder.decode(chunk, { stream: true });
-  })();
-  const drained = main.child.stdout.cancel();
-  const status = main.child.status.then((s) => {
-    exited = true;
-    return s;
-  });
-  return {
-    stderr: () => stderr,
-    exited: () => exited,
-    stop: async (signal: Deno.Signal = "SIGTERM") => {
-      try {
-        main.child.kill(signal);
-      } catch {
-        // Gone already.
-      }
-      const { code } = await status;
-      main.stopTimer();
-      await collected;
-      await drained;
-      return code;
-    },
-  };
-}
 
 /** Query lines (`--log-queries`) of `transport` in `stderr` logged at or after `since`. */
 function answered(stderr: string, transport: string, since: number): number {
@@ -135,8 +94,8 @@ Deno.test({
       "--shutdown-delay",
       "1000",
     ];
-    const old = start(args);
-    let fresh: Proxy | null = null;
+    const old = startRotationProxy(args);
+    let fresh: RotationProxy | null = null;
     const tcp = new StreamAsker(() => TcpDnsClient.connect(dns), "tcp");
     const tls = new StreamAsker(() => TcpDnsClient.connectTls(dot), "dot");
     let udpAsked = 0;
@@ -149,12 +108,7 @@ Deno.test({
         old.stderr(),
       );
       for (const asker of [tcp, tls]) {
-        loops.push((async () => {
-          while (running) {
-            await asker.ask();
-            await sleep(5);
-          }
-        })());
+        loops.push(keepAsking(asker, () => running));
       }
       loops.push((async () => {
         for (let id = 1; running; id++) {
@@ -171,7 +125,7 @@ Deno.test({
       await sleep(500);
       // The hand-over: the new process binds the same addresses, then the old one drains.
       const overlapStart = Date.now();
-      fresh = start(args);
+      fresh = startRotationProxy(args);
       assert.ok(
         await until(() => fresh!.stderr().includes("dotproxy started"), 15_000),
         fresh.stderr(),

@@ -13,7 +13,7 @@
 
 import assert from "node:assert/strict";
 import { answerFor, buildQuery, parseMessage } from "./support/dns.ts";
-import { pythonAvailable, tcpPipelineFrom } from "./support/hostile.ts";
+import { bigAnswersThenHeldQueries, pythonAvailable, tcpPipelineFrom } from "./support/hostile.ts";
 import { TcpDnsClient, testConfig, withProxy } from "./support/proxy.ts";
 import type { UpstreamRequest } from "../src/upstream/forwarder.ts";
 import { STREAM_ANSWER_BUDGET } from "../src/server/answer_budget.ts";
@@ -161,17 +161,9 @@ Deno.test({
     await withProxy(config, async ({ port }) => {
       const clients: TcpDnsClient[] = [];
       try {
-        // Big answers about: the estimate of an answer's size is 60 KB.
-        const first = await TcpDnsClient.connect(port);
-        clients.push(first);
-        await first.send(buildQuery("big60000.test", { id: 1, type: 16 }));
-        assert.ok((await first.receive())!.length > 60_000);
-        // 60 connections x 16 slow queries: more than the whole budget (about 140).
-        for (let i = 0; i < 60; i++) {
-          const client = await TcpDnsClient.connect(port);
-          clients.push(client);
-          for (let j = 0; j < 16; j++) await client.send(buildQuery(`s${i}-${j}.test`, { id: j }));
-        }
+        // Big answers about (the estimate of an answer's size is 60 KB), then 60 connections x
+        // 16 slow queries: more than the whole budget (about 140).
+        await bigAnswersThenHeldQueries(port, clients, 60, 16);
         assert.ok(await until(() => hog.pending.length >= STREAM_ANSWER_BUDGET / 60_000));
         // The victim asks for big answers too (the estimate stays at 60 KB).
         const queries = Array.from(

@@ -7,7 +7,9 @@
  * @module
  */
 
-import { encodeName } from "./dns.ts";
+import assert from "node:assert/strict";
+import { buildQuery, encodeName } from "./dns.ts";
+import { TcpDnsClient } from "./proxy.ts";
 
 /**
  * Sends `queries` from a UDP socket bound to `source`; collects replies for `waitMs`, or
@@ -212,4 +214,27 @@ export async function tcpPipelineFrom(
 ): Promise<number> {
   const hex = queries.map((q) => Array.from(q, (b) => b.toString(16).padStart(2, "0")).join(""));
   return Number(await python(TCP_PIPELINE_FROM, [source, String(port), ...hex], 15_000));
+}
+
+/**
+ * The TCP answer budget's worst case: one query for a 60 KB answer (`big60000.test`, TXT) on a
+ * first connection, read, so that the proxy estimates every answer at 60 KB; then
+ * `connections` more connections with `each` queries on each (`s<i>-<j>.test`), not read. All
+ * the connections, the first one first, are pushed to `clients`: the caller closes them.
+ */
+export async function bigAnswersThenHeldQueries(
+  port: number,
+  clients: TcpDnsClient[],
+  connections = 60,
+  each = 16,
+): Promise<void> {
+  const first = await TcpDnsClient.connect(port);
+  clients.push(first);
+  await first.send(buildQuery("big60000.test", { id: 1, type: 16 }));
+  assert.ok((await first.receive())!.length > 60_000, "a 60 KB answer first");
+  for (let i = 0; i < connections; i++) {
+    const client = await TcpDnsClient.connect(port);
+    clients.push(client);
+    for (let j = 0; j < each; j++) await client.send(buildQuery(`s${i}-${j}.test`, { id: j }));
+  }
 }

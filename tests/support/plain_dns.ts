@@ -7,7 +7,7 @@
  * @module
  */
 
-import { answerFor, lengthFramed, parseMessage } from "./dns.ts";
+import { answerFor, appendChunk, lengthFramed, parseMessage } from "./dns.ts";
 
 /** One query the server read. */
 export interface PlainQuery {
@@ -135,10 +135,7 @@ export class PlainDnsServer {
       for (;;) {
         const n = await conn.read(chunk);
         if (n === null) break;
-        const joined = new Uint8Array(buffer.length + n);
-        joined.set(buffer);
-        joined.set(chunk.subarray(0, n), buffer.length);
-        buffer = joined;
+        buffer = appendChunk(buffer, chunk, n);
         while (buffer.length >= 2 && buffer.length >= 2 + ((buffer[0] << 8) | buffer[1])) {
           const length = (buffer[0] << 8) | buffer[1];
           const data = buffer.slice(2, 2 + length);
