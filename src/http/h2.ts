@@ -10,7 +10,7 @@
  * deadline and no connection cap. Piping each connection into an internal `Deno.serve` on
  * loopback would keep our own accept loop, but costs two more descriptors and two more
  * copies per client connection and still needs a restart when that inner loop dies. What it
- * costs to own it, measured (bench/doh_bench.sh, h2load, one core): 132k cached requests/s
+ * costs to own it, measured (h2load, one core; bench/listeners.sh measures it now): 132k cached requests/s
  * over TLS at 6.4 CPU ms per 1,000, against dnsdist's DoH (h2o) at 6.9 and Unbound's (nghttp2)
  * at 15.7; 22 KiB of RSS per idle HTTP/2 connection over TLS. Interoperability is tested with
  * curl, kdig, dig, python3-h2, dnsdist and nginx (tests/doh_*_test.ts).
