@@ -1836,9 +1836,45 @@ export function checkServerCertificate(config: Config): void {
   }
 }
 
+/**
+ * Two listeners of different kinds on one TCP port of overlapping addresses (`--listen` and
+ * `--listen-dot` on 127.0.0.1:5300, `--listen-doh` on [::]:443 and `--http` on 127.0.0.1:443):
+ * every listener binds with SO_REUSEPORT (rotation), so both would bind, and the kernel would
+ * hand each new connection to either: a DoT client to the DoH listener. Refused here.
+ */
+function checkSharedPorts(config: Config, sources: Sources): void {
+  const fields = ["listen", "listenDot", "listenDoh", "listenDohPlain", "http"] as const;
+  const bound: { field: SettingField; address: ListenAddress }[] = [];
+  for (const field of fields) {
+    const value = config[field];
+    const addresses = value === null ? [] : Array.isArray(value) ? value : [value];
+    for (const address of addresses) {
+      if (address.port !== 0) bound.push({ field, address });
+    }
+  }
+  const name = (field: SettingField) => sources.get(field) ?? `--${TABLE[field].flag}`;
+  for (const [i, one] of bound.entries()) {
+    for (const other of bound.slice(i + 1)) {
+      if (one.field === other.field || one.address.port !== other.address.port) continue;
+      const a = parseIpAddress(one.address.hostname);
+      const b = parseIpAddress(other.address.hostname);
+      const same = a !== null && b !== null && formatIp(a) === formatIp(b);
+      if (
+        !same && !coversAddress(one.address, other.address) &&
+        !coversAddress(other.address, one.address)
+      ) continue;
+      throw new ConfigError(
+        `${name(one.field)} ${formatListen(one.address)} and ${name(other.field)} ` +
+          `${formatListen(other.address)} share a TCP port: give each listener a port of its own`,
+      );
+    }
+  }
+}
+
 /** Checks between settings, once every field has its value. */
 function checkTogether(config: Config, sources: Sources): void {
   checkServerCertificate(config);
+  checkSharedPorts(config, sources);
   if (!sources.has("allow")) {
     for (const address of config.listenDohPlain) {
       const bytes = parseIpAddress(address.hostname)!;

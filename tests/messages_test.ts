@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import { ConfigError, configWarnings, parseConfig } from "../src/config.ts";
 import { tlsHint } from "../src/upstream/tls_hint.ts";
+import { SERVER_KEY, SERVER_PEM } from "./fixtures/certs.ts";
 import { DotServer } from "./support/dot_server.ts";
 import { buildQuery } from "./support/dns.ts";
 import { spawnMain, testConfig, udpExchange, withProxy } from "./support/proxy.ts";
@@ -201,4 +202,42 @@ Deno.test("messages: a loopback listen address --allow cannot allow is a warning
   } finally {
     stopTimer();
   }
+});
+
+Deno.test("messages: listeners of different kinds on one TCP port are a configuration error", () => {
+  // Every listener binds with SO_REUSEPORT, so both would bind and the kernel would hand each
+  // new connection to either one (a DoT client to the DoH listener).
+  const env = { DOTPROXY_TLS_CERT: SERVER_PEM, DOTPROXY_TLS_KEY: SERVER_KEY };
+  assert.equal(
+    failure(["--listen", "127.0.0.1:5300", "--listen-dot", "127.0.0.1:5300"], env),
+    "--listen 127.0.0.1:5300 and --listen-dot 127.0.0.1:5300 share a TCP port: give each " +
+      "listener a port of its own",
+  );
+  assert.equal(
+    failure(["--listen-doh", "[::]:8443", "--http", "127.0.0.1:8443"], env),
+    "--listen-doh [::]:8443 and --http 127.0.0.1:8443 share a TCP port: give each listener a " +
+      "port of its own",
+  );
+  assert.match(
+    failure([], {
+      ...env,
+      DOTPROXY_LISTEN_DOH: "0.0.0.0:443",
+      DOTPROXY_LISTEN_DOT: "10.0.0.1:443",
+    }),
+    /^DOTPROXY_LISTEN_DOT 10\.0\.0\.1:443 and DOTPROXY_LISTEN_DOH 0\.0\.0\.0:443 share a TCP port|^DOTPROXY_LISTEN_DOH 0\.0\.0\.0:443 and DOTPROXY_LISTEN_DOT 10\.0\.0\.1:443 share a TCP port/,
+  );
+  // Different ports, or addresses that do not overlap, are fine.
+  const request = parseConfig(
+    [
+      "--listen",
+      "127.0.0.1:5300",
+      "--listen-dot",
+      "127.0.0.1:853",
+      "--listen-doh",
+      "127.0.0.2:5300",
+    ],
+    (name) => (env as Record<string, string>)[name],
+    Object.keys(env),
+  );
+  assert.equal(request.kind, "config");
 });
